@@ -1,0 +1,464 @@
+"""One config system: frozen dataclasses per stage, YAML (safe) files, ``key.sub=value`` overrides.
+
+A config file is a mapping whose top-level keys are the sections of :class:`Config`
+(``world``, ``teacher``, ``det`` ...) plus ``work_dir``. It may name at most one ``defaults:``
+file (relative to itself); that file is loaded first and this one is merged on top. Unknown or
+misspelt keys are errors that list the valid keys and the closest match.
+
+String values may use ``{work_dir}``, replaced by the resolved work dir after loading.
+
+>>> cfg = load_config("configs/shapes/vild.yaml", ["det.train.max_steps=10", "world.seed=3"])
+>>> cfg.det.train.max_steps
+10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import DistillError
+
+# --------------------------------------------------------------------------------------------
+# Sections. Each stage owns its section; defaults are those of the embedded shapes world.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The procedural shapes world (distill/data/world.py)."""
+
+    seed: int = 0
+    image_size: int = 128
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross")
+    # Novel categories by name ("red star"); empty = chosen from the seed so that every colour and
+    # every shape also occurs in a base category.
+    novel: tuple[str, ...] = ()
+    num_novel: int = 8
+    num_train: int = 1500
+    num_val: int = 300
+    num_unlabeled: int = 300
+    min_objects: int = 1
+    max_objects: int = 6
+    min_size: int = 10
+    max_size: int = 60
+    clutter: int = 3  # at most this many non-category clutter shapes per image
+    num_captions_per_image: int = 2
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a stage finds images and annotations. ``{work_dir}`` expands to the run's folder."""
+
+    image_root: str = "{work_dir}/data/images"  # COCO file_name is relative to this
+    train_json: str = "{work_dir}/data/instances_train_base.json"  # base boxes only (OV protocol)
+    train_full_json: str = "{work_dir}/data/instances_train.json"  # all classes (oracle)
+    val_json: str = "{work_dir}/data/instances_val.json"
+    unlabeled_json: str = "{work_dir}/data/instances_unlabeled.json"  # hidden GT for quality
+    semantic_root: str = "{work_dir}/data/semantic"  # <split>/<stem>.png, 0 = bg, 255 = ignore
+    image_labels: str = "{work_dir}/data/image_labels_{split}.json"
+    captions: str = "{work_dir}/data/captions.json"
+    vocab: str = ""  # a vocabulary source (file or inline); empty = the categories of train_full_json
+    split_file: str = ""  # optional base/novel split file
+    extra: tuple[str, ...] = ()  # extra COCO jsons (pseudo-labels) added to training
+    masks: str = ""  # semantic masks folder overriding semantic_root for seg training (CAM output)
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen CLIP teacher (distill/teacher/clip.py)."""
+
+    model: str = "distill-tiny-vit"  # an open_clip model name (ours are registered on import)
+    pretrained: str = "{work_dir}/teacher/teacher.safetensors"  # tag, local file, or local-dir:...
+    precision: str = "fp32"  # fp32 | amp_bf16 | amp_fp16
+    dense_image_size: int = 128  # input size for dense paths (MaskCLIP pixels, dense RoIAlign, CAM)
+    templates: str = "configs/prompts/shapes.txt"
+    cache_dtype: str = "fp16"  # fp16 | fp32 storage in the embedding cache
+    batch_size: int = 256
+    device: str = ""  # "" = cuda when available else cpu
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Contrastive pretraining of the tiny teacher on captions of ALL classes (teacher/pretrain.py)."""
+
+    steps: int = 1200
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: int = 50
+    logit_scale: float = 50.0
+    whole_image_fraction: float = 0.05
+    crop_scale_min: float = 0.9
+    crop_scale_max: float = 1.6
+    precision: str = "amp_bf16"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Teacher region embeddings (teacher/regions.py)."""
+
+    mode: str = "crop"  # crop (ViLD 3.2: 1x + 1.5x crops) | dense (RoIAlign on MaskCLIP map)
+    scales: tuple[float, ...] = (1.0, 1.5)
+    max_proposals: int = 300
+    shard_size: int = 256  # images per cache shard
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    """Class-agnostic RPN proposals (detection/proposals.py)."""
+
+    top_k: int = 300
+    nms: float = 0.7
+    min_size: float = 4.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The shared training engine (engine/train.py)."""
+
+    max_steps: int = 2000
+    batch_size: int = 8
+    lr: float = 0.02
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    optimizer: str = "sgd"  # sgd | adamw
+    warmup: int = 100
+    schedule: str = "cosine"  # cosine | step | constant
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | amp_bf16 | amp_fp16 (AMP only on CUDA by default)
+    clip_grad: float = 0.0
+    eval_period: int = 0  # 0 = only at the end
+    checkpoint_period: int = 500
+    log_period: int = 20
+    seed: int = 0
+    deterministic: bool = False
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class DetConfig:
+    """The ViLD student (detection/)."""
+
+    name: str = "vild"
+    backbone: str = "resnet18_fpn"
+    pretrained_backbone: str = ""  # local path to backbone weights; empty = random init
+    min_size: int = 128
+    max_size: int = 128
+    masks: bool = False
+    temperature: float = 0.01  # ViLD section 3.2 (tau)
+    text_weight: float = 1.0  # ViLD-text loss weight
+    image_weight: float = 0.5  # ViLD-image loss weight (ViLD section 4, R50: w = 0.5)
+    use_text: bool = True
+    use_image: bool = True
+    train_on_all: bool = False  # oracle: train on base and novel boxes
+    ensemble_alpha: float = 2 / 3  # ViLD section 3.4: base weight on the text branch
+    ensemble_beta: float = 2 / 3  # novel weight on the image branch
+    inference: str = "ensemble"  # text | image | ensemble
+    score_thresh: float = 0.001
+    nms: float = 0.5
+    detections_per_img: int = 100
+    num_image_distill: int = 100  # proposals per image distilled (<= regions.max_proposals)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """Segmentation students (segmentation/)."""
+
+    name: str = "lseg"
+    arch: str = "lseg"  # lseg | clipseg
+    backbone: str = "resnet18"  # lseg image encoder: resnet18 | teacher
+    embed_dim: int = 0  # 0 = the teacher's text embedding size
+    distill_weight: float = 0.0  # pixel distillation weight (0 = off)
+    distill_loss: str = "cosine"  # cosine | l1
+    clipseg_layers: tuple[int, ...] = (3, 7, 9)
+    clipseg_reduce_dim: int = 64
+    image_size: int = 128
+    window: int = 0  # sliding-window size at inference (0 = whole image)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adamw", lr=1e-3))
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Pseudo-labels (labels/pseudo.py)."""
+
+    source: str = "vild"  # vild | seg | teacher
+    model: str = ""
+    images: str = ""
+    vocab: str = ""
+    out: str = "{work_dir}/labels"
+    format: tuple[str, ...] = ("coco", "png")
+    score_thresh: float = 0.3
+    class_thresh: tuple[str, ...] = ()  # "red star=0.5"
+    top_k: int = 100
+    nms: float = 0.5
+    min_area: float = 16.0
+    batch_size: int = 8
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    """CLIP-ES CAM refinement (labels/cam.py)."""
+
+    images: str = ""
+    labels: str = ""
+    out: str = "{work_dir}/cam"
+    background: str = "configs/prompts/background_shapes.txt"
+    logit_scale: float = 100.0  # CLIP-ES section 3.2: 100 x cosine
+    caa_layers: int = 8  # CLIP-ES: attention of the last 8 blocks
+    caa_box_thresh: float = 0.4
+    bg_thresh: float = 0.0  # 0 = background = 1 - max class CAM; else a fixed threshold
+    crf: bool = False
+    conf_thresh: float = 0.95
+    image_size: int = 0  # 0 = teacher.dense_image_size
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (eval/)."""
+
+    max_dets: int = 100
+    iou_type: tuple[str, ...] = ("bbox",)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The stage graph runner (pipeline.py)."""
+
+    stages: tuple[str, ...] = ()  # empty = all
+    quick: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The root config: every section, so one file can drive a whole run."""
+
+    work_dir: str = "runs/shapes"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    regions: RegionConfig = field(default_factory=RegionConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    det: DetConfig = field(default_factory=DetConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Machinery
+# --------------------------------------------------------------------------------------------
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _valid_keys_msg(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"valid keys: {', '.join(sorted(valid))}{hint}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Turn a YAML / override value into ``tp``; raise DistillError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DistillError(f"{where}: expected a mapping of {tp.__name__} keys, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise DistillError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise DistillError(f"{where}: expected a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise DistillError(f"{where}: expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise DistillError(f"{where}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise DistillError(f"{where}: expected a float, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise DistillError(f"{where}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise DistillError(f"{where}: expected a string, got {type(value).__name__}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, values: dict, where: str = "") -> Any:
+    hints = _type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise DistillError(f"unknown config key {name!r}; {_valid_keys_msg(str(key), list(fields))}")
+        kwargs[key] = _coerce(value, hints[key], name)
+    # Nested sections not mentioned still get their defaults from default_factory.
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise DistillError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        msg = str(e).replace("\n", " ")
+        raise DistillError(f"{path}: not valid YAML (safe loader; python tags are refused): {msg}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    parent = data.pop("defaults", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise DistillError(f"{path}: 'defaults' must name one file (a string), got {parent!r}")
+    ppath = (path.parent / parent).resolve()
+    if ppath in chain or ppath == path.resolve():
+        raise DistillError(f"{path}: 'defaults' cycle through {ppath}")
+    return _deep_merge(_read_yaml(ppath, chain + (path.resolve(),)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'det.train.lr=0.01'`` -> (['det', 'train', 'lr'], 0.01 parsed as YAML scalar/list)."""
+    if "=" not in text:
+        raise DistillError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise DistillError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_path(d: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        nxt = d.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            d[k] = nxt
+        d = nxt
+    d[keys[-1]] = value
+
+
+def _expand(obj: Any, work_dir: str) -> Any:
+    if dataclasses.is_dataclass(obj):
+        changes = {f.name: _expand(getattr(obj, f.name), work_dir) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, str):
+        return obj.replace("{work_dir}", work_dir)
+    if isinstance(obj, tuple):
+        return tuple(_expand(v, work_dir) for v in obj)
+    return obj
+
+
+def config_from_dict(values: dict, cls: type = Config) -> Any:
+    cfg = _build(cls, values)
+    if hasattr(cfg, "work_dir"):
+        cfg = _expand(cfg, cfg.work_dir)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
+    """Load ``path`` (or pure defaults if None), apply ``key.sub=value`` overrides, validate."""
+    data = _read_yaml(Path(path)) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(data, keys, value)
+    return config_from_dict(data, cls)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (lists for tuples) that ``config_from_dict`` turns back into ``cfg``."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Save the resolved config next to an output (atomically)."""
+    from distill.io import write_text
+
+    write_text(path, dump_config(cfg))
+
+
+def config_hash(section: Any) -> str:
+    from distill.io import sha256_json
+
+    return sha256_json(to_dict(section))[:16]

@@ -1,0 +1,239 @@
+"""Vocabularies: class names, synonyms, and a base/novel split.
+
+Sources (see :func:`load_vocab`):
+- a ``.txt`` file, one class a line, optionally ``name: synonym, synonym``; ``#`` comments;
+- a ``.json`` list of names, or of ``{"name", "synonyms", "split", "id"}`` objects;
+- a COCO or LVIS annotation json (its ``categories``; a per-category ``split`` field is used, and
+  LVIS frequency ``r`` means novel);
+- an inline comma-separated string: ``"red star, blue circle"``. Inline and txt entries may map a
+  prompt onto a class: ``"crimson star=red star"`` adds "crimson star" as a synonym of "red star".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.errors import DistillError
+from distill.io import sha256_json
+
+SPLITS = ("base", "novel")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """An ordered list of classes. Index ``i`` is the contiguous label of ``names[i]``.
+
+    ``ids`` are the dataset category ids (COCO ``category_id``), ``synonyms[i]`` the extra prompts
+    that name class ``i`` (the name itself is always the first prompt), ``split[i]`` in
+    ``{"base", "novel"}``.
+    """
+
+    names: tuple[str, ...]
+    synonyms: tuple[tuple[str, ...], ...] = ()
+    split: tuple[str, ...] = ()
+    ids: tuple[int, ...] = ()
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if n == 0:
+            raise DistillError(f"{self.source or 'vocabulary'}: empty vocabulary (expected at least one class)")
+        if not self.synonyms:
+            object.__setattr__(self, "synonyms", tuple(() for _ in range(n)))
+        if not self.split:
+            object.__setattr__(self, "split", tuple("base" for _ in range(n)))
+        if not self.ids:
+            object.__setattr__(self, "ids", tuple(range(1, n + 1)))
+        for what in ("synonyms", "split", "ids"):
+            if len(getattr(self, what)) != n:
+                raise DistillError(f"{self.source or 'vocabulary'}: {what} has {len(getattr(self, what))} entries for {n} classes")
+        seen: dict[str, int] = {}
+        for i, name in enumerate(self.names):
+            if not isinstance(name, str) or not name.strip():
+                raise DistillError(f"{self.source or 'vocabulary'}: class {i} has an empty name")
+            key = name.strip().lower()
+            if key in seen:
+                raise DistillError(f"{self.source or 'vocabulary'}: duplicate class {name!r} (entries {seen[key]} and {i})")
+            seen[key] = i
+        bad = [s for s in self.split if s not in SPLITS]
+        if bad:
+            raise DistillError(f"{self.source or 'vocabulary'}: split {bad[0]!r} is not one of {SPLITS}")
+        if len(set(self.ids)) != n:
+            raise DistillError(f"{self.source or 'vocabulary'}: duplicate category ids")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def prompts(self) -> tuple[tuple[str, ...], ...]:
+        """Per class: its name then its synonyms (what the text encoder embeds and averages)."""
+        return tuple((n,) + tuple(s for s in syn if s != n) for n, syn in zip(self.names, self.synonyms))
+
+    @property
+    def base_indices(self) -> list[int]:
+        return [i for i, s in enumerate(self.split) if s == "base"]
+
+    @property
+    def novel_indices(self) -> list[int]:
+        return [i for i, s in enumerate(self.split) if s == "novel"]
+
+    @property
+    def is_novel(self) -> list[bool]:
+        return [s == "novel" for s in self.split]
+
+    def index(self, name: str) -> int:
+        key = name.strip().lower()
+        for i, (n, syn) in enumerate(zip(self.names, self.synonyms)):
+            if n.lower() == key or key in (s.lower() for s in syn):
+                return i
+        raise DistillError(f"class {name!r} is not in the vocabulary ({', '.join(self.names[:20])}{' ...' if len(self) > 20 else ''})")
+
+    def id_to_index(self) -> dict[int, int]:
+        return {cid: i for i, cid in enumerate(self.ids)}
+
+    def subset(self, indices: list[int]) -> "Vocabulary":
+        return Vocabulary(
+            tuple(self.names[i] for i in indices),
+            tuple(self.synonyms[i] for i in indices),
+            tuple(self.split[i] for i in indices),
+            tuple(self.ids[i] for i in indices),
+            self.source,
+        )
+
+    def with_split(self, novel: list[str] | set[str]) -> "Vocabulary":
+        novel_l = {n.strip().lower() for n in novel}
+        unknown = novel_l - {n.lower() for n in self.names}
+        if unknown:
+            raise DistillError(f"split: unknown classes {sorted(unknown)} (valid: {', '.join(self.names)})")
+        split = tuple("novel" if n.lower() in novel_l else "base" for n in self.names)
+        return Vocabulary(self.names, self.synonyms, split, self.ids, self.source)
+
+    def categories(self) -> list[dict]:
+        """COCO ``categories`` entries, with our ``split`` field."""
+        return [
+            {"id": cid, "name": n, "synonyms": list(s), "split": sp, "supercategory": ""}
+            for cid, n, s, sp in zip(self.ids, self.names, self.synonyms, self.split)
+        ]
+
+    def to_json(self) -> list[dict]:
+        return [{"id": cid, "name": n, "synonyms": list(s), "split": sp} for cid, n, s, sp in zip(self.ids, self.names, self.synonyms, self.split)]
+
+    @property
+    def hash(self) -> str:
+        """Identifies names, synonyms and order (not the split: it does not change embeddings)."""
+        return sha256_json([self.names, self.synonyms])[:16]
+
+
+def _parse_entries(entries: list[str], source: str) -> Vocabulary:
+    """Entries like ``"red star"``, ``"red star: scarlet star, ruby star"`` or ``"crimson star=red star"``."""
+    names: list[str] = []
+    syns: dict[str, list[str]] = {}
+    aliases: list[tuple[str, str]] = []
+    for raw in entries:
+        e = raw.strip()
+        if not e or e.startswith("#"):
+            continue
+        if "=" in e:
+            prompt, cls = (p.strip() for p in e.split("=", 1))
+            if not prompt or not cls:
+                raise DistillError(f"{source}: entry {raw!r}: expected 'prompt=class'")
+            aliases.append((prompt, cls))
+            continue
+        if ":" in e:
+            name, rest = e.split(":", 1)
+            name = name.strip()
+            extra = [s.strip() for s in rest.split(",") if s.strip()]
+        else:
+            name, extra = e, []
+        if name not in syns:
+            names.append(name)
+            syns[name] = []
+        syns[name].extend(x for x in extra if x not in syns[name])
+    for prompt, cls in aliases:
+        if cls not in syns:  # "crimson star=red star" with no separate "red star" entry: make the class
+            names.append(cls)
+            syns[cls] = []
+        if prompt != cls and prompt not in syns[cls]:
+            syns[cls].append(prompt)
+    return Vocabulary(tuple(names), tuple(tuple(syns[n]) for n in names), source=source)
+
+
+def _from_categories(cats: list, source: str) -> Vocabulary:
+    names, syns, split, ids = [], [], [], []
+    for i, c in enumerate(cats):
+        if not isinstance(c, dict) or "name" not in c:
+            raise DistillError(f"{source}: categories[{i}] must be an object with 'name' (and 'id')")
+        names.append(str(c["name"]))
+        syn = [s.replace("_", " ") for s in c.get("synonyms", []) if isinstance(s, str)]
+        syns.append(tuple(s for s in syn if s != c["name"]))
+        if "split" in c:
+            split.append(str(c["split"]))
+        elif "frequency" in c:  # LVIS: rare = novel
+            split.append("novel" if c["frequency"] == "r" else "base")
+        else:
+            split.append("base")
+        ids.append(int(c.get("id", i + 1)))
+    return Vocabulary(tuple(names), tuple(syns), tuple(split), tuple(ids), source)
+
+
+def load_vocab(source: str | Path, split_file: str | Path | None = None) -> Vocabulary:
+    """Load a vocabulary from a file (txt, json list, COCO/LVIS json) or an inline string."""
+    text = str(source)
+    path = Path(text)
+    looks_like_file = path.suffix.lower() in (".txt", ".json") or path.is_file()
+    if looks_like_file:
+        if not path.is_file():
+            raise DistillError(f"{path}: vocabulary file not found")
+        if path.suffix.lower() == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DistillError(f"{path}: not valid json ({e}); expected a vocabulary or COCO file") from None
+            if isinstance(data, dict) and "categories" in data:
+                vocab = _from_categories(data["categories"], str(path))
+            elif isinstance(data, list) and all(isinstance(x, str) for x in data):
+                vocab = _parse_entries(data, str(path))
+            elif isinstance(data, list) and all(isinstance(x, dict) for x in data):
+                vocab = _from_categories(data, str(path))
+            else:
+                raise DistillError(f"{path}: expected a list of names, a list of category objects, or a COCO file with 'categories'")
+        else:
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise DistillError(f"{path}: not UTF-8 text; expected one class a line") from None
+            vocab = _parse_entries(lines, str(path))
+    else:
+        vocab = _parse_entries(text.split(","), "inline vocabulary")
+    if split_file:
+        vocab = apply_split_file(vocab, split_file)
+    return vocab
+
+
+def apply_split_file(vocab: Vocabulary, split_file: str | Path) -> Vocabulary:
+    """A split file is a txt of novel class names, or a json ``{"novel": [...]}`` (names or ids)."""
+    p = Path(split_file)
+    if not p.is_file():
+        raise DistillError(f"{p}: split file not found")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DistillError(f"{p}: not valid json ({e}); expected {{'novel': [names or ids]}}") from None
+        if not isinstance(data, dict) or "novel" not in data:
+            raise DistillError(f"{p}: expected an object with key 'novel'")
+        novel = data["novel"]
+    else:
+        novel = [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
+    by_id = {cid: n for cid, n in zip(vocab.ids, vocab.names)}
+    names = []
+    for x in novel:
+        if isinstance(x, int):
+            if x not in by_id:
+                raise DistillError(f"{p}: novel category id {x} is not in the vocabulary")
+            names.append(by_id[x])
+        else:
+            names.append(str(x))
+    return vocab.with_split(names)
