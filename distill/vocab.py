@@ -182,7 +182,10 @@ def load_vocab(source: str | Path, split_file: str | Path | None = None) -> Voca
     """Load a vocabulary from a file (txt, json list, COCO/LVIS json) or an inline string."""
     text = str(source)
     path = Path(text)
-    looks_like_file = path.suffix.lower() in (".txt", ".json") or path.is_file()
+    try:
+        looks_like_file = path.suffix.lower() in (".txt", ".json") or path.is_file()
+    except OSError:  # e.g. an inline vocabulary longer than a file name may be
+        looks_like_file = False
     if looks_like_file:
         if not path.is_file():
             raise DistillError(f"{path}: vocabulary file not found")

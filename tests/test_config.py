@@ -1,0 +1,97 @@
+import dataclasses
+
+import pytest
+
+from distill.config import Config, config_from_dict, dump_config, load_config, parse_override, save_config, to_dict
+from distill.errors import DistillError
+
+
+def write(p, text):
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_work_dir_expansion():
+    cfg = load_config(None, ["work_dir=runs/x"])
+    assert cfg.data.val_json == "runs/x/data/instances_val.json"
+    assert cfg.teacher.pretrained == "runs/x/teacher/teacher.safetensors"
+    assert isinstance(cfg.det.train.max_steps, int)
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["det.train.lr=0.5", "det.train.max_steps=7", "det.masks=true", "world.novel=[red star, blue circle]", "regions.scales=1,1.5"])
+    assert cfg.det.train.lr == 0.5 and isinstance(cfg.det.train.lr, float)
+    assert cfg.det.train.max_steps == 7
+    assert cfg.det.masks is True
+    assert cfg.world.novel == ("red star", "blue circle")
+    assert cfg.regions.scales == (1.0, 1.5)
+
+
+def test_unknown_key_lists_valid_and_closest(tmp_path):
+    with pytest.raises(DistillError) as e:
+        load_config(None, ["det.trian.lr=0.1"])
+    msg = str(e.value)
+    assert "det.trian" in msg and "did you mean 'train'" in msg and "backbone" in msg
+    p = write(tmp_path / "c.yaml", "wrold:\n  seed: 1\n")
+    with pytest.raises(DistillError, match="did you mean 'world'"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [("det.train.max_steps=abc", "expected an int"), ("det.masks=maybe", "expected a bool"), ("det.train.lr=[1,2]", "expected a float"), ("world", "key.sub=value")],
+)
+def test_wrong_types(override, expect):
+    with pytest.raises(DistillError, match=expect):
+        load_config(None, [override])
+
+
+def test_defaults_file_merge_and_single_parent(tmp_path):
+    write(tmp_path / "base.yaml", "work_dir: runs/b\nworld:\n  seed: 1\n  num_train: 10\n")
+    child = write(tmp_path / "child.yaml", "defaults: base.yaml\nworld:\n  seed: 2\n")
+    cfg = load_config(child)
+    assert (cfg.world.seed, cfg.world.num_train, cfg.work_dir) == (2, 10, "runs/b")
+    bad = write(tmp_path / "bad.yaml", "defaults: [a.yaml, b.yaml]\n")
+    with pytest.raises(DistillError, match="must name one file"):
+        load_config(bad)
+    cyc = write(tmp_path / "cyc.yaml", "defaults: cyc.yaml\n")
+    with pytest.raises(DistillError, match="cycle"):
+        load_config(cyc)
+
+
+def test_yaml_python_tags_and_garbage_are_refused(tmp_path):
+    p = write(tmp_path / "evil.yaml", "work_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(DistillError, match="not valid YAML"):
+        load_config(p)
+    p = write(tmp_path / "list.yaml", "- a\n- b\n")
+    with pytest.raises(DistillError, match="expected a mapping"):
+        load_config(p)
+    with pytest.raises(DistillError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_roundtrip_and_frozen(tmp_path):
+    cfg = load_config(None, ["world.seed=5", "det.train.lr=0.3"])
+    save_config(cfg, tmp_path / "cfg.yaml")
+    again = load_config(tmp_path / "cfg.yaml")
+    assert again == cfg
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert "seed: 5" in dump_config(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.world.seed = 3  # type: ignore[misc]
+
+
+def test_parse_override_yaml_scalars():
+    assert parse_override("a.b=0.5") == (["a", "b"], 0.5)
+    assert load_config(None, ["det.train.lr=1e-3"]).det.train.lr == 1e-3
+    assert parse_override("a=") == (["a"], "")
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+def test_shipped_configs_load():
+    import glob
+
+    files = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+    for f in files:
+        cfg = load_config(f)
+        assert isinstance(cfg, Config), f
