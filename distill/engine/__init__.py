@@ -1,0 +1,1 @@
+"""Training engine shared by the students (train loop, checkpoints, devices)."""

@@ -1,0 +1,40 @@
+"""Devices and precision: ``cuda`` when available else ``cpu``; autocast by device type."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from distill.errors import DistillError
+
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
+
+
+def get_device(name: str = "") -> torch.device:
+    """``""`` -> cuda when available else cpu; otherwise ``torch.device(name)`` (validated)."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DistillError(f"device: {name!r} is not a torch device (expected cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DistillError(f"device: {name!r} requested but CUDA is not available (use cpu or leave it empty)")
+    return dev
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """``fp32`` -> None, ``amp_bf16`` -> bfloat16, ``amp_fp16`` -> float16."""
+    if precision not in PRECISIONS:
+        raise DistillError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device | str, precision: str = "fp32"):
+    """An autocast context for ``precision`` on ``device`` (a no-op context for fp32)."""
+    dev = torch.device(device) if isinstance(device, str) else device
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=dtype, enabled=True)
