@@ -1,0 +1,238 @@
+"""The stage graph: world -> teacher -> ... -> report, with manifests so reruns skip finished work.
+
+Each stage declares the config sections it reads, the stages it depends on, and the files it
+produces. After a stage succeeds the runner writes ``{work_dir}/manifests/<stage>.json`` with:
+its key (a hash of its config sections, its upstream stages' keys and output digests), package
+versions, wall time, and a sha256 of each declared output. A rerun skips a stage whose manifest
+key matches and whose outputs are intact; ``force`` reruns a stage and everything downstream;
+``until`` stops after a stage. Stage outputs are written atomically and the manifest last, so a
+run killed mid-stage reruns that stage (training stages resume from their last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from distill.config import Config, config_hash, to_dict
+from distill.errors import DistillError
+from distill.io import sha256_file, sha256_json, write_json
+
+StageFn = Callable[[Config], Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the graph.
+
+    ``sections``: names of Config sections (or ``"work_dir"``) whose values change the output.
+    ``outputs``: paths relative to work_dir that must exist after the stage (their sha256 goes into
+    the manifest and into downstream keys). ``fn`` does the work given the resolved Config.
+    """
+
+    name: str
+    fn: StageFn
+    deps: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # ran | skipped | failed | pending
+    seconds: float = 0.0
+    note: str = ""
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("distill", "torch", "torchvision", "open_clip_torch"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Pipeline:
+    """Runs a list of stages in dependency order with manifests."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate stage names")
+        self.stages = {s.name: s for s in stages}
+        for s in stages:
+            for d in s.deps:
+                if d not in self.stages:
+                    raise ValueError(f"stage {s.name!r} depends on unknown stage {d!r}")
+        self.order = self._toposort(names)
+
+    def _toposort(self, names: list[str]) -> list[str]:
+        done: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(n: str) -> None:
+            if n in done:
+                return
+            if n in visiting:
+                raise ValueError(f"cycle through stage {n!r}")
+            visiting.add(n)
+            for d in self.stages[n].deps:
+                visit(d)
+            visiting.discard(n)
+            done.append(n)
+
+        for n in names:
+            visit(n)
+        return done
+
+    def check_name(self, name: str) -> str:
+        if name not in self.stages:
+            import difflib
+
+            close = difflib.get_close_matches(name, self.order, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DistillError(f"unknown stage {name!r}; valid stages: {', '.join(self.order)}{hint}")
+        return name
+
+    def downstream(self, name: str) -> set[str]:
+        out = {name}
+        changed = True
+        while changed:
+            changed = False
+            for s in self.stages.values():
+                if s.name not in out and any(d in out for d in s.deps):
+                    out.add(s.name)
+                    changed = True
+        return out
+
+    # -- manifests ---------------------------------------------------------------------------
+    @staticmethod
+    def manifest_path(cfg: Config, name: str) -> Path:
+        return Path(cfg.work_dir) / "manifests" / f"{name}.json"
+
+    def read_manifest(self, cfg: Config, name: str) -> dict | None:
+        p = self.manifest_path(cfg, name)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            return None  # a corrupt manifest means "not done"
+
+    def stage_key(self, cfg: Config, name: str) -> str:
+        s = self.stages[name]
+        parts: dict[str, Any] = {"stage": name}
+        for sec in s.sections:
+            val = getattr(cfg, sec)
+            parts[sec] = to_dict(val) if dataclasses.is_dataclass(val) else val
+        for d in s.deps:
+            m = self.read_manifest(cfg, d)
+            parts[f"dep:{d}"] = (m or {}).get("key", "missing"), (m or {}).get("outputs", {})
+        return sha256_json(parts)[:16]
+
+    def _outputs_intact(self, cfg: Config, manifest: dict) -> bool:
+        for rel, digest in manifest.get("outputs", {}).items():
+            p = Path(cfg.work_dir) / rel
+            if not p.is_file() or sha256_file(p) != digest:
+                return False
+        return True
+
+    def is_fresh(self, cfg: Config, name: str) -> bool:
+        m = self.read_manifest(cfg, name)
+        return bool(m) and m.get("key") == self.stage_key(cfg, name) and self._outputs_intact(cfg, m)
+
+    def _write_manifest(self, cfg: Config, name: str, key: str, seconds: float) -> None:
+        s = self.stages[name]
+        outputs = {}
+        for rel in s.outputs:
+            p = Path(cfg.work_dir) / rel
+            if not p.is_file():
+                raise DistillError(f"stage {name!r} finished without writing {p}")
+            outputs[rel] = sha256_file(p)
+        write_json(
+            self.manifest_path(cfg, name),
+            {
+                "stage": name,
+                "key": key,
+                "config_hash": {sec: config_hash(getattr(cfg, sec)) if dataclasses.is_dataclass(getattr(cfg, sec)) else str(getattr(cfg, sec)) for sec in s.sections},
+                "deps": {d: (self.read_manifest(cfg, d) or {}).get("key") for d in s.deps},
+                "outputs": outputs,
+                "versions": _versions(),
+                "wall_time_s": round(seconds, 3),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
+
+    # -- running -----------------------------------------------------------------------------
+    def run(
+        self,
+        cfg: Config,
+        *,
+        force: Sequence[str] = (),
+        until: str | None = None,
+        only: Sequence[str] = (),
+        on_event: Callable[[StageResult], None] | None = None,
+    ) -> list[StageResult]:
+        forced: set[str] = set()
+        for f in force:
+            forced |= self.downstream(self.check_name(f))
+        order = list(self.order)
+        if only:
+            keep = {self.check_name(n) for n in only}
+            order = [n for n in order if n in keep]
+        if until:
+            self.check_name(until)
+            order = order[: order.index(until) + 1] if until in order else order
+        results: list[StageResult] = []
+        for name in order:
+            s = self.stages[name]
+            if name not in forced and self.is_fresh(cfg, name):
+                r = StageResult(name, "skipped", (self.read_manifest(cfg, name) or {}).get("wall_time_s", 0.0), "up to date")
+                results.append(r)
+                if on_event:
+                    on_event(r)
+                continue
+            missing = [d for d in s.deps if not self.is_fresh(cfg, d)]
+            if missing:
+                raise DistillError(f"stage {name!r} needs {', '.join(missing)} first (run without --until/--only, or run those stages)")
+            if on_event:
+                on_event(StageResult(name, "running"))
+            key = self.stage_key(cfg, name)
+            t0 = time.perf_counter()
+            try:
+                note = s.fn(cfg)
+            except BaseException:
+                if on_event:
+                    on_event(StageResult(name, "failed", time.perf_counter() - t0))
+                raise
+            dt = time.perf_counter() - t0
+            self._write_manifest(cfg, name, key, dt)
+            r = StageResult(name, "ran", dt, str(note) if note else "")
+            results.append(r)
+            if on_event:
+                on_event(r)
+        return results
+
+
+def stage_timings(cfg: Config) -> dict[str, float]:
+    """Wall time of each finished stage, read from the manifests (for the report)."""
+    out = {}
+    d = Path(cfg.work_dir) / "manifests"
+    if d.is_dir():
+        for p in sorted(d.glob("*.json")):
+            try:
+                m = json.loads(p.read_text())
+                out[m["stage"]] = float(m.get("wall_time_s", 0.0))
+            except (json.JSONDecodeError, KeyError, OSError):
+                continue
+    return out

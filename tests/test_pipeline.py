@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from distill.config import load_config
+from distill.errors import DistillError
+from distill.pipeline import Pipeline, Stage, stage_timings
+
+
+def make(tmp_path, calls, fail_at=None):
+    def writer(name, text_from):
+        def fn(cfg):
+            calls.append(name)
+            if fail_at == name:
+                raise RuntimeError("killed")
+            out = tmp_path / "w" / f"{name}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text_from(cfg))
+
+        return fn
+
+    return Pipeline(
+        [
+            Stage("a", writer("a", lambda c: f"seed={c.world.seed}"), sections=("world",), outputs=("a.txt",)),
+            Stage("b", writer("b", lambda c: (tmp_path / "w" / "a.txt").read_text() + "+b"), deps=("a",), sections=("teacher",), outputs=("b.txt",)),
+            Stage("c", writer("c", lambda c: "c"), deps=("b",), sections=("det",), outputs=("c.txt",)),
+        ]
+    )
+
+
+def test_skip_rerun_force_until(tmp_path):
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}"])
+    calls: list[str] = []
+    p = make(tmp_path, calls)
+    assert [r.status for r in p.run(cfg)] == ["ran", "ran", "ran"]
+    assert calls == ["a", "b", "c"]
+    calls.clear()
+    assert [r.status for r in p.run(cfg)] == ["skipped"] * 3 and calls == []
+    # a config change in one section reruns that stage and everything downstream of it
+    cfg2 = load_config(None, [f"work_dir={tmp_path / 'w'}", "teacher.batch_size=3"])
+    p.run(cfg2)
+    assert calls == ["b", "c"]
+    calls.clear()
+    p.run(cfg2, force=["a"])
+    assert calls == ["a", "b", "c"]
+    calls.clear()
+    cfg3 = load_config(None, [f"work_dir={tmp_path / 'w'}", "world.seed=9", "teacher.batch_size=3"])
+    res = p.run(cfg3, until="a")
+    assert calls == ["a"] and [r.name for r in res] == ["a"]
+    with pytest.raises(DistillError, match="valid stages: a, b, c"):
+        p.run(cfg3, until="zz")
+
+
+def test_tampered_output_reruns(tmp_path):
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}"])
+    calls: list[str] = []
+    p = make(tmp_path, calls)
+    p.run(cfg)
+    (tmp_path / "w" / "b.txt").write_text("garbage")
+    calls.clear()
+    p.run(cfg)
+    # b is rebuilt; it writes what it wrote before, so c (keyed by b's output digest) stays fresh
+    assert calls == ["b"]
+    assert (tmp_path / "w" / "b.txt").read_text() == "seed=0+b"
+
+
+def test_killed_stage_reruns_and_manifest(tmp_path):
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}"])
+    calls: list[str] = []
+    with pytest.raises(RuntimeError):
+        make(tmp_path, calls, fail_at="b").run(cfg)
+    assert not (tmp_path / "w" / "manifests" / "b.json").exists()
+    calls.clear()
+    make(tmp_path, calls).run(cfg)
+    assert calls == ["b", "c"]
+    m = json.loads((tmp_path / "w" / "manifests" / "b.json").read_text())
+    assert set(m) >= {"key", "config_hash", "deps", "outputs", "versions", "wall_time_s"}
+    assert m["deps"]["a"] is not None and "b.txt" in m["outputs"]
+    assert set(stage_timings(cfg)) == {"a", "b", "c"}
+
+
+def test_missing_output_is_an_error(tmp_path):
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}"])
+    p = Pipeline([Stage("x", lambda c: None, outputs=("nothing.txt",))])
+    with pytest.raises(DistillError, match="without writing"):
+        p.run(cfg)
+
+
+def test_graph_validation():
+    with pytest.raises(ValueError, match="unknown stage"):
+        Pipeline([Stage("a", lambda c: None, deps=("zz",))])
+    with pytest.raises(ValueError, match="cycle"):
+        Pipeline([Stage("a", lambda c: None, deps=("b",)), Stage("b", lambda c: None, deps=("a",))])
