@@ -1,0 +1,192 @@
+"""Robust image decoding and image-folder listing.
+
+:func:`load_image` turns any file a user hands in into an ``(H, W, 3) uint8`` RGB array or raises a
+:class:`~distill.errors.DistillError` that names the file and says why:
+
+- EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo stored sideways with
+  orientation tag 6 comes out upright;
+- grayscale (``L``, ``1``), palette (``P``, with or without transparency), 16-bit (``I;16``, ``I``),
+  float (``F``), ``LA``/``RGBA`` (alpha composited over white), ``CMYK``, ``YCbCr``, ``LAB`` and
+  ``HSV`` are converted to 8-bit RGB;
+- decompression bombs: the pixel count read from the header is checked against ``max_pixels``
+  before any pixel is decoded (and Pillow's own bomb warning is raised as an error);
+- zero-byte files, truncated files and files that are not images (a text file named ``.jpg``) are
+  errors naming the file.
+
+:func:`list_images` lists a folder recursively (or reads a list file) in a deterministic order.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from distill.errors import DistillError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# 1 gigapixel-class headers are bombs for this toolkit; 2**27 = 134M pixels (about 11600 x 11600)
+# is far above any image a detector here is run on and well below what exhausts memory as RGB.
+MAX_PIXELS = 1 << 27
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Never decode a truncated file as if it were complete (Pillow's default, made explicit).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (H, W, 3) uint8 RGB."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im)
+        if mode == "F":
+            a = a.astype(np.float64)
+            hi = 1.0 if np.nanmax(a, initial=0.0) <= 1.0 else 255.0  # [0, 1] floats or [0, 255]
+            a = np.clip(np.nan_to_num(a) / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        else:
+            # 16-bit (I;16 / I;16B, or I as Pillow opens 16-bit PNG / TIFF): keep the high byte.
+            a = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        if im.mode == "RGB":
+            return np.asarray(im, dtype=np.uint8)
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    # 1, L, CMYK, YCbCr, LAB, HSV, RGBX ...: Pillow knows the conversion.
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode ``path`` to ``(H, W, 3) uint8`` RGB, upright (EXIF orientation applied).
+
+    Raises :class:`DistillError` ``"<path>: <why>"`` for a missing, empty, truncated, corrupt,
+    non-image or oversized (decompression bomb) file.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise DistillError(f"{p}: file not found (expected an image)") from None
+    except OSError as e:
+        raise DistillError(f"{p}: cannot read ({e.strerror})") from None
+    if not p.is_file():
+        raise DistillError(f"{p}: not a file (expected an image)")
+    if size == 0:
+        raise DistillError(f"{p}: empty file (0 bytes), expected an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+                if w <= 0 or h <= 0:
+                    raise DistillError(f"{p}: image has size {w}x{h} (expected at least 1x1)")
+                if w * h > max_pixels:
+                    raise DistillError(
+                        f"{p}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb)"
+                    )
+                im.load()
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:  # a corrupt EXIF block: keep the stored orientation
+                    pass
+                arr = _to_rgb(im)
+    except DistillError:
+        raise
+    except UnidentifiedImageError:
+        raise DistillError(f"{p}: not an image (no decoder recognises its content; extension {p.suffix or 'none'})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DistillError(f"{p}: possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e).replace("\n", " ") or type(e).__name__
+        raise DistillError(f"{p}: truncated or corrupt image ({msg})") from None
+    except MemoryError:
+        raise DistillError(f"{p}: out of memory while decoding") from None
+    if arr.ndim != 3 or arr.shape[2] != 3:  # defensive: _to_rgb always returns RGB
+        raise DistillError(f"{p}: decoded to shape {arr.shape}, expected (H, W, 3)")
+    return np.ascontiguousarray(arr)
+
+
+def is_image_name(name: str | os.PathLike) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def list_images(source: str | os.PathLike) -> list[Path]:
+    """Images under a folder (recursive) or named by a list file, as absolute paths.
+
+    - a folder: every file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case), hidden
+      files and folders (``.name``, e.g. temporary files) skipped, sorted by relative POSIX path;
+    - a single image file: ``[that file]``;
+    - a list file (``.txt`` / ``.lst``): one path a line (relative to the list file's folder, or
+      absolute); ``#`` comments and blank lines skipped; order kept, duplicates dropped.
+
+    A folder without images, a missing source or an empty list is a :class:`DistillError`.
+    """
+    src = Path(source)
+    if src.is_dir():
+        root = src.resolve()
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in filenames:
+                if not f.startswith(".") and is_image_name(f):
+                    found.append(Path(dirpath, f))
+        if not found:
+            raise DistillError(f"{src}: no images found (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+        found.sort(key=lambda q: q.relative_to(root).as_posix())
+        return found
+    if src.is_file():
+        if is_image_name(src):
+            return [src.resolve()]
+        try:
+            lines = src.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise DistillError(f"{src}: not a UTF-8 list file (expected one image path a line)") from None
+        out: list[Path] = []
+        seen: set[Path] = set()
+        for i, line in enumerate(lines, 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            q = Path(s)
+            q = (q if q.is_absolute() else src.parent / q).resolve()
+            if not is_image_name(q):
+                raise DistillError(f"{src}:{i}: {s!r} is not an image name (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            if q not in seen:
+                seen.add(q)
+                out.append(q)
+        if not out:
+            raise DistillError(f"{src}: list file names no images")
+        return out
+    raise DistillError(f"{src}: not found (expected an image folder or a list file)")
+
+
+def image_root(source: str | os.PathLike, paths: list[Path]) -> Path:
+    """The folder that output names are made relative to: the folder itself, the list file's
+    folder when it holds every listed image, else the images' common folder."""
+    src = Path(source).resolve()
+    if src.is_dir():
+        return src
+    base = src.parent
+    if all(base in p.parents for p in paths):
+        return base
+    return Path(os.path.commonpath([str(p.parent) for p in paths]))
+
+
+def relative_names(source: str | os.PathLike, paths: list[Path]) -> list[str]:
+    """POSIX names relative to :func:`image_root` (unique, so duplicate base names never collide)."""
+    root = image_root(source, paths)
+    return [p.relative_to(root).as_posix() for p in paths]
