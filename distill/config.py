@@ -223,6 +223,15 @@ class CamConfig:
     crf: bool = False
     conf_thresh: float = 0.95
     image_size: int = 0  # 0 = teacher.dense_image_size
+    # square: every image resized to image_size x image_size (batched); patch_multiple: CLIP-ES repo,
+    # each side scaled by image_size / max(H, W) and rounded up to a multiple of the patch size.
+    resize: str = "square"
+    pool: str = "mean"  # image embedding for the CAM: mean (CLIP-ES repo: mean patch token) | model
+    bg_power: float = 1.0  # background score = (1 - max class CAM) ** bg_power (CLIP-ES eval scripts)
+    vocab: str = ""  # class vocabulary; empty = data.vocab, else the categories of data.train_full_json
+    templates: str = ""  # prompt templates file, or one template containing {}; empty = teacher.templates
+    batch_size: int = 16
+    num_panels: int = 8  # PNG panels (image, Grad-CAM, refined CAM, mask) for the first N images
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,8 @@ class PipelineConfig:
 
     stages: tuple[str, ...] = ()  # empty = all
     quick: bool = False
+    # applied by `distill run --quick` before the command line's own overrides
+    quick_overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,304 @@
+"""``report.md`` and its figures, built only from the files a run wrote.
+
+Every number in the report is read from a ``metrics.json`` (or ``metrics.jsonl``, a manifest) under
+the run's work dir; nothing is typed in. Sections whose files are missing say so instead of
+inventing a row. Figures: per-class AP50 bars, training loss curves, detections on val images
+(novel classes marked), segmentation overlays, CAM panels (copied from the CAM stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.config import Config
+from distill.io import atomic_path, write_text
+from distill.pipeline import stage_timings
+
+
+def _read(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, (int, float)):
+        return f"{100 * v:.1f}" if pct else f"{v:.3g}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+DET_COLS = [("AP50 novel", "bbox/AP50_novel"), ("AP50 base", "bbox/AP50_base"), ("AP50 all", "bbox/AP50"), ("AP novel", "bbox/AP_novel"), ("AP base", "bbox/AP_base"), ("AP all", "bbox/AP")]
+SEG_COLS = [("mIoU seen", "miou/seen"), ("mIoU unseen", "miou/unseen"), ("mIoU all", "miou/all"), ("hIoU", "miou/hiou"), ("pixel acc", "pixel_acc")]
+
+
+def _rows_from(metrics: dict, cols: list[tuple[str, str]], prefix: str = "") -> list[str]:
+    return [_fmt(metrics.get(prefix + key)) for _, key in cols]
+
+
+def _collect_tables(work: Path, kind: str) -> dict[str, dict]:
+    """``{row name: metrics}`` from ``<work>/<kind>/<name>/metrics.json`` and ablation tables.
+
+    An ablation file may hold ``{"rows": {name: metrics}}``; plain files are one row each.
+    """
+    out: dict[str, dict] = {}
+    base = work / kind
+    if not base.is_dir():
+        return out
+    for p in sorted(base.glob("*/metrics.json")):
+        m = _read(p)
+        if not m:
+            continue
+        if isinstance(m.get("rows"), dict):
+            for name, row in m["rows"].items():
+                out[f"{name}"] = row
+        else:
+            out[p.parent.name] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------ figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+
+
+def fig_per_class_ap(metrics: dict, novel: set[str], path: Path, title: str) -> bool:
+    items = sorted(((k.split("/", 2)[2], v) for k, v in metrics.items() if k.startswith("bbox/AP50/")), key=lambda kv: -kv[1])
+    if not items:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(items)), 3.8))
+    colors = ["tab:orange" if n in novel else "tab:blue" for n, _ in items]
+    ax.bar(range(len(items)), [100 * v for _, v in items], color=colors)
+    ax.set_xticks(range(len(items)), [n for n, _ in items], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("AP50")
+    ax.set_title(title)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:blue", label="base"), Patch(color="tab:orange", label="novel")], loc="upper right")
+    _save(fig, path)
+    return True
+
+
+def fig_loss_curves(jsonl_files: dict[str, Path], path: Path) -> bool:
+    series: dict[str, dict[str, list]] = {}
+    for name, p in jsonl_files.items():
+        try:
+            lines = p.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = rec.get("step")
+            if step is None:
+                continue
+            for k, v in rec.items():
+                if k.startswith("loss") and isinstance(v, (int, float)) and math.isfinite(v):
+                    s = series.setdefault(f"{name}: {k}", {"x": [], "y": []})
+                    s["x"].append(step)
+                    s["y"].append(v)
+    if not series:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, s in sorted(series.items()):
+        ax.plot(s["x"], s["y"], label=label, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("Training losses")
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+    return True
+
+
+def fig_detections(gt_json: Path, results_json: Path, image_root: Path, path: Path, n: int = 6, score_thresh: float = 0.3) -> bool:
+    gt = _read(gt_json)
+    res = _read(results_json)
+    if not gt or res is None:
+        return False
+    from PIL import Image
+
+    cats = {c["id"]: c for c in gt["categories"]}
+    by_img: dict[int, list] = {}
+    for r in res:
+        if r.get("score", 0) >= score_thresh:
+            by_img.setdefault(r["image_id"], []).append(r)
+    gt_by_img: dict[int, list] = {}
+    for a in gt["annotations"]:
+        gt_by_img.setdefault(a["image_id"], []).append(a)
+    # images that have novel objects first: the interesting ones
+    imgs = sorted(gt["images"], key=lambda im: -sum(cats[a["category_id"]].get("split") == "novel" for a in gt_by_img.get(im["id"], [])))[:n]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(imgs), figsize=(3.2 * len(imgs), 3.6))
+    axes = np.atleast_1d(axes)
+    for ax, im in zip(axes, imgs):
+        ax.imshow(Image.open(image_root / im["file_name"]).convert("RGB"))
+        for r in sorted(by_img.get(im["id"], []), key=lambda r: -r["score"])[:8]:
+            x, y, w, h = r["bbox"]
+            c = cats.get(r["category_id"], {"name": str(r["category_id"])})
+            novel = c.get("split") == "novel"
+            col = "orange" if novel else "cyan"
+            ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, ec=col, lw=1.5))
+            ax.text(x, y - 1, f"{c['name']}{' (novel)' if novel else ''} {r['score']:.2f}", color="black", fontsize=6, bbox=dict(fc=col, alpha=0.8, pad=0.5, lw=0))
+        ax.set_title(f"image {im['id']}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle("Detections on val (orange = novel class, cyan = base)", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+def fig_seg_overlays(image_root: Path, gt_json: Path, gt_dir: Path, pred_dir: Path, path: Path, n: int = 4) -> bool:
+    gt = _read(gt_json)
+    if not gt or not pred_dir.is_dir():
+        return False
+    from PIL import Image
+
+    names = {0: "background"} | {c["id"]: c["name"] for c in gt["categories"]}
+    preds = sorted(pred_dir.glob("*.png"))[:n]
+    if not preds:
+        return False
+    plt = _plt()
+    cmap = plt.get_cmap("tab20", max(names) + 1)
+    fig, axes = plt.subplots(len(preds), 3, figsize=(7.5, 2.6 * len(preds)))
+    axes = np.atleast_2d(axes)
+    file_of = {Path(im["file_name"]).stem: im["file_name"] for im in gt["images"]}
+    for row, p in zip(axes, preds):
+        img = Image.open(image_root / file_of.get(p.stem, p.name)).convert("RGB") if p.stem in file_of else None
+        pred = np.array(Image.open(p))
+        g = gt_dir / p.name
+        gtm = np.array(Image.open(g)) if g.is_file() else np.zeros_like(pred)
+        for ax, (title, arr) in zip(row, [("image", None), ("ground truth", gtm), ("prediction", pred)]):
+            if img is not None:
+                ax.imshow(img)
+            if arr is not None:
+                show = np.ma.masked_where((arr == 0) | (arr == 255), arr)
+                ax.imshow(show, cmap=cmap, vmin=0, vmax=max(names), alpha=0.6, interpolation="nearest")
+                present = [v for v in np.unique(arr) if v not in (0, 255)]
+                ax.set_xlabel(", ".join(names.get(int(v), str(v)) for v in present)[:60], fontsize=6)
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("Segmentation on val", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_report(cfg: Config, summary_only: bool = False) -> Path:
+    """Write ``{work_dir}/report.md`` and ``{work_dir}/figures/*.png`` from the run's files."""
+    work = Path(cfg.work_dir)
+    figs = work / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    md: list[str] = ["# distill run report", "", f"Work dir: `{work}`. Every number below is read from the run's metrics files.", ""]
+    gt_val = Path(cfg.data.val_json)
+    novel: set[str] = set()
+    if (g := _read(gt_val)) is not None:
+        novel = {c["name"] for c in g.get("categories", []) if c.get("split") == "novel"}
+        md.append(f"Vocabulary: {len(g.get('categories', []))} classes, {len(novel)} novel: {', '.join(sorted(novel))}.")
+        md.append("")
+
+    tm = _read(work / "teacher" / "metrics.json")
+    md += ["## Teacher (zero-shot)", ""]
+    if tm:
+        rows = [[k, _fmt(v)] for k, v in tm.items() if isinstance(v, (int, float)) and ("top1" in k or "miou" in k)]
+        md += [table(["metric", "value (%)"], rows), ""]
+    else:
+        md += ["Teacher metrics not found (stage not run).", ""]
+
+    md += ["## Detection (val, generalized: every detection competes over base + novel)", ""]
+    det = _collect_tables(work, "det")
+    if det:
+        md += [table(["model"] + [c for c, _ in DET_COLS], [[name] + _rows_from(m, DET_COLS) for name, m in det.items()]), ""]
+    else:
+        md += ["No detection metrics found.", ""]
+
+    md += ["## Segmentation (val)", ""]
+    seg = _collect_tables(work, "seg")
+    if seg:
+        md += [table(["model"] + [c for c, _ in SEG_COLS], [[name] + _rows_from(m, SEG_COLS) for name, m in seg.items()]), ""]
+    else:
+        md += ["No segmentation metrics found.", ""]
+
+    md += ["## CAM refinement (CLIP-ES, val, image-level labels only)", ""]
+    cam = _read(work / "cam" / "metrics.json")
+    if cam and isinstance(cam.get("rows"), dict):
+        rows = [[name] + [_fmt(m.get("miou/all", m.get("miou"))), _fmt(m.get("ignored_fraction"))] for name, m in cam["rows"].items()]
+        md += [table(["step", "mIoU", "pixels ignored (%)"], rows), ""]
+    elif cam:
+        md += [table(["metric", "value"], [[k, _fmt(v)] for k, v in cam.items() if isinstance(v, (int, float))]), ""]
+    else:
+        md += ["No CAM metrics found.", ""]
+
+    md += ["## Pseudo-labels (unlabeled split, hidden ground truth)", ""]
+    lab = None
+    for p in sorted(work.glob("labels/**/metrics.json")):
+        lab = _read(p)
+        if lab:
+            md += [f"From `{p.relative_to(work)}`:", "", table(["metric", "value (%)"], [[k, _fmt(v)] for k, v in lab.items() if isinstance(v, (int, float))]), ""]
+    if not lab:
+        md += ["No pseudo-label metrics found.", ""]
+
+    st = _read(work / "selftrain" / "metrics.json")
+    md += ["## Self-training", ""]
+    if st:
+        md += [table(["metric", "value"], [[k, _fmt(v) if "delta" not in k else f"{100 * v:+.1f}"] for k, v in st.items() if isinstance(v, (int, float))]), ""]
+    else:
+        md += ["Self-training not run.", ""]
+
+    times = stage_timings(cfg)
+    md += ["## Stage timings", "", table(["stage", "wall time (s)"], [[k, f"{v:.1f}"] for k, v in times.items()] + [["total", f"{sum(times.values()):.1f}"]]), ""]
+
+    if not summary_only:
+        md += ["## Figures", ""]
+        made = []
+        for name, m in det.items():
+            if fig_per_class_ap(m, novel, figs / f"ap_per_class_{name}.png", f"Per-class AP50 on val: {name}"):
+                made.append((f"Per-class AP50 ({name})", f"figures/ap_per_class_{name}.png"))
+                break
+        jsonl = {p.parent.name: p for p in sorted(work.glob("*/*/metrics.jsonl"))}
+        if fig_loss_curves(jsonl, figs / "loss_curves.png"):
+            made.append(("Training loss curves", "figures/loss_curves.png"))
+        for p in sorted(work.glob("det/*/predictions_val.json")):
+            if fig_detections(gt_val, p, Path(cfg.data.image_root), figs / f"detections_{p.parent.name}.png"):
+                made.append((f"Detections ({p.parent.name})", f"figures/detections_{p.parent.name}.png"))
+        for d in sorted(work.glob("seg/*/pred_val")):
+            if fig_seg_overlays(Path(cfg.data.image_root), gt_val, Path(cfg.data.semantic_root) / "val", d, figs / f"seg_{d.parent.name}.png"):
+                made.append((f"Segmentation ({d.parent.name})", f"figures/seg_{d.parent.name}.png"))
+        for i, p in enumerate(sorted(work.glob("cam/panels/*.png"))[:3]):
+            dst = figs / f"cam_panel_{i}.png"
+            shutil.copyfile(p, dst)
+            made.append((f"CAM panel {p.stem}", f"figures/{dst.name}"))
+        for title, rel in made:
+            md += [f"### {title}", "", f"![{title}]({rel})", ""]
+    out = work / "report.md"
+    write_text(out, "\n".join(md) + "\n")
+    return out
