@@ -1,0 +1,34 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from distill.config import load_config
+from distill.report import write_report
+
+
+def test_report_reads_numbers_from_metrics_files(tmp_path):
+    work = tmp_path / "w"
+    cfg = load_config(None, [f"work_dir={work}"])
+    (work / "data" / "images" / "val").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(work / "data/images/val/000001.png")
+    gt = {
+        "images": [{"id": 1, "file_name": "val/000001.png", "width": 32, "height": 32}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "red star", "split": "base"}, {"id": 2, "name": "blue circle", "split": "novel"}],
+    }
+    (work / "data" / "instances_val.json").write_text(json.dumps(gt))
+    (work / "det" / "vild").mkdir(parents=True)
+    (work / "det" / "vild" / "metrics.json").write_text(json.dumps({"bbox/AP50_novel": 0.4321, "bbox/AP50_base": 0.9, "bbox/AP50/red star": 0.9, "bbox/AP50/blue circle": 0.43}))
+    (work / "det" / "vild" / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss_vild_text": 1.0 / (s + 1)}) for s in range(5)))
+    (work / "det" / "vild" / "predictions_val.json").write_text(json.dumps([{"image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "score": 0.9}]))
+    (work / "seg" / "lseg").mkdir(parents=True)
+    (work / "seg" / "lseg" / "metrics.json").write_text(json.dumps({"miou/seen": 0.5, "miou/unseen": 0.25, "miou/hiou": 1 / 3}))
+    out = write_report(cfg)
+    text = out.read_text()
+    assert "| vild | 43.2 | 90.0 |" in text
+    assert "| lseg | 50.0 | 25.0 | n/a | 33.3 |" in text
+    assert "No CAM metrics found." in text and "blue circle" in text
+    for fig in ("ap_per_class_vild.png", "loss_curves.png", "detections_vild.png"):
+        assert (work / "figures" / fig).stat().st_size > 1000, fig
+        assert f"figures/{fig}" in text
