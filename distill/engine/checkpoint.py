@@ -1,0 +1,171 @@
+"""Training checkpoints: model, optimizer, scheduler, scaler, step and RNG states.
+
+Everything is stored as tensors / plain containers so that ``torch.load(weights_only=True)``
+reads it back (RNG states of python and numpy become int64 tensors). Files are written
+atomically; ``last_checkpoint`` in the folder names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+from distill.io import atomic_path, write_text
+
+FORMAT = "distill-ckpt-1"
+POINTER = "last_checkpoint"
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    """python, numpy, torch (and CUDA) RNG states as tensors."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_version": int(py_version),
+        "python_gauss": float("nan") if py_gauss is None else float(py_gauss),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    gauss = state["python_gauss"]
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()), None if gauss != gauss else gauss))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ save/load
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DataParallel wrappers."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+def save(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    step: int = 0,
+    scaler: Any = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically and return its path."""
+    path = Path(path)
+    m = unwrap(model)
+    ckpt = {
+        "format": FORMAT,
+        "arch": type(m).__name__,
+        "step": int(step),
+        "model": m.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    return path
+
+
+def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint file (``weights_only=True``); a plain state_dict is accepted too."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistillError(f"{path}: not a readable checkpoint ({msg})") from None
+    if not isinstance(obj, dict):
+        raise DistillError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+    if obj.get("format") != FORMAT:  # a bare state_dict (e.g. model_final.pt)
+        obj = {"format": None, "model": obj, "step": 0}
+    return obj
+
+
+def load_model_state(model: torch.nn.Module, state: dict, where: str = "checkpoint") -> None:
+    """``load_state_dict`` (strict) turning a mismatch into a one-line DistillError."""
+    m = unwrap(model)
+    own = m.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise DistillError(f"{where}: does not fit {type(m).__name__} (another architecture or config?): {'; '.join(parts)}")
+    m.load_state_dict(state, strict=True)
+
+
+def load(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    restore_rng: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> dict:
+    """Restore a checkpoint into the given objects; returns the checkpoint dict (``step``, ``extra``)."""
+    ckpt = read(path, map_location)
+    load_model_state(model, ckpt["model"], str(path))
+    if optimizer is not None and ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if restore_rng and ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def save_model(path: str | Path, model: torch.nn.Module) -> Path:
+    """Only the model's state_dict (e.g. ``model_final.pt``), atomically."""
+    buf = io.BytesIO()
+    torch.save(unwrap(model).state_dict(), buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    return Path(path)
+
+
+def set_last(folder: str | Path, path: str | Path) -> None:
+    write_text(Path(folder) / POINTER, Path(path).name + "\n")
+
+
+def last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint named by ``last_checkpoint`` in ``folder`` (None if none)."""
+    p = Path(folder) / POINTER
+    if not p.is_file():
+        return None
+    cand = Path(folder) / p.read_text(encoding="utf-8").strip()
+    return cand if cand.is_file() else None
