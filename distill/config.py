@@ -206,6 +206,13 @@ class LabelConfig:
     min_area: float = 16.0
     batch_size: int = 8
     num_workers: int = 0
+    shard_size: int = 64  # images per output shard (the unit of resume)
+    # teacher source: class-agnostic boxes = components (colour connected components) | windows
+    # (sliding windows) | components+windows | rpn (the ViLD checkpoint's RPN, given as --model)
+    proposals: str = "components"
+    max_proposals: int = 100
+    background: tuple[str, ...] = ("background",)  # teacher source: extra prompts whose wins are dropped (or a .txt)
+    gt: str = ""  # a COCO json with hidden ground truth: write quality metrics to <out>/metrics.json
 
 
 @dataclass(frozen=True)
