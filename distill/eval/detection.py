@@ -1,0 +1,518 @@
+"""COCO box and mask evaluation in the generalized open-vocabulary setting.
+
+Every detection competes over the whole vocabulary (base and novel classes together): the COCO
+evaluation runs once over all categories, and the base / novel numbers are the per-category
+precision of that single run averaged over the categories of each split. This is how OV-COCO
+results are reported (OVR-CNN, Zareian et al. CVPR 2021, section 4; ViLD, Gu et al. ICLR 2022,
+section 4.1 "generalized" setting): the novel AP is *not* obtained by evaluating novel detections
+against novel ground truth in isolation.
+
+Numbers come from faster-coco-eval (``COCOeval_faster``); ``backend="pycocotools"`` runs the
+reference implementation on the same inputs (the tests show both agree to 1e-6).
+
+Metric names (values are fractions in [0, 1]; ``-1`` means undefined, i.e. no ground truth in that
+split, as COCO reports it):
+
+- ``bbox/AP``, ``bbox/AP50``, ``bbox/AP75``: over all categories with ground truth;
+- ``bbox/AP_base``, ``bbox/AP_novel``, ``bbox/AP50_base``, ``bbox/AP50_novel``;
+- ``bbox/AP50/<class name>`` for every category with ground truth;
+- ``segm/...`` likewise when masks are evaluated.
+
+At most ``max_dets`` detections per image are kept (the highest scores), as the COCO protocol
+asks; COCO area range "all" is used throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from distill.errors import DistillError
+from distill.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("faster", "pycocotools")
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "AP_base", "AP_novel", "AP50_base", "AP50_novel")
+
+__all__ = [
+    "evaluate_detection",
+    "DetectionEvaluator",
+    "format_table",
+    "load_gt",
+    "load_results",
+    "IOU_TYPES",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_gt(gt_json: str | os.PathLike | dict, iou_types: Sequence[str] = ("bbox",)) -> tuple[dict, str]:
+    """Read and check a COCO ground-truth file. Returns ``(dataset dict, name for messages)``."""
+    if isinstance(gt_json, dict):
+        gt, name = gt_json, "ground truth"
+    else:
+        name = str(gt_json)
+        gt = read_json(gt_json, what="COCO ground-truth")
+    if not isinstance(gt, dict):
+        raise DistillError(f"{name}: expected a COCO object with 'images', 'annotations', 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if key not in gt:
+            raise DistillError(f"{name}: missing key '{key}' (expected a COCO instances file)")
+        if not isinstance(gt[key], list):
+            raise DistillError(f"{name}: '{key}' must be a list")
+    if not gt["categories"]:
+        raise DistillError(f"{name}: 'categories' is empty (expected at least one category)")
+    img_ids = set()
+    for i, im in enumerate(gt["images"]):
+        if not isinstance(im, dict) or "id" not in im:
+            raise DistillError(f"{name}: images[{i}] must be an object with 'id'")
+        if "segm" in iou_types and ("height" not in im or "width" not in im):
+            raise DistillError(f"{name}: images[{i}]: missing 'height'/'width' (needed for segm evaluation)")
+        if im["id"] in img_ids:
+            raise DistillError(f"{name}: images[{i}]: duplicate image id {im['id']}")
+        img_ids.add(im["id"])
+    cat_ids = set()
+    for i, c in enumerate(gt["categories"]):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise DistillError(f"{name}: categories[{i}] must be an object with 'id' and 'name'")
+        if c["id"] in cat_ids:
+            raise DistillError(f"{name}: categories[{i}]: duplicate category id {c['id']}")
+        cat_ids.add(c["id"])
+    ann_ids = set()
+    for i, a in enumerate(gt["annotations"]):
+        if not isinstance(a, dict):
+            raise DistillError(f"{name}: annotations[{i}] must be an object")
+        for key in ("id", "image_id", "category_id", "bbox"):
+            if key not in a:
+                raise DistillError(f"{name}: annotations[{i}]: missing key '{key}'")
+        if a["id"] in ann_ids:
+            raise DistillError(f"{name}: annotations[{i}]: duplicate annotation id {a['id']}")
+        ann_ids.add(a["id"])
+        if a["image_id"] not in img_ids:
+            raise DistillError(f"{name}: annotations[{i}]: image_id {a['image_id']} is not in 'images'")
+        if a["category_id"] not in cat_ids:
+            raise DistillError(f"{name}: annotations[{i}]: category_id {a['category_id']} is not in 'categories'")
+        _check_box(a["bbox"], name, f"annotations[{i}].bbox")
+        if "segm" in iou_types and "segmentation" not in a:
+            raise DistillError(f"{name}: annotations[{i}]: missing key 'segmentation' (needed for segm evaluation)")
+    return gt, name
+
+
+def _check_box(bb: Any, name: str, where: str) -> None:
+    if not isinstance(bb, (list, tuple)) or len(bb) != 4:
+        raise DistillError(f"{name}: {where}: expected [x, y, w, h]")
+    try:
+        vals = [float(v) for v in bb]
+    except (TypeError, ValueError):
+        raise DistillError(f"{name}: {where}: expected 4 numbers, got {bb!r}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise DistillError(f"{name}: {where}: NaN or infinite value in {bb!r}")
+    if vals[2] < 0 or vals[3] < 0:
+        raise DistillError(f"{name}: {where}: negative width or height in {bb!r}")
+
+
+def load_results(
+    results: str | os.PathLike | list,
+    gt: dict,
+    iou_types: Sequence[str] = ("bbox",),
+    gt_name: str = "ground truth",
+) -> tuple[list[dict], str]:
+    """Read and check COCO results against ``gt``. Returns ``(results list, name for messages)``.
+
+    Each entry needs ``image_id``, ``category_id``, ``score``, plus ``bbox`` ([x, y, w, h]) for
+    bbox evaluation and ``segmentation`` (RLE) for segm evaluation.
+    """
+    if isinstance(results, (str, os.PathLike)):
+        name = str(results)
+        data = read_json(results, what="COCO results")
+    else:
+        name, data = "results", results
+    if isinstance(data, dict) and "annotations" in data and isinstance(data["annotations"], list):
+        data = data["annotations"]  # a COCO-style file holding predictions (e.g. pseudo-labels)
+    if not isinstance(data, list):
+        raise DistillError(f"{name}: expected a json list of COCO results [{{image_id, category_id, bbox, score}}, ...]")
+    img_ids = {im["id"] for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    need = ["image_id", "category_id", "score"] + (["bbox"] if "bbox" in iou_types else []) + (
+        ["segmentation"] if "segm" in iou_types else []
+    )
+    for i, r in enumerate(data):
+        if not isinstance(r, dict):
+            raise DistillError(f"{name}: [{i}] must be an object with keys {need}")
+        for key in need:
+            if key not in r:
+                raise DistillError(f"{name}: [{i}]: missing key '{key}' (each result needs {need})")
+        if r["image_id"] not in img_ids:
+            raise DistillError(f"{name}: [{i}]: image_id {r['image_id']!r} is not an image of {gt_name}")
+        if r["category_id"] not in cat_ids:
+            raise DistillError(f"{name}: [{i}]: category_id {r['category_id']!r} is not a category of {gt_name}")
+        try:
+            s = float(r["score"])
+        except (TypeError, ValueError):
+            raise DistillError(f"{name}: [{i}].score: expected a number, got {r['score']!r}") from None
+        if not math.isfinite(s):
+            raise DistillError(f"{name}: [{i}].score: NaN or infinite")
+        if "bbox" in r:
+            _check_box(r["bbox"], name, f"[{i}].bbox")
+        if "segm" in iou_types:
+            seg = r["segmentation"]
+            if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+                raise DistillError(f"{name}: [{i}].segmentation: expected an RLE object {{'size': [h, w], 'counts': ...}}")
+    return data, name
+
+
+def _top_per_image(results: list[dict], max_dets: int) -> list[dict]:
+    """Keep the ``max_dets`` highest-scoring results of each image (stable for ties)."""
+    by_img: dict[Any, list[int]] = {}
+    for i, r in enumerate(results):
+        by_img.setdefault(r["image_id"], []).append(i)
+    if all(len(v) <= max_dets for v in by_img.values()):
+        return results
+    keep: list[int] = []
+    dropped = 0
+    for idx in by_img.values():
+        idx = sorted(idx, key=lambda i: -float(results[i]["score"]))
+        keep.extend(idx[:max_dets])
+        dropped += max(0, len(idx) - max_dets)
+    log.info("kept the top %d detections per image (%d dropped)", max_dets, dropped)
+    keep.sort()
+    return [results[i] for i in keep]
+
+
+def _for_iou_type(results: list[dict], iou_type: str) -> list[dict]:
+    """Fresh dicts (the COCO loaders modify them in place) with only the keys this type uses."""
+    geom = "bbox" if iou_type == "bbox" else "segmentation"
+    out = []
+    for r in results:
+        d = {"image_id": r["image_id"], "category_id": r["category_id"], "score": float(r["score"])}
+        g = r[geom]
+        d[geom] = [float(v) for v in g] if geom == "bbox" else dict(g)
+        out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the split
+
+
+def _categories_split(gt: dict, gt_name: str, vocab=None) -> tuple[list[int], list[str], list[str]]:
+    """Sorted category ids (COCOeval's order), their names, and 'base'/'novel' per category."""
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    ids = [c["id"] for c in cats]
+    if vocab is not None:
+        by_id = {cid: (n, sp) for cid, n, sp in zip(vocab.ids, vocab.names, vocab.split)}
+        missing = [cid for cid in ids if cid not in by_id]
+        if missing:
+            raise DistillError(f"{gt_name}: category ids {missing[:10]} are not in the vocabulary ({vocab.source or 'given'})")
+        return ids, [by_id[c][0] for c in ids], [by_id[c][1] for c in ids]
+    split = []
+    for c in cats:
+        sp = c.get("split", "base")
+        if sp not in ("base", "novel"):
+            raise DistillError(f"{gt_name}: category {c['id']} ({c['name']}): split {sp!r} is not 'base' or 'novel'")
+        split.append(sp)
+    return ids, [str(c["name"]) for c in cats], split
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _run_coco(
+    gt: dict, results: list[dict], iou_type: str, max_dets: int, backend: str, img_ids=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run COCOeval once over all categories; return (precision [T, R, K] at area "all" and the
+    largest maxDets, IoU thresholds [T])."""
+    # Both COCO implementations add keys ("ignore", "rle", RLE segmentations) to the annotation
+    # dicts they are given: hand them copies so the caller's ground truth is left as it was.
+    gt = dict(gt)
+    gt["annotations"] = [dict(a) for a in gt["annotations"]]
+    if backend == "faster":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        coco_gt = COCO(gt)  # shallow copy; the GT dicts are not modified
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=lambda *a, **k: None)
+    else:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO()
+            coco_gt.dataset = copy.copy(gt)
+            coco_gt.createIndex()
+            coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+    ev.params.maxDets = [1, 10, max_dets]
+    if img_ids is not None:
+        ev.params.imgIds = sorted(img_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+    prec = np.asarray(ev.eval["precision"], dtype=np.float64)
+    a = list(ev.params.areaRngLbl).index("all")
+    iou_thrs = np.asarray(ev.params.iouThrs)
+    return prec[:, :, :, a, -1], iou_thrs  # [T, R, K]
+
+
+def _mean_valid(x: np.ndarray) -> float:
+    v = x[x > -1]
+    return float(v.mean()) if v.size else -1.0
+
+
+def _metrics_from_precision(prec: np.ndarray, iou_thrs: np.ndarray, names: list[str], split: list[str], prefix: str) -> dict:
+    """AP numbers from a precision array [T, R, K] (-1 = category without ground truth)."""
+    t50 = int(np.argmin(np.abs(iou_thrs - 0.5)))
+    t75 = int(np.argmin(np.abs(iou_thrs - 0.75)))
+    # A category with ground truth has every entry set; one without has every entry -1. So the
+    # mean over valid entries equals the mean of per-category APs over categories with GT.
+    ap_k = np.array([_mean_valid(prec[:, :, k]) for k in range(prec.shape[2])])
+    ap50_k = np.array([_mean_valid(prec[t50, :, k]) for k in range(prec.shape[2])])
+
+    def avg(vals: np.ndarray, sel: list[bool]) -> float:
+        v = vals[np.array(sel, dtype=bool) & (vals > -1)]
+        return float(v.mean()) if v.size else -1.0
+
+    every = [True] * len(split)
+    base = [s == "base" for s in split]
+    novel = [s == "novel" for s in split]
+    m = {
+        f"{prefix}/AP": _mean_valid(prec),
+        f"{prefix}/AP50": _mean_valid(prec[t50]),
+        f"{prefix}/AP75": _mean_valid(prec[t75]),
+        f"{prefix}/AP_base": avg(ap_k, base),
+        f"{prefix}/AP_novel": avg(ap_k, novel),
+        f"{prefix}/AP50_base": avg(ap50_k, base),
+        f"{prefix}/AP50_novel": avg(ap50_k, novel),
+    }
+    assert abs(avg(ap_k, every) - m[f"{prefix}/AP"]) < 1e-9 or m[f"{prefix}/AP"] == -1.0
+    for k, name in enumerate(names):
+        if ap50_k[k] > -1:
+            m[f"{prefix}/AP50/{name}"] = float(ap50_k[k])
+    return m
+
+
+def evaluate_detection(
+    gt_json: str | os.PathLike | dict,
+    results: str | os.PathLike | list[dict],
+    out_dir: str | os.PathLike | None = None,
+    iou_types: Sequence[str] = ("bbox",),
+    vocab=None,
+    max_dets: int = 100,
+    backend: str = "faster",
+    img_ids: Iterable[int] | None = None,
+) -> dict[str, float]:
+    """COCO AP / AP50 / AP75 over all, base and novel categories.
+
+    Args:
+        gt_json: COCO instances file (or its dict); categories carry ``split`` ("base"/"novel").
+        results: a COCO results json path, or a list of ``{image_id, category_id, bbox: [x, y, w, h],
+            score, segmentation?: RLE}``.
+        out_dir: when given, ``metrics.json`` is written there (atomically).
+        iou_types: any of ``("bbox", "segm")``.
+        vocab: a :class:`~distill.vocab.Vocabulary` whose ``ids`` cover the GT categories; it
+            overrides the names and the split of the GT file.
+        max_dets: detections kept per image (highest scores) and COCO's largest maxDets.
+        backend: ``"faster"`` (faster-coco-eval) or ``"pycocotools"`` (the reference).
+        img_ids: evaluate only these images (default: every GT image).
+
+    Returns:
+        ``{"bbox/AP": ..., "bbox/AP_novel": ..., "bbox/AP50/<name>": ..., ...}``.
+    """
+    iou_types = tuple(iou_types)
+    bad = [t for t in iou_types if t not in IOU_TYPES]
+    if bad or not iou_types:
+        raise DistillError(f"iou types {list(iou_types)}: expected a non-empty subset of {list(IOU_TYPES)}")
+    if backend not in BACKENDS:
+        raise DistillError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
+    if int(max_dets) < 1:
+        raise DistillError(f"max_dets {max_dets}: expected a positive integer")
+    gt, gt_name = load_gt(gt_json, iou_types)
+    dets, res_name = load_results(results, gt, iou_types, gt_name)
+    cat_ids, names, split = _categories_split(gt, gt_name, vocab)
+    if img_ids is not None:
+        img_ids = sorted(set(img_ids))
+        keep_imgs = set(img_ids)
+        dets = [r for r in dets if r["image_id"] in keep_imgs]
+    dets = _top_per_image(dets, int(max_dets))
+
+    metrics: dict[str, float] = {}
+    for t in iou_types:
+        if not dets:
+            # COCO loaders cannot take an empty list (pycocotools crashes): every category with
+            # ground truth gets precision 0, the others stay -1 (excluded), as COCOeval would do.
+            ev_imgs = set(img_ids) if img_ids is not None else None
+            has_gt = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd", 0) and (ev_imgs is None or a["image_id"] in ev_imgs)}
+            iou_thrs = np.linspace(0.5, 0.95, 10)
+            prec = np.full((10, 101, len(cat_ids)), -1.0)
+            for k, cid in enumerate(cat_ids):
+                if cid in has_gt:
+                    prec[:, :, k] = 0.0
+        else:
+            prec, iou_thrs = _run_coco(gt, _for_iou_type(dets, t), t, int(max_dets), backend, img_ids)
+        metrics.update(_metrics_from_precision(prec, iou_thrs, names, split, t))
+    if not dets:
+        log.warning("%s: no predictions; every AP is 0", res_name)
+    if out_dir is not None:
+        write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# streaming evaluator (during training)
+
+
+class DetectionEvaluator:
+    """reset / process / evaluate, for use inside a training loop.
+
+    Holds at most ``max_dets`` COCO results per image (masks as RLE), not images or feature maps.
+    Under ``torch.distributed`` the results of all ranks are gathered; rank 0 gets the metrics,
+    the other ranks an empty dict.
+
+    Args:
+        gt_json: COCO instances file (or dict) of the images that will be processed.
+        vocab: maps label indices to category ids (``vocab.ids[label]``) and gives the split;
+            default: the GT file's categories in file order.
+        iou_types: ``("bbox",)`` or ``("bbox", "segm")`` (then predictions carry ``masks``).
+        out_dir: where :meth:`evaluate` writes ``metrics.json`` (optional).
+    """
+
+    def __init__(
+        self,
+        gt_json: str | os.PathLike | dict,
+        vocab=None,
+        iou_types: Sequence[str] = ("bbox",),
+        max_dets: int = 100,
+        backend: str = "faster",
+        out_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.gt, self.gt_name = load_gt(gt_json, iou_types)
+        if vocab is None:
+            from distill.vocab import _from_categories
+
+            vocab = _from_categories(self.gt["categories"], self.gt_name)
+        self.vocab = vocab
+        self.label_to_cat = list(vocab.ids)
+        self.iou_types = tuple(iou_types)
+        self.max_dets = int(max_dets)
+        self.backend = backend
+        self.out_dir = out_dir
+        self._valid_imgs = {im["id"] for im in self.gt["images"]}
+        self.reset()
+
+    def reset(self) -> None:
+        self._results: list[dict] = []
+        self._img_ids: set[int] = set()
+
+    def process(self, image_ids: Sequence[int], predictions: Sequence[dict]) -> None:
+        """Add one batch.
+
+        Args:
+            image_ids: COCO image ids of the batch.
+            predictions: per image ``{"boxes": (N, 4) float XYXY absolute pixels, "scores": (N,),
+                "labels": (N,) int64 vocabulary indices, "masks": optional (N, H, W) or (N, 1, H, W)
+                (bool/uint8, or float probabilities thresholded at 0.5)}``.
+        """
+        import torch
+        from pycocotools import mask as mask_util
+
+        if len(image_ids) != len(predictions):
+            raise ValueError(f"{len(image_ids)} image ids for {len(predictions)} predictions")
+        for img_id, pred in zip(image_ids, predictions):
+            img_id = int(img_id)
+            if img_id not in self._valid_imgs:
+                raise DistillError(f"{self.gt_name}: image_id {img_id} is not an image of the ground truth")
+            self._img_ids.add(img_id)
+            scores = torch.as_tensor(pred["scores"]).detach().float().cpu()
+            boxes = torch.as_tensor(pred["boxes"]).detach().float().cpu().reshape(-1, 4)
+            labels = torch.as_tensor(pred["labels"]).detach().long().cpu()
+            if not torch.isfinite(boxes).all() or not torch.isfinite(scores).all():
+                raise ValueError(f"image {img_id}: NaN or infinite boxes/scores in predictions")
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_to_cat)):
+                raise ValueError(f"image {img_id}: label outside 0..{len(self.label_to_cat) - 1}")
+            order = torch.argsort(scores, descending=True, stable=True)[: self.max_dets]
+            masks = None
+            if "segm" in self.iou_types:
+                m = torch.as_tensor(pred["masks"]).detach().cpu()
+                if m.dim() == 4:
+                    m = m[:, 0]
+                m = (m > 0.5) if m.is_floating_point() else m.bool()
+                masks = m[order].numpy()
+            xywh = boxes[order].clone()
+            xywh[:, 2:] -= xywh[:, :2]
+            for j, (b, s, lab) in enumerate(zip(xywh.tolist(), scores[order].tolist(), labels[order].tolist())):
+                r = {"image_id": img_id, "category_id": int(self.label_to_cat[lab]), "bbox": b, "score": float(s)}
+                if masks is not None:
+                    rle = mask_util.encode(np.asfortranarray(masks[j].astype(np.uint8)))
+                    rle["counts"] = rle["counts"].decode("ascii")
+                    r["segmentation"] = rle
+                self._results.append(r)
+
+    def evaluate(self) -> dict[str, float]:
+        results, img_ids = self._results, self._img_ids
+        try:
+            import torch.distributed as dist
+
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        except ImportError:  # pragma: no cover
+            distributed = False
+        if distributed:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (results, sorted(img_ids)))
+            if dist.get_rank() != 0:
+                return {}
+            results = [r for part, _ in gathered for r in part]
+            img_ids = {i for _, ids in gathered for i in ids}
+        if not img_ids:
+            raise DistillError("DetectionEvaluator: no images were processed")
+        return evaluate_detection(
+            self.gt, results, out_dir=self.out_dir, iou_types=self.iou_types, vocab=self.vocab,
+            max_dets=self.max_dets, backend=self.backend, img_ids=img_ids,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# table
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and (math.isnan(v) or v < 0):
+        return "-"
+    return f"{100 * v:.1f}"
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A short markdown table (percent, one decimal; ``-`` = undefined) of the summary metrics.
+
+    Detection rows per iou type (AP, AP50, AP75, base/novel); a segmentation row when the
+    ``miou/...`` keys are present.
+    """
+    lines: list[str] = []
+    types = [t for t in IOU_TYPES if f"{t}/AP" in metrics]
+    if types:
+        lines.append("| | " + " | ".join(SUMMARY_KEYS) + " |")
+        lines.append("|---" * (len(SUMMARY_KEYS) + 1) + "|")
+        for t in types:
+            lines.append(f"| {t} | " + " | ".join(_fmt(metrics.get(f"{t}/{k}")) for k in SUMMARY_KEYS) + " |")
+    seg_keys = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
+    if any(k in metrics for k in seg_keys):
+        if lines:
+            lines.append("")
+        lines.append("| mIoU seen | mIoU unseen | mIoU all | hIoU | pixel acc |")
+        lines.append("|---|---|---|---|---|")
+        lines.append("| " + " | ".join(_fmt(metrics.get(k)) for k in seg_keys) + " |")
+    return "\n".join(lines)

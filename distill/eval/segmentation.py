@@ -1,0 +1,214 @@
+"""Semantic segmentation evaluation: a streaming confusion matrix, mIoU over seen / unseen / all
+classes and their harmonic mean (hIoU).
+
+Class index space = the semantic PNG values: 0 = background (a seen class), ``c`` = category id
+``c``; 255 in the ground truth is ignored. hIoU = 2 * S * U / (S + U) with S, U the seen and
+unseen mIoU, as in the zero-shot segmentation literature (ZS3Net, Bucher et al. NeurIPS 2019,
+section 4; SPNet, Xian et al. CVPR 2019, section 4.1).
+
+Memory does not grow with the number of images: each image adds to a fixed
+``(C, C + 1)`` int64 matrix (``torch.bincount``). Row = ground-truth class, column = predicted
+class; the last column counts pixels whose prediction is outside ``0..C-1`` (for example 255,
+"no label"): they are misses for the ground-truth class and false positives of no class.
+
+Metric names: ``miou/seen``, ``miou/unseen``, ``miou/all``, ``miou/hiou``, ``pixel_acc``, and
+``iou/<name>`` per class. Values are fractions in [0, 1]; a class absent from both the ground truth
+and the predictions has no IoU and is left out of the means (and of ``iou/...``); a mean over no
+class is ``-1`` (undefined, as COCO reports it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+from distill.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SemSegEvaluator", "evaluate_semseg_dirs", "semseg_classes", "read_label_png"]
+
+
+class SemSegEvaluator:
+    """reset / process(pred, gt) / evaluate() over a streaming confusion matrix.
+
+    Args:
+        num_classes: C; labels are 0..C-1.
+        seen: the seen class indices (background 0 included by the caller); the rest are unseen.
+        ignore_index: ground-truth value that is not evaluated.
+        names: C class names for ``iou/<name>`` (default: the index).
+    """
+
+    def __init__(self, num_classes: int, seen: Sequence[int], ignore_index: int = 255, names: Sequence[str] | None = None) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        seen = sorted({int(c) for c in seen})
+        if any(c < 0 or c >= num_classes for c in seen):
+            raise ValueError(f"seen classes {seen} outside 0..{num_classes - 1}")
+        if names is not None and len(names) != num_classes:
+            raise ValueError(f"{len(names)} names for {num_classes} classes")
+        self.num_classes = int(num_classes)
+        self.seen = seen
+        self.unseen = [c for c in range(num_classes) if c not in set(seen)]
+        self.ignore_index = ignore_index
+        self.names = list(names) if names is not None else [str(c) for c in range(num_classes)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.conf = torch.zeros(self.num_classes, self.num_classes + 1, dtype=torch.int64)
+
+    @torch.no_grad()
+    def process(self, pred, gt) -> None:
+        """Add predictions and ground truth of the same shape: (H, W) or (B, H, W) integer
+        tensors or arrays (``pred`` may also be (B, C, H, W) logits: argmax over C)."""
+        pred = torch.as_tensor(np.asarray(pred) if not torch.is_tensor(pred) else pred)
+        gt = torch.as_tensor(np.asarray(gt) if not torch.is_tensor(gt) else gt)
+        if pred.is_floating_point():
+            if pred.dim() != gt.dim() + 1:
+                raise ValueError(f"float predictions must be (B, C, H, W) logits for gt {tuple(gt.shape)}")
+            pred = pred.argmax(dim=-3)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} != ground truth shape {tuple(gt.shape)}")
+        C = self.num_classes
+        gt = gt.reshape(-1).to("cpu", torch.int64)
+        pred = pred.reshape(-1).to("cpu", torch.int64)
+        keep = gt != self.ignore_index
+        gt, pred = gt[keep], pred[keep]
+        if gt.numel() and (gt.min() < 0 or gt.max() >= C):
+            bad = gt[(gt < 0) | (gt >= C)][0].item()
+            raise ValueError(f"ground-truth value {bad} outside 0..{C - 1} (and not ignore {self.ignore_index})")
+        pred = torch.where((pred < 0) | (pred >= C), torch.full_like(pred, C), pred)
+        self.conf += torch.bincount(gt * (C + 1) + pred, minlength=C * (C + 1)).reshape(C, C + 1)
+
+    def ious(self) -> np.ndarray:
+        """Per-class IoU, NaN for a class absent from both ground truth and predictions."""
+        conf = self.conf.double()
+        tp = torch.diagonal(conf[:, : self.num_classes])
+        gt_count = conf.sum(dim=1)  # includes predictions outside the class range
+        pred_count = conf[:, : self.num_classes].sum(dim=0)
+        union = gt_count + pred_count - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        return iou.numpy()
+
+    def evaluate(self) -> dict[str, float]:
+        """``miou/seen``, ``miou/unseen``, ``miou/all``, ``miou/hiou``, ``pixel_acc``, ``iou/<name>``."""
+        iou = self.ious()
+
+        def mean(idx: list[int]) -> float:
+            v = iou[idx] if idx else np.array([])
+            v = v[~np.isnan(v)]
+            return float(v.mean()) if v.size else -1.0
+
+        s, u = mean(self.seen), mean(self.unseen)
+        if s < 0 or u < 0:
+            h = -1.0  # undefined without both seen and unseen classes
+        else:
+            h = 2 * s * u / (s + u) if (s + u) > 0 else 0.0
+        total = int(self.conf.sum())
+        correct = int(torch.diagonal(self.conf[:, : self.num_classes]).sum())
+        m = {
+            "miou/seen": s,
+            "miou/unseen": u,
+            "miou/all": mean(list(range(self.num_classes))),
+            "miou/hiou": h,
+            "pixel_acc": correct / total if total else -1.0,
+        }
+        for c, name in enumerate(self.names):
+            if not np.isnan(iou[c]):
+                m[f"iou/{name}"] = float(iou[c])
+        return m
+
+    def save_confusion(self, path: str | os.PathLike) -> None:
+        """Write the (C, C + 1) confusion matrix as .npy (atomically)."""
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, self.conf.numpy())
+
+
+def semseg_classes(vocab) -> tuple[int, list[int], list[str]]:
+    """From a vocabulary: (num_classes = max id + 1, seen = [0] + base ids, names with
+    "background" at 0; ids without a class are named by their number and count as seen)."""
+    C = max(vocab.ids) + 1
+    names = [str(i) for i in range(C)]
+    names[0] = "background"
+    novel = set()
+    for cid, n, sp in zip(vocab.ids, vocab.names, vocab.split):
+        if cid <= 0:
+            raise DistillError(f"{vocab.source or 'vocabulary'}: category id {cid}: expected ids >= 1 (0 is background)")
+        names[cid] = n
+        if sp == "novel":
+            novel.add(cid)
+    seen = [c for c in range(C) if c not in novel]
+    return C, seen, names
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """A single-channel label PNG as (H, W) integers (palette PNGs give their indices)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "1"):
+                raise DistillError(f"{path}: mode {im.mode}: expected a single-channel label PNG (class ids)")
+            return np.asarray(im).astype(np.int64)
+    except DistillError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DistillError(f"{path}: cannot read label PNG ({e})") from None
+
+
+def evaluate_semseg_dirs(
+    gt_dir: str | os.PathLike,
+    pred_dir: str | os.PathLike,
+    vocab=None,
+    gt_json: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    ignore_index: int = 255,
+) -> dict[str, float]:
+    """Evaluate every ``gt_dir/<stem>.png`` against ``pred_dir/<stem>.png``.
+
+    Classes, names and the seen/unseen split come from ``vocab`` (a Vocabulary or a vocabulary
+    file) or from ``gt_json`` (a COCO file whose categories carry ``split``). Writes
+    ``metrics.json`` and ``confusion.npy`` into ``out_dir`` when given.
+    """
+    from distill.vocab import Vocabulary, load_vocab
+
+    if vocab is None and gt_json is None:
+        raise DistillError("evaluate_semseg_dirs: give a vocabulary or a COCO ground-truth json (for class names and split)")
+    if vocab is None:
+        vocab = load_vocab(Path(gt_json))
+    elif not isinstance(vocab, Vocabulary):
+        vocab = load_vocab(vocab)
+    C, seen, names = semseg_classes(vocab)
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    for d, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
+        if not d.is_dir():
+            raise DistillError(f"{d}: {what} folder not found")
+    gts = sorted(gt_dir.glob("*.png"))
+    if not gts:
+        raise DistillError(f"{gt_dir}: no .png ground-truth masks in this folder")
+    ev = SemSegEvaluator(C, seen, ignore_index=ignore_index, names=names)
+    for g in gts:
+        p = pred_dir / g.name
+        if not p.is_file():
+            raise DistillError(f"{p}: prediction missing (expected one PNG per ground-truth mask {g.name})")
+        gt = read_label_png(g)
+        pred = read_label_png(p)
+        if pred.shape != gt.shape:
+            raise DistillError(f"{p}: size {pred.shape[1]}x{pred.shape[0]} (WxH), expected {gt.shape[1]}x{gt.shape[0]} like {g}")
+        try:
+            ev.process(pred, gt)
+        except ValueError as e:
+            raise DistillError(f"{g}: {e}") from None
+    metrics = ev.evaluate()
+    metrics["num_images"] = len(gts)
+    if out_dir is not None:
+        ev.save_confusion(Path(out_dir) / "confusion.npy")
+        write_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
