@@ -182,10 +182,28 @@ class SegConfig:
     embed_dim: int = 0  # 0 = the teacher's text embedding size
     distill_weight: float = 0.0  # pixel distillation weight (0 = off)
     distill_loss: str = "cosine"  # cosine | l1
-    clipseg_layers: tuple[int, ...] = (3, 7, 9)
+    clipseg_layers: tuple[int, ...] = (3, 7, 9)  # for a 12-layer ViT; scaled to the teacher's depth
     clipseg_reduce_dim: int = 64
-    image_size: int = 128
+    clipseg_heads: int = 4
+    clipseg_hidden: int = 2048  # decoder MLP size (transformers' decoder_intermediate_size)
+    clipseg_queries: int = 8  # queries per training image (present classes first, then negatives)
+    clipseg_complex_head: bool = False
+    bg_thresh: float = 0.5  # clipseg: background where no query's probability exceeds this
+    pretrained_backbone: str = ""  # lseg resnet18: local state-dict file; empty = random init
+    finetune_backbone: bool = True  # lseg backbone=teacher: fine-tune (true) or freeze the tower
+    features: int = 64  # DPT decoder width
+    image_size: int = 128  # training crop size
+    augment: bool = True  # resize / pad / random crop / horizontal flip (albumentations)
     window: int = 0  # sliding-window size at inference (0 = whole image)
+    window_stride: int = 0  # 0 = 2/3 of the window
+    train_images: str = ""  # empty = {data.image_root}/train
+    train_masks: str = ""  # empty = data.masks, else {data.semantic_root}/train_base
+    val_images: str = ""  # empty = {data.image_root}/val
+    val_masks: str = ""  # empty = {data.semantic_root}/val
+    train_list: str = ""  # optional txt of image stems to train on (e.g. VOC train_aug.txt)
+    val_list: str = ""
+    eval_batch_size: int = 8
+    max_eval_images: int = 0  # 0 = all
     train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adamw", lr=1e-3))
 
 
