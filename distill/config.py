@@ -121,6 +121,9 @@ class ProposalConfig:
     top_k: int = 300
     nms: float = 0.7
     min_size: float = 4.0
+    name: str = "rpn"  # the class-agnostic network's folder: proposals/<name>/
+    batch_size: int = 16  # images per forward when writing proposals
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=600))
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,14 @@ class DetConfig:
     nms: float = 0.5
     detections_per_img: int = 100
     num_image_distill: int = 100  # proposals per image distilled (<= regions.max_proposals)
+    ensemble_candidates: int = 100  # boxes per image the teacher crops for image / ensemble scores
+    anchor_sizes: tuple[int, ...] = ()  # one size per FPN level; empty = torchvision's (32..512)
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 2000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    roi_batch_size: int = 512  # RoIs sampled per image for the box head (25% positive)
+    checkpoint: str = ""  # --eval-only / labeling: weights to load (default: det/<name>/model_final.pt)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
