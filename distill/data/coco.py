@@ -1,0 +1,288 @@
+"""COCO-format detection data: a validating loader and a torch Dataset.
+
+:func:`load_coco` reads a COCO instances json and checks what the rest of the toolkit relies on;
+a user's mistake is a :class:`~distill.errors.DistillError` naming the file and key:
+
+- a missing or corrupt file; a top level that is not an object; missing ``images``,
+  ``annotations`` or ``categories``, or one that is not a list;
+- images without an int ``id`` or a string ``file_name``; a ``file_name`` that is absolute or
+  contains ``..`` (it must stay under the image root); duplicate image ids;
+- categories without an int ``id`` and a ``name``; duplicate category ids;
+- annotations without an int ``id``, ``image_id``, ``category_id`` or a 4-number ``bbox``;
+  duplicate annotation ids; ids naming an unknown image or category; a NaN / inf coordinate or a
+  negative width or height.
+
+Annotations whose box has zero width or height are dropped and counted (one warning per file).
+
+:class:`CocoDetection` gives ``(image float (3, H, W) in [0, 1], target)`` with ``target`` =
+``{"boxes": (N, 4) float32 XYXY absolute pixels, "labels": (N,) int64 vocabulary indices,
+"image_id": int, "masks": (N, H, W) uint8 (only with masks=True)}`` (docs/contracts.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+from distill.io import read_json, safe_join
+from distill.vocab import Vocabulary
+
+REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _bad_file_name(name: str) -> bool:
+    if os.path.isabs(name) or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return True
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return ".." in parts or not parts
+
+
+def load_coco(path: str | os.PathLike) -> dict:
+    """Read and validate the COCO instances json at ``path``; return its dict.
+
+    Zero-size boxes are removed from ``annotations`` (counted in a warning); everything else that
+    is wrong raises :class:`DistillError` ``"<path>: <key>: <what was expected>"``.
+    """
+    path = Path(path)
+    data = read_json(path, "COCO annotation")
+    if not isinstance(data, dict):
+        raise DistillError(f"{path}: expected a COCO object with keys {', '.join(REQUIRED_KEYS)}, got a {type(data).__name__}")
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise DistillError(f"{path}: missing key {key!r} (a COCO file needs {', '.join(REQUIRED_KEYS)})")
+        if not isinstance(data[key], list):
+            raise DistillError(f"{path}: {key}: expected a list, got {type(data[key]).__name__}")
+
+    image_ids: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        if not isinstance(im, dict):
+            raise DistillError(f"{where}: expected an object with 'id' and 'file_name'")
+        if not _is_int(im.get("id")):
+            raise DistillError(f"{where}.id: expected an int, got {im.get('id')!r}")
+        name = im.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise DistillError(f"{where}.file_name: expected a relative path string, got {name!r}")
+        if _bad_file_name(name):
+            raise DistillError(f"{where}.file_name: {name!r} is absolute or contains '..' (expected a path relative to the image root)")
+        for dim in ("width", "height"):
+            if dim in im and not (_is_int(im[dim]) and im[dim] > 0):
+                raise DistillError(f"{where}.{dim}: expected a positive int, got {im[dim]!r}")
+        if im["id"] in image_ids:
+            raise DistillError(f"{where}.id: duplicate image id {im['id']}")
+        image_ids.add(im["id"])
+
+    cat_ids: set[int] = set()
+    for i, c in enumerate(data["categories"]):
+        where = f"{path}: categories[{i}]"
+        if not isinstance(c, dict):
+            raise DistillError(f"{where}: expected an object with 'id' and 'name'")
+        if not _is_int(c.get("id")):
+            raise DistillError(f"{where}.id: expected an int, got {c.get('id')!r}")
+        if not isinstance(c.get("name"), str) or not c["name"].strip():
+            raise DistillError(f"{where}.name: expected a non-empty string, got {c.get('name')!r}")
+        if c["id"] in cat_ids:
+            raise DistillError(f"{where}.id: duplicate category id {c['id']}")
+        cat_ids.add(c["id"])
+
+    ann_ids: set[int] = set()
+    kept: list[dict] = []
+    zero = 0
+    for i, a in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]"
+        if not isinstance(a, dict):
+            raise DistillError(f"{where}: expected an object with 'id', 'image_id', 'category_id', 'bbox'")
+        for key in ("id", "image_id", "category_id"):
+            if not _is_int(a.get(key)):
+                raise DistillError(f"{where}.{key}: expected an int, got {a.get(key)!r}")
+        if a["id"] in ann_ids:
+            raise DistillError(f"{where}.id: duplicate annotation id {a['id']}")
+        ann_ids.add(a["id"])
+        if a["image_id"] not in image_ids:
+            raise DistillError(f"{where}.image_id: unknown image id {a['image_id']} (not in 'images')")
+        if a["category_id"] not in cat_ids:
+            raise DistillError(f"{where}.category_id: unknown category id {a['category_id']} (valid: {sorted(cat_ids)})")
+        box = a.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise DistillError(f"{where}.bbox: expected [x, y, width, height] (4 numbers), got {box!r}")
+        if not all(math.isfinite(v) for v in box):
+            raise DistillError(f"{where}.bbox: expected finite numbers, got {box!r}")
+        if box[2] < 0 or box[3] < 0:
+            raise DistillError(f"{where}.bbox: expected width and height >= 0, got {box!r}")
+        seg = a.get("segmentation")
+        if seg is not None and not isinstance(seg, (dict, list)):
+            raise DistillError(f"{where}.segmentation: expected an RLE object or a list of polygons, got {type(seg).__name__}")
+        if a.get("iscrowd", 0) not in (0, 1):
+            raise DistillError(f"{where}.iscrowd: expected 0 or 1, got {a.get('iscrowd')!r}")
+        if box[2] == 0 or box[3] == 0:
+            zero += 1
+            continue
+        kept.append(a)
+    if zero:
+        warnings.warn(f"{path}: skipped {zero} annotation(s) with a zero-size box", stacklevel=2)
+        data = dict(data, annotations=kept)
+    return data
+
+
+def vocab_from_coco(data: dict, source: str = "") -> Vocabulary:
+    """The vocabulary of a loaded COCO dict: categories sorted by id (``split`` field kept)."""
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    if not cats:
+        raise DistillError(f"{source or 'COCO file'}: categories: expected at least one category")
+    return Vocabulary(
+        names=tuple(c["name"] for c in cats),
+        synonyms=tuple(tuple(s for s in c.get("synonyms", []) if isinstance(s, str) and s != c["name"]) for c in cats),
+        split=tuple(c.get("split", "base") if c.get("split") in ("base", "novel") else "base" for c in cats),
+        ids=tuple(c["id"] for c in cats),
+        source=source,
+    )
+
+
+def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
+    """A COCO ``segmentation`` (polygons, RLE, or uncompressed RLE) as an (H, W) uint8 mask."""
+    import pycocotools.mask as mask_utils
+
+    if isinstance(seg, list):
+        rles = mask_utils.frPyObjects(seg, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, height, width)
+    else:
+        rle = seg
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO instances as ``(image, target)`` (see the module docstring for shapes).
+
+    Args:
+        json_path: a COCO instances json (validated with :func:`load_coco`).
+        image_root: the folder ``file_name`` is relative to.
+        vocab: labels are indices into this vocabulary, matched by category name (or synonym);
+            ``None`` = the file's categories sorted by id (labels 0..C-1 in id order). A category
+            of the file that is not in ``vocab`` is an error unless ``skip_unknown`` is set, in
+            which case its annotations are dropped and counted (``self.skipped_unknown``).
+        masks: also return instance masks (N, H, W) uint8 decoded from ``segmentation``.
+        transforms: ``f(image (H, W, 3) uint8, target of numpy arrays) -> (image, target)``,
+            e.g. :func:`distill.data.transforms.detection_train_transforms`.
+
+    Crowd annotations (``iscrowd=1``) are left out of targets; images without boxes are kept
+    with empty ``(0, 4)`` boxes.
+    """
+
+    def __init__(
+        self,
+        json_path: str | os.PathLike,
+        image_root: str | os.PathLike,
+        vocab: Vocabulary | None = None,
+        masks: bool = False,
+        transforms: Callable | None = None,
+        skip_unknown: bool = False,
+    ) -> None:
+        self.json_path = Path(json_path)
+        self.image_root = Path(image_root)
+        self.coco = load_coco(self.json_path)
+        self.masks = masks
+        self.transforms = transforms
+        file_vocab = vocab_from_coco(self.coco, str(self.json_path))
+        self.vocab = vocab if vocab is not None else file_vocab
+        self.cat_to_label: dict[int, int] = {}
+        for c in self.coco["categories"]:
+            try:
+                self.cat_to_label[c["id"]] = self.vocab.index(c["name"])
+            except DistillError:
+                if not skip_unknown:
+                    raise DistillError(
+                        f"{self.json_path}: category {c['name']!r} (id {c['id']}) is not in the vocabulary "
+                        f"({', '.join(self.vocab.names[:20])}{' ...' if len(self.vocab) > 20 else ''})"
+                    ) from None
+        self.images = list(self.coco["images"])
+        self.image_ids = [im["id"] for im in self.images]
+        self._anns: dict[int, list[dict]] = {i: [] for i in self.image_ids}
+        self.skipped_unknown = 0
+        for a in self.coco["annotations"]:
+            if a.get("iscrowd", 0):
+                continue
+            if a["category_id"] not in self.cat_to_label:
+                self.skipped_unknown += 1
+                continue
+            self._anns[a["image_id"]].append(a)
+        if self.skipped_unknown:
+            warnings.warn(f"{self.json_path}: skipped {self.skipped_unknown} annotation(s) of categories outside the vocabulary", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> Path:
+        return safe_join(self.image_root, self.images[index]["file_name"])
+
+    def annotations(self, index: int) -> list[dict]:
+        """The (non-crowd, in-vocabulary) raw annotations of image ``index``."""
+        return self._anns[self.image_ids[index]]
+
+    def load_target(self, index: int, height: int, width: int) -> dict[str, np.ndarray]:
+        """Numpy target of image ``index``: boxes (N, 4) float32 XYXY clipped to the image,
+        labels (N,) int64, masks (N, H, W) uint8 when ``masks``; zero-area boxes after clipping go."""
+        anns = self.annotations(index)
+        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = {
+            "boxes": boxes[keep],
+            "labels": np.array([self.cat_to_label[a["category_id"]] for a in anns], np.int64).reshape(-1)[keep],
+        }
+        if self.masks:
+            ms = []
+            for a, k in zip(anns, keep):
+                if not k:
+                    continue
+                seg = a.get("segmentation")
+                if not seg:
+                    raise DistillError(f"{self.json_path}: annotation {a['id']}: masks were asked for but it has no 'segmentation'")
+                m = decode_segmentation(seg, height, width)
+                if m.shape != (height, width):
+                    raise DistillError(f"{self.json_path}: annotation {a['id']}: mask is {m.shape[1]}x{m.shape[0]}, image is {width}x{height}")
+                ms.append(m)
+            target["masks"] = np.stack(ms) if ms else np.zeros((0, height, width), np.uint8)
+        return target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        from distill.data.images import load_image
+
+        info = self.images[index]
+        path = self.image_path(index)
+        image = load_image(path)
+        h, w = image.shape[:2]
+        if ("width" in info and info["width"] != w) or ("height" in info and info["height"] != h):
+            raise DistillError(f"{path}: decoded size {w}x{h} differs from {self.json_path} (width {info.get('width')}, height {info.get('height')})")
+        target = self.load_target(index, h, w)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        out: dict[str, Any] = {
+            "boxes": torch.as_tensor(np.asarray(target["boxes"], np.float32).reshape(-1, 4)),
+            "labels": torch.as_tensor(np.asarray(target["labels"], np.int64).reshape(-1)),
+            "image_id": int(info["id"]),
+        }
+        if self.masks:
+            out["masks"] = torch.as_tensor(np.ascontiguousarray(target["masks"], np.uint8))
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        return img, out
+
+
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Detection collate: ``(list of (3, H, W) images, list of targets)`` (sizes may differ)."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
