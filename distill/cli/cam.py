@@ -1,9 +1,40 @@
-"""`distill cam ...`"""
+"""`distill cam CONFIG --images SPLIT_OR_DIR --labels image_labels.json [--ablation]`"""
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 import typer
+
+from distill.cli.common import ConfigArg, Overrides, load
 
 
 def register(root: typer.Typer) -> None:
-    """Add the `cam` command(s) to the root app."""
+    """Add the `cam` command to the root app."""
+
+    @root.command("cam")
+    def cam(
+        config: ConfigArg,
+        overrides: Overrides = None,
+        images: Annotated[Optional[str], typer.Option(help="A split name (train, val, ...) under data.image_root, or an image folder.")] = None,
+        labels: Annotated[Optional[str], typer.Option(help="Image-level labels json (default: data.image_labels of the split).")] = None,
+        ablation: Annotated[bool, typer.Option(help="Score each CLIP-ES step against the split's semantic PNGs.")] = False,
+        max_images: Annotated[int, typer.Option(help="Only the first N images (0 = all).")] = 0,
+    ) -> None:
+        """CLIP-ES: CAM seeds (npz), refined masks (PNG, 255 = ignore) and panels from image-level labels.
+
+        Example: distill cam configs/shapes/cam.yaml --images train
+        """
+        from distill.labels.cam import cam_ablation, run_cam
+
+        cfg = load(config, overrides)
+        if ablation:
+            m = cam_ablation(cfg, images or "val", max_images=max_images)
+            typer.echo(m["table"])
+            typer.echo(f"{m['images']} images ({m['wall_s']} s); wrote {cfg.cam.out}/metrics.json")
+            return
+        s = run_cam(cfg, images, labels, max_images=max_images)
+        typer.echo(
+            f"{s['processed']} images -> {s['masks']} ({s['skipped_no_labels']} skipped without labels, "
+            f"{100 * s['ignored_fraction']:.1f}% pixels ignored, {s['images_per_s']} images/s)"
+        )

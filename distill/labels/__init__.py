@@ -1,0 +1,1 @@
+"""Pseudo-labels and CAM refinement."""
