@@ -1,0 +1,178 @@
+"""Dense teacher embeddings: MaskCLIP (Zhou, Loy, Dai, "Extract Free Dense Labels from CLIP",
+ECCV 2022).
+
+MaskCLIP section 3.2 drops the query-key attention of the last attention layer and keeps its value
+path, so every patch token becomes an embedding in the joint space, directly comparable with the
+text embeddings. For a ViT we follow the released MaskCLIP code (as read in the copy at
+github.com/volgachen/MaskCLIP, ``mmseg/models/backbones/vit.py``, ``TransformerEncoderLayer.forward`` with ``return_qkv=True``,
+config ``configs/_base_/models/maskclip_vit16.py``: ``return_qkv=True, final_norm=True``), which
+keeps the rest of the last block around the value path::
+
+    y = ln_1(x)
+    v = out_proj(y @ W_v^T + b_v)          # W_v, b_v: last third of in_proj_weight / in_proj_bias
+    v = x + v                              # the block's residual
+    v = v + mlp(ln_2(v))                   # the block's MLP with its residual
+    f = ln_post(v) @ proj                  # final norm + visual projection (MaskClipHead `proj`)
+
+Position embeddings are interpolated bicubically when the dense input differs from the pretrain
+size (MaskCLIP ``interpolate_mode='bicubic'``). Key smoothing and prompt denoising (MaskCLIP
+section 3.2, "Key Smoothing and Prompt Denoising") act on class scores: see :func:`maskclip_scores`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distill.errors import DistillError
+
+
+def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """(1 + gh*gw, C) learned position embedding -> (1 + h*w, C) for a ``new_grid`` of patches
+    (class token kept, patch part resized bicubically, align_corners=False)."""
+    if tuple(grid) == tuple(new_grid):
+        return pos
+    cls, patches = pos[:1], pos[1:]
+    C = pos.shape[-1]
+    patches = patches.reshape(1, grid[0], grid[1], C).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(-1, C)], dim=0)
+
+
+def _check_block(block) -> None:
+    attn = getattr(block, "attn", None)
+    if attn is None or getattr(attn, "in_proj_weight", None) is None or not hasattr(block, "ln_1") or not hasattr(block, "mlp"):
+        raise DistillError("teacher: MaskCLIP needs an open_clip ViT whose blocks use a fused in_proj_weight (nn.MultiheadAttention)")
+    if hasattr(block, "ln_attn") and not isinstance(block.ln_attn, torch.nn.Identity):
+        raise DistillError("teacher: MaskCLIP value path does not support blocks with ln_attn (scale_attn)")
+
+
+def embed_tokens(visual, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Normalised images (B, 3, H, W) -> tokens after ``ln_pre`` (B, 1 + h*w, C) with
+    position embeddings interpolated to the patch grid; returns also (h, w)."""
+    x = visual.conv1(x)  # (B, C, h, w)
+    B, C, h, w = x.shape
+    x = x.reshape(B, C, h * w).permute(0, 2, 1)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(B, -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (h, w))
+    x = x + pos.to(x.dtype)
+    x = visual.ln_pre(x)
+    return x, (h, w)
+
+
+def _run_blocks(transformer, x: torch.Tensor, blocks) -> torch.Tensor:
+    batch_first = getattr(transformer, "batch_first", True)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for blk in blocks:
+        x = blk(x)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    return x
+
+
+def value_path(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaskCLIP's last block: (B, L, C) tokens -> (value-path output (B, L, C), keys (B, L, C))."""
+    _check_block(block)
+    attn = block.attn
+    C = x.shape[-1]
+    W, b = attn.in_proj_weight, attn.in_proj_bias
+    y = block.ln_1(x)
+    k = F.linear(y, W[C : 2 * C], None if b is None else b[C : 2 * C])
+    v = F.linear(y, W[2 * C :], None if b is None else b[2 * C :])
+    v = attn.out_proj(v)
+    v = x + block.ls_1(v)
+    v = v + block.ls_2(block.mlp(block.ln_2(v)))
+    return v, k
+
+
+@torch.no_grad()
+def patch_embeddings(teacher, images: torch.Tensor, size: int | None = None, return_keys: bool = False):
+    """MaskCLIP patch embeddings.
+
+    Args:
+        images: (B, 3, H, W) float in [0, 1] (resized to ``size`` x ``size``).
+        size: dense input size (default ``teacher.dense_image_size``).
+    Returns:
+        (B, D, h, w) float32, L2-normalised along D, with h = w = size // patch_size;
+        with ``return_keys`` also the last block's keys (B, h*w, C).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DistillError(f"patch_embeddings: expected images (B, 3, H, W), got shape {tuple(images.shape)}")
+    size = size or teacher.dense_image_size
+    visual = teacher.model.visual
+    blocks = list(visual.transformer.resblocks)
+    feats, keys = [], []
+    bs = max(1, teacher.batch_size // 4)
+    for i in range(0, images.shape[0], bs):
+        x = teacher.normalize(teacher.resize(images[i : i + bs].to(teacher.device, torch.float32), size))
+        with teacher.autocast():
+            tok, (h, w) = embed_tokens(visual, x)
+            tok = _run_blocks(visual.transformer, tok, blocks[:-1])
+            v, k = value_path(blocks[-1], tok)
+            f = visual.ln_post(v[:, 1:])
+            if visual.proj is not None:
+                f = f @ visual.proj
+        f = F.normalize(f.float(), dim=-1)
+        feats.append(f.permute(0, 2, 1).reshape(f.shape[0], -1, h, w))
+        keys.append(k[:, 1:].float())
+    out = torch.cat(feats)
+    return (out, torch.cat(keys)) if return_keys else out
+
+
+@torch.no_grad()
+def pixel_embeddings(teacher, images: torch.Tensor, size: int | None = None, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """MaskCLIP embeddings upsampled (bilinear) to pixels.
+
+    Args:
+        images: (B, 3, H, W) in [0, 1].
+        size: dense input size (default ``teacher.dense_image_size``).
+        out_size: output (H', W') (default the input's (H, W)).
+    Returns:
+        (B, D, H', W') float32, L2-normalised along D.
+    """
+    out_size = tuple(out_size) if out_size else tuple(images.shape[-2:])
+    p = patch_embeddings(teacher, images, size=size)
+    up = F.interpolate(p, size=out_size, mode="bilinear", align_corners=False)
+    return F.normalize(up, dim=1)
+
+
+@torch.no_grad()
+def maskclip_scores(
+    teacher,
+    images: torch.Tensor,
+    text: torch.Tensor,
+    size: int | None = None,
+    out_size: tuple[int, int] | None = None,
+    key_smoothing: bool = False,
+    prompt_denoising: float = 0.0,
+    temperature: float = 100.0,
+) -> torch.Tensor:
+    """Zero-shot per-pixel class scores (B, C, H', W').
+
+    Plain MaskCLIP returns cosine similarities (patch embedding x text embedding). With either
+    refinement (MaskCLIP section 3.2) scores become probabilities ``softmax(temperature * cos)``:
+    ``prompt_denoising=t`` zeroes classes whose confidence is below ``t`` at every location;
+    ``key_smoothing`` replaces each location's scores by their sum weighted by the cosine
+    similarity of the last block's keys. Upsampling (bilinear) happens last, on scores.
+    """
+    out_size = tuple(out_size) if out_size else tuple(images.shape[-2:])
+    text = F.normalize(text.to(teacher.device).float(), dim=-1)
+    need_keys = key_smoothing
+    res = patch_embeddings(teacher, images, size=size, return_keys=need_keys)
+    feats, keys = res if need_keys else (res, None)
+    B, D, h, w = feats.shape
+    scores = torch.einsum("bdhw,cd->bchw", feats, text)
+    if key_smoothing or prompt_denoising > 0:
+        probs = torch.softmax(temperature * scores, dim=1)
+        if prompt_denoising > 0:
+            keep = probs.flatten(2).amax(-1) >= prompt_denoising  # (B, C)
+            probs = probs * keep[:, :, None, None]
+        if key_smoothing:
+            kn = F.normalize(keys, dim=-1)
+            aff = kn @ kn.transpose(1, 2)  # (B, hw, hw)
+            flat = probs.flatten(2).transpose(1, 2)  # (B, hw, C)
+            probs = (aff @ flat).transpose(1, 2).reshape(B, -1, h, w)
+        scores = probs
+    return F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)

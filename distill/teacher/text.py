@@ -1,0 +1,118 @@
+"""Class text embeddings: a prompt-template ensemble (CLIP, Radford et al. 2021, section 3.1.4)
+averaged over every template and every synonym of a class, then L2-normalised.
+
+>>> emb = text_embeddings(teacher, vocab, "configs/prompts/shapes.txt", cache_dir="runs/x/embeddings/text")
+>>> emb.shape   # (C, D), row i = class vocab.names[i]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from distill.errors import DistillError
+from distill.io import atomic_path, sha256_json
+
+# Used when no template file is given. Written for this project (objects on textured backgrounds).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+)
+
+
+def load_templates(source: str | os.PathLike | Sequence[str] | None) -> tuple[str, ...]:
+    """Templates from a file (one a line, each with ``{}``; ``#`` comments, blank lines skipped),
+    a list of strings, or None (:data:`DEFAULT_TEMPLATES`)."""
+    if source is None or source == "":
+        return DEFAULT_TEMPLATES
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise DistillError(f"{path}: prompt template file not found (expected one template a line with {{}})")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        templates = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+        where = str(path)
+    else:
+        templates = tuple(str(t).strip() for t in source if str(t).strip())
+        where = "templates"
+    if not templates:
+        raise DistillError(f"{where}: no prompt templates (expected one template a line with {{}})")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise DistillError(f"{where}: template {bad[0]!r} must contain exactly one '{{}}' for the class name")
+    return templates
+
+
+def cache_key(teacher, vocab, templates: Sequence[str]) -> dict:
+    """What the embeddings depend on: the teacher, the class prompts (names + synonyms, in
+    order) and the templates."""
+    return {
+        "kind": "text",
+        "teacher": teacher.fingerprint,
+        "vocab": vocab.hash,
+        "prompts": sha256_json([list(p) for p in vocab.prompts])[:16],
+        "templates": sha256_json(list(templates))[:16],
+    }
+
+
+@torch.no_grad()
+def encode_class_prompts(teacher, prompts: Sequence[Sequence[str]], templates: Sequence[str]) -> torch.Tensor:
+    """Per class: embed every (template x synonym) sentence, L2-normalise each, average, then
+    L2-normalise the mean (CLIP's zero-shot ensembling). Returns (C, D) float32."""
+    sentences, owner = [], []
+    for c, names in enumerate(prompts):
+        for name in names:
+            for t in templates:
+                sentences.append(t.format(name))
+                owner.append(c)
+    feats = teacher.encode_text(sentences)  # (S, D) unit rows
+    owner_t = torch.tensor(owner, device=feats.device)
+    C = len(prompts)
+    sums = torch.zeros(C, feats.shape[1], device=feats.device).index_add_(0, owner_t, feats)
+    counts = torch.bincount(owner_t, minlength=C).clamp_min(1).unsqueeze(1).float()
+    return F.normalize(sums / counts, dim=-1)
+
+
+def text_embeddings(
+    teacher,
+    vocab,
+    templates: str | os.PathLike | Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """(C, D) float32 L2-normalised class embeddings in vocabulary order.
+
+    ``templates``: a template file, a list, or None (:data:`DEFAULT_TEMPLATES`).
+    ``cache_dir``: when given, the result is stored as ``<vocab-hash>-<key>.safetensors`` keyed
+    by (teacher fingerprint, prompts, templates) and reused when the key matches.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if len(vocab) == 0:
+        raise DistillError("vocabulary: empty (expected at least one class)")
+    templates = load_templates(templates)
+    key = cache_key(teacher, vocab, templates)
+    path = None
+    if cache_dir:
+        path = Path(cache_dir) / f"{vocab.hash}-{sha256_json(key)[:12]}.safetensors"
+        if path.is_file():
+            emb = load_file(str(path))["embeddings"]
+            if emb.shape == (len(vocab), teacher.embed_dim):
+                return emb.float().to(teacher.device)
+    emb = encode_class_prompts(teacher, vocab.prompts, templates)
+    if path is not None:
+        meta = {k: str(v) for k, v in key.items()}
+        meta["names"] = "|".join(vocab.names)
+        with atomic_path(path) as tmp:
+            save_file({"embeddings": emb.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+    return emb

@@ -1,0 +1,71 @@
+"""Text embeddings: prompt ensemble x synonyms, normalised, order-stable, cached by key."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.errors import DistillError
+from distill.teacher import build_random_teacher
+from distill.teacher.text import load_templates, text_embeddings
+from distill.vocab import load_vocab
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_random_teacher(seed=0)
+
+
+def test_ensemble_over_templates_and_synonyms(teacher):
+    vocab = load_vocab("red star: scarlet star, blue circle")
+    templates = ["a photo of a {}.", "a {} on a table."]
+    emb = text_embeddings(teacher, vocab, templates)
+    assert emb.shape == (2, teacher.embed_dim)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-6)
+    # reference: mean of the 4 (template x synonym) unit embeddings of class 0, renormalised
+    sent = [t.format(n) for n in ("red star", "scarlet star") for t in templates]
+    ref0 = F.normalize(teacher.encode_text(sent).mean(0), dim=0)
+    ref1 = F.normalize(teacher.encode_text([t.format("blue circle") for t in templates]).mean(0), dim=0)
+    assert torch.allclose(emb[0], ref0, atol=1e-6) and torch.allclose(emb[1], ref1, atol=1e-6)
+
+
+def test_order_follows_vocab(teacher):
+    a = text_embeddings(teacher, load_vocab("red star, blue circle, green square"), ["a {}."])
+    b = text_embeddings(teacher, load_vocab("green square, red star, blue circle"), ["a {}."])
+    assert torch.allclose(a[[2, 0, 1]], b, atol=1e-6)
+
+
+def test_cache_reuses_and_is_keyed(tmp_path, teacher):
+    vocab = load_vocab("red star, blue circle")
+    e1 = text_embeddings(teacher, vocab, ["a {}."], cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1 and files[0].name.startswith(vocab.hash)
+    e2 = text_embeddings(teacher, vocab, ["a {}."], cache_dir=tmp_path)
+    assert torch.equal(e1, e2)
+    # other templates or another teacher: a new entry, never the stale one
+    e3 = text_embeddings(teacher, vocab, ["a photo of a {}."], cache_dir=tmp_path)
+    other = build_random_teacher(seed=1)
+    e4 = text_embeddings(other, vocab, ["a {}."], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert not torch.allclose(e1, e3) and not torch.allclose(e1, e4)
+
+
+def test_template_file_and_errors(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("# comment\na photo of a {}.\n\nthe {}\n")
+    assert load_templates(f) == ("a photo of a {}.", "the {}")
+    f.write_text("no placeholder\n")
+    with pytest.raises(DistillError, match="exactly one"):
+        load_templates(f)
+    with pytest.raises(DistillError, match="not found"):
+        load_templates(tmp_path / "missing.txt")
+    f.write_text("# only comments\n")
+    with pytest.raises(DistillError, match="no prompt templates"):
+        load_templates(f)
+
+
+def test_repo_prompt_files_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "prompts"
+    for name in ("shapes.txt", "default.txt"):
+        assert len(load_templates(root / name)) >= 5
