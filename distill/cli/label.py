@@ -1,9 +1,68 @@
-"""`distill label ...`"""
+"""`distill label ...`: pseudo-label any image folder with any vocabulary."""
 
 from __future__ import annotations
+
+from typing import Annotated, Optional
 
 import typer
 
 
+def _opt(flag: str, help: str):
+    return typer.Option(flag, help=help)
+
+
+def label_command(
+    images: Annotated[Optional[str], _opt("--images", "Image folder (recursive) or a list file.")] = None,
+    vocab: Annotated[Optional[str], _opt("--vocab", "Vocabulary file, or inline 'red star,crimson star=red star'.")] = None,
+    model: Annotated[Optional[str], _opt("--model", "A checkpoint (vild / seg), or 'teacher'.")] = None,
+    out: Annotated[Optional[str], _opt("--out", "Output folder.")] = None,
+    source: Annotated[Optional[str], _opt("--source", "vild | seg | teacher.")] = None,
+    format: Annotated[Optional[str], _opt("--format", "Comma-separated: coco, yolo, png.")] = None,
+    score_thresh: Annotated[Optional[float], _opt("--score-thresh", "Global score threshold.")] = None,
+    class_thresh: Annotated[Optional[list[str]], _opt("--class-thresh", "Per-class threshold 'red star=0.5' (repeatable).")] = None,
+    top_k: Annotated[Optional[int], _opt("--top-k", "Labels kept per image (0 = all).")] = None,
+    nms: Annotated[Optional[float], _opt("--nms", "Class-wise NMS IoU (0 = off).")] = None,
+    min_area: Annotated[Optional[float], _opt("--min-area", "Minimum area in pixels.")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per forward.")] = None,
+    num_workers: Annotated[Optional[int], _opt("--num-workers", "Decoding workers.")] = None,
+    gt: Annotated[Optional[str], _opt("--gt", "COCO json with hidden ground truth: also write metrics.json.")] = None,
+    config: Annotated[Optional[str], _opt("--config", "A YAML config (its label: section gives defaults).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides, e.g. teacher.device=cpu")] = None,
+) -> None:
+    """Label images with boxes, masks and scores: COCO json, YOLO txt, semantic PNGs.
+
+    Example: distill label --images photos/ --vocab "red star,crimson star=red star" --model teacher
+    --source teacher --out runs/labels --format coco,yolo,png --class-thresh "red star=0.5"
+    """
+    from distill.cli.common import load
+    from distill.labels.pseudo import label
+
+    flags = {
+        "images": images, "vocab": vocab, "model": model, "out": out, "source": source, "format": format,
+        "score_thresh": score_thresh, "top_k": top_k, "nms": nms, "min_area": min_area,
+        "batch_size": batch_size, "num_workers": num_workers, "gt": gt,
+    }
+    ov = [f"label.{k}={_quote(v)}" for k, v in flags.items() if v is not None]
+    if model == "teacher" and source is None:
+        ov.append("label.source=teacher")
+    if class_thresh:
+        ov.append("label.class_thresh=" + _quote(",".join(class_thresh)))
+    cfg = load(config, ov + list(overrides or []))
+    summary = label(cfg)
+    for k, v in summary.items():
+        typer.echo(f"{k:>28}: {v}")
+    typer.echo(f"wrote {cfg.label.out}/labels.json")
+
+
+def _quote(v) -> str:
+    """An override value parsed by YAML as the literal string / number given."""
+    if isinstance(v, (int, float)):
+        return str(v)
+    import json
+
+    return json.dumps(str(v))
+
+
 def register(root: typer.Typer) -> None:
-    """Add the `label` command(s) to the root app."""
+    """Add the `label` command to the root app."""
+    root.command("label")(label_command)

@@ -113,7 +113,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
         raise DistillError(f"{p}: out of memory while decoding") from None
     if arr.ndim != 3 or arr.shape[2] != 3:  # defensive: _to_rgb always returns RGB
         raise DistillError(f"{p}: decoded to shape {arr.shape}, expected (H, W, 3)")
-    return np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def is_image_name(name: str | os.PathLike) -> bool:

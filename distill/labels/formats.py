@@ -1,0 +1,142 @@
+"""Output formats of pseudo-labels: COCO json pieces (boxes, RLE masks), YOLO txt, semantic PNG.
+
+Shapes and formats:
+- boxes: (N, 4) float XYXY absolute pixels in, COCO ``bbox`` XYWH out, YOLO ``cx cy w h``
+  normalised by the image width / height;
+- masks: (N, H, W) bool in, COCO RLE (``{"size": [H, W], "counts": str}``, pycocotools) out;
+- semantic PNG: (H, W) uint8, value = category id (0 = background), saved as a palette PNG so it
+  is viewable; ``legend.json`` / ``legend.png`` say which colour and value is which class.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io as _io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from distill.io import safe_join, write_bytes, write_json, write_text
+from distill.vocab import Vocabulary
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """(H, W) bool -> COCO RLE with ``counts`` as str (json-serialisable)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    r = dict(rle)
+    if isinstance(r.get("counts"), list):  # uncompressed RLE
+        r = mask_utils.frPyObjects(r, r["size"][0], r["size"][1])
+    elif isinstance(r.get("counts"), str):
+        r["counts"] = r["counts"].encode("ascii")
+    return mask_utils.decode(r).astype(bool)
+
+
+def xyxy_to_xywh(box) -> list[float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def yolo_lines(anns: list[dict], width: int, height: int, cat_to_index: dict[int, int]) -> str:
+    """COCO annotations of one image -> YOLO txt: ``class cx cy w h`` (normalised, 6 decimals).
+
+    ``class`` is the 0-based line of ``classes.txt`` (the vocabulary order)."""
+    out = []
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        cx, cy = (x + w / 2) / width, (y + h / 2) / height
+        out.append(f"{cat_to_index[a['category_id']]} {cx:.6f} {cy:.6f} {w / width:.6f} {h / height:.6f}")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def yolo_name(file_name: str) -> str:
+    """``a/b/img.jpg`` -> ``a/b/img.txt`` (the relative folder keeps duplicate names apart)."""
+    return str(Path(file_name).with_suffix(".txt").as_posix())
+
+
+def png_name(file_name: str) -> str:
+    return str(Path(file_name).with_suffix(".png").as_posix())
+
+
+def palette(n: int) -> list[tuple[int, int, int]]:
+    """Colours for values 0..n (0 = background black), evenly spaced hues, deterministic."""
+    cols = [(0, 0, 0)]
+    for i in range(n):
+        h = (i * 0.61803398875) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(h, 0.75 if i % 2 else 0.95, 0.95 if i % 3 else 0.75)
+        cols.append((int(r * 255), int(g * 255), int(b * 255)))
+    return cols
+
+
+def semantic_values(vocab: Vocabulary) -> list[int]:
+    """PNG value per vocabulary index: the category id when every id fits in 1..254 (as in the
+    shapes world's semantic PNGs), else index + 1."""
+    if all(1 <= i <= 254 for i in vocab.ids):
+        return list(vocab.ids)
+    if len(vocab) > 254:
+        from distill.errors import DistillError
+
+        raise DistillError(f"{vocab.source or 'vocabulary'}: {len(vocab)} classes do not fit a uint8 PNG (at most 254)")
+    return list(range(1, len(vocab) + 1))
+
+
+def _palette_bytes(values: list[int]) -> list[int]:
+    cols = palette(max(values) if values else 0)
+    flat = [0] * 768
+    for v in range(len(cols)):
+        flat[3 * v : 3 * v + 3] = cols[v]
+    flat[3 * 255 : 3 * 255 + 3] = [255, 255, 255]  # ignore
+    return flat
+
+
+def write_semantic_png(path: Path, sem: np.ndarray, values: list[int]) -> None:
+    """(H, W) uint8 class values -> palette PNG (values kept as the pixel indices)."""
+    im = Image.fromarray(sem.astype(np.uint8), "P")
+    im.putpalette(_palette_bytes(values))
+    buf = _io.BytesIO()
+    im.save(buf, "PNG")
+    write_bytes(path, buf.getvalue())
+
+
+def write_legend(out: Path, vocab: Vocabulary) -> None:
+    """``legend.json`` (value, name, rgb per class; 0 = background) and ``legend.png`` swatches."""
+    values = semantic_values(vocab)
+    cols = palette(max(values))
+    entries = [{"value": 0, "name": "background", "color": list(cols[0])}]
+    entries += [{"value": v, "name": n, "color": list(cols[v])} for v, n in zip(values, vocab.names)]
+    write_json(out / "legend.json", entries)
+    row = 18
+    im = Image.new("RGB", (260, row * len(entries) + 4), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    for i, e in enumerate(entries):
+        y = 2 + i * row
+        d.rectangle([4, y, 4 + row - 4, y + row - 4], fill=tuple(e["color"]), outline=(0, 0, 0))
+        d.text((row + 10, y + 2), f"{e['value']:3d}  {e['name']}", fill=(0, 0, 0))
+    buf = _io.BytesIO()
+    im.save(buf, "PNG")
+    write_bytes(out / "legend.png", buf.getvalue())
+
+
+def paint_semantic(masks: np.ndarray, labels: np.ndarray, scores: np.ndarray, values: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """Instance masks -> (H, W) uint8 semantic map; higher scores paint last (win overlaps)."""
+    sem = np.zeros(shape, np.uint8)
+    for i in np.argsort(scores, kind="stable"):
+        sem[masks[i]] = values[int(labels[i])]
+    return sem
+
+
+def write_classes(out: Path, vocab: Vocabulary) -> None:
+    write_text(out / "classes.txt", "\n".join(vocab.names) + "\n")
+
+
+def write_yolo_file(root: Path, file_name: str, text: str) -> None:
+    write_text(safe_join(root, yolo_name(file_name)), text)

@@ -1,0 +1,657 @@
+"""Pseudo-labels: label any image folder with any vocabulary, in resumable shards.
+
+>>> summary = label(cfg)     # cfg.label.images / vocab / model / source / out ...
+
+Sources (``cfg.label.source``), each a callable ``source(images) -> list[dict]`` on a list of
+(3, H, W) uint8 CPU tensors, returning per image ``boxes`` (N, 4) float XYXY absolute pixels,
+``scores`` (N,), ``labels`` (N,) int64 vocabulary indices and optionally ``masks`` (N, H, W) bool:
+
+- ``teacher`` (zero-shot, :class:`TeacherSource`): class-agnostic boxes scored by the frozen
+  teacher's crop embeddings (ViLD, Gu et al. 2022, section 3.2: 1x and 1.5x crops, summed and
+  normalised, in :func:`distill.teacher.regions.region_embeddings`) against the class text
+  embeddings, softmax over the classes plus optional background prompts. When no detector is
+  given, boxes come from :func:`component_proposals`: connected components of saturated colour,
+  split into hue bins at two offsets (so a hue near a bin edge is whole in one of them), each with
+  its component mask; ``windows`` adds multi-scale sliding windows (mask = the box). This box
+  generator suits images of coloured objects on muted backgrounds (the shapes world); for photos
+  use ``proposals=rpn`` with a ViLD checkpoint, or windows;
+- ``vild`` and ``seg``: the students (see :func:`build_source`).
+
+Work is split into shards of ``shard_size`` consecutive images of the sorted list; under torchrun
+rank ``r`` of ``W`` takes shards ``r, r + W, ...`` (rank-strided shards rather than strided
+images, so a rerun with a different world size reuses every finished shard). Each shard is written
+atomically to ``<out>/shards/shard-NNNNN.json`` with a key of everything that determines it; a
+rerun skips shards whose key matches, so a killed run resumes and the merged result equals an
+uninterrupted run's (batches never cross shard boundaries, so each shard sees the same batches).
+Rank 0 then streams the shards into ``<out>/labels.json`` (COCO), ``<out>/yolo/`` and
+``<out>/failures.txt``; semantic PNGs are written per image with the shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+from distill.data.images import list_images, load_image, relative_names
+from distill.errors import DistillError
+from distill.io import atomic_path, read_json, safe_join, sha256_json, write_json, write_text
+from distill.labels import formats
+from distill.vocab import Vocabulary, load_vocab
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("coco", "yolo", "png")
+SOURCES = ("vild", "seg", "teacher")
+PROPOSALS = ("components", "windows", "components+windows", "rpn")
+LABELS_JSON = "labels.json"
+SHARD_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------ filtering
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """How raw predictions become labels (recorded in the output's ``info``).
+
+    ``class_thresh`` maps vocabulary index -> score threshold (overrides ``score_thresh``);
+    ``nms`` is the class-wise IoU threshold (0 or >= 1 = off); ``min_area`` in pixels (mask area
+    when masks exist, else box area); ``top_k`` per image after NMS (0 = all).
+    """
+
+    score_thresh: float = 0.3
+    class_thresh: tuple[tuple[int, float], ...] = ()
+    top_k: int = 100
+    nms: float = 0.5
+    min_area: float = 16.0
+
+    def info(self, vocab: Vocabulary) -> dict:
+        return {
+            "score_thresh": self.score_thresh,
+            "class_thresh": {vocab.names[i]: t for i, t in self.class_thresh},
+            "top_k": self.top_k,
+            "nms": self.nms,
+            "min_area": self.min_area,
+        }
+
+
+def parse_class_thresh(items: Sequence[str], vocab: Vocabulary, where: str = "label.class_thresh") -> tuple[tuple[int, float], ...]:
+    """``["red star=0.5", "blue circle=0.2"]`` (or one comma-separated string) -> ((index, thr), ...).
+
+    A prompt that maps onto a class (a synonym) names that class."""
+    out: dict[int, float] = {}
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise DistillError(f"{where}: {part!r}: expected 'class name=threshold'")
+            name, val = (x.strip() for x in part.rsplit("=", 1))
+            try:
+                thr = float(val)
+            except ValueError:
+                raise DistillError(f"{where}: {part!r}: threshold {val!r} is not a number") from None
+            if not 0.0 <= thr <= 1.0:
+                raise DistillError(f"{where}: {part!r}: threshold must be in [0, 1]")
+            try:
+                idx = vocab.index(name)
+            except DistillError as e:
+                raise DistillError(f"{where}: {e}") from None
+            out[idx] = thr
+    return tuple(sorted(out.items()))
+
+
+def filter_predictions(pred: dict, opts: FilterOptions, num_classes: int) -> dict:
+    """Thresholds (global / per class), minimum area, class-wise NMS, top-k; sorted by score.
+
+    ``pred``: ``boxes`` (N, 4) XYXY, ``scores`` (N,), ``labels`` (N,) int64, optional ``masks``
+    (N, H, W) bool. One boolean keep-mask is applied to every field (SAM's ``MaskData.filter``).
+    """
+    boxes = pred["boxes"].float().reshape(-1, 4)
+    scores = pred["scores"].float().reshape(-1)
+    labels = pred["labels"].long().reshape(-1)
+    n = scores.numel()
+    thr = torch.full((num_classes,), float(opts.score_thresh))
+    for i, t in opts.class_thresh:
+        thr[i] = t
+    keep = scores >= thr[labels] if n else torch.zeros(0, dtype=torch.bool)
+    masks = pred.get("masks")
+    if masks is not None:
+        area = masks.reshape(n, -1).sum(1).float() if n else torch.zeros(0)
+    else:
+        area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    keep &= area >= opts.min_area
+    idx = torch.nonzero(keep).flatten()
+    if idx.numel() and 0.0 < opts.nms < 1.0:
+        k = torchvision.ops.batched_nms(boxes[idx], scores[idx], labels[idx], opts.nms)
+        idx = idx[k]
+    # Deterministic order: score descending, ties by original index.
+    order = sorted(idx.tolist(), key=lambda i: (-float(scores[i]), i))
+    if opts.top_k > 0:
+        order = order[: opts.top_k]
+    sel = torch.tensor(order, dtype=torch.long)
+    out = {"boxes": boxes[sel], "scores": scores[sel], "labels": labels[sel]}
+    if masks is not None:
+        out["masks"] = masks[sel]
+    return out
+
+
+# ------------------------------------------------------------------------------------ proposals
+
+
+def component_proposals(
+    image: np.ndarray,
+    *,
+    min_area: float = 16.0,
+    max_boxes: int = 100,
+    sat_min: float = 0.35,
+    val_min: float = 0.35,
+    hue_bin: float = 20.0,
+    windows: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-agnostic boxes for the zero-shot teacher: connected components of saturated colour.
+
+    ``image``: (H, W, 3) uint8 RGB. Pixels with HSV saturation >= ``sat_min`` and value >=
+    ``val_min`` are split into hue bins of ``hue_bin`` degrees at two offsets (0 and half a bin);
+    each 8-connected component (after a 3x3 opening) of ``min_area`` pixels or more gives a box and
+    its mask. ``windows`` adds sliding windows (sides 1/4, 1/2 of the image, stride half a side;
+    mask = the box). Duplicates (IoU > 0.9) are dropped; the ``max_boxes`` largest are kept.
+
+    Returns ``boxes`` (N, 4) float32 XYXY absolute pixels and ``masks`` (N, H, W) bool.
+    """
+    h, w = image.shape[:2]
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)  # H, S, V in 0..255
+    hue = hsv[..., 0] * (360.0 / 256.0)
+    chroma = (hsv[..., 1] >= sat_min * 255) & (hsv[..., 2] >= val_min * 255)
+    kernel = np.ones((3, 3), np.uint8)
+    boxes: list[list[float]] = []
+    masks: list[np.ndarray] = []
+    nbins = max(1, int(round(360.0 / hue_bin)))
+    for offset in (0.0, hue_bin / 2):
+        bins = (((hue + offset) % 360.0) // hue_bin).astype(np.int32) % nbins
+        for b in range(nbins):
+            m = (chroma & (bins == b)).astype(np.uint8)
+            if int(m.sum()) < min_area:
+                continue
+            m = cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel)
+            n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+            for k in range(1, n):
+                x, y, bw, bh, area = (int(v) for v in stats[k])
+                if area < min_area:
+                    continue
+                boxes.append([x, y, x + bw, y + bh])
+                masks.append(lab == k)
+    if windows:
+        for frac in (0.25, 0.5):
+            sw, sh = max(1, int(round(w * frac))), max(1, int(round(h * frac)))
+            for y in range(0, max(1, h - sh + 1), max(1, sh // 2)):
+                for x in range(0, max(1, w - sw + 1), max(1, sw // 2)):
+                    boxes.append([x, y, x + sw, y + sh])
+                    mm = np.zeros((h, w), bool)
+                    mm[y : y + sh, x : x + sw] = True
+                    masks.append(mm)
+    if not boxes:
+        return np.zeros((0, 4), np.float32), np.zeros((0, h, w), bool)
+    bt = torch.tensor(boxes, dtype=torch.float32)
+    area = torch.tensor([float(m.sum()) for m in masks])
+    keep = torchvision.ops.nms(bt, area, 0.9)  # larger first, near-duplicates dropped
+    keep = keep[:max_boxes].tolist()
+    return bt[keep].numpy(), np.stack([masks[i] for i in keep])
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+class TeacherSource:
+    """Zero-shot labels from the frozen teacher (see the module docstring).
+
+    Scores: softmax over (class text embeddings, background prompt embeddings) of
+    ``logit_scale * cos`` (CLIP's learned scale); a box takes its best class and that class's
+    probability; boxes where a background prompt wins keep their (low) class probability and are
+    removed by the thresholds.
+    """
+
+    def __init__(
+        self,
+        teacher,
+        vocab: Vocabulary,
+        *,
+        templates=None,
+        background: Sequence[str] = (),
+        proposals: str = "components",
+        max_proposals: int = 100,
+        min_area: float = 16.0,
+        proposer: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        from distill.teacher.text import text_embeddings
+
+        if proposals not in ("components", "windows", "components+windows") and proposer is None:
+            raise DistillError(f"label.proposals: {proposals!r} needs a detector (expected components, windows or components+windows)")
+        self.teacher = teacher
+        self.vocab = vocab
+        self.num_classes = len(vocab)
+        text = text_embeddings(teacher, vocab, templates)
+        if background:
+            bg = text_embeddings(teacher, Vocabulary(tuple(background), source="label.background"), templates)
+            text = torch.cat([text, bg])
+        self.text = text.float().to(teacher.device)
+        self.scale = float(teacher.model.logit_scale.exp().clamp(max=100.0)) if hasattr(teacher.model, "logit_scale") else 100.0
+        self.proposals = proposals
+        self.max_proposals = max_proposals
+        self.min_area = min_area
+        self.proposer = proposer
+        self.fingerprint = sha256_json(
+            {"teacher": teacher.fingerprint, "background": list(background), "templates": str(templates), "proposals": proposals, "max": max_proposals}
+        )[:16]
+
+    def _propose(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.proposer is not None:
+            return self.proposer(img)
+        arr = img.permute(1, 2, 0).numpy()
+        if self.proposals == "windows":
+            return component_proposals(arr, min_area=self.min_area, max_boxes=self.max_proposals, sat_min=2.0, windows=True)
+        return component_proposals(arr, min_area=self.min_area, max_boxes=self.max_proposals, windows="windows" in self.proposals)
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        from distill.teacher.regions import region_embeddings
+
+        props = [self._propose(im) for im in images]
+        floats = [im.to(self.teacher.device, torch.float32) / 255.0 for im in images]
+        boxes = [torch.as_tensor(b, dtype=torch.float32, device=self.teacher.device).reshape(-1, 4) for b, _ in props]
+        embs = region_embeddings(self.teacher, floats, boxes, mode="crop")
+        out = []
+        for (b, m), e in zip(props, embs):
+            if e.shape[0] == 0:
+                scores, labels = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+            else:
+                prob = (self.scale * e.float() @ self.text.T).softmax(dim=-1)[:, : self.num_classes]
+                scores, labels = prob.max(dim=1)
+            d = {"boxes": torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), "scores": scores.cpu(), "labels": labels.cpu()}
+            if m is not None:
+                d["masks"] = torch.from_numpy(np.asarray(m, dtype=bool))
+            out.append(d)
+        return out
+
+
+def read_background(items: Sequence[str]) -> tuple[str, ...]:
+    """Background prompts: inline strings, or one ``.txt`` file of prompts (one a line)."""
+    items = tuple(s.strip() for s in items if s and s.strip())
+    if len(items) == 1 and items[0].lower().endswith(".txt"):
+        p = Path(items[0])
+        if not p.is_file():
+            raise DistillError(f"label.background: {p}: file not found (expected background prompts, one a line)")
+        return tuple(l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#"))
+    return items
+
+
+def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
+    """The label source named by ``cfg.label.source`` with its model (``cfg.label.model``):
+    ``teacher`` (the model is ``teacher`` or empty: ``cfg.teacher``), ``vild`` or ``seg`` (a
+    checkpoint path). Returns ``(source, model_hash)``."""
+    lcfg = cfg.label
+    if lcfg.source not in SOURCES:
+        raise DistillError(f"label.source: {lcfg.source!r} is not one of {', '.join(SOURCES)}")
+    if lcfg.proposals not in PROPOSALS:
+        raise DistillError(f"label.proposals: {lcfg.proposals!r} is not one of {', '.join(PROPOSALS)}")
+    if lcfg.source == "teacher":
+        from distill.teacher.clip import build_teacher
+
+        if lcfg.model not in ("", "teacher") and lcfg.proposals != "rpn":
+            raise DistillError(f"label.model: {lcfg.model!r}: the teacher source uses cfg.teacher (give --model teacher), or proposals=rpn with a ViLD checkpoint")
+        teacher = build_teacher(cfg.teacher, device=device)
+        proposer = None
+        if lcfg.proposals == "rpn":
+            proposer = _rpn_proposer(cfg, lcfg.model, device)
+        src = TeacherSource(
+            teacher, vocab, templates=cfg.teacher.templates or None, background=read_background(lcfg.background),
+            proposals=lcfg.proposals, max_proposals=lcfg.max_proposals, min_area=lcfg.min_area, proposer=proposer,
+        )
+        return src, src.fingerprint
+    if lcfg.source == "vild":
+        return _vild_source(cfg, vocab, device)
+    return _seg_source(cfg, vocab, device)
+
+
+def _rpn_proposer(cfg, ckpt: str, device):
+    raise DistillError("label.proposals=rpn: the ViLD detector's RPN is not available in this build (use components or windows)")
+
+
+def _vild_source(cfg, vocab, device):
+    raise DistillError("label.source=vild: the ViLD detector is not available in this build (use --source teacher)")
+
+
+def _seg_source(cfg, vocab, device):
+    raise DistillError("label.source=seg: the segmentation student is not available in this build (use --source teacher)")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+class _Images(Dataset):
+    """Global index -> (index, (3, H, W) uint8 tensor or None, error message or None)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            arr = load_image(self.paths[i])
+        except DistillError as e:
+            return i, None, str(e)
+        return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), None
+
+
+def _collate_list(batch):
+    return batch
+
+
+def _shard_ranges(n: int, shard_size: int) -> list[range]:
+    return [range(s, min(n, s + shard_size)) for s in range(0, n, shard_size)]
+
+
+def _rank_world() -> tuple[int, int]:
+    try:
+        from distill.engine.distributed import get_rank, get_world_size, is_dist
+
+        if is_dist():
+            return get_rank(), get_world_size()
+    except ImportError:  # pragma: no cover
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ------------------------------------------------------------------------------------ labeling
+
+
+@dataclass
+class LabelJob:
+    """Everything one labeling run needs (built from a Config by :func:`label`)."""
+
+    paths: list[Path]
+    names: list[str]
+    root: Path
+    vocab: Vocabulary
+    out: Path
+    opts: FilterOptions
+    formats: tuple[str, ...] = ("coco",)
+    batch_size: int = 8
+    num_workers: int = 0
+    shard_size: int = 64
+    model_hash: str = ""
+    source_name: str = "teacher"
+    model: str = ""
+
+    def base_key(self) -> dict:
+        return {
+            "v": SHARD_VERSION,
+            "model": self.model_hash,
+            "vocab": self.vocab.hash,
+            "ids": list(self.vocab.ids),
+            "filter": self.opts.info(self.vocab),
+            "png": "png" in self.formats,
+        }
+
+    def shard_key(self, k: int, r: range) -> str:
+        return sha256_json({**self.base_key(), "shard": k, "names": [self.names[i] for i in r]})[:20]
+
+    def shard_path(self, k: int) -> Path:
+        return self.out / "shards" / f"shard-{k:05d}.json"
+
+    def shard_done(self, k: int, r: range) -> bool:
+        p = self.shard_path(k)
+        if not p.is_file():
+            return False
+        try:
+            with open(p, "rb") as f:
+                head = json.loads(f.read())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return head.get("key") == self.shard_key(k, r)
+
+
+def _annotations(pred: dict, vocab: Vocabulary, with_masks: bool) -> list[dict]:
+    anns = []
+    boxes = pred["boxes"].tolist()
+    scores = pred["scores"].tolist()
+    labels = pred["labels"].tolist()
+    masks = pred.get("masks")
+    for j, (b, s, l) in enumerate(zip(boxes, scores, labels)):
+        xywh = [round(v, 2) for v in formats.xyxy_to_xywh(b)]
+        a = {"category_id": int(vocab.ids[l]), "bbox": xywh, "score": round(float(s), 5), "iscrowd": 0}
+        if masks is not None and with_masks:
+            m = masks[j].numpy()
+            a["segmentation"] = formats.mask_to_rle(m)
+            a["area"] = int(m.sum())
+        else:
+            a["area"] = round(xywh[2] * xywh[3], 2)
+        anns.append(a)
+    return anns
+
+
+def run_labeling(
+    job: LabelJob,
+    source: Callable[[list[torch.Tensor]], list[dict]],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict:
+    """Label this rank's pending shards (skipping finished ones); return counts for this rank.
+
+    ``on_shard(k)`` is called after shard ``k`` is written (tests inject a kill there)."""
+    n = len(job.paths)
+    ranges = _shard_ranges(n, job.shard_size)
+    mine = [k for k in range(len(ranges)) if k % world_size == rank]
+    pending = [k for k in mine if not job.shard_done(k, ranges[k])]
+    values = formats.semantic_values(job.vocab)
+    batches = [list(ranges[k])[i : i + job.batch_size] for k in pending for i in range(0, len(ranges[k]), job.batch_size)]
+    stats = {"shards_total": len(mine), "shards_skipped": len(mine) - len(pending), "images": 0, "failures": 0, "annotations": 0}
+    if not batches:
+        return stats
+    loader = DataLoader(
+        _Images(job.paths), batch_sampler=batches, num_workers=job.num_workers, collate_fn=_collate_list,
+        persistent_workers=False, prefetch_factor=2 if job.num_workers > 0 else None,
+    )
+    shard_of = {i: k for k in pending for i in ranges[k]}
+    records: dict[int, dict[int, dict]] = {}
+    want_png = "png" in job.formats
+    with torch.inference_mode():
+        for batch in loader:
+            ok = [(i, im) for i, im, err in batch if im is not None]
+            preds = source([im for _, im in ok]) if ok else []
+            for (i, im), pred in zip(ok, preds):
+                pred = filter_predictions(pred, job.opts, len(job.vocab))
+                h, w = int(im.shape[1]), int(im.shape[2])
+                rec = {"index": i, "file_name": job.names[i], "width": w, "height": h,
+                       "annotations": _annotations(pred, job.vocab, True)}
+                if want_png:
+                    if "semantic" in pred:
+                        sem = pred["semantic"]
+                    elif "masks" in pred:
+                        sem = formats.paint_semantic(pred["masks"].numpy(), pred["labels"].numpy(), pred["scores"].numpy(), values, (h, w))
+                    else:  # boxes only: paint boxes
+                        bm = np.zeros((len(pred["scores"]), h, w), bool)
+                        for j, (x0, y0, x1, y1) in enumerate(pred["boxes"].round().long().tolist()):
+                            bm[j, max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+                        sem = formats.paint_semantic(bm, pred["labels"].numpy(), pred["scores"].numpy(), values, (h, w))
+                    formats.write_semantic_png(safe_join(job.out / "semantic", formats.png_name(job.names[i])), np.asarray(sem), values)
+                records.setdefault(shard_of[i], {})[i] = rec
+                stats["images"] += 1
+                stats["annotations"] += len(rec["annotations"])
+            for i, im, err in batch:
+                if im is None:
+                    records.setdefault(shard_of[i], {})[i] = {"index": i, "file_name": job.names[i], "error": err}
+                    stats["failures"] += 1
+            # A shard is complete when every image has a record (batches never cross shards).
+            for k in sorted({shard_of[i] for i, _, _ in batch}):
+                if len(records.get(k, {})) == len(ranges[k]):
+                    recs = records.pop(k)
+                    write_json(job.shard_path(k), {"key": job.shard_key(k, ranges[k]), "shard": k,
+                                                   "records": [recs[i] for i in ranges[k]]}, indent=None)
+                    if on_shard is not None:
+                        on_shard(k)
+    return stats
+
+
+def _iter_records(job: LabelJob) -> Iterator[dict]:
+    for k, r in enumerate(_shard_ranges(len(job.paths), job.shard_size)):
+        if not job.shard_done(k, r):
+            raise DistillError(f"{job.shard_path(k)}: shard missing or stale; rerun the same command to finish (resume skips finished shards)")
+        with open(job.shard_path(k), "rb") as f:
+            yield from json.loads(f.read())["records"]
+
+
+def merge_shards(job: LabelJob, info: dict) -> dict:
+    """Stream every shard into ``labels.json`` (COCO), ``yolo/`` and ``failures.txt``.
+
+    Image ids are 1 + the index in the sorted image list, annotation ids 1.. in (image, score)
+    order, so the result depends only on the inputs, not on how the run was split or resumed."""
+    out = job.out
+    cat_to_index = {cid: i for i, cid in enumerate(job.vocab.ids)}
+    n_img = n_ann = 0
+    failures: list[str] = []
+    with atomic_path(out / LABELS_JSON) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write('{"info": ' + json.dumps(info) + ',\n"licenses": [],\n"categories": ' + json.dumps(job.vocab.categories()) + ',\n"images": [')
+            first = True
+            for rec in _iter_records(job):
+                if "error" in rec:
+                    continue
+                img = {"id": rec["index"] + 1, "file_name": rec["file_name"], "width": rec["width"], "height": rec["height"]}
+                f.write(("\n" if first else ",\n") + json.dumps(img))
+                first = False
+            f.write('],\n"annotations": [')
+            first = True
+            for rec in _iter_records(job):
+                if "error" in rec:
+                    failures.append(f"{rec['file_name']}\t{rec['error']}")
+                    continue
+                n_img += 1
+                for a in rec["annotations"]:
+                    n_ann += 1
+                    a = {"id": n_ann, "image_id": rec["index"] + 1, **a}
+                    f.write(("\n" if first else ",\n") + json.dumps(a))
+                    first = False
+                if "yolo" in job.formats:
+                    txt = formats.yolo_lines(rec["annotations"], rec["width"], rec["height"], cat_to_index)
+                    formats.write_yolo_file(out / "yolo" / "labels", rec["file_name"], txt)
+            f.write("]}\n")
+    write_text(out / "failures.txt", "".join(line + "\n" for line in failures))
+    if "yolo" in job.formats:
+        formats.write_classes(out / "yolo", job.vocab)
+    return {"images": n_img, "annotations": n_ann, "failures": len(failures)}
+
+
+def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
+    lcfg = cfg.label
+    if not lcfg.images:
+        raise DistillError("label.images: required (an image folder or a list file)")
+    if not lcfg.out:
+        raise DistillError("label.out: required (an output folder)")
+    fmts = tuple(f.strip().lower() for f in lcfg.format if f.strip())
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise DistillError(f"label.format: {bad[0] if bad else 'empty'!r} is not one of {', '.join(FORMATS)}")
+    for key in ("batch_size", "shard_size"):
+        if getattr(lcfg, key) < 1:
+            raise DistillError(f"label.{key}: expected a positive integer, got {getattr(lcfg, key)}")
+    if lcfg.num_workers < 0:
+        raise DistillError(f"label.num_workers: expected >= 0, got {lcfg.num_workers}")
+    if not 0.0 <= lcfg.score_thresh <= 1.0:
+        raise DistillError(f"label.score_thresh: expected a value in [0, 1], got {lcfg.score_thresh}")
+    if lcfg.top_k < 0 or lcfg.min_area < 0:
+        raise DistillError("label.top_k / label.min_area: expected >= 0")
+    paths = list_images(lcfg.images)
+    names = relative_names(lcfg.images, paths)
+    from distill.data.images import image_root
+
+    opts = FilterOptions(lcfg.score_thresh, parse_class_thresh(lcfg.class_thresh, vocab), lcfg.top_k, lcfg.nms, lcfg.min_area)
+    return LabelJob(paths, names, image_root(lcfg.images, paths), vocab, Path(lcfg.out), opts, fmts, lcfg.batch_size,
+                    lcfg.num_workers, lcfg.shard_size, model_hash, lcfg.source, lcfg.model)
+
+
+def label_vocab(cfg) -> Vocabulary:
+    src = cfg.label.vocab or cfg.data.vocab
+    if not src:
+        raise DistillError("label.vocab: required (a vocabulary file or an inline list such as 'red star,crimson star=red star')")
+    return load_vocab(src, cfg.data.split_file or None)
+
+
+def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) -> dict:
+    """Label ``cfg.label.images`` with ``cfg.label.vocab``; write ``<out>/labels.json`` (+ yolo,
+    semantic PNGs, failures.txt, summary.json, and metrics.json when ``cfg.label.gt`` is set).
+
+    ``source`` overrides :func:`build_source` (tests pass a random teacher's source)."""
+    from distill.config import save_config
+    from distill.engine.device import get_device
+
+    t0 = time.time()
+    vocab = label_vocab(cfg)
+    if source is None:
+        device = get_device(cfg.teacher.device)
+        source, model_hash = build_source(cfg, vocab, device)
+    else:
+        model_hash = getattr(source, "fingerprint", "custom")
+    job = make_job(cfg, vocab, model_hash)
+    try:
+        from distill.engine.distributed import barrier, init_distributed
+
+        init_distributed()
+    except ImportError:  # pragma: no cover
+        barrier = lambda: None  # noqa: E731
+    rank, world = _rank_world()
+    if rank == 0:
+        job.out.mkdir(parents=True, exist_ok=True)
+        if "png" in job.formats:
+            formats.write_legend(job.out / "semantic", vocab)
+    stats = run_labeling(job, source, rank=rank, world_size=world, on_shard=on_shard)
+    barrier()
+    if rank != 0:
+        return stats
+    info = {
+        "description": "distill pseudo-labels",
+        "source": job.source_name,
+        "model": job.model or "teacher",
+        "model_hash": model_hash,
+        "vocab_hash": vocab.hash,
+        "vocab_source": vocab.source,
+        "images_root": str(job.root),
+        **job.opts.info(vocab),
+        "formats": list(job.formats),
+    }
+    merged = merge_shards(job, info)
+    save_config(cfg, job.out / "config.yaml")
+    seconds = time.time() - t0
+    summary = {
+        "labels/images": merged["images"],
+        "labels/annotations": merged["annotations"],
+        "labels/failures": merged["failures"],
+        "labels/shards_skipped": stats["shards_skipped"],
+        "labels/seconds": round(seconds, 3),
+        "labels/images_per_s": round(stats["images"] / seconds, 3) if seconds > 0 else 0.0,
+    }
+    write_json(job.out / "summary.json", summary)
+    if cfg.label.gt:
+        from distill.labels.quality import label_quality
+
+        metrics = label_quality(job.out / LABELS_JSON, cfg.label.gt)
+        write_json(job.out / "metrics.json", metrics)
+        summary.update(metrics)
+    return summary

@@ -1,0 +1,386 @@
+"""Pseudo-labels: filtering, proposals, formats, quality metrics, sharded resumable labeling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.config import load_config
+from distill.errors import DistillError
+from distill.labels import formats
+from distill.labels.pseudo import (
+    FilterOptions,
+    TeacherSource,
+    component_proposals,
+    filter_predictions,
+    label,
+    parse_class_thresh,
+)
+from distill.labels.quality import label_quality
+from distill.vocab import load_vocab
+
+VOCAB = "red square, blue circle, crimson square=red square, green cross"
+COLORS = {"red": (220, 30, 30), "blue": (30, 70, 225), "green": (30, 170, 40)}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from distill.teacher.clip import build_random_teacher
+
+    return build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, heads=2, text_width=32, text_layers=1, seed=3)
+
+
+def _scene(rng, size=48):
+    """Muted textured background with 1-3 saturated rectangles / discs."""
+    img = (rng.uniform(90, 140, (size, size, 1)) + rng.uniform(-8, 8, (size, size, 3))).astype(np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        col = COLORS[list(COLORS)[int(rng.integers(3))]]
+        x, y = (int(v) for v in rng.integers(0, size - 14, 2))
+        s = int(rng.integers(8, 14))
+        img[y : y + s, x : x + s] = col
+    return img
+
+
+def _folder(tmp_path, n=7, bad=True):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    names = []
+    for i in range(n):
+        rel = f"cam{i % 2}/{i // 2:04d}.png"  # cam0/0000.png and cam1/0000.png: same base names
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_scene(rng)).save(p)
+        names.append(rel)
+    if bad:
+        (root / "cam0" / "zero.png").write_bytes(b"")
+        (root / "cam1" / "notes.jpg").write_text("not an image")
+        buf = root / "cam1" / "trunc.png"
+        Image.fromarray(_scene(rng)).save(buf)
+        buf.write_bytes(buf.read_bytes()[:120])
+    return root
+
+
+def _cfg(images, out, **kw):
+    ov = [f"label.images={images}", f"label.out={out}", f"label.vocab={VOCAB}", "label.source=teacher",
+          "label.score_thresh=0.0", "label.min_area=10", "label.shard_size=2", "label.batch_size=3",
+          "teacher.templates=", "label.format=[coco, yolo, png]"]
+    ov += [f"label.{k}={v}" for k, v in kw.items()]
+    return load_config(None, ov)
+
+
+# ------------------------------------------------------------------------------ vocab, thresholds
+
+
+def test_inline_vocab_prompt_mapping_and_class_thresh():
+    v = load_vocab(VOCAB)
+    assert v.names == ("red square", "blue circle", "green cross")
+    assert v.prompts[0] == ("red square", "crimson square")
+    t = parse_class_thresh(["crimson square=0.5", "green cross=0.25,blue circle=1"], v)
+    assert t == ((0, 0.5), (1, 1.0), (2, 0.25))
+    with pytest.raises(DistillError, match="label.class_thresh: class 'pink star' is not in the vocabulary"):
+        parse_class_thresh(["pink star=0.5"], v)
+    with pytest.raises(DistillError, match="expected 'class name=threshold'"):
+        parse_class_thresh(["red square"], v)
+    with pytest.raises(DistillError, match=r"must be in \[0, 1\]"):
+        parse_class_thresh(["red square=3"], v)
+
+
+def _nms_reference(boxes, scores, labels, thr):
+    """Brute-force class-wise greedy NMS (independent of torchvision)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            if labels[i] != labels[j]:
+                continue
+            a, b = boxes[i], boxes[j]
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            inter = iw * ih
+            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            if inter / union > thr:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def test_filter_predictions_matches_bruteforce():
+    g = torch.Generator().manual_seed(1)
+    n = 60
+    xy = torch.rand(n, 2, generator=g) * 50
+    wh = torch.rand(n, 2, generator=g) * 20 + 1
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(n, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    opts = FilterOptions(score_thresh=0.2, class_thresh=((1, 0.6),), top_k=7, nms=0.3, min_area=40.0)
+    out = filter_predictions({"boxes": boxes, "scores": scores, "labels": labels}, opts, 3)
+    b, s, lab = boxes.tolist(), scores.tolist(), labels.tolist()
+    cand = [i for i in range(n) if s[i] >= (0.6 if lab[i] == 1 else 0.2) and (b[i][2] - b[i][0]) * (b[i][3] - b[i][1]) >= 40.0]
+    keep = _nms_reference([b[i] for i in cand], [s[i] for i in cand], [lab[i] for i in cand], 0.3)
+    ref = [cand[k] for k in keep][:7]
+    assert len(ref) == 7 and out["scores"].tolist() == [s[i] for i in ref]
+    assert torch.equal(out["boxes"], boxes[ref]) and out["labels"].tolist() == [lab[i] for i in ref]
+    # Mask areas replace box areas when masks are given.
+    masks = torch.zeros(n, 8, 8, dtype=torch.bool)
+    masks[:5, :2, :2] = True  # area 4
+    masks[5:, :7, :7] = True  # area 49
+    out = filter_predictions({"boxes": boxes, "scores": scores, "labels": labels, "masks": masks},
+                             FilterOptions(score_thresh=0.0, top_k=0, nms=0.0, min_area=10.0), 3)
+    assert len(out["scores"]) == n - 5 and out["masks"].shape == (n - 5, 8, 8)
+
+
+# ------------------------------------------------------------------------------ proposals, formats
+
+
+def test_component_proposals_hand_image():
+    img = np.full((40, 50, 3), 120, np.uint8)
+    img[5:15, 10:30] = (220, 30, 30)  # red 20x10
+    img[20:36, 30:46] = (30, 70, 225)  # blue 16x16
+    img[2:4, 2:4] = (30, 170, 40)  # 4 px: below min_area
+    boxes, masks = component_proposals(img, min_area=16)
+    got = sorted(map(tuple, boxes.astype(int).tolist()))
+    assert got == [(10, 5, 30, 15), (30, 20, 46, 36)]
+    assert sorted(int(m.sum()) for m in masks) == [200, 256]
+    boxes, masks = component_proposals(img, min_area=16, windows=True)
+    # + 3x3 windows of 12x10 (stride 6x5: 7 x 7 positions) and 25x20 (3 x 3), no duplicates of the two
+    assert len(boxes) == 2 + 7 * 7 + 3 * 3
+
+
+def test_yolo_and_rle_hand_example():
+    anns = [{"category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0]}, {"category_id": 3, "bbox": [0.0, 0.0, 100.0, 200.0]}]
+    txt = formats.yolo_lines(anns, width=100, height=200, cat_to_index={3: 0, 7: 2})
+    # cx = (10 + 15) / 100, cy = (20 + 20) / 200, w = 30 / 100, h = 40 / 200
+    assert txt == "2 0.250000 0.200000 0.300000 0.200000\n0 0.500000 0.500000 1.000000 1.000000\n"
+    m = np.zeros((5, 7), bool)
+    m[1:3, 2:6] = True
+    np.testing.assert_array_equal(formats.rle_to_mask(formats.mask_to_rle(m)), m)
+
+
+# ------------------------------------------------------------------------------ quality
+
+
+def _coco(images, anns, cats):
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def test_label_quality_hand_example():
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue circle", "split": "novel"}]
+    gt = _coco(
+        [{"id": 10, "file_name": "unlabeled/a.png", "width": 20, "height": 20},
+         {"id": 11, "file_name": "unlabeled/b.png", "width": 20, "height": 20}],
+        [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [0, 0, 10, 10]},
+         {"id": 2, "image_id": 10, "category_id": 2, "bbox": [10, 10, 10, 10]},
+         {"id": 3, "image_id": 11, "category_id": 1, "bbox": [0, 0, 4, 4]},
+         {"id": 4, "image_id": 11, "category_id": 2, "bbox": [5, 5, 5, 5]}],
+        cats,
+    )
+    # Predicted category ids differ from the ground truth's; names match.
+    pcats = [{"id": 5, "name": "Blue Circle"}, {"id": 6, "name": "red square"}, {"id": 7, "name": "pink star"}]
+    pred = _coco(
+        [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}, {"id": 2, "file_name": "b.png", "width": 20, "height": 20}],
+        [{"id": 1, "image_id": 1, "category_id": 6, "bbox": [0, 0, 10, 10], "score": 0.9},   # TP base
+         {"id": 2, "image_id": 1, "category_id": 6, "bbox": [0, 0, 10, 9], "score": 0.8},    # duplicate: FP base
+         {"id": 3, "image_id": 1, "category_id": 5, "bbox": [10, 10, 10, 8], "score": 0.7},  # IoU 0.8: TP novel
+         {"id": 4, "image_id": 2, "category_id": 5, "bbox": [0, 0, 4, 4], "score": 0.6},     # wrong class: FP novel
+         {"id": 5, "image_id": 2, "category_id": 6, "bbox": [2, 2, 4, 4], "score": 0.5},     # IoU 4/28 < 0.5: FP base
+         {"id": 6, "image_id": 2, "category_id": 7, "bbox": [5, 5, 5, 5], "score": 0.4}],    # unknown class: FP
+        pcats,
+    )
+    m = label_quality(pred, gt, with_counts=True)
+    assert m["labels/precision_base"] == pytest.approx(1 / 3)
+    assert m["labels/recall_base"] == pytest.approx(1 / 2)
+    assert m["labels/precision_novel"] == pytest.approx(1 / 2)
+    assert m["labels/recall_novel"] == pytest.approx(1 / 2)
+    assert m["labels/precision_all"] == pytest.approx(2 / 6)
+    assert m["labels/recall_all"] == pytest.approx(2 / 4)
+    assert m["labels/f1_base"] == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert "labels/miou_all" not in m  # no masks
+    # At IoU 0.85 the novel match (0.8) fails.
+    assert label_quality(pred, gt, iou_thresh=0.85)["labels/recall_novel"] == 0.0
+
+
+def test_label_quality_mask_miou_hand_example():
+    cats = [{"id": 1, "name": "a", "split": "base"}, {"id": 2, "name": "b", "split": "novel"}]
+    g1 = np.zeros((4, 4), bool); g1[:2, :2] = True   # class a: 4 px
+    g2 = np.zeros((4, 4), bool); g2[2:, 2:] = True   # class b: 4 px
+    p1 = np.zeros((4, 4), bool); p1[:2, :] = True    # a: 8 px, 4 right
+    p2 = np.zeros((4, 4), bool); p2[3:, 2:] = True   # b: 2 px, 2 right
+    R = formats.mask_to_rle
+    gt = _coco([{"id": 1, "file_name": "x.png", "width": 4, "height": 4}],
+               [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "segmentation": R(g1)},
+                {"id": 2, "image_id": 1, "category_id": 2, "bbox": [2, 2, 2, 2], "segmentation": R(g2)}], cats)
+    pred = _coco([{"id": 1, "file_name": "x.png", "width": 4, "height": 4}],
+                 [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 2], "score": 0.9, "segmentation": R(p1)},
+                  {"id": 2, "image_id": 1, "category_id": 2, "bbox": [2, 3, 2, 1], "score": 0.8, "segmentation": R(p2)}], cats)
+    m = label_quality(pred, gt)
+    # bg: gt 8 px, pred 6 px, both 4 -> 4/10; a: 4/8; b: 2/4
+    assert m["labels/miou_seen"] == pytest.approx((4 / 10 + 4 / 8) / 2)
+    assert m["labels/miou_unseen"] == pytest.approx(2 / 4)
+    assert m["labels/miou_all"] == pytest.approx((4 / 10 + 4 / 8 + 2 / 4) / 3)
+    assert m["labels/pixel_acc"] == pytest.approx(10 / 16)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _reference_scores(teacher, vocab, img_u8, min_area, background):
+    """Independent recomputation of one image's zero-shot scores from the public pieces."""
+    from distill.teacher.regions import region_embeddings
+    from distill.teacher.text import text_embeddings
+
+    boxes, masks = component_proposals(img_u8, min_area=min_area)
+    t = text_embeddings(teacher, vocab, None)
+    tb = text_embeddings(teacher, load_vocab(",".join(background)), None)
+    x = torch.from_numpy(img_u8).permute(2, 0, 1).float() / 255
+    e = region_embeddings(teacher, [x], [torch.from_numpy(boxes)], mode="crop")[0]
+    logits = teacher.model.logit_scale.exp() * e @ torch.cat([t, tb]).T
+    p = logits.softmax(-1)[:, : len(vocab)]
+    s, lab = p.max(1)
+    return boxes, s, lab
+
+
+def test_label_folder_end_to_end(tmp_path, teacher):
+    root = _folder(tmp_path, n=5)
+    out = tmp_path / "out"
+    cfg = _cfg(root, out, class_thresh='"green cross=0.99"')
+    vocab = load_vocab(VOCAB)
+    src = TeacherSource(teacher, vocab, background=("background", "texture"), min_area=10)
+    summary = label(cfg, source=src)
+    coco = json.loads((out / "labels.json").read_text())
+    names = [im["file_name"] for im in coco["images"]]
+    assert names == ["cam0/0000.png", "cam0/0001.png", "cam0/0002.png", "cam1/0000.png", "cam1/0001.png"]
+    assert [im["id"] for im in coco["images"]] == [1, 2, 3, 5, 6]  # 1 + index in the sorted list of all 8 files
+    assert summary["labels/failures"] == 3 and summary["labels/images"] == 5
+    fails = (out / "failures.txt").read_text().splitlines()
+    assert [f.split("\t")[0] for f in fails] == ["cam0/zero.png", "cam1/notes.jpg", "cam1/trunc.png"]
+    assert "empty file (0 bytes)" in fails[0] and "not an image" in fails[1] and "truncated or corrupt" in fails[2]
+    assert [c["name"] for c in coco["categories"]] == list(vocab.names)
+    info = coco["info"]
+    assert info["vocab_hash"] == vocab.hash and info["model_hash"] == src.fingerprint
+    assert info["class_thresh"] == {"green cross": 0.99} and info["nms"] == 0.5 and info["min_area"] == 10.0
+    anns = coco["annotations"]
+    assert len(anns) == summary["labels/annotations"] > 0
+    assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))
+    assert all(a["category_id"] != 3 or a["score"] >= 0.99 for a in anns)
+    # Scores equal an independent recomputation for one image (after the same filter).
+    img = np.asarray(Image.open(root / "cam1/0000.png").convert("RGB"))
+    boxes, s, lab = _reference_scores(teacher, vocab, img, 10, ("background", "texture"))
+    mine = sorted((a for a in anns if a["image_id"] == 5), key=lambda a: -a["score"])
+    ref = filter_predictions({"boxes": torch.from_numpy(boxes), "scores": s, "labels": lab},
+                             FilterOptions(0.0, ((2, 0.99),), 100, 0.5, 10.0), 3)
+    assert len(mine) == len(ref["scores"]) > 0
+    np.testing.assert_allclose([a["score"] for a in mine], ref["scores"].numpy(), atol=2e-5)
+    assert [a["category_id"] for a in mine] == [vocab.ids[i] for i in ref["labels"].tolist()]
+    # Duplicate base names in different folders: separate PNG and YOLO files.
+    for d in ("cam0", "cam1"):
+        assert (out / "semantic" / d / "0000.png").is_file() and (out / "yolo" / "labels" / d / "0000.txt").is_file()
+    assert (out / "yolo" / "classes.txt").read_text().splitlines() == list(vocab.names)
+    legend = json.loads((out / "semantic" / "legend.json").read_text())
+    assert [e["value"] for e in legend] == [0, 1, 2, 3] and (out / "semantic" / "legend.png").is_file()
+    # YOLO lines agree with the COCO boxes.
+    lines = (out / "yolo" / "labels" / "cam1" / "0000.txt").read_text().splitlines()
+    assert len(lines) == len(mine)
+    first = [a for a in anns if a["image_id"] == 5][0]
+    c, cx, cy, w, h = lines[0].split()
+    x, y, bw, bh = first["bbox"]
+    assert int(c) == first["category_id"] - 1 and float(cx) == pytest.approx((x + bw / 2) / 48, abs=1e-6)
+    assert float(h) == pytest.approx(bh / 48, abs=1e-6)
+    # The PNG holds the top-scoring label of each instance pixel.
+    sem = np.asarray(Image.open(out / "semantic" / "cam1" / "0000.png"))
+    top = mine[0]
+    m = formats.rle_to_mask(top["segmentation"])
+    assert (sem[m] == top["category_id"]).all() and top["area"] == int(m.sum())
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, teacher):
+    root = _folder(tmp_path, n=7, bad=True)  # 10 files -> 5 shards of 2
+    vocab = load_vocab(VOCAB)
+    src = TeacherSource(teacher, vocab, background=("background",), min_area=10)
+    full = tmp_path / "full"
+    label(_cfg(root, full, num_workers=2), source=src)  # with 2 decoding workers
+
+    out = tmp_path / "killed"
+    seen = []
+
+    def kill_after_two(k):
+        seen.append(k)
+        if len(seen) == 2:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        label(_cfg(root, out), source=src, on_shard=kill_after_two)
+    assert sorted(p.name for p in (out / "shards").glob("shard-*.json")) == ["shard-00000.json", "shard-00001.json"]
+    assert not (out / "labels.json").exists()
+    rerun = []
+    summary = label(_cfg(root, out), source=src, on_shard=rerun.append)
+    assert rerun == [2, 3, 4] and summary["labels/shards_skipped"] == 2
+    assert (out / "labels.json").read_bytes() == (full / "labels.json").read_bytes()
+    assert (out / "failures.txt").read_text() == (full / "failures.txt").read_text()
+    for p in sorted((full / "semantic").rglob("*.png")) + sorted((full / "yolo").rglob("*.txt")):
+        q = out / p.relative_to(full)
+        assert q.read_bytes() == p.read_bytes(), p
+    # Changing an option invalidates the shards (their key), nothing stale is reused.
+    again = []
+    label(_cfg(root, out, top_k=1), source=src, on_shard=again.append)
+    assert again == [0, 1, 2, 3, 4]
+    coco = json.loads((out / "labels.json").read_text())
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]])
+    assert per_image.max() == 1 and coco["info"]["top_k"] == 1
+
+
+def test_rank_sharding_covers_everything_once(tmp_path, teacher):
+    from distill.labels.pseudo import make_job, run_labeling
+
+    root = _folder(tmp_path, n=5, bad=False)
+    vocab = load_vocab(VOCAB)
+    src = TeacherSource(teacher, vocab, min_area=10)
+    job = make_job(_cfg(root, tmp_path / "o", shard_size=1), vocab, src.fingerprint)
+    done = {0: [], 1: []}
+    for r in (0, 1):
+        run_labeling(job, src, rank=r, world_size=2, on_shard=done[r].append)
+    assert done == {0: [0, 2, 4], 1: [1, 3]}
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, teacher):
+    vocab = load_vocab(VOCAB)
+    src = TeacherSource(teacher, vocab, min_area=10)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistillError, match="empty: no images found"):
+        label(_cfg(tmp_path / "empty", tmp_path / "o"), source=src)
+    root = _folder(tmp_path, n=1, bad=False)
+    with pytest.raises(DistillError, match="label.format: 'pdf' is not one of coco, yolo, png"):
+        label(_cfg(root, tmp_path / "o", format="coco,pdf"), source=src)
+    with pytest.raises(DistillError, match="label.source: 'magic'"):
+        from distill.labels.pseudo import build_source
+
+        build_source(_cfg(root, tmp_path / "o", source="magic"), vocab)
+
+
+def test_cli_label_inline_vocab(tmp_path):
+    from distill.cli import main
+
+    root = _folder(tmp_path, n=2, bad=False)
+    out = tmp_path / "cli"
+    rc = main(["label", "--images", str(root), "--vocab", "red square,crimson square=red square,blue circle",
+               "--model", "teacher", "--out", str(out), "--format", "coco,yolo", "--score-thresh", "0",
+               "--class-thresh", "crimson square=0.2", "--top-k", "3", "--min-area", "10",
+               "teacher.pretrained=", "teacher.templates=", "teacher.device=cpu"])
+    assert rc == 0
+    coco = json.loads((out / "labels.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["red square", "blue circle"]
+    assert coco["categories"][0]["synonyms"] == ["crimson square"]
+    assert coco["info"]["class_thresh"] == {"red square": 0.2} and coco["info"]["top_k"] == 3
+    assert len(coco["images"]) == 2 and (out / "yolo" / "classes.txt").is_file()
+    assert not (out / "semantic").exists()
+    assert main(["label", "--images", str(tmp_path / "nothing"), "--vocab", "a", "--model", "teacher", "--out", str(out)]) == 2
