@@ -85,6 +85,8 @@ class TeacherConfig:
     cache_dtype: str = "fp16"  # fp16 | fp32 storage in the embedding cache
     batch_size: int = 256
     device: str = ""  # "" = cuda when available else cpu
+    background: str = "configs/prompts/background_shapes.txt"  # background words (teacher evaluate: MaskCLIP mIoU)
+    eval_dense_sizes: tuple[int, ...] = (64, 128)  # MaskCLIP mIoU measured at each dense input size
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,10 @@ class PretrainConfig:
     whole_image_fraction: float = 0.05
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.6
+    crop_shift: float = 0.1  # random crop-centre shift, as a fraction of the box side
     precision: str = "amp_bf16"
     seed: int = 0
+    log_period: int = 50
 
 
 @dataclass(frozen=True)
