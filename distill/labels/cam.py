@@ -350,9 +350,9 @@ def refine_cams(cams: torch.Tensor, affinity: torch.Tensor, box_thresh: float = 
     k, h, w = cams.shape
     if k == 0:
         return cams.clone()
-    masks = torch.stack([torch.from_numpy(box_mask(c.cpu().numpy(), box_thresh)) for c in cams]).to(cams.device)
-    src = (masks * cams.float()).reshape(k, h * w)  # (A * m) @ c == A @ (m * c)
-    return (src @ affinity.to(cams.device).T).reshape(k, h, w)
+    masks = torch.stack([torch.from_numpy(box_mask(c.float().cpu().numpy(), box_thresh)) for c in cams])
+    src = (masks.to(cams) * cams).reshape(k, h * w)  # (A * m) @ c == A @ (m * c)
+    return (src @ affinity.to(cams).T).reshape(k, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -886,7 +886,7 @@ def _read_gt(path: Path) -> np.ndarray:
 
     if not path.is_file():
         raise DistillError(f"{path}: ground-truth semantic PNG not found")
-    return np.asarray(Image.open(path))
+    return np.array(Image.open(path))
 
 
 def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) -> dict:
@@ -894,7 +894,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     PNGs (``data.semantic_root/{split}``). CRF is "n/a" without pydensecrf2; confidence ignore is
     scored on the non-ignored pixels, with the ignored fraction. Writes ``{cam.out}/metrics.json``."""
     from distill.data.images import load_image
-    from distill.eval.segmentation import SemSegEvaluator
+    from distill.eval.segmentation import SemSegEvaluator, semseg_classes
     from distill.io import write_json
 
     _check_cfg(cfg.cam)
@@ -907,9 +907,8 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     teacher = teacher or _load_teacher(cfg)
     text, bg = _text_features(teacher, cfg, vocab)
     has_crf = crf_available()
-    num_classes = max(vocab.ids) + 1
-    seen = [0] + [int(vocab.ids[i]) for i in vocab.base_indices]
-    evals = {s: SemSegEvaluator(num_classes, seen) for s in ABLATION_STEPS if s != "crf" or has_crf}
+    num_classes, seen, names = semseg_classes(vocab)
+    evals = {s: SemSegEvaluator(num_classes, seen, names=names) for s in ABLATION_STEPS if s != "crf" or has_crf}
     ignored = total = 0
     sem_root = Path(cfg.data.semantic_root)
     t0 = time.time()
@@ -946,7 +945,8 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
             rows.append({"step": step, "miou": None, "note": "n/a (pydensecrf2 not installed)"})
             continue
         m = evals[step].evaluate()
-        row = {"step": step, "miou": float(m["miou/all"]), "pixel_acc": float(m.get("pixel_acc", float("nan")))}
+        row = {"step": step, "miou": float(m["miou/all"]), "miou_seen": float(m["miou/seen"]),
+               "miou_unseen": float(m["miou/unseen"]), "pixel_acc": float(m["pixel_acc"])}
         if step == "conf_ignore":
             row["ignored_fraction"] = ignored / max(total, 1)
             row["note"] = f"mIoU over non-ignored pixels; conf < {c.conf_thresh} -> 255"
