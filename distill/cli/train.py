@@ -10,6 +10,57 @@ app = typer.Typer(no_args_is_help=True)
 def register_propose(root: typer.Typer) -> None:
     """``distill propose CONFIG``: class-agnostic proposals (filled in by the ViLD work)."""
 
+    @root.command("propose")
+    def propose(
+        config: str = typer.Argument(..., help="A YAML config file (configs/shapes/vild.yaml ...)."),
+        overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. proposals.train.max_steps=100"),
+        resume: bool = typer.Option(False, "--resume", help="Continue training the proposal network from its newest checkpoint."),
+    ) -> None:
+        """Train a class-agnostic detector on base boxes; write the top-k proposals of every training
+        image to {work_dir}/proposals/{proposals.name}/ with their recall on val."""
+        from distill.cli.common import load
+        from distill.detection.proposals import run_proposals
+
+        m = run_proposals(load(config, overrides), resume=resume)
+        typer.echo("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+
+
+def _relaunch_distributed(num_gpus: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``num_gpus`` processes (one per GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}", "-m", "distill.cli", *argv]
+    return subprocess.call(cmd, env=dict(os.environ))
+
+
+@app.command("det")
+def det(
+    config: str = typer.Argument(..., help="A YAML config file (configs/shapes/vild.yaml ...)."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. det.train.max_steps=100"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
+    eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate det.checkpoint (default det/<name>/model_final.pt)."),
+    num_gpus: int = typer.Option(1, "--num-gpus", help="Processes under torchrun (DDP); 1 = this process."),
+) -> None:
+    """Train the ViLD student on base classes and evaluate it over base + novel classes;
+    writes {work_dir}/det/{det.name}/ (model_final.pt, metrics.jsonl, metrics.json)."""
+    import os
+
+    from distill.cli.common import load
+    from distill.detection.train import train_detector
+
+    cfg = load(config, overrides)  # validate before launching anything
+    if num_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        argv = ["train", "det", config, *(overrides or [])] + (["--resume"] if resume else []) + (["--eval-only"] if eval_only else [])
+        rc = _relaunch_distributed(num_gpus, argv)
+        if rc:
+            raise typer.Exit(rc)
+        return
+    metrics = train_detector(cfg, resume=resume, eval_only=eval_only)
+    keys = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel", "bbox/AP_base", "bbox/AP")
+    typer.echo("  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics))
+
 
 @app.command("seg")
 def seg(

@@ -1,0 +1,282 @@
+"""Builders: explicit functions whose arguments say everything.
+
+- :func:`build_backbone` - a torchvision FPN backbone by name, random init unless a local
+  weights file is given;
+- :func:`build_vild_detector` - the ViLD student (:class:`ViLDDetector`);
+- :func:`build_plain_detector` - a plain torchvision Faster R-CNN with the same backbone and
+  settings (the supervised baseline, the class-agnostic proposal network, and the bench
+  reference), wrapped so that it takes the same targets (labels = vocabulary indices).
+
+Images: a list of (3, H, W) float tensors in [0, 1] (or a (B, 3, H, W) tensor); targets: dicts of
+``boxes`` (N, 4) float XYXY absolute pixels, ``labels`` (N,) int64 vocabulary indices 0..C-1,
+``image_id``, optionally ``masks`` (N, H, W) uint8, and for ViLD-image ``proposals`` (M, 4) XYXY
+with ``proposal_embeddings`` (M, D) (the teacher's embeddings of those boxes).
+Outputs in eval: per image ``boxes`` (K, 4) XYXY in input pixels, ``scores`` (K,), ``labels`` (K,)
+vocabulary indices, ``masks`` (K, 1, H, W) when built with masks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import misc as misc_ops
+
+from distill.config import DetConfig
+from distill.detection.vild import ViLDPredictor, ViLDRoIHeads
+from distill.errors import DistillError
+
+BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "mobilenet_v3_large_fpn")
+
+
+# ------------------------------------------------------------------------------------ backbone
+def build_backbone(name: str, pretrained: str = "") -> nn.Module:
+    """A torchvision FPN backbone (``out_channels`` = 256).
+
+    Random init uses trainable BatchNorm; with ``pretrained`` (a local state_dict of the
+    torchvision classification model, e.g. resnet50-0676ba61.pth) the norms are frozen as in
+    torchvision's detection recipes.
+    """
+    if name not in BACKBONES:
+        raise DistillError(f"det.backbone: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    norm = misc_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    trainable = 3 if pretrained else 5
+    if name.startswith("resnet"):
+        bb = resnet_fpn_backbone(backbone_name=name[: -len("_fpn")], weights=None, norm_layer=norm, trainable_layers=trainable)
+    else:
+        bb = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm, trainable_layers=6 if not pretrained else 3)
+    if pretrained:
+        _load_backbone_weights(bb, pretrained)
+    return bb
+
+
+def _load_backbone_weights(bb: nn.Module, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise DistillError(f"det.pretrained_backbone: {path}: file not found (expected a local torchvision state_dict)")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise DistillError(f"det.pretrained_backbone: {path}: not a readable state_dict ({type(e).__name__})") from None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    body = bb.body
+    own = body.state_dict()
+    if hasattr(body, "features") or any(k.startswith("features.") for k in sd):  # mobilenet: features.N -> N
+        sd = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
+    matched = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if len(matched) < 0.5 * len(own):
+        raise DistillError(f"det.pretrained_backbone: {path}: only {len(matched)}/{len(own)} backbone tensors fit (another architecture?)")
+    body.load_state_dict(matched, strict=False)
+
+
+def _torchvision_model(det: DetConfig, num_classes: int) -> FasterRCNN:
+    """torchvision Faster / Mask R-CNN with our sizes, anchors and sampling settings."""
+    backbone = build_backbone(det.backbone, det.pretrained_backbone)
+    kw = dict(
+        min_size=det.min_size,
+        max_size=det.max_size,
+        rpn_pre_nms_top_n_train=det.rpn_pre_nms_train,
+        rpn_post_nms_top_n_train=det.rpn_post_nms_train,
+        rpn_pre_nms_top_n_test=det.rpn_pre_nms_test,
+        rpn_post_nms_top_n_test=det.rpn_post_nms_test,
+        box_batch_size_per_image=det.roi_batch_size,
+        box_score_thresh=det.score_thresh,
+        box_nms_thresh=det.nms,
+        box_detections_per_img=det.detections_per_img,
+    )
+    if det.anchor_sizes:
+        n_levels = 5 if det.backbone.startswith("resnet") else 3
+        sizes = tuple(det.anchor_sizes)
+        if len(sizes) != n_levels:
+            raise DistillError(f"det.anchor_sizes: {det.backbone} has {n_levels} FPN levels, got {len(sizes)} sizes")
+        kw["rpn_anchor_generator"] = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * n_levels)
+    elif not det.backbone.startswith("resnet"):  # torchvision's mobilenet FPN anchors (3 levels)
+        kw["rpn_anchor_generator"] = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    cls = MaskRCNN if det.masks else FasterRCNN
+    return cls(backbone, num_classes=num_classes, **kw)
+
+
+# ------------------------------------------------------------------------------------ ViLD
+class ViLDDetector(GeneralizedRCNN):
+    """torchvision's GeneralizedRCNN with :class:`ViLDRoIHeads`; labels are vocabulary indices.
+
+    ``teacher`` (optional, not part of the state) embeds region crops for ``image`` / ``ensemble``
+    inference and is never saved. ``skipped_boxes`` counts zero-area / non-finite target boxes
+    that were dropped.
+    """
+
+    def __init__(self, backbone, rpn, roi_heads: ViLDRoIHeads, transform, teacher=None, region_mode: str = "crop"):
+        super().__init__(backbone, rpn, roi_heads, transform)
+        self.teacher = teacher
+        self.region_mode = region_mode
+        self.skipped_boxes = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.roi_heads.num_classes
+
+    def set_vocabulary(self, text_emb: torch.Tensor, novel=None, names: list[str] | None = None) -> None:
+        """Classify over ``text_emb`` (C, D) from now on (``novel`` (C,) bool for the ensemble)."""
+        self.roi_heads.set_vocabulary(text_emb, novel, names)
+
+    def _convert_targets(self, targets: list[dict]) -> tuple[list[dict], list | None]:
+        c = self.num_classes
+        out, distill, has_distill = [], [], False
+        for t in targets:
+            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
+            if labels.numel() != boxes.shape[0]:
+                raise DistillError(f"image {t.get('image_id', '?')}: {boxes.shape[0]} boxes but {labels.numel()} labels")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
+                bad = labels[(labels < 0) | (labels >= c)][0].item()
+                raise DistillError(f"image {t.get('image_id', '?')}: category index {bad} outside the training vocabulary of {c} classes")
+            wh = boxes[:, 2:] - boxes[:, :2]
+            ok = torch.isfinite(boxes).all(1) & (wh > 0).all(1)
+            self.skipped_boxes += int((~ok).sum())
+            d = {"boxes": boxes[ok], "labels": labels[ok] + 1}  # torchvision: 0 = background
+            if "masks" in t:
+                d["masks"] = t["masks"][ok]
+            out.append(d)
+            if "proposals" in t and "proposal_embeddings" in t:
+                has_distill = True
+                distill.append((torch.as_tensor(t["proposals"], dtype=torch.float32).reshape(-1, 4), t["proposal_embeddings"]))
+            else:
+                distill.append((boxes.new_zeros(0, 4), boxes.new_zeros(0, self.roi_heads.embed_dim)))
+        return out, (distill if has_distill else None)
+
+    def forward(self, images, targets=None):
+        """Train: ``model(images, targets)`` -> dict of losses (``loss_objectness``,
+        ``loss_rpn_box_reg``, ``loss_box_reg``, ``loss_vild_text``, ``loss_vild_image``
+        [, ``loss_mask``]). Eval: ``model(images)`` -> list of per-image detections."""
+        if isinstance(images, torch.Tensor):
+            images = list(images.unbind(0)) if images.ndim == 4 else [images]
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        tv_targets, distill = None, None
+        if self.training:
+            if targets is None:
+                raise ValueError("ViLDDetector: targets are required in training")
+            tv_targets, distill = self._convert_targets(targets)
+        image_list, tv_targets = self.transform(images, tv_targets)
+        ratios = [
+            torch.tensor([n[1] / o[1], n[0] / o[0], n[1] / o[1], n[0] / o[0]], device=image_list.tensors.device)
+            for n, o in zip(image_list.image_sizes, original_sizes)
+        ]
+        if distill is not None:
+            distill = [(b.to(r.device) * r, e) for (b, e), r in zip(distill, ratios)]
+        features = self.backbone(image_list.tensors)
+        proposals, rpn_losses = self.rpn(image_list, features, tv_targets)
+        if not self.training and self.roi_heads.inference != "text":
+            self.roi_heads.image_embedder = self._make_embedder(images, ratios)
+        try:
+            detections, det_losses = self.roi_heads(features, proposals, image_list.image_sizes, tv_targets, distill)
+        finally:
+            self.roi_heads.image_embedder = None
+        if self.training:
+            return {**rpn_losses, **det_losses}
+        detections = self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        for d in detections:
+            d["labels"] = d["labels"] - 1
+        return detections
+
+    def _make_embedder(self, images: list[torch.Tensor], ratios: list[torch.Tensor]):
+        if self.teacher is None:
+            raise DistillError(f"det.inference={self.roi_heads.inference}: needs the teacher's crop embeddings; build the detector with teacher=...")
+        teacher, mode = self.teacher, self.region_mode
+
+        def embed(per_boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+            boxes = [(b / r).to(teacher.device) for b, r in zip(per_boxes, ratios)]
+            return [e.to(per_boxes[0].device) for e in teacher_region_embeddings(teacher, images, boxes, mode)]
+
+        return embed
+
+
+def teacher_region_embeddings(teacher, images: list[torch.Tensor], boxes: list[torch.Tensor], mode: str = "crop") -> list[torch.Tensor]:
+    """The teacher's L2-normalised (N_i, D) embeddings of ``boxes`` (XYXY, image pixels) of
+    ``images`` via ``distill.teacher.regions.region_embeddings`` (ViLD 3.2: 1x + 1.5x crops)."""
+    from distill.teacher.regions import region_embeddings
+
+    return region_embeddings(teacher, [im.to(teacher.device) for im in images], boxes, mode=mode)
+
+
+def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.Tensor | None = None, novel=None, teacher=None, region_mode: str = "crop") -> ViLDDetector:
+    """The ViLD student. ``embed_dim`` = the teacher's D; ``text_embeddings`` (C, D) optional
+    (the vocabulary can be set later with ``set_vocabulary``); ``teacher`` for image / ensemble
+    inference."""
+    base = _torchvision_model(det, num_classes=2)
+    rh = base.roi_heads
+    in_ch = rh.box_head.fc7.out_features
+    mask_kw = {}
+    if det.masks:
+        mask_kw = dict(mask_roi_pool=rh.mask_roi_pool, mask_head=rh.mask_head, mask_predictor=MaskRCNNPredictor(256, 256, 1))
+    heads = ViLDRoIHeads(
+        rh.box_roi_pool,
+        rh.box_head,
+        ViLDPredictor(in_ch, embed_dim),
+        temperature=det.temperature,
+        text_weight=det.text_weight,
+        image_weight=det.image_weight,
+        use_text=det.use_text,
+        use_image=det.use_image,
+        inference=det.inference,
+        ensemble_alpha=det.ensemble_alpha,
+        ensemble_beta=det.ensemble_beta,
+        ensemble_candidates=det.ensemble_candidates,
+        score_thresh=det.score_thresh,
+        nms_thresh=det.nms,
+        detections_per_img=det.detections_per_img,
+        batch_size_per_image=det.roi_batch_size,
+        **mask_kw,
+    )
+    model = ViLDDetector(base.backbone, base.rpn, heads, base.transform, teacher=teacher, region_mode=region_mode)
+    if text_embeddings is not None:
+        model.set_vocabulary(text_embeddings, novel)
+    return model
+
+
+# ------------------------------------------------------------------------------------ plain
+class PlainDetector(nn.Module):
+    """A torchvision Faster R-CNN taking vocabulary-index labels (0..C-1) like ViLD.
+
+    ``class_agnostic=True`` maps every box to one "object" class (the proposal network).
+    """
+
+    def __init__(self, model: FasterRCNN, num_classes: int, class_agnostic: bool = False):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.class_agnostic = class_agnostic
+        self.skipped_boxes = 0
+
+    def forward(self, images, targets=None):
+        if isinstance(images, torch.Tensor):
+            images = list(images.unbind(0)) if images.ndim == 4 else [images]
+        if not self.training:
+            out = self.model(images)
+            for d in out:
+                d["labels"] = d["labels"] - 1
+            return out
+        tv = []
+        for t in targets:
+            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes) and not self.class_agnostic:
+                raise DistillError(f"image {t.get('image_id', '?')}: category index outside the vocabulary of {self.num_classes} classes")
+            wh = boxes[:, 2:] - boxes[:, :2]
+            ok = torch.isfinite(boxes).all(1) & (wh > 0).all(1)
+            self.skipped_boxes += int((~ok).sum())
+            lab = torch.ones_like(labels[ok]) if self.class_agnostic else labels[ok] + 1
+            tv.append({"boxes": boxes[ok], "labels": lab})
+        return self.model(images, tv)
+
+
+def build_plain_detector(det: DetConfig, num_classes: int, class_agnostic: bool = False) -> PlainDetector:
+    """Plain torchvision Faster R-CNN (linear classifier over ``num_classes`` + background)."""
+    n = 1 if class_agnostic else num_classes
+    return PlainDetector(_torchvision_model(det, num_classes=n + 1), n, class_agnostic)

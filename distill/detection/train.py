@@ -1,0 +1,219 @@
+"""``distill train det``: train the ViLD student with the shared engine and evaluate it.
+
+:func:`train_detector` is the stage function (one call from the CLI, the pipeline, the ablation):
+
+1. vocabulary (``data.vocab`` or the categories of ``data.train_full_json``) with its base/novel
+   split; the teacher's text embeddings of every class (cached under ``embeddings/text``);
+2. training classes: the BASE classes (ViLD-text sees only base text embeddings), or all of them
+   for the oracle (``det.train_on_all``);
+3. for ViLD-image: the proposals of ``distill propose`` and the teacher's cached embeddings of
+   their top ``det.num_image_distill`` boxes, attached to each target;
+4. the engine trains; evaluation runs on ``data.val_json`` over the WHOLE vocabulary (base + novel
+   text embeddings, the generalized setting), writing ``det/<name>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.config import Config, config_hash, save_config
+from distill.errors import DistillError
+from distill.io import write_json
+
+
+def det_dir(cfg: Config) -> Path:
+    return Path(cfg.work_dir) / "det" / cfg.det.name
+
+
+def det_vocab(cfg: Config):
+    """The full vocabulary (base + novel) of the detection run."""
+    from distill.vocab import load_vocab
+
+    v = load_vocab(cfg.data.vocab or cfg.data.train_full_json or cfg.data.val_json, cfg.data.split_file or None)
+    if not v.base_indices:
+        raise DistillError(f"{v.source or 'vocabulary'}: no base classes (every class is novel; check the split)")
+    return v
+
+
+def build_teacher_and_text(cfg: Config, vocab):
+    """(teacher, text embeddings (C, D) of every class); a NaN embedding is a clear error."""
+    from distill.teacher.clip import build_teacher
+    from distill.teacher.text import text_embeddings
+
+    teacher = build_teacher(cfg.teacher)
+    emb = text_embeddings(teacher, vocab, cfg.teacher.templates, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
+    check_text_embeddings(emb, vocab)
+    return teacher, emb
+
+
+def check_text_embeddings(emb: torch.Tensor, vocab) -> None:
+    bad = (~torch.isfinite(emb)).any(dim=1)
+    if bad.any():
+        names = [vocab.names[i] for i in torch.where(bad)[0].tolist()]
+        raise DistillError(f"{vocab.source or 'vocabulary'}: the teacher embeds {names} to NaN; fix these class names or the teacher weights")
+
+
+class DetTrainSet(torch.utils.data.Dataset):
+    """A CocoDetection whose labels are remapped to the TRAINING vocabulary's indices (classes
+    outside it are dropped and counted), with proposals + teacher embeddings attached."""
+
+    def __init__(self, base, label_map: dict[int, int], proposals: dict | None = None, cache=None, num: int = 0):
+        self.base = base
+        self.image_ids = base.image_ids
+        self.lut = torch.full((max(label_map) + 2 if label_map else 1,), -1, dtype=torch.int64)
+        for k, v in label_map.items():
+            self.lut[k] = v
+        self.proposals = proposals
+        self.cache = cache
+        self.num = num
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, t = self.base[i]
+        lab = self.lut[t["labels"].clamp(max=len(self.lut) - 1)]
+        keep = lab >= 0
+        self.dropped += int((~keep).sum())
+        t = dict(t)
+        t["boxes"], t["labels"] = t["boxes"][keep], lab[keep]
+        if "masks" in t:
+            t["masks"] = t["masks"][keep]
+        if self.cache is not None:
+            iid = int(t["image_id"])
+            boxes = self.proposals.get(iid, (torch.zeros(0, 4), None))[0][: self.num]
+            emb = self.cache.get(iid).float()
+            if emb.shape[0] != boxes.shape[0]:
+                raise DistillError(f"region cache: image {iid} has {emb.shape[0]} embeddings for {boxes.shape[0]} proposals (stale cache?)")
+            ok = emb.norm(dim=1) > 0  # boxes the teacher skipped (zero rows)
+            t["proposals"], t["proposal_embeddings"] = boxes[ok], emb[ok]
+        return img, t
+
+
+def _concat(datasets):
+    if len(datasets) == 1:
+        return datasets[0]
+    cat = torch.utils.data.ConcatDataset(datasets)
+    cat.image_ids = [i for d in datasets for i in d.image_ids]
+    return cat
+
+
+@torch.no_grad()
+def predict(model, dataset, batch_size: int = 8, device=None, vocab_ids=None) -> list[dict]:
+    """COCO results (``image_id``, ``category_id`` = ``vocab_ids[label]``, ``bbox`` XYWH, ``score``)."""
+    from distill.data.coco import collate
+
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    res: list[dict] = []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for images, targets in loader:
+        out = model([im.to(device) for im in images])
+        for t, o in zip(targets, out):
+            b = o["boxes"].cpu()
+            b[:, 2:] -= b[:, :2]
+            for box, s, lab in zip(b.tolist(), o["scores"].cpu().tolist(), o["labels"].cpu().tolist()):
+                res.append({"image_id": int(t["image_id"]), "category_id": int(vocab_ids[lab]) if vocab_ids else int(lab), "bbox": [round(x, 2) for x in box], "score": round(float(s), 5)})
+    model.train(was)
+    return res
+
+
+def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, inference: str | None = None):
+    """``eval_fn(model) -> metrics`` over the whole vocabulary on ``data.val_json``."""
+    from distill.data.coco import CocoDetection
+    from distill.eval.detection import evaluate_detection
+    from distill.io import write_json as wj
+
+    val = CocoDetection(cfg.data.val_json, cfg.data.image_root, vocab, skip_unknown=True)
+    novel = torch.tensor(vocab.is_novel)
+
+    def eval_fn(model) -> dict:
+        heads = getattr(model, "roi_heads", None)
+        saved = None
+        if heads is not None and hasattr(heads, "text_embeddings"):
+            saved = (heads.text_embeddings.clone(), heads.novel_mask.clone(), heads.inference)
+            model.set_vocabulary(text_all, novel, list(vocab.names))
+            if inference:
+                heads.inference = inference
+        try:
+            results = predict(model, val, cfg.det.train.batch_size, vocab_ids=list(vocab.ids))
+        finally:
+            if saved is not None:
+                heads.text_embeddings, heads.novel_mask, heads.inference = saved
+        wj(out_dir / "results_val.json", results)
+        return evaluate_detection(cfg.data.val_json, results, out_dir, vocab=vocab, max_dets=cfg.det.detections_per_img)
+
+    return eval_fn
+
+
+def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
+    """Datasets of ``data.train_json`` (+ ``data.extra``), labels in the training vocabulary."""
+    from distill.data.coco import CocoDetection
+    from distill.detection.proposals import embed_proposals, load_proposals, proposals_dir
+
+    det = cfg.det
+    jsons = [cfg.data.train_full_json if det.train_on_all else cfg.data.train_json, *cfg.data.extra]
+    label_map = {full: k for k, full in enumerate(train_idx)}
+    sets = []
+    for j in jsons:
+        base = CocoDetection(j, cfg.data.image_root, vocab, masks=det.masks, skip_unknown=True)
+        proposals = cache = None
+        if det.use_image:
+            proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
+            cache = embed_proposals(cfg, teacher, proposals, phash, base)
+        sets.append(DetTrainSet(base, label_map, proposals, cache, det.num_image_distill))
+    return _concat(sets)
+
+
+def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False, progress: bool = True, teacher=None) -> dict:
+    """Train (unless ``eval_only``) and evaluate the ViLD student of ``cfg.det``; returns metrics
+    (``bbox/AP50_novel`` ...) also written to ``det/<name>/metrics.json``."""
+    from distill.detection.build import build_vild_detector
+    from distill.engine.checkpoint import load
+    from distill.engine.train import make_loader, train
+    from distill.data.coco import collate
+
+    t0 = time.perf_counter()
+    det = cfg.det
+    out = det_dir(cfg)
+    vocab = det_vocab(cfg)
+    if teacher is None:
+        teacher, text_all = build_teacher_and_text(cfg, vocab)
+    else:
+        from distill.teacher.text import text_embeddings
+
+        text_all = text_embeddings(teacher, vocab, cfg.teacher.templates)
+        check_text_embeddings(text_all, vocab)
+    train_idx = list(range(len(vocab))) if det.train_on_all else vocab.base_indices
+    model = build_vild_detector(det, teacher.embed_dim, text_all[train_idx].cpu(), teacher=teacher, region_mode=cfg.regions.mode)
+    eval_fn = make_eval_fn(cfg, vocab, text_all.cpu(), out)
+    save_config(cfg, out / "config.yaml")
+    if eval_only:
+        weights = Path(det.checkpoint) if det.checkpoint else out / "model_final.pt"
+        load(weights, model)
+        model.to(next(iter(teacher.model.parameters())).device)
+        metrics = eval_fn(model)
+    else:
+        ds = build_training_set(cfg, vocab, teacher, train_idx)
+        loader = make_loader(ds, det.train, collate_fn=collate, num_workers=cfg.data.num_workers)
+        metrics = train(model, loader, det.train, out, eval_fn=eval_fn, resume=resume, progress=progress, extra={"config_hash": config_hash(det)})
+        metrics["skipped_boxes"] = model.skipped_boxes
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def with_det(cfg: Config, **changes: Any) -> Config:
+    """``cfg`` with ``det`` fields replaced (``train`` may be a dict of TrainConfig changes)."""
+    tr = changes.pop("train", None)
+    det = dataclasses.replace(cfg.det, **changes)
+    if tr:
+        det = dataclasses.replace(det, train=dataclasses.replace(det.train, **tr))
+    return dataclasses.replace(cfg, det=det)
