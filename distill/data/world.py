@@ -497,8 +497,7 @@ def make_world(cfg: Config) -> Path:
     except OSError as e:
         raise DistillError(f"{out.parent}: cannot create the work dir ({e.strerror})") from None
     stage = out.parent / f".data.tmp-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
+    shutil.rmtree(stage, ignore_errors=True)
     try:
         for sub in [f"images/{s}" for s in SPLITS] + [f"semantic/{s}" for s in (*SPLITS, "train_base")]:
             (stage / sub).mkdir(parents=True, exist_ok=True)
@@ -606,6 +605,9 @@ def make_world(cfg: Config) -> Path:
         os.replace(stage, out)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise DistillError(f"{out}: cannot write the world ({e.strerror or e}: {e.filename or ''})") from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
