@@ -9,33 +9,37 @@ Both callables take and return numpy: ``image (H, W, 3) uint8``;
 
 from __future__ import annotations
 
-from typing import Callable
-
 import albumentations as A
 import cv2
 import numpy as np
 
 
-def detection_train_transforms(flip_p: float = 0.5, scale: tuple[float, float] = (0.8, 1.25), seed: int | None = None) -> Callable:
-    """``f(image, target) -> (image, target)``. Objects pushed out of the image are dropped (with
-    their labels and masks); when masks are given, boxes are recomputed as the masks' tight boxes."""
-    aug = A.Compose(
-        [
-            A.HorizontalFlip(p=flip_p),
-            A.Affine(scale=scale, keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1.0),
-        ],
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["index"], min_area=1.0, clip=True),
-        seed=seed,
-    )
+class DetectionTrainTransform:
+    """``f(image, target) -> (image, target)``: horizontal flip, then a zoom about the centre.
 
-    def apply(image: np.ndarray, target: dict) -> tuple[np.ndarray, dict]:
+    Objects pushed out of the image are dropped (with their labels and masks); when masks are
+    given, boxes are recomputed as the masks' tight boxes. A class (not a closure) so DataLoader
+    workers can pickle it.
+    """
+
+    def __init__(self, flip_p: float = 0.5, scale: tuple[float, float] = (0.8, 1.25), seed: int | None = None) -> None:
+        self.aug = A.Compose(
+            [
+                A.HorizontalFlip(p=flip_p),
+                A.Affine(scale=scale, keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1.0),
+            ],
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["index"], min_area=1.0, clip=True),
+            seed=seed,
+        )
+
+    def __call__(self, image: np.ndarray, target: dict) -> tuple[np.ndarray, dict]:
         boxes = np.asarray(target["boxes"], np.float32).reshape(-1, 4)
         labels = np.asarray(target["labels"], np.int64).reshape(-1)
         kw = {"image": image, "bboxes": boxes, "index": list(range(len(boxes)))}
         has_masks = "masks" in target
         if has_masks and len(boxes):
             kw["masks"] = np.asarray(target["masks"], np.uint8)
-        r = aug(**kw)
+        r = self.aug(**kw)
         idx = np.asarray(r["index"], np.int64).reshape(-1)
         out = {"boxes": np.asarray(r["bboxes"], np.float32).reshape(-1, 4), "labels": labels[idx]}
         h, w = r["image"].shape[:2]
@@ -47,24 +51,33 @@ def detection_train_transforms(flip_p: float = 0.5, scale: tuple[float, float] =
             out["masks"] = masks
         return r["image"], out
 
-    return apply
 
+class SegmentationTrainTransform:
+    """``f(image, mask) -> (image, mask)``: flip and zoom; the mask is resampled nearest and the
+    new border is ``ignore_index``."""
 
-def segmentation_train_transforms(flip_p: float = 0.5, scale: tuple[float, float] = (0.8, 1.25), ignore_index: int = 255, seed: int | None = None) -> Callable:
-    """``f(image, mask) -> (image, mask)``; the mask is resampled nearest, new border = ignore."""
-    aug = A.Compose(
-        [
-            A.HorizontalFlip(p=flip_p),
-            A.Affine(scale=scale, keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index, p=1.0),
-        ],
-        seed=seed,
-    )
+    def __init__(self, flip_p: float = 0.5, scale: tuple[float, float] = (0.8, 1.25), ignore_index: int = 255, seed: int | None = None) -> None:
+        self.aug = A.Compose(
+            [
+                A.HorizontalFlip(p=flip_p),
+                A.Affine(scale=scale, keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index, p=1.0),
+            ],
+            seed=seed,
+        )
 
-    def apply(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        r = aug(image=image, mask=mask)
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = self.aug(image=image, mask=mask)
         return r["image"], r["mask"]
 
-    return apply
+
+def detection_train_transforms(flip_p: float = 0.5, scale: tuple[float, float] = (0.8, 1.25), seed: int | None = None) -> DetectionTrainTransform:
+    """The default detection train augmentation (see :class:`DetectionTrainTransform`)."""
+    return DetectionTrainTransform(flip_p, scale, seed)
+
+
+def segmentation_train_transforms(flip_p: float = 0.5, scale: tuple[float, float] = (0.8, 1.25), ignore_index: int = 255, seed: int | None = None) -> SegmentationTrainTransform:
+    """The default segmentation train augmentation (see :class:`SegmentationTrainTransform`)."""
+    return SegmentationTrainTransform(flip_p, scale, ignore_index, seed)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:

@@ -48,3 +48,15 @@ def test_zoom_moves_boxes_about_the_centre_and_drops_objects_that_leave():
     assert out_m["labels"].tolist() == [4, 7] and out_m["masks"].shape == (2, 64, 80)
     assert np.array_equal(out_m["boxes"], masks_to_boxes(out_m["masks"]))
     assert np.allclose(out_m["boxes"], expected, atol=1.5)
+
+
+def test_transforms_pickle_for_dataloader_workers():
+    import pickle
+
+    from distill.data.transforms import segmentation_train_transforms
+
+    img, t = _scene()
+    f = pickle.loads(pickle.dumps(detection_train_transforms(flip_p=1.0, scale=(1.0, 1.0), seed=0)))
+    assert np.array_equal(f(img, t)[0], img[:, ::-1])
+    g = pickle.loads(pickle.dumps(segmentation_train_transforms(flip_p=1.0, scale=(1.0, 1.0), seed=0)))
+    assert np.array_equal(g(img, t["masks"][1])[1], t["masks"][1][:, ::-1])
