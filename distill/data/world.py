@@ -45,7 +45,7 @@ import pycocotools.mask as mask_utils
 
 from distill.config import Config, WorldConfig, config_hash, save_config
 from distill.errors import DistillError
-from distill.io import write_bytes, write_json
+from distill.io import write_json
 from distill.vocab import Vocabulary
 
 SPLITS = ("train", "val", "unlabeled")
