@@ -237,8 +237,12 @@ def _run_coco(
     largest maxDets, IoU thresholds [T])."""
     # Both COCO implementations add keys ("ignore", "rle", RLE segmentations) to the annotation
     # dicts they are given: hand them copies so the caller's ground truth is left as it was.
+    # "iscrowd" and "area" are optional in our files; pycocotools needs both (area only matters
+    # for the small/medium/large ranges, which are not reported).
     gt = dict(gt)
-    gt["annotations"] = [dict(a) for a in gt["annotations"]]
+    gt["annotations"] = [
+        {"iscrowd": 0, "area": float(a["bbox"][2]) * float(a["bbox"][3]), **a} for a in gt["annotations"]
+    ]
     if backend == "faster":
         from faster_coco_eval import COCO, COCOeval_faster
 

@@ -76,15 +76,18 @@ class SemSegEvaluator:
         if pred.shape != gt.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != ground truth shape {tuple(gt.shape)}")
         C = self.num_classes
-        gt = gt.reshape(-1).to("cpu", torch.int64)
-        pred = pred.reshape(-1).to("cpu", torch.int64)
-        keep = gt != self.ignore_index
-        gt, pred = gt[keep], pred[keep]
-        if gt.numel() and (gt.min() < 0 or gt.max() >= C):
-            bad = gt[(gt < 0) | (gt >= C)][0].item()
-            raise ValueError(f"ground-truth value {bad} outside 0..{C - 1} (and not ignore {self.ignore_index})")
-        pred = torch.where((pred < 0) | (pred >= C), torch.full_like(pred, C), pred)
-        self.conf += torch.bincount(gt * (C + 1) + pred, minlength=C * (C + 1)).reshape(C, C + 1)
+        gt = gt.reshape(-1).to(torch.int64)
+        pred = pred.reshape(-1).to(gt.device, torch.int64)
+        # No boolean indexing (the slow part): ignored pixels go to one extra bin that is dropped.
+        ignored = gt == self.ignore_index
+        bad = ~ignored & ((gt < 0) | (gt >= C))
+        if bool(bad.any()):
+            v = gt[bad][0].item()
+            raise ValueError(f"ground-truth value {v} outside 0..{C - 1} (and not ignore {self.ignore_index})")
+        pred = torch.where((pred < 0) | (pred >= C), C, pred)
+        idx = torch.where(ignored, C * (C + 1), gt * (C + 1) + pred)
+        counts = torch.bincount(idx, minlength=C * (C + 1) + 1)[: C * (C + 1)]
+        self.conf += counts.reshape(C, C + 1).cpu()
 
     def ious(self) -> np.ndarray:
         """Per-class IoU, NaN for a class absent from both ground truth and predictions."""

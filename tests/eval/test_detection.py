@@ -181,6 +181,17 @@ def test_ground_truth_as_results_gives_one_and_removing_novel_gives_zero(world, 
         assert m[f"{t}/AP50/blue star"] == 0.0 and m[f"{t}/AP50/red star"] == pytest.approx(1.0)
 
 
+def test_ground_truth_without_area_and_iscrowd(world):
+    gt, _, res, _ = world
+    bare = copy.deepcopy(gt)
+    for a in bare["annotations"]:
+        del a["area"], a["iscrowd"]
+    for backend in ("faster", "pycocotools"):
+        assert evaluate_detection(bare, gt_as_results(gt), backend=backend)["bbox/AP"] == pytest.approx(1.0)
+        m, ref = evaluate_detection(bare, res, backend=backend), evaluate_detection(gt, res, backend=backend)
+        assert m["bbox/AP"] == pytest.approx(ref["bbox/AP"], abs=1e-12)
+
+
 def test_vocab_overrides_split_and_category_without_gt_is_excluded(world):
     from distill.vocab import Vocabulary
 
