@@ -799,9 +799,14 @@ def _compute_batch(teacher, cfg, batch_imgs: list[np.ndarray], batch_labels: lis
 
 
 def _load_teacher(cfg):
+    from distill.engine.distributed import init_distributed
     from distill.teacher.clip import build_teacher
 
-    return build_teacher(cfg.teacher)
+    _, world, local_rank = init_distributed()  # a no-op unless launched by torchrun
+    device = None
+    if world > 1 and torch.cuda.is_available() and not cfg.teacher.device:
+        device = f"cuda:{local_rank}"
+    return build_teacher(cfg.teacher, device=device)
 
 
 def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teacher=None,
@@ -825,9 +830,14 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
         entries = entries[:max_images]
     todo = [e for e in entries if e.labels]
     skipped = len(entries) - len(todo)
+    # Rank-sharded under torchrun (ARCHITECTURE: rank-sharded CAM): rank r takes images r, r + W, ...
+    from distill.engine.distributed import get_rank, get_world_size
+
     if cfg.cam.crf and not crf_available():
         dense_crf(np.zeros((1, 1, 3), np.uint8), np.ones((1, 1, 1), np.float32))  # raises the DistillError
     teacher = teacher or _load_teacher(cfg)
+    rank, world = get_rank(), get_world_size()
+    todo = todo[rank::world]
     text, bg = _text_features(teacher, cfg, vocab)
     out = Path(cfg.cam.out)
     t0 = time.time()
@@ -869,8 +879,11 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
         "wall_s": round(wall, 3),
         "images_per_s": round(n_done / wall, 3) if wall > 0 else None,
     }
-    write_json(out / f"summary_{split}.json", summary)
-    save_config(cfg, out / "config.yaml")
+    if world > 1:
+        summary.update(rank=rank, world_size=world)
+    write_json(out / (f"summary_{split}.json" if world == 1 else f"summary_{split}_rank{rank}.json"), summary)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
     return summary
 
 
