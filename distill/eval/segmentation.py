@@ -38,6 +38,9 @@ __all__ = ["SemSegEvaluator", "evaluate_semseg_dirs", "semseg_classes", "read_la
 class SemSegEvaluator:
     """reset / process(pred, gt) / evaluate() over a streaming confusion matrix.
 
+    Under torch.distributed, evaluate() sums the matrices of all ranks (every rank gets the
+    metrics).
+
     Args:
         num_classes: C; labels are 0..C-1.
         seen: the seen class indices (background 0 included by the caller); the rest are unseen.
@@ -89,9 +92,21 @@ class SemSegEvaluator:
         counts = torch.bincount(idx, minlength=C * (C + 1) + 1)[: C * (C + 1)]
         self.conf += counts.reshape(C, C + 1).cpu()
 
-    def ious(self) -> np.ndarray:
+    def _total_conf(self) -> torch.Tensor:
+        """The confusion matrix summed over ranks under torch.distributed (a copy; self.conf
+        keeps this rank's counts, so evaluate() can be called twice)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.conf
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        conf = self.conf.to(dev, copy=True)
+        dist.all_reduce(conf)
+        return conf.cpu()
+
+    def ious(self, conf: torch.Tensor | None = None) -> np.ndarray:
         """Per-class IoU, NaN for a class absent from both ground truth and predictions."""
-        conf = self.conf.double()
+        conf = (self.conf if conf is None else conf).double()
         tp = torch.diagonal(conf[:, : self.num_classes])
         gt_count = conf.sum(dim=1)  # includes predictions outside the class range
         pred_count = conf[:, : self.num_classes].sum(dim=0)
@@ -101,7 +116,8 @@ class SemSegEvaluator:
 
     def evaluate(self) -> dict[str, float]:
         """``miou/seen``, ``miou/unseen``, ``miou/all``, ``miou/hiou``, ``pixel_acc``, ``iou/<name>``."""
-        iou = self.ious()
+        conf = self._total_conf()
+        iou = self.ious(conf)
 
         def mean(idx: list[int]) -> float:
             v = iou[idx] if idx else np.array([])
@@ -113,8 +129,8 @@ class SemSegEvaluator:
             h = -1.0  # undefined without both seen and unseen classes
         else:
             h = 2 * s * u / (s + u) if (s + u) > 0 else 0.0
-        total = int(self.conf.sum())
-        correct = int(torch.diagonal(self.conf[:, : self.num_classes]).sum())
+        total = int(conf.sum())
+        correct = int(torch.diagonal(conf[:, : self.num_classes]).sum())
         m = {
             "miou/seen": s,
             "miou/unseen": u,

@@ -368,3 +368,54 @@ def test_cli_det(world, tmp_path, capsys):
     assert "missing.json" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out2.exists()
     assert main(["eval", "det", "--gt", str(gt_path), "--pred", str(res), "--iou", "bbox,kp"]) == 2
+
+
+def _ddp_worker(rank, world, port, gt, res, out_dir):
+    """Each rank evaluates half of the images; rank 0 writes what it got."""
+    import torch.distributed as dist
+
+    from distill.eval.segmentation import SemSegEvaluator
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ids = [c["id"] for c in gt["categories"]]
+        preds = _as_predictions(gt, res, ids)
+        mine = list(preds)[rank::world]
+        ev = DetectionEvaluator(gt, iou_types=("bbox", "segm"))
+        ev.process(mine, [preds[i] for i in mine])
+        det = ev.evaluate()
+        rng = np.random.default_rng(rank)
+        seg = SemSegEvaluator(5, seen=[0, 1, 2])
+        g = rng.integers(0, 5, (4, 9, 9))
+        seg.process(np.where(rng.random(g.shape) < 0.5, g, 0), g)
+        sm = seg.evaluate()
+        sm2 = seg.evaluate()  # a second call does not add the other ranks twice
+        assert sm == sm2
+        (out_dir / f"rank{rank}.json").write_text(json.dumps({"det": det, "seg": sm, "conf": seg.conf.tolist()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluators_gather_across_ranks(world, tmp_path):
+    """Two gloo processes, each with half the images, give the single-process numbers."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from distill.eval.segmentation import SemSegEvaluator
+
+    gt, _, res, _ = world
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, gt, res, tmp_path), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    ref = evaluate_detection(gt, res, iou_types=("bbox", "segm"))
+    assert r1["det"] == {}  # only rank 0 gets detection metrics
+    for k in ref:
+        assert r0["det"][k] == pytest.approx(ref[k], abs=1e-5), k
+    single = SemSegEvaluator(5, seen=[0, 1, 2])
+    single.conf = torch.tensor(r0["conf"]) + torch.tensor(r1["conf"])
+    assert r0["seg"] == r1["seg"] == pytest.approx(single.evaluate())
+    assert r0["conf"] != r1["conf"]

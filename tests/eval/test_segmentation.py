@@ -193,3 +193,16 @@ def test_cli_seg(tmp_path, capsys):
     assert "000001.png" in err and len(err.strip().splitlines()) == 1
     assert not out2.exists()
     assert main(["eval", "seg", "--gt", str(gdir), "--pred", str(pdir)]) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_equal_cpu():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randint(0, 6, (2, 33, 47), generator=g)
+    gt[:, :3] = 255
+    pred = torch.randint(-1, 7, (2, 33, 47), generator=g)
+    a, b = SemSegEvaluator(6, seen=[0, 1, 2]), SemSegEvaluator(6, seen=[0, 1, 2])
+    a.process(pred, gt)
+    b.process(pred.cuda(), gt.cuda())
+    assert torch.equal(a.conf, b.conf) and b.conf.device.type == "cpu"
+    assert a.evaluate() == b.evaluate()
