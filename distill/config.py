@@ -106,6 +106,7 @@ class PretrainConfig:
     precision: str = "amp_bf16"
     seed: int = 0
     log_period: int = 50
+    threads: int = 1  # torch intra-op threads while pretraining (0 = torch default); 1 is fastest on a shared CPU
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,9 @@ class DetConfig:
     rpn_pre_nms_test: int = 1000
     rpn_post_nms_test: int = 1000
     roi_batch_size: int = 512  # RoIs sampled per image for the box head (25% positive)
+    box_head_dim: int = 1024  # TwoMLPHead representation size (torchvision: 1024)
+    fpn_channels: int = 256  # FPN width (torchvision: 256)
+    returned_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages feeding the FPN (1 = stride 4)
     checkpoint: str = ""  # --eval-only / labeling: weights to load (default: det/<name>/model_final.pt)
     train: TrainConfig = field(default_factory=TrainConfig)
 
