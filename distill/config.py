@@ -266,9 +266,13 @@ class CamConfig:
     bg_thresh: float = 0.0  # 0 = background = 1 - max class CAM; else a fixed threshold
     crf: bool = False
     conf_thresh: float = 0.95
+    # confidence of a pixel: the CRF posterior when crf=true (CLIP-ES 3.4); without CRF, "prob" =
+    # its score normalised over background + classes, "score" = the winning score itself.
+    conf_source: str = "prob"
     image_size: int = 0  # 0 = teacher.dense_image_size
     # square: every image resized to image_size x image_size (batched); patch_multiple: CLIP-ES repo,
-    # each side scaled by image_size / max(H, W) and rounded up to a multiple of the patch size.
+    # aspect kept, each side rounded up to a multiple of the patch size (image_size 0 = original
+    # scale, else the longer side scaled to image_size).
     resize: str = "square"
     pool: str = "mean"  # image embedding for the CAM: mean (CLIP-ES repo: mean patch token) | model
     bg_power: float = 1.0  # background score = (1 - max class CAM) ** bg_power (CLIP-ES eval scripts)

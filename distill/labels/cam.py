@@ -410,13 +410,15 @@ def cams_to_mask(
     image: np.ndarray | None = None,
     crf: bool = False,
     conf_thresh: float = 0.0,
+    conf_source: str = "prob",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class CAMs ``(K, H, W)`` in [0, 1] -> mask ``(H, W) uint8`` (category id, 0 bg, 255 ignore)
     and the per-pixel confidence ``(H, W)``.
 
     Background score: ``bg_thresh`` if > 0, else ``(1 - max_k cam_k) ** bg_power`` (repo
     eval_cam.py). With ``crf`` the scores go through :func:`dense_crf` and the confidence is its
-    posterior; without, the confidence is the score normalised over classes + background.
+    posterior (repo eval_cam_with_crf.py); without, ``conf_source="prob"`` is the winning score
+    normalised over background + classes, ``"score"`` the winning score itself.
     Pixels with confidence below ``conf_thresh`` become 255 (CLIP-ES 3.4: 0.95).
     """
     K = len(cams)
@@ -433,8 +435,12 @@ def cams_to_mask(
             raise DistillError("cam.crf: the dense CRF needs the image")
         scores = dense_crf(image, scores)
         prob = scores
-    else:
+    elif conf_source == "prob":
         prob = scores / np.maximum(scores.sum(0, keepdims=True), 1e-7)
+    elif conf_source == "score":
+        prob = scores
+    else:
+        raise DistillError(f"cam.conf_source: {conf_source!r} is not one of prob, score")
     label = scores.argmax(0)
     keys = np.asarray([0] + [int(c) for c in category_ids], np.int64)
     mask = keys[label].astype(np.uint8)
@@ -773,6 +779,8 @@ def _check_cfg(c) -> None:
         raise DistillError(f"cam.conf_thresh: expected a value in [0, 1], got {c.conf_thresh}")
     if c.caa_layers < 1:
         raise DistillError(f"cam.caa_layers: expected >= 1, got {c.caa_layers}")
+    if c.conf_source not in ("prob", "score"):
+        raise DistillError(f"cam.conf_source: {c.conf_source!r} is not one of prob, score")
     if c.batch_size < 1:
         raise DistillError(f"cam.batch_size: expected >= 1, got {c.batch_size}")
 
@@ -851,7 +859,8 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
             cat_ids = [int(vocab.ids[k]) for k in r.labels]
             refined = upsample_cams(r.refined.numpy(), (H, W))
             mask, conf = cams_to_mask(refined, cat_ids, bg_thresh=cfg.cam.bg_thresh, bg_power=cfg.cam.bg_power,
-                                      image=im, crf=cfg.cam.crf, conf_thresh=cfg.cam.conf_thresh)
+                                      image=im, crf=cfg.cam.crf, conf_thresh=cfg.cam.conf_thresh,
+                                      conf_source=cfg.cam.conf_source)
             rel = _rel_stem(e.file_name, split)
             _write_npz(out / "seeds" / rel.with_suffix(".npz"), category_ids=np.asarray(cat_ids, np.int64),
                        gradcam=r.gradcam.numpy().astype(np.float16), refined=r.refined.numpy().astype(np.float16),
@@ -942,7 +951,8 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
                 evals[step].process(cams_to_mask(m, ids, **kw)[0], gt)
             if has_crf:
                 evals["crf"].process(cams_to_mask(maps["caa"], ids, crf=True, **kw)[0], gt)
-            mask, _ = cams_to_mask(maps["caa"], ids, crf=has_crf, conf_thresh=c.conf_thresh, **kw)
+            mask, _ = cams_to_mask(maps["caa"], ids, crf=has_crf, conf_thresh=c.conf_thresh,
+                                   conf_source=c.conf_source, **kw)
             ign = mask == 255
             ignored += int(ign.sum())
             total += mask.size
@@ -972,7 +982,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
         "cam/miou_gradcam": rows[0]["miou"],
         "cam/miou_final": rows[-1]["miou"],
         "cam/ignored_fraction": ignored / max(total, 1),
-        "settings": {"pool": c.pool, "bg_power": c.bg_power, "bg_thresh": c.bg_thresh,
+        "settings": {"pool": c.pool, "conf_source": c.conf_source, "bg_power": c.bg_power, "bg_thresh": c.bg_thresh,
                      "background_words": len(read_word_list(c.background)), "caa_layers": c.caa_layers,
                      "image_size": _image_size(cfg, teacher), "crf": has_crf},
         "wall_s": round(wall, 2),

@@ -196,6 +196,10 @@ def test_cams_to_mask_numbers():
     np.testing.assert_allclose(conf[0], [0.9 / 1.2, 0.7 / 1.1, 0.5 / 1.5, 0.98 / 1.01], rtol=1e-6)
     mask, _ = C.cams_to_mask(cams, [7, 3], conf_thresh=0.95)
     assert mask.tolist() == [[255, 255, 255, 0]]
+    mask, conf = C.cams_to_mask(cams, [7, 3], conf_thresh=0.95, conf_source="score")  # winning score itself
+    assert mask.tolist() == [[255, 255, 255, 0]] and conf[0].tolist() == pytest.approx([0.9, 0.7, 0.5, 0.98])
+    mask, _ = C.cams_to_mask(cams, [7, 3], conf_thresh=0.85, conf_source="score")
+    assert mask.tolist() == [[7, 255, 255, 0]]
     mask, _ = C.cams_to_mask(cams, [7, 3], bg_thresh=0.6)
     assert mask.tolist() == [[7, 3, 0, 0]]
     mask, _ = C.cams_to_mask(cams, [7, 3], bg_power=2.0)  # bg = (1 - max)^2 = [.01, .09, .25, .96]
