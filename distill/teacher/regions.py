@@ -198,3 +198,44 @@ def _dense_mode(teacher, images, boxes, valids, outs) -> None:
             n = int(valids[i].sum())
             outs[i][torch.nonzero(valids[i]).flatten().to(dev)] = pooled[start : start + n]
             start += n
+
+
+def embed_regions_to_cache(
+    teacher,
+    items,
+    cache,
+    mode: str = "crop",
+    scales: Sequence[float] = (1.0, 1.5),
+    images_per_batch: int = 8,
+) -> dict:
+    """Fill an :class:`~distill.teacher.cache.EmbeddingCache` with region embeddings, resuming
+    where it stopped.
+
+    Args:
+        items: iterable of ``(image_id, image (3, H, W) in [0, 1], boxes (N, 4) XYXY)``; images
+            already in the cache are skipped (their image is still read; pass a filtered iterable
+            to avoid even that).
+    Returns:
+        ``{"images": written, "skipped_boxes": n, "clipped_boxes": n}``.
+    """
+    stats = {"images": 0, "skipped_boxes": 0, "clipped_boxes": 0}
+    batch: list = []
+
+    def run() -> None:
+        embs, info = region_embeddings(teacher, [b[1] for b in batch], [b[2] for b in batch], mode=mode, scales=scales, return_info=True)
+        cache.write([b[0] for b in batch], embs)
+        stats["images"] += len(batch)
+        stats["skipped_boxes"] += info["num_skipped"]
+        stats["clipped_boxes"] += info["num_clipped"]
+        batch.clear()
+
+    for image_id, image, boxes in items:
+        if int(image_id) in cache:
+            continue
+        batch.append((int(image_id), image, boxes))
+        if len(batch) >= images_per_batch:
+            run()
+    if batch:
+        run()
+    cache.close()
+    return stats

@@ -1,0 +1,317 @@
+"""Pretrain the tiny open_clip teacher (``distill-tiny-vit``) on the shapes world, contrastively, on
+image-text pairs of ALL categories -- the way web-scale CLIP has seen every word.
+
+Recipe (measured by the lab, issue 4): batches of ~95% single-object crops of
+``instances_train.json`` objects (text = a prompt template with the class name) and ~5% whole
+images (text = one of their captions); crop side = box side x U(0.9, 1.6) around a slightly shifted
+centre, horizontal flip; a multi-positive contrastive loss: every sample is keyed by its class (a
+whole image by its sorted object list), the target of each row is the row of the key-equality
+matrix normalised to sum 1, symmetric soft cross-entropy, logit scale fixed at 50; AdamW,
+linear warm-up then cosine decay over a FIXED number of steps; bf16 autocast.
+
+The checkpoint is a plain open_clip state dict in safetensors, so
+``open_clip.create_model("distill-tiny-vit", pretrained=path)`` loads it. A ``manifest.json``
+beside it records the inputs (world hash, pretrain config, model, templates); a later run with the
+same inputs reuses the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from distill.config import config_hash, save_config, to_dict
+from distill.engine.device import autocast, get_device
+from distill.errors import DistillError
+from distill.io import atomic_path, read_json, safe_join, sha256_json, write_json
+from distill.teacher.clip import MODEL_CONFIG_DIR, register_model_configs
+from distill.teacher.regions import clip_boxes, crop_and_resize
+from distill.teacher.text import load_templates
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "distill-tiny-vit"
+
+
+@dataclass
+class PairData:
+    """The shapes world's training pairs, in memory.
+
+    images: (N, 3, H, W) uint8; boxes: (M, 4) float XYXY; box_image: (M,) image row; box_class:
+    (M,) vocab index; captions: per image row, its captions; image_key: (N,) key of the sorted
+    object list; names: class names in vocab order.
+    """
+
+    images: torch.Tensor
+    boxes: torch.Tensor
+    box_image: torch.Tensor
+    box_class: torch.Tensor
+    captions: list[list[str]]
+    image_key: torch.Tensor
+    names: list[str]
+
+
+def load_pairs(cfg, json_path: str | None = None) -> PairData:
+    """Read ``data.train_full_json`` (all classes), its images and ``data.captions``."""
+    from distill.data.images import load_image
+
+    path = Path(json_path or cfg.data.train_full_json)
+    data = read_json(path, "COCO instances")
+    try:
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        images = data["images"]
+        anns = data["annotations"]
+    except (KeyError, TypeError):
+        raise DistillError(f"{path}: expected a COCO instances json with images, annotations, categories") from None
+    names = [c["name"] for c in cats]
+    cid_to_idx = {c["id"]: i for i, c in enumerate(cats)}
+    caps_by_id: dict[int, list[str]] = {}
+    cap_path = Path(cfg.data.captions)
+    if cap_path.is_file():
+        for e in read_json(cap_path, "captions"):
+            caps_by_id[int(e["image_id"])] = [str(c) for c in e.get("captions", [])]
+    root = Path(cfg.data.image_root)
+    row = {}
+    arrs = []
+    for im in images:
+        a = load_image(safe_join(root, im["file_name"]))
+        if arrs and a.shape != arrs[0].shape:
+            raise DistillError(f"{im['file_name']}: size {a.shape[:2]} differs from {arrs[0].shape[:2]} (shapes world images share one size)")
+        row[int(im["id"])] = len(arrs)
+        arrs.append(a)
+    if not arrs:
+        raise DistillError(f"{path}: no images")
+    imgs = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    H, W = imgs.shape[-2:]
+    boxes, bimg, bcls = [], [], []
+    objs: dict[int, list[int]] = {r: [] for r in row.values()}
+    for a in anns:
+        if a.get("iscrowd", 0):
+            continue
+        x, y, w, h = [float(v) for v in a["bbox"]]
+        r = row[int(a["image_id"])]
+        c = cid_to_idx[int(a["category_id"])]
+        objs[r].append(c)
+        boxes.append([x, y, x + w, y + h])
+        bimg.append(r)
+        bcls.append(c)
+    boxes_t, valid = clip_boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), H, W)
+    keys: dict[tuple, int] = {}
+    image_key = torch.tensor([len(names) + keys.setdefault(tuple(sorted(objs[r])), len(keys)) for r in range(len(arrs))])
+    captions = [[] for _ in range(len(arrs))]
+    for iid, r in row.items():
+        captions[r] = caps_by_id.get(iid, [])
+    return PairData(
+        images=imgs,
+        boxes=boxes_t[valid],
+        box_image=torch.tensor(bimg, dtype=torch.long)[valid],
+        box_class=torch.tensor(bcls, dtype=torch.long)[valid],
+        captions=captions,
+        image_key=image_key,
+        names=names,
+    )
+
+
+def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric soft cross-entropy against the row-normalised key-equality matrix.
+
+    img, txt: (B, D) L2-normalised; keys: (B,) int, equal keys are positives of each other.
+    """
+    logits = scale * img @ txt.t()
+    pos = (keys[:, None] == keys[None, :]).float()
+    target = pos / pos.sum(dim=1, keepdim=True)
+    li = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    lt = -(target * F.log_softmax(logits.t(), dim=1)).sum(1).mean()  # pos is symmetric
+    return (li + lt) / 2
+
+
+class BatchSampler:
+    """Draws training batches (images (B, 3, S, S) in [0, 1], token ids (B, L), keys (B,))."""
+
+    def __init__(self, data: PairData, pcfg, templates: tuple[str, ...], tokenizer, image_size: int, seed: int):
+        self.d = data
+        self.p = pcfg
+        self.size = image_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)
+        self.templates = templates
+        # pre-tokenised texts: class prompts (C x T) and every caption
+        C = len(data.names)
+        self.class_tokens = tokenizer([t.format(n) for n in data.names for t in templates]).view(C, len(templates), -1)
+        flat = [c for caps in data.captions for c in caps]
+        self.cap_tokens = tokenizer(flat) if flat else None
+        self.cap_index, k = [], 0
+        for caps in data.captions:
+            self.cap_index.append(list(range(k, k + len(caps))))
+            k += len(caps)
+        self.with_caps = [r for r, c in enumerate(self.cap_index) if c]
+
+    def __call__(self, B: int):
+        d, p, g = self.d, self.p, self.g
+        n_whole = int(round(B * p.whole_image_fraction)) if self.with_caps else 0
+        n_crop = B - n_whole
+        H, W = d.images.shape[-2:]
+        # crops
+        idx = torch.randint(len(d.boxes), (n_crop,), generator=g)
+        b = d.boxes[idx]
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        s = p.crop_scale_min + (p.crop_scale_max - p.crop_scale_min) * torch.rand(n_crop, generator=g)
+        cx = cx + p.crop_shift * bw * (2 * torch.rand(n_crop, generator=g) - 1)
+        cy = cy + p.crop_shift * bh * (2 * torch.rand(n_crop, generator=g) - 1)
+        hw, hh = bw * s / 2, bh * s / 2
+        crop_boxes, ok = clip_boxes(torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], 1), H, W)
+        crop_boxes = torch.where(ok[:, None], crop_boxes, b)
+        src_rows = d.box_image[idx]
+        uniq, inv = torch.unique(src_rows, return_inverse=True)
+        src = d.images[uniq].float() / 255.0
+        rois = torch.cat([inv.float()[:, None], crop_boxes], 1)
+        crops = crop_and_resize(src, rois, self.size)
+        cls = d.box_class[idx]
+        t = torch.randint(len(self.templates), (n_crop,), generator=g)
+        tokens = [self.class_tokens[cls, t]]
+        keys = [cls]
+        ims = [crops]
+        if n_whole:
+            rows = torch.tensor([self.rng.choice(self.with_caps) for _ in range(n_whole)])
+            whole = F.interpolate(d.images[rows].float() / 255.0, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            ims.append(whole)
+            tokens.append(self.cap_tokens[[self.rng.choice(self.cap_index[int(r)]) for r in rows]])
+            keys.append(d.image_key[rows])
+        x = torch.cat(ims)
+        flip = torch.rand(x.shape[0], generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.clamp(0, 1), torch.cat(tokens), torch.cat(keys)
+
+
+def _param_groups(model, wd: float):
+    """open_clip's rule: no weight decay on gains, biases, norms, logit scale (1-D params)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "ln" in n or "bias" in n or "logit_scale" in n:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _inputs(cfg, templates: tuple[str, ...]) -> dict:
+    man = Path(cfg.work_dir) / "data" / "manifest.json"
+    world = read_json(man, "world manifest") if man.is_file() else {}
+    cfg_json = (MODEL_CONFIG_DIR / f"{MODEL_NAME}.json").read_text()
+    return {
+        "world_hash": (world.get("world_hash") or sha256_json(world)) if world else config_hash(cfg.world),
+        "train_json": str(cfg.data.train_full_json),
+        "pretrain": config_hash(cfg.pretrain),
+        "model": MODEL_NAME,
+        "model_config": sha256_json(cfg_json)[:16],
+        "templates": sha256_json(list(templates))[:16],
+        "open_clip": open_clip.__version__,
+    }
+
+
+def pretrain(cfg, out_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Train the tiny teacher; returns the checkpoint path (``{work_dir}/teacher/teacher.safetensors``).
+
+    Reuses an existing checkpoint whose manifest inputs match (unless ``force``).
+    """
+    from safetensors.torch import save_file
+
+    register_model_configs()
+    pc = cfg.pretrain
+    out = Path(out_dir) if out_dir else Path(cfg.work_dir) / "teacher"
+    ckpt = out / "teacher.safetensors"
+    templates = load_templates(cfg.teacher.templates)
+    inputs = _inputs(cfg, templates)
+    man_path = out / "manifest.json"
+    if not force and ckpt.is_file() and man_path.is_file():
+        try:
+            if json.loads(man_path.read_text()).get("inputs") == inputs:
+                log.info("teacher pretrain: inputs unchanged, reusing %s", ckpt)
+                return ckpt
+        except json.JSONDecodeError:
+            pass
+    if pc.steps < 1 or pc.batch_size < 2:
+        raise DistillError(f"pretrain.steps / pretrain.batch_size: expected >= 1 / >= 2, got {pc.steps} / {pc.batch_size}")
+    t0 = time.time()
+    dev = get_device(cfg.teacher.device)
+    if pc.threads > 0:
+        torch.set_num_threads(pc.threads)
+    torch.manual_seed(pc.seed)
+    data = load_pairs(cfg)
+    log.info("teacher pretrain: %d objects, %d images, %d classes", len(data.boxes), len(data.images), len(data.names))
+    model = open_clip.create_model(MODEL_NAME, device="cpu")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(pc.logit_scale))
+    model.logit_scale.requires_grad_(False)  # fixed (issue 4 recipe: learnable scale barely moved)
+    model.to(dev).train()
+    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    image_size = int(model.visual.image_size[0])
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=dev).view(1, 3, 1, 1)
+    sampler = BatchSampler(data, pc, templates, tokenizer, image_size, pc.seed)
+    opt = torch.optim.AdamW(_param_groups(model, pc.weight_decay), lr=pc.lr, betas=(0.9, 0.98), eps=1e-6)
+    logs = []
+    run_loss, t_last = 0.0, time.time()
+    for step in range(pc.steps):
+        for gp in opt.param_groups:
+            gp["lr"] = lr_at(step, pc.steps, pc.warmup, pc.lr)
+        x, tok, keys = sampler(pc.batch_size)
+        x = ((x.to(dev) - mean) / std)
+        with autocast(dev, pc.precision):
+            img = model.encode_image(x)
+            txt = model.encode_text(tok.to(dev))
+        loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), keys.to(dev), pc.logit_scale)
+        if not torch.isfinite(loss):
+            raise DistillError(f"pretrain: non-finite loss at step {step} (try pretrain.precision=fp32 or a lower pretrain.lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run_loss += float(loss.detach())
+        if (step + 1) % pc.log_period == 0 or step + 1 == pc.steps:
+            n = (step % pc.log_period) + 1
+            rec = {"step": step + 1, "loss": run_loss / n, "lr": opt.param_groups[0]["lr"], "steps_per_s": n / max(1e-9, time.time() - t_last), "elapsed_s": time.time() - t0}
+            logs.append(rec)
+            log.info("pretrain step %d/%d loss %.4f (%.2f steps/s)", step + 1, pc.steps, rec["loss"], rec["steps_per_s"])
+            print(json.dumps(rec), flush=True)
+            run_loss, t_last = 0.0, time.time()
+    model.eval()
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(ckpt) as tmp:
+        save_file(sd, str(tmp), metadata={"model": MODEL_NAME, "format": "open_clip"})
+    # local-dir: layout (open_clip_config.json beside the weights) so `local-dir:<out>` loads too
+    mcfg = json.loads((MODEL_CONFIG_DIR / f"{MODEL_NAME}.json").read_text())
+    write_json(out / "open_clip_config.json", {"model_cfg": mcfg, "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}})
+    with atomic_path(out / "pretrain_log.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in logs))
+    save_config(cfg, out / "config.yaml")
+    write_json(man_path, {
+        "stage": "teacher_pretrain",
+        "inputs": inputs,
+        "steps": pc.steps,
+        "final_loss": logs[-1]["loss"] if logs else None,
+        "wall_s": round(time.time() - t0, 1),
+        "torch": torch.__version__,
+        "pretrain_config": to_dict(pc),
+    })
+    return ckpt
