@@ -163,14 +163,14 @@ class FeatureFusionBlock(nn.Module):
     """DPT fusion: ``out = RCU2(x + RCU1(skip))``, upsampled (bilinear, align_corners as DPT) to the
     next level's size, then a 1x1 projection."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, with_skip: bool = True):
         super().__init__()
-        self.rcu1 = ResidualConvUnit(ch)
+        self.rcu1 = ResidualConvUnit(ch) if with_skip else None  # the deepest block has no skip
         self.rcu2 = ResidualConvUnit(ch)
         self.out_conv = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
-        if skip is not None:
+        if skip is not None and self.rcu1 is not None:
             x = x + self.rcu1(skip)
         x = self.rcu2(x)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
@@ -183,7 +183,7 @@ class DPTDecoder(nn.Module):
     def __init__(self, in_channels: Sequence[int], features: int, out_dim: int):
         super().__init__()
         self.layer_rn = nn.ModuleList([nn.Conv2d(c, features, 3, padding=1, bias=False) for c in in_channels])
-        self.refine = nn.ModuleList([FeatureFusionBlock(features) for _ in in_channels])
+        self.refine = nn.ModuleList([FeatureFusionBlock(features, with_skip=i < len(in_channels) - 1) for i in range(len(in_channels))])
         # LSeg's head: a 1x1 conv from the decoder features to the embedding dimension.
         self.head = nn.Conv2d(features, out_dim, 1)
 

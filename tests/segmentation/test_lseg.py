@@ -1,0 +1,112 @@
+"""LSeg: shapes, normalisation, scale init, any vocabulary, distillation gradient, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.errors import DistillError
+from distill.segmentation.lseg import build_lseg
+from distill.segmentation.train import teacher_pixel_fn
+
+
+def _text(c, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(c, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "teacher"])
+def test_shapes_normalisation_and_vocabulary(backbone, tiny_teacher):
+    t = tiny_teacher
+    m = build_lseg(t.embed_dim, backbone, visual=t.model.visual, mean=t.mean, std=t.std, features=16).eval()
+    assert m.logit_scale.exp().item() == pytest.approx(1 / 0.07)  # LSeg section 3
+    x = torch.rand(2, 3, 64, 48)
+    with torch.no_grad():
+        emb = m.pixel_embeddings(x)
+        assert emb.shape == (2, t.embed_dim, 64, 48)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(2, 64, 48), atol=1e-5)
+        for c in (3, 7):  # any vocabulary at inference, no rebuild
+            text = _text(c, t.embed_dim, c)
+            logits = m(x, text=text)
+            assert logits.shape == (2, 1 + c, 64, 48)
+            # logits are the scale times the cosine with [background, classes]
+            cls = F.normalize(torch.cat([m.bg_embed[None], text]), dim=1)
+            ref = (1 / 0.07) * torch.einsum("bdhw,cd->bchw", emb, cls)
+            torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    # the vocabulary is never saved with the weights
+    m.set_vocabulary(_text(4, t.embed_dim), [1, 2, 5, 9])
+    assert "text" not in m.state_dict() and "class_ids" not in m.state_dict()
+    if backbone == "teacher":  # the teacher's own tower stays frozen and untouched
+        assert m.encoder.visual is not t.model.visual
+        assert all(p.requires_grad for p in m.encoder.visual.parameters())
+        assert all(not p.requires_grad for p in t.model.parameters())
+
+
+def test_train_loss_ignores_novel_and_learns(tiny_teacher):
+    torch.manual_seed(0)
+    m = build_lseg(tiny_teacher.embed_dim, "resnet18", features=16)
+    m.set_vocabulary(_text(2, tiny_teacher.embed_dim), [1, 3])  # base ids 1, 3; id 2 is novel
+    x = torch.rand(2, 3, 32, 32)
+    masks = torch.zeros(2, 32, 32, dtype=torch.long)
+    masks[:, 8:16, 8:16] = 1
+    masks[:, 20:28, 20:28] = 3
+    masks[:, :4] = 2  # novel pixels: ignored, not an error
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = m(x, {"masks": masks})["loss_ce"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.log(3) * 0.5 < losses[0] < 10.0  # scale 14.3 x random cosines
+    assert losses[-1] < 0.7 * losses[0]
+    all_ignore = m(x, {"masks": torch.full_like(masks, 255)})["loss_ce"]
+    assert all_ignore.item() == 0.0
+
+
+def test_distillation_gradient_reaches_only_the_student(tiny_teacher):
+    t = tiny_teacher
+    m = build_lseg(t.embed_dim, "resnet18", features=16, distill_weight=2.0, distill_loss="cosine")
+    m.set_vocabulary(_text(2, t.embed_dim), [1, 2])
+    m.set_distill_teacher(teacher_pixel_fn(t))
+    assert not any(k.startswith("_teacher") for k in m.state_dict())
+    m.train()
+    x = torch.rand(2, 3, 32, 32)
+    out = m(x, {"masks": torch.full((2, 32, 32), 255, dtype=torch.long)})  # no labels at all
+    assert set(out) == {"loss_ce", "loss_distill"}
+    assert out["loss_ce"].item() == 0.0
+    # the distillation term equals 2 x mean(1 - cos) against the teacher's MaskCLIP pixels
+    from distill.teacher.dense import pixel_embeddings
+
+    with torch.no_grad():
+        tp = F.interpolate(pixel_embeddings(t, x, out_size=(8, 8)), size=(32, 32), mode="bilinear", align_corners=False)
+        ref = 2.0 * (1 - (m.pixel_embeddings(x) * F.normalize(tp, dim=1)).sum(1)).mean()
+    assert out["loss_distill"].item() == pytest.approx(ref.item(), rel=1e-4)
+    out["loss_distill"].backward()
+    assert all(p.grad is None for p in t.model.parameters())
+    assert all(not p.requires_grad for p in t.model.parameters()) and not t.model.training
+    grads = [p.grad for n, p in m.named_parameters() if n.startswith(("encoder", "decoder"))]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert m.bg_embed.grad is None or m.bg_embed.grad.abs().sum() == 0  # only CE touches classes
+
+
+def test_bad_input(tiny_teacher):
+    d = tiny_teacher.embed_dim
+    m = build_lseg(d, "resnet18", features=16)
+    with pytest.raises(DistillError, match="smaller than the patch size"):
+        m(torch.rand(1, 3, 16, 64), text=_text(2, d))
+    with pytest.raises(DistillError, match="empty query list"):
+        m.set_vocabulary(torch.zeros(0, d))
+    with pytest.raises(DistillError, match="expected \\(C, 16\\)"):
+        m.set_vocabulary(torch.zeros(3, d + 1))
+    m.train()
+    m.set_vocabulary(_text(2, d))
+    with pytest.raises(DistillError, match="does not match the images"):
+        m(torch.rand(2, 3, 64, 64), {"masks": torch.zeros(2, 64, 60, dtype=torch.long)})
+    with pytest.raises(DistillError, match="no teacher pixel"):
+        build_lseg(d, "resnet18", features=16, distill_weight=1.0).train()(torch.rand(2, 3, 64, 64), {"masks": torch.zeros(2, 64, 64, dtype=torch.long)}, text=_text(2, d))
+    with pytest.raises(DistillError, match="resnet18, teacher"):
+        build_lseg(d, "vgg")
