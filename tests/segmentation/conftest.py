@@ -73,3 +73,9 @@ def tiny_teacher():
 @pytest.fixture()
 def tiny_world(tmp_path):
     return tmp_path, make_world(tmp_path)
+
+
+@pytest.fixture()
+def overrides():
+    """``overrides(root, data, **extra) -> ["key=value", ...]`` for a config on the tiny world."""
+    return world_overrides
