@@ -190,6 +190,23 @@ def _wrap(model, name: str, device: torch.device, precision: str, dense_image_si
     )
 
 
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_model_quiet(name: str) -> torch.nn.Module:
+    """``open_clip.create_model(name)`` without its "initialized randomly" warning (we load the
+    weights ourselves right after, with checked keys)."""
+    root = logging.getLogger()
+    f = _NoRandomInitWarning()
+    root.addFilter(f)
+    try:
+        return open_clip.create_model(name, device="cpu")
+    finally:
+        root.removeFilter(f)
+
+
 def _unknown_model(name: str) -> DistillError:
     valid = open_clip.list_models()
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.4)
@@ -307,7 +324,7 @@ def build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
         except Exception:
             raise _tag_error(name, pretrained) from None
     else:
-        model = open_clip.create_model(name, device="cpu")
+        model = create_model_quiet(name)
         if not pretrained:
             log.warning("teacher: %s has no pretrained weights (random init)", name)
         else:

@@ -235,7 +235,6 @@ def pretrain(cfg, out_dir: str | Path | None = None, force: bool = False) -> Pat
 
     Reuses an existing checkpoint whose manifest inputs match (unless ``force``).
     """
-    from safetensors.torch import save_file
 
     register_model_configs()
     pc = cfg.pretrain
@@ -253,10 +252,21 @@ def pretrain(cfg, out_dir: str | Path | None = None, force: bool = False) -> Pat
             pass
     if pc.steps < 1 or pc.batch_size < 2:
         raise DistillError(f"pretrain.steps / pretrain.batch_size: expected >= 1 / >= 2, got {pc.steps} / {pc.batch_size}")
-    t0 = time.time()
-    dev = get_device(cfg.teacher.device)
+    threads = torch.get_num_threads()
     if pc.threads > 0:
         torch.set_num_threads(pc.threads)
+    try:
+        return _train(cfg, out, ckpt, man_path, templates, inputs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...], inputs: dict) -> Path:
+    from safetensors.torch import save_file
+
+    pc = cfg.pretrain
+    t0 = time.time()
+    dev = get_device(cfg.teacher.device)
     torch.manual_seed(pc.seed)
     data = load_pairs(cfg)
     log.info("teacher pretrain: %d objects, %d images, %d classes", len(data.boxes), len(data.images), len(data.names))
