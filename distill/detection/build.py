@@ -23,10 +23,14 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+import torchvision
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from distill.config import DetConfig
 from distill.detection.vild import ViLDPredictor, ViLDRoIHeads
@@ -36,27 +40,43 @@ BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "m
 
 
 # ------------------------------------------------------------------------------------ backbone
-def build_backbone(name: str, pretrained: str = "") -> nn.Module:
-    """A torchvision FPN backbone (``out_channels`` = 256).
+def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, returned_layers: tuple[int, ...] = (1, 2, 3, 4)) -> nn.Module:
+    """A torchvision FPN backbone (``out_channels`` = ``fpn_channels``).
 
-    Random init uses trainable BatchNorm; with ``pretrained`` (a local state_dict of the
-    torchvision classification model, e.g. resnet50-0676ba61.pth) the norms are frozen as in
-    torchvision's detection recipes.
+    ResNets use ``BackboneWithFPN`` over the stages in ``returned_layers`` (1 = stride 4 ... 4 =
+    stride 32) plus a max-pool level, as ``resnet_fpn_backbone`` does, with a configurable width.
+    Random init uses trainable BatchNorm; with ``pretrained`` (a local state_dict of the torchvision
+    classification model, e.g. resnet50-0676ba61.pth) the norms are frozen and the stem and first
+    stage stay fixed, as in torchvision's detection recipes.
     """
     if name not in BACKBONES:
         raise DistillError(f"det.backbone: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
     norm = misc_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    trainable = 3 if pretrained else 5
     if name.startswith("resnet"):
-        bb = resnet_fpn_backbone(backbone_name=name[: -len("_fpn")], weights=None, norm_layer=norm, trainable_layers=trainable)
-    else:
-        bb = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm, trainable_layers=6 if not pretrained else 3)
+        layers = tuple(int(x) for x in returned_layers)
+        if not layers or any(x not in (1, 2, 3, 4) for x in layers) or list(layers) != sorted(set(layers)):
+            raise DistillError(f"det.returned_layers: expected increasing stages from 1..4, got {list(returned_layers)}")
+        body = getattr(torchvision.models, name[: -len("_fpn")])(weights=None, norm_layer=norm)
+        if pretrained:
+            _load_backbone_weights(body, pretrained)
+            for n, prm in body.named_parameters():  # trainable_layers=3 (torchvision default)
+                if not n.startswith(("layer2", "layer3", "layer4")):
+                    prm.requires_grad_(False)
+        c = 512 if name in ("resnet18_fpn", "resnet34_fpn") else 2048
+        in_ch = [c // 8 * 2 ** (i - 1) for i in layers]
+        return BackboneWithFPN(body, {f"layer{k}": str(j) for j, k in enumerate(layers)}, in_ch, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=None)
+    bb = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm, trainable_layers=6 if not pretrained else 3)
     if pretrained:
-        _load_backbone_weights(bb, pretrained)
+        _load_backbone_weights(bb.body, pretrained)
     return bb
 
 
-def _load_backbone_weights(bb: nn.Module, path: str) -> None:
+def num_levels(det: DetConfig) -> int:
+    """FPN levels fed to the RPN (returned stages + the max-pool level; 3 for mobilenet)."""
+    return len(det.returned_layers) + 1 if det.backbone.startswith("resnet") else 3
+
+
+def _load_backbone_weights(body: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         raise DistillError(f"det.pretrained_backbone: {path}: file not found (expected a local torchvision state_dict)")
@@ -66,9 +86,8 @@ def _load_backbone_weights(bb: nn.Module, path: str) -> None:
         raise DistillError(f"det.pretrained_backbone: {path}: not a readable state_dict ({type(e).__name__})") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
-    body = bb.body
     own = body.state_dict()
-    if hasattr(body, "features") or any(k.startswith("features.") for k in sd):  # mobilenet: features.N -> N
+    if not any(k in own for k in sd) and any(k.startswith("features.") for k in sd):  # mobilenet
         sd = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
     matched = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if len(matched) < 0.5 * len(own):
@@ -78,7 +97,8 @@ def _load_backbone_weights(bb: nn.Module, path: str) -> None:
 
 def _torchvision_model(det: DetConfig, num_classes: int) -> FasterRCNN:
     """torchvision Faster / Mask R-CNN with our sizes, anchors and sampling settings."""
-    backbone = build_backbone(det.backbone, det.pretrained_backbone)
+    backbone = build_backbone(det.backbone, det.pretrained_backbone, det.fpn_channels, det.returned_layers)
+    n_levels = num_levels(det)
     kw = dict(
         min_size=det.min_size,
         max_size=det.max_size,
@@ -92,13 +112,17 @@ def _torchvision_model(det: DetConfig, num_classes: int) -> FasterRCNN:
         box_detections_per_img=det.detections_per_img,
     )
     if det.anchor_sizes:
-        n_levels = 5 if det.backbone.startswith("resnet") else 3
         sizes = tuple(det.anchor_sizes)
         if len(sizes) != n_levels:
             raise DistillError(f"det.anchor_sizes: {det.backbone} has {n_levels} FPN levels, got {len(sizes)} sizes")
         kw["rpn_anchor_generator"] = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * n_levels)
     elif not det.backbone.startswith("resnet"):  # torchvision's mobilenet FPN anchors (3 levels)
         kw["rpn_anchor_generator"] = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    kw["box_roi_pool"] = MultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=7, sampling_ratio=2)
+    if det.box_head_dim != 1024 or backbone.out_channels != 256:
+        kw["box_head"] = TwoMLPHead(backbone.out_channels * 7 * 7, det.box_head_dim)
+    if det.masks:
+        kw["mask_roi_pool"] = MultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=14, sampling_ratio=2)
     cls = MaskRCNN if det.masks else FasterRCNN
     return cls(backbone, num_classes=num_classes, **kw)
 

@@ -180,24 +180,19 @@ def embed_proposals(cfg: Config, teacher, proposals: dict[int, tuple[torch.Tenso
     computed once into an :class:`~distill.teacher.cache.EmbeddingCache` (keyed by teacher
     fingerprint + proposals hash + crop mode) and returned as that cache (``.get(image_id)``)."""
     from distill.teacher.cache import EmbeddingCache
-    from distill.teacher.regions import region_embeddings
+    from distill.teacher.regions import embed_regions_to_cache
 
     num = cfg.det.num_image_distill if num is None else num
     key = region_cache_key(teacher, proposals_hash, num, cfg.regions.mode, cfg.regions.scales)
     root = Path(cfg.work_dir) / "embeddings" / "regions" / sha256_json(key)[:16]
-    cache = EmbeddingCache(root, key)
-    done = set(cache.image_ids()) if hasattr(cache, "image_ids") else set()
-    todo = [i for i in range(len(dataset)) if int(dataset.image_ids[i]) not in done]
-    shard = max(1, cfg.regions.shard_size)
-    for s in range(0, len(todo), shard):
-        idx = todo[s : s + shard]
-        imgs, bxs, iids = [], [], []
-        for i in idx:
-            iid = int(dataset.image_ids[i])
-            img, _ = dataset[i]
-            imgs.append(img)
-            bxs.append(proposals.get(iid, (torch.zeros(0, 4), None))[0][:num])
-            iids.append(iid)
-        embs = region_embeddings(teacher, imgs, bxs, mode=cfg.regions.mode, scales=cfg.regions.scales)
-        cache.write(iids, [e.cpu() for e in embs])
+    cache = EmbeddingCache(root, key, dtype=cfg.teacher.cache_dtype, shard_size=max(1, cfg.regions.shard_size))
+    todo = set(cache.missing(dataset.image_ids))
+    if todo or not cache.complete:
+        empty = torch.zeros(0, 4)
+        items = (
+            (iid, dataset[i][0], proposals.get(iid, (empty, None))[0][:num])
+            for i, iid in enumerate(int(x) for x in dataset.image_ids)
+            if iid in todo
+        )
+        embed_regions_to_cache(teacher, items, cache, mode=cfg.regions.mode, scales=cfg.regions.scales)
     return cache
