@@ -746,6 +746,8 @@ def _rel_stem(file_name: str, split: str) -> Path:
     """Output name relative to ``masks/``: ``{split}/{stem}`` (``train/000012``)."""
     fn = Path(file_name)
     parts = fn.parts
+    if fn.is_absolute() or ".." in parts:  # an input name must not steer outputs out of cam.out
+        raise DistillError(f"{file_name!r}: image-label file_name is absolute or contains '..' (expected a path relative to the image folder)")
     if len(parts) >= 2:
         return Path(*parts[:-1]) / fn.stem
     return Path(split) / fn.stem
