@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -142,10 +143,13 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def compute_fingerprint(model: torch.nn.Module, name: str, image_size: int, mean, std) -> str:
-    """sha256 of every tensor of the state dict (name, dtype, shape, bytes) + the preprocessing."""
+def compute_fingerprint(model: torch.nn.Module, arch, image_size: int, mean, std) -> str:
+    """sha256 of the architecture (``arch``: the open_clip model config dict, or a name), every
+    tensor of the state dict (key, dtype, shape, bytes) and the preprocessing (size, mean, std).
+    The same weights loaded by name or from a local-dir give the same fingerprint."""
     h = hashlib.sha256()
-    h.update(f"{name}|{image_size}|{tuple(float(m) for m in mean)}|{tuple(float(s) for s in std)}".encode())
+    arch = json.dumps(arch, sort_keys=True) if isinstance(arch, dict) else str(arch)
+    h.update(f"{arch}|{image_size}|{tuple(float(m) for m in mean)}|{tuple(float(s) for s in std)}".encode())
     for key, t in sorted(model.state_dict().items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -161,7 +165,7 @@ def _square(v) -> int:
     return int(v)
 
 
-def _wrap(model, name: str, device: torch.device, precision: str, dense_image_size: int = 0, batch_size: int = 256, tokenizer=None) -> Teacher:
+def _wrap(model, name: str, device: torch.device, precision: str, dense_image_size: int = 0, batch_size: int = 256, tokenizer=None, arch: dict | None = None) -> Teacher:
     visual = model.visual
     if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
         raise DistillError(f"teacher.model: {name!r} is not an open_clip ViT (dense paths need a ViT image tower)")
@@ -172,7 +176,7 @@ def _wrap(model, name: str, device: torch.device, precision: str, dense_image_si
     patch = _square(visual.patch_size)
     embed_dim = int(visual.output_dim)
     model = _freeze(model.to(device))
-    fp = compute_fingerprint(model, name, image_size, mean, std)
+    fp = compute_fingerprint(model, arch if arch else name, image_size, mean, std)
     return Teacher(
         model=model,
         name=name,
@@ -298,7 +302,8 @@ def build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
         except Exception as e:
             raise DistillError(f"teacher.model: cannot load {name!r} ({str(e).splitlines()[0]})") from None
         tokenizer = open_clip.get_tokenizer(name)
-        return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, **kw)
+        arch = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg")
+        return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, arch=arch, **kw)
 
     if name not in open_clip.list_models():
         raise _unknown_model(name)
@@ -329,7 +334,7 @@ def build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
             log.warning("teacher: %s has no pretrained weights (random init)", name)
         else:
             load_state_dict_checked(model, load_weights_file(pretrained), pretrained)
-    return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, **kw)
+    return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, arch=open_clip.get_model_config(name), **kw)
 
 
 def build_random_teacher(
@@ -365,4 +370,5 @@ def build_random_teacher(
                     p.add_(perturb * torch.randn(p.shape, generator=g))
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
     dev = torch.device(device)
-    return _wrap(model, f"random-vit-w{width}-l{layers}-s{seed}", dev, precision, dense_image_size=dense_image_size or 2 * image_size, batch_size=64, tokenizer=tokenizer)
+    arch = {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
+    return _wrap(model, f"random-vit-w{width}-l{layers}-s{seed}", dev, precision, dense_image_size=dense_image_size or 2 * image_size, batch_size=64, tokenizer=tokenizer, arch=arch)

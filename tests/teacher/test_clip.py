@@ -1,6 +1,7 @@
 """Teacher builder: names, checkpoints (safetensors, fp16 .pt), mismatches, fingerprint, precision."""
 
 import dataclasses
+import json
 
 import open_clip
 import pytest
@@ -45,6 +46,11 @@ def test_safetensors_checkpoint_loads_and_fp16_pt_too(tmp_path):
     assert t16.fingerprint != t.fingerprint  # fp16-rounded weights are other weights
     t2 = build_teacher(TeacherConfig(pretrained=str(path)))
     assert t2.fingerprint == t.fingerprint
+    # local-dir: layout (open_clip_config.json + weights): same weights, same fingerprint
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("distill-tiny-vit")}))
+    (tmp_path / "t16.pt").unlink()
+    t3 = build_teacher(TeacherConfig(model=f"local-dir:{tmp_path}", pretrained=""))
+    assert t3.fingerprint == t.fingerprint and torch.allclose(t3.encode_images(x), ref, atol=1e-5)
 
 
 def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
