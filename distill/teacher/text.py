@@ -106,8 +106,11 @@ def text_embeddings(
     if cache_dir:
         path = Path(cache_dir) / f"{vocab.hash}-{sha256_json(key)[:12]}.safetensors"
         if path.is_file():
-            emb = load_file(str(path))["embeddings"]
-            if emb.shape == (len(vocab), teacher.embed_dim):
+            try:
+                emb = load_file(str(path))["embeddings"]
+            except Exception:  # unreadable entry: recompute and overwrite it
+                emb = None
+            if emb is not None and emb.shape == (len(vocab), teacher.embed_dim):
                 return emb.float().to(teacher.device)
     emb = encode_class_prompts(teacher, vocab.prompts, templates)
     if path is not None:
