@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-def _rate(fn, n_images: int, warmup: int = 2, iters: int = 5, device: str = "cpu") -> float:
+def _rate(fn, n_images: int, warmup: int = 1, iters: int = 3, device: str = "cpu") -> float:
     with torch.inference_mode():
         for _ in range(warmup):
             fn()

@@ -23,7 +23,7 @@ from distill.errors import DistillError
 def model_logits(model: torch.nn.Module, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """One forward of an LSeg / CLIPSeg student: (B, 3, H, W), (C, D) -> (B, 1 + C, H, W)."""
     if hasattr(model, "classify"):  # LSeg
-        return model.classify(model.pixel_embeddings(images), text)
+        return model.logits(images, text)
     return model.semantic_logits(images, text)  # CLIPSeg
 
 

@@ -248,13 +248,25 @@ class LSeg(nn.Module):
         under ``torch.no_grad`` during training. Kept out of the state dict and of ``.to()``."""
         object.__setattr__(self, "_teacher_pixels", fn)
 
-    def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, D, H, W) L2-normalised along D."""
+    def pixel_embeddings(self, images: torch.Tensor, full_res: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D, H, W) L2-normalised along D (``full_res=False``: at the
+        decoder's resolution, half the finest feature map's stride)."""
         _check_image(images, self.patch)
         emb = self.decoder(self.encoder(images.float()))
-        if emb.shape[-2:] != images.shape[-2:]:
+        if full_res and emb.shape[-2:] != images.shape[-2:]:
             emb = F.interpolate(emb, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return F.normalize(emb, dim=1)
+
+    def logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), text (C, D) -> (B, 1 + C, H, W): logits at the decoder's resolution,
+        upsampled bilinearly to the image (LSeg's head upsamples after the dot product)."""
+        return self._upsample(self.classify(self.pixel_embeddings(images, full_res=False), text), images)
+
+    @staticmethod
+    def _upsample(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
 
     def classify(self, emb: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """emb (B, D, H, W) normalised, text (C, D) -> (B, 1 + C, H, W) scaled cosine logits."""
@@ -272,8 +284,8 @@ class LSeg(nn.Module):
         t = self.text if text is None else text
         if t.numel() == 0:
             raise DistillError("lseg: no vocabulary (set_vocabulary was not called and no text was given)")
-        emb = self.pixel_embeddings(images)
-        logits = self.classify(emb, t)
+        emb = self.pixel_embeddings(images, full_res=False)
+        logits = self._upsample(self.classify(emb, t), images)
         if not self.training:
             return logits
         masks = _target_masks(targets, images)

@@ -222,13 +222,13 @@ def build_seg_model(cfg: Config, teacher) -> torch.nn.Module:
 
 
 def teacher_pixel_fn(teacher):
-    """images (B, 3, H, W) -> the teacher's MaskCLIP pixel embeddings (B, D, H/4, W/4) (the
-    distillation loss resizes them to the student's resolution)."""
+    """images (B, 3, H, W) -> the teacher's MaskCLIP pixel embeddings (B, D, H/2, W/2), the LSeg
+    decoder's resolution (the distillation loss resizes them if they differ)."""
     from distill.teacher.dense import pixel_embeddings
 
     def fn(images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
-        return pixel_embeddings(teacher, images, out_size=(max(1, h // 4), max(1, w // 4))).to(images.device)
+        return pixel_embeddings(teacher, images, out_size=(max(1, h // 2), max(1, w // 2))).to(images.device)
 
     return fn
 

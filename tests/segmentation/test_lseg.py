@@ -32,7 +32,10 @@ def test_shapes_normalisation_and_vocabulary(backbone, tiny_teacher):
             assert logits.shape == (2, 1 + c, 64, 48)
             # logits are the scale times the cosine with [background, classes]
             cls = F.normalize(torch.cat([m.bg_embed[None], text]), dim=1)
-            ref = (1 / 0.07) * torch.einsum("bdhw,cd->bchw", emb, cls)
+            low = m.pixel_embeddings(x, full_res=False)  # the decoder's resolution: stride 2
+            assert low.shape[-2:] == ((32, 24) if backbone == "resnet18" else (64, 48))
+            ref = (1 / 0.07) * torch.einsum("bdhw,cd->bchw", low, cls)
+            ref = F.interpolate(ref, size=(64, 48), mode="bilinear", align_corners=False)
             torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     # the vocabulary is never saved with the weights
     m.set_vocabulary(_text(4, t.embed_dim), [1, 2, 5, 9])
@@ -82,8 +85,8 @@ def test_distillation_gradient_reaches_only_the_student(tiny_teacher):
     from distill.teacher.dense import pixel_embeddings
 
     with torch.no_grad():
-        tp = F.interpolate(pixel_embeddings(t, x, out_size=(8, 8)), size=(32, 32), mode="bilinear", align_corners=False)
-        ref = 2.0 * (1 - (m.pixel_embeddings(x) * F.normalize(tp, dim=1)).sum(1)).mean()
+        tp = pixel_embeddings(t, x, out_size=(16, 16))  # the decoder's resolution (stride 2)
+        ref = 2.0 * (1 - (m.pixel_embeddings(x, full_res=False) * tp).sum(1)).mean()
     assert out["loss_distill"].item() == pytest.approx(ref.item(), rel=1e-4)
     out["loss_distill"].backward()
     assert all(p.grad is None for p in t.model.parameters())
