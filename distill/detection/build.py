@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 import torchvision
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -121,10 +121,13 @@ def _torchvision_model(det: DetConfig, num_classes: int) -> FasterRCNN:
     kw["box_roi_pool"] = MultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=7, sampling_ratio=2)
     if det.box_head_dim != 1024 or backbone.out_channels != 256:
         kw["box_head"] = TwoMLPHead(backbone.out_channels * 7 * 7, det.box_head_dim)
+        kw["box_predictor"] = FastRCNNPredictor(det.box_head_dim, num_classes)
+        if det.masks:
+            kw["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes)
     if det.masks:
         kw["mask_roi_pool"] = MultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=14, sampling_ratio=2)
     cls = MaskRCNN if det.masks else FasterRCNN
-    return cls(backbone, num_classes=num_classes, **kw)
+    return cls(backbone, num_classes=None if "box_predictor" in kw else num_classes, **kw)
 
 
 # ------------------------------------------------------------------------------------ ViLD

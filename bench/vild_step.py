@@ -1,0 +1,107 @@
+"""Time a ViLD training step against a plain torchvision Faster R-CNN step on the same batch.
+
+    python bench/vild_step.py [--device cpu] [--repeats 5]
+
+Both detectors share the shapes config's backbone, RPN and RoI settings (configs/shapes/vild.yaml);
+ViLD adds the projection + cosine classifier and the ViLD-image pass over the precomputed
+proposals (det.num_image_distill per image). Steps are interleaved (plain, ViLD, plain, ...) so
+machine load hits both alike; the medians and their ratio are printed (target <= 1.15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _batch(n: int, d: int, num_props: int, size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    targets = []
+    for i in range(n):
+        k = 4
+        xy = torch.rand(k, 2, generator=g) * (size - 40)
+        wh = 10 + torch.rand(k, 2, generator=g) * 30
+        pxy = torch.rand(num_props, 2, generator=g) * (size - 40)
+        pwh = 8 + torch.rand(num_props, 2, generator=g) * 40
+        targets.append(
+            {
+                "boxes": torch.cat([xy, xy + wh], 1),
+                "labels": torch.randint(0, 10, (k,), generator=g),
+                "image_id": i,
+                "proposals": torch.cat([pxy, (pxy + pwh).clamp(max=size)], 1),
+                "proposal_embeddings": F.normalize(torch.randn(num_props, d, generator=g), dim=1),
+            }
+        )
+    return images, targets
+
+
+def main(device: str = "cpu", repeats: int = 5, batch_size: int = 0, config: str = "configs/shapes/vild.yaml") -> dict:
+    """Median seconds per training step of a plain Faster R-CNN and of ViLD, and their ratio."""
+    from distill.config import load_config
+    from distill.detection.build import build_plain_detector, build_vild_detector
+
+    cfg = load_config(config)
+    det = cfg.det
+    dev = torch.device(device)
+    bs = batch_size or det.train.batch_size
+    d, c = 64, 20
+    torch.manual_seed(0)
+    vild = build_vild_detector(det, d, F.normalize(torch.randn(c, d), dim=1)).to(dev).train()
+    torch.manual_seed(0)
+    plain = build_plain_detector(det, c).to(dev).train()
+    images, targets = _batch(bs, d, det.num_image_distill, det.min_size)
+    images = [im.to(dev) for im in images]
+    targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    plain_targets = [{k: v for k, v in t.items() if not k.startswith("proposal")} for t in targets]
+    opts = {"plain": torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9), "vild": torch.optim.SGD(vild.parameters(), lr=1e-3, momentum=0.9)}
+
+    def step(name: str) -> float:
+        model, tg = (plain, plain_targets) if name == "plain" else (vild, targets)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses = model(images, tg)
+        sum(losses.values()).backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    step("plain"), step("vild")  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "vild": []}
+    for _ in range(repeats):
+        for name in ("plain", "vild"):
+            times[name].append(step(name))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {
+        "device": str(dev),
+        "batch_size": bs,
+        "num_image_distill": det.num_image_distill,
+        "repeats": repeats,
+        "plain_step_s": round(med["plain"], 4),
+        "vild_step_s": round(med["vild"], 4),
+        "ratio": round(med["vild"] / med["plain"], 3),
+        "target": 1.15,
+    }
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--config", default="configs/shapes/vild.yaml")
+    a = ap.parse_args()
+    r = main(a.device, a.repeats, a.batch_size, a.config)
+    print(f"plain Faster R-CNN step: {r['plain_step_s']:.3f} s   ViLD step: {r['vild_step_s']:.3f} s   ratio: {r['ratio']:.3f} (target <= 1.15)")
+    print(json.dumps(r))
+    sys.exit(0)

@@ -1,0 +1,174 @@
+"""The real configs' wiring (shapes, OV-COCO 48/17, LVIS rare-as-novel) on a tiny generated
+COCO-format fixture with a random tiny teacher: propose -> region cache -> 2 training steps ->
+generalized evaluation. Model sizes are overridden to tiny ones; everything else is the config's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.config import load_config
+from distill.detection.proposals import load_proposals, proposals_dir, run_proposals
+from distill.detection.train import build_training_set, det_dir, det_vocab, train_detector
+from distill.teacher.clip import build_random_teacher
+
+REPO = Path(__file__).resolve().parents[2]
+COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 210, 30)]
+
+TINY = [
+    "det.backbone=resnet18_fpn",
+    "det.pretrained_backbone=",
+    "det.fpn_channels=16",
+    "det.returned_layers=[3,4]",
+    "det.anchor_sizes=[16,32,64]",
+    "det.box_head_dim=32",
+    "det.min_size=64",
+    "det.max_size=64",
+    "det.rpn_pre_nms_train=100",
+    "det.rpn_post_nms_train=50",
+    "det.rpn_pre_nms_test=100",
+    "det.rpn_post_nms_test=30",
+    "det.roi_batch_size=32",
+    "det.num_image_distill=5",
+    "det.ensemble_candidates=5",
+    "det.train.max_steps=2",
+    "det.train.batch_size=2",
+    "det.train.checkpoint_period=0",
+    "det.train.log_period=1",
+    "proposals.top_k=10",
+    "proposals.batch_size=4",
+    "proposals.train.max_steps=2",
+    "proposals.train.batch_size=2",
+    "proposals.train.checkpoint_period=0",
+    "data.num_workers=0",
+    "teacher.precision=fp32",
+    f"teacher.templates={REPO / 'configs/prompts/default.txt'}",
+]
+
+
+def make_fixture(root: Path, categories: list[dict], used: list[int], n_train=4, n_val=2, size=64, seed=0) -> dict:
+    """COCO-format train / val jsons (+ PNGs) whose objects are coloured rectangles of ``used``
+    category ids; every annotation has a polygon, area and iscrowd."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    iid, aid = 1, 1
+    for split, n in (("train", n_train), ("val", n_val)):
+        images, anns = [], []
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        for _ in range(n):
+            img = np.full((size, size, 3), 90, np.uint8)
+            for k in range(2):
+                cat = used[(iid + k) % len(used)]
+                w, h = rng.integers(12, 28, 2)
+                x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+                img[y : y + h, x : x + w] = COLORS[used.index(cat) % len(COLORS)]
+                poly = [float(x), float(y), float(x + w), float(y), float(x + w), float(y + h), float(x), float(y + h)]
+                anns.append({"id": aid, "image_id": iid, "category_id": cat, "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0, "segmentation": [poly]})
+                aid += 1
+            name = f"{split}/{iid:06d}.png"
+            Image.fromarray(img).save(root / "images" / name)
+            images.append({"id": iid, "file_name": name, "width": size, "height": size})
+            iid += 1
+        path = root / f"{split}.json"
+        path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+        out[split] = path
+    return out
+
+
+def _run(cfg, teacher, base_only_check: int | None = None) -> dict:
+    m_prop = run_proposals(cfg, progress=False)
+    props, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
+    assert len(props) == 4 and all(len(b) <= cfg.proposals.top_k for b, _ in props.values())
+    assert 0 <= m_prop[f"recall@{cfg.proposals.top_k}/all"] <= 1
+    metrics = train_detector(cfg, progress=False, teacher=teacher)
+    out = det_dir(cfg)
+    assert (out / "model_final.pt").is_file() and (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+    saved = json.loads((out / "metrics.json").read_text())
+    for k in ("bbox/AP", "bbox/AP50", "bbox/AP50_base", "bbox/AP50_novel", "bbox/AP_base", "bbox/AP_novel"):
+        assert k in saved and (saved[k] != saved[k] or 0.0 <= saved[k] <= 1.0), k
+    assert saved["step"] == 2
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = rows[0]
+    assert {"loss_vild_text", "loss_vild_image", "loss_objectness", "loss_rpn_box_reg", "loss_box_reg"} <= set(losses)
+    # the region cache holds the teacher's embeddings of the top proposals of every train image
+    regions = list((Path(cfg.work_dir) / "embeddings" / "regions").iterdir())
+    assert len(regions) == 1 and (regions[0] / "index.json").is_file()
+    # evaluation was generalized over the whole vocabulary: results carry base AND novel ids
+    res = json.loads((out / "results_val.json").read_text())
+    vocab = det_vocab(cfg)
+    cats = {r["category_id"] for r in res}
+    assert cats & {vocab.ids[i] for i in vocab.novel_indices}
+    # the student only ever trained on base classes: novel boxes were dropped at load time
+    if base_only_check is not None:
+        ds = build_training_set(cfg, vocab, teacher, vocab.base_indices)
+        labels = torch.cat([ds[i][1]["labels"] for i in range(len(ds))])
+        assert int(labels.max()) < base_only_check
+        assert ds.dropped > 0
+    return saved
+
+
+def test_ovcoco_config_wiring(tmp_path):
+    entries = json.loads((REPO / "configs/vocab/coco_48_17.json").read_text())
+    cats = [{"id": e["id"], "name": e["name"], "supercategory": ""} for e in entries]  # no split: vocab has it
+    used = [1, 3, 5, 6]  # person, car (base); airplane, bus (novel)
+    files = make_fixture(tmp_path / "coco", cats, used)
+    cfg = load_config(
+        REPO / "configs/coco/vild_r50_ovcoco.yaml",
+        [
+            f"work_dir={tmp_path / 'run'}",
+            f"data.image_root={tmp_path / 'coco' / 'images'}",
+            f"data.train_json={files['train']}",
+            f"data.train_full_json={files['train']}",
+            f"data.val_json={files['val']}",
+            f"data.vocab={REPO / 'configs/vocab/coco_48_17.json'}",
+            *TINY,
+        ],
+    )
+    assert cfg.det.inference == "ensemble" and cfg.det.use_image and cfg.det.image_weight == 0.5
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
+    torch.manual_seed(0)
+    _run(cfg, teacher, base_only_check=48)
+
+
+@pytest.mark.slow
+def test_lvis_config_wiring_with_masks(tmp_path):
+    cats = [
+        {"id": 1, "name": "aerosol can", "frequency": "c", "synonyms": ["aerosol can", "spray can"]},
+        {"id": 2, "name": "apple", "frequency": "f", "synonyms": ["apple"]},
+        {"id": 3, "name": "armoire", "frequency": "r", "synonyms": ["armoire"]},
+        {"id": 4, "name": "banjo", "frequency": "r", "synonyms": ["banjo"]},
+    ]
+    files = make_fixture(tmp_path / "lvis", cats, [1, 2, 3, 4])
+    cfg = load_config(
+        REPO / "configs/lvis/vild_r50.yaml",
+        [
+            f"work_dir={tmp_path / 'run'}",
+            f"data.image_root={tmp_path / 'lvis' / 'images'}",
+            f"data.train_json={files['train']}",
+            f"data.train_full_json={files['train']}",
+            f"data.val_json={files['val']}",
+            f"data.vocab={files['train']}",
+            *TINY,
+        ],
+    )
+    assert cfg.det.masks and cfg.det.detections_per_img == 300
+    vocab = det_vocab(cfg)
+    assert [vocab.names[i] for i in vocab.novel_indices] == ["armoire", "banjo"]
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
+    torch.manual_seed(0)
+    saved = _run(cfg, teacher, base_only_check=2)
+    rows = [json.loads(l) for l in (det_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert "loss_mask" in rows[0]
+
+
+def test_shapes_config_is_the_default_detector():
+    cfg = load_config(REPO / "configs/shapes/vild.yaml")
+    assert cfg.det.temperature == 0.01 and cfg.det.image_weight == 0.5
+    assert cfg.det.inference == "ensemble" and abs(cfg.det.ensemble_alpha - 2 / 3) < 1e-6
+    assert cfg.teacher.model == "distill-tiny-vit" and cfg.regions.scales == (1.0, 1.5)
+    assert cfg.det.num_image_distill <= cfg.proposals.top_k
