@@ -29,6 +29,7 @@ Rank 0 then streams the shards into ``<out>/labels.json`` (COCO), ``<out>/yolo/`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -253,6 +254,14 @@ class TeacherSource:
         self.max_proposals = max_proposals
         self.min_area = min_area
         self.proposer = proposer
+        # Run per image inside the DataLoader workers (decoding + proposals overlap the teacher).
+        self.prepare = None
+        if proposer is None:
+            wins = proposals == "windows" or "windows" in proposals
+            self.prepare = functools.partial(
+                component_proposals, min_area=min_area, max_boxes=max_proposals, windows=wins,
+                **({"sat_min": 2.0} if proposals == "windows" else {}),  # windows only: no colour pixels
+            )
         self.fingerprint = sha256_json(
             {"teacher": teacher.fingerprint, "background": list(background), "templates": str(templates), "proposals": proposals, "max": max_proposals}
         )[:16]
@@ -260,16 +269,15 @@ class TeacherSource:
     def _propose(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         if self.proposer is not None:
             return self.proposer(img)
-        arr = img.permute(1, 2, 0).numpy()
-        if self.proposals == "windows":
-            return component_proposals(arr, min_area=self.min_area, max_boxes=self.max_proposals, sat_min=2.0, windows=True)
-        return component_proposals(arr, min_area=self.min_area, max_boxes=self.max_proposals, windows="windows" in self.proposals)
+        return self.prepare(img.permute(1, 2, 0).numpy())
 
     @torch.no_grad()
-    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+    def __call__(self, images: list[torch.Tensor], extras: list | None = None) -> list[dict]:
+        """images: list of (3, H, W) uint8; extras: per image ``prepare``'s (boxes, masks) when the
+        DataLoader computed them."""
         from distill.teacher.regions import region_embeddings
 
-        props = [self._propose(im) for im in images]
+        props = extras if extras is not None else [self._propose(im) for im in images]
         floats = [im.to(self.teacher.device, torch.float32) / 255.0 for im in images]
         boxes = [torch.as_tensor(b, dtype=torch.float32, device=self.teacher.device).reshape(-1, 4) for b, _ in props]
         embs = region_embeddings(self.teacher, floats, boxes, mode="crop")
@@ -334,18 +342,97 @@ def _vild_source(cfg, vocab, device):
     raise DistillError("label.source=vild: the ViLD detector is not available in this build (use --source teacher)")
 
 
+class SegSource:
+    """Labels from a segmentation student (LSeg / CLIPSeg, distill/segmentation): semantic logits
+    ``(1, 1 + C, H, W)`` (channel 0 = background) for the vocabulary's text embeddings; every
+    8-connected component of the argmax map of class c is an instance of c, scored by the mean
+    softmax probability of c over the component, with its mask and box."""
+
+    def __init__(self, model, text: torch.Tensor, vocab: Vocabulary, *, window: int = 0, fingerprint: str = "") -> None:
+        self.model = model
+        self.text = text
+        self.vocab = vocab
+        self.window = window
+        self.fingerprint = fingerprint
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        from distill.segmentation.infer import predict_logits
+
+        dev = self.text.device
+        out = []
+        for im in images:  # one at a time: sizes may differ
+            x = (im.to(dev, torch.float32) / 255.0)[None]
+            prob = predict_logits(self.model, x, self.text, self.window).float().softmax(1)[0].cpu()
+            out.append(instances_from_semantic(prob))
+        return out
+
+
+def instances_from_semantic(prob: torch.Tensor) -> dict:
+    """(1 + C, H, W) class probabilities (channel 0 background) -> instances: connected components
+    of the argmax map per class; score = mean probability of the class over the component."""
+    lab = prob.argmax(0).numpy()
+    boxes, scores, labels, masks = [], [], [], []
+    for c in np.unique(lab):
+        if c == 0:
+            continue
+        n, comp, stats, _ = cv2.connectedComponentsWithStats((lab == c).astype(np.uint8), connectivity=8)
+        pc = prob[c].numpy()
+        for k in range(1, n):
+            x, y, w, h, _ = (int(v) for v in stats[k])
+            m = comp == k
+            boxes.append([x, y, x + w, y + h])
+            scores.append(float(pc[m].mean()))
+            labels.append(int(c) - 1)
+            masks.append(m)
+    H, W = lab.shape
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, H, W, dtype=torch.bool),
+    }
+
+
+def _model_config(cfg, ckpt: str):
+    """The config a student was trained with: ``config.yaml`` beside the checkpoint, else ``cfg``."""
+    from distill.config import load_config
+
+    p = Path(ckpt)
+    if not p.is_file():
+        raise DistillError(f"label.model: {p}: checkpoint not found (expected a model_final.pt from distill train)")
+    side = p.parent / "config.yaml"
+    return load_config(side) if side.is_file() else cfg
+
+
 def _seg_source(cfg, vocab, device):
-    raise DistillError("label.source=seg: the segmentation student is not available in this build (use --source teacher)")
+    """The segmentation student of ``cfg.label.model`` (its folder's config.yaml rebuilds it)."""
+    import dataclasses
+
+    from distill.io import sha256_file
+    from distill.segmentation.train import load_seg_model, text_for
+    from distill.teacher.clip import build_teacher
+
+    mcfg = _model_config(cfg, cfg.label.model)
+    teacher = build_teacher(dataclasses.replace(mcfg.teacher, device=cfg.teacher.device), device=device)
+    model = load_seg_model(mcfg, teacher, cfg.label.model).to(teacher.device)
+    text = text_for(teacher, vocab, mcfg).to(teacher.device)
+    fp = sha256_json({"ckpt": sha256_file(cfg.label.model), "teacher": teacher.fingerprint, "window": mcfg.seg.window})[:16]
+    return SegSource(model, text, vocab, window=mcfg.seg.window, fingerprint=fp), fp
 
 
 # ------------------------------------------------------------------------------------ data
 
 
 class _Images(Dataset):
-    """Global index -> (index, (3, H, W) uint8 tensor or None, error message or None)."""
+    """Global index -> (index, (3, H, W) uint8 tensor or None, error message or None, extra).
 
-    def __init__(self, paths: Sequence[Path]):
+    ``prepare(array (H, W, 3) uint8)`` (a source's per-image CPU work, e.g. proposals) runs here,
+    so it runs in the decoding workers."""
+
+    def __init__(self, paths: Sequence[Path], prepare: Callable | None = None):
         self.paths = list(paths)
+        self.prepare = prepare
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -354,8 +441,10 @@ class _Images(Dataset):
         try:
             arr = load_image(self.paths[i])
         except DistillError as e:
-            return i, None, str(e)
-        return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), None
+            return i, None, str(e), None
+        extra = self.prepare(arr) if self.prepare is not None else None
+        return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), None, extra
+
 
 
 def _collate_list(batch):
@@ -465,8 +554,9 @@ def run_labeling(
     stats = {"shards_total": len(mine), "shards_skipped": len(mine) - len(pending), "images": 0, "failures": 0, "annotations": 0}
     if not batches:
         return stats
+    prepare = getattr(source, "prepare", None)
     loader = DataLoader(
-        _Images(job.paths), batch_sampler=batches, num_workers=job.num_workers, collate_fn=_collate_list,
+        _Images(job.paths, prepare), batch_sampler=batches, num_workers=job.num_workers, collate_fn=_collate_list,
         persistent_workers=False, prefetch_factor=2 if job.num_workers > 0 else None,
     )
     shard_of = {i: k for k in pending for i in ranges[k]}
@@ -474,9 +564,14 @@ def run_labeling(
     want_png = "png" in job.formats
     with torch.inference_mode():
         for batch in loader:
-            ok = [(i, im) for i, im, err in batch if im is not None]
-            preds = source([im for _, im in ok]) if ok else []
-            for (i, im), pred in zip(ok, preds):
+            ok = [(i, im, ex) for i, im, err, ex in batch if im is not None]
+            if not ok:
+                preds = []
+            elif prepare is not None:
+                preds = source([im for _, im, _ in ok], [ex for _, _, ex in ok])
+            else:
+                preds = source([im for _, im, _ in ok])
+            for (i, im, _), pred in zip(ok, preds):
                 pred = filter_predictions(pred, job.opts, len(job.vocab))
                 h, w = int(im.shape[1]), int(im.shape[2])
                 rec = {"index": i, "file_name": job.names[i], "width": w, "height": h,
@@ -495,12 +590,12 @@ def run_labeling(
                 records.setdefault(shard_of[i], {})[i] = rec
                 stats["images"] += 1
                 stats["annotations"] += len(rec["annotations"])
-            for i, im, err in batch:
+            for i, im, err, _ in batch:
                 if im is None:
                     records.setdefault(shard_of[i], {})[i] = {"index": i, "file_name": job.names[i], "error": err}
                     stats["failures"] += 1
             # A shard is complete when every image has a record (batches never cross shards).
-            for k in sorted({shard_of[i] for i, _, _ in batch}):
+            for k in sorted({shard_of[b[0]] for b in batch}):
                 if len(records.get(k, {})) == len(ranges[k]):
                     recs = records.pop(k)
                     write_json(job.shard_path(k), {"key": job.shard_key(k, ranges[k]), "shard": k,
