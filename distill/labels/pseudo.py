@@ -263,7 +263,8 @@ class TeacherSource:
                 **({"sat_min": 2.0} if proposals == "windows" else {}),  # windows only: no colour pixels
             )
         self.fingerprint = sha256_json(
-            {"teacher": teacher.fingerprint, "background": list(background), "templates": str(templates), "proposals": proposals, "max": max_proposals}
+            {"teacher": teacher.fingerprint, "background": list(background), "templates": str(templates), "proposals": proposals,
+             "max": max_proposals, "proposer": getattr(proposer, "fingerprint", None)}
         )[:16]
 
     def _propose(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -323,7 +324,7 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
         teacher = build_teacher(cfg.teacher, device=device)
         proposer = None
         if lcfg.proposals == "rpn":
-            proposer = _rpn_proposer(cfg, lcfg.model, device)
+            proposer = _rpn_proposer(cfg, vocab, device)
         src = TeacherSource(
             teacher, vocab, templates=cfg.teacher.templates or None, background=read_background(lcfg.background),
             proposals=lcfg.proposals, max_proposals=lcfg.max_proposals, min_area=lcfg.min_area, proposer=proposer,
@@ -334,12 +335,89 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
     return _seg_source(cfg, vocab, device)
 
 
-def _rpn_proposer(cfg, ckpt: str, device):
-    raise DistillError("label.proposals=rpn: the ViLD detector's RPN is not available in this build (use components or windows)")
+class ViLDSource:
+    """Labels from a ViLD student (distill/detection): its per-image detections over the new
+    vocabulary (``set_vocabulary``: the text embeddings are inputs, never baked into the
+    checkpoint); Mask R-CNN mask probabilities (when built with masks) thresholded at 0.5."""
+
+    def __init__(self, model, device: torch.device, fingerprint: str = "") -> None:
+        self.model = model
+        self.device = device
+        self.fingerprint = fingerprint
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        dets = self.model([im.to(self.device, torch.float32) / 255.0 for im in images])
+        out = []
+        for d in dets:
+            r = {"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].long().cpu()}
+            if "masks" in d:
+                m = d["masks"].cpu()
+                r["masks"] = (m[:, 0] if m.ndim == 4 else m) >= 0.5
+            out.append(r)
+        return out
+
+
+def _novel_mask(vocab: Vocabulary, mcfg) -> list[bool]:
+    """Which classes the ViLD ensemble treats as novel: the vocabulary's own split when it has
+    novel classes, else every class that was not a training (base) class of the checkpoint."""
+    if vocab.novel_indices:
+        return vocab.is_novel
+    try:
+        from distill.detection.train import det_vocab
+
+        tv = det_vocab(mcfg)
+        trained = {tv.names[i].lower() for i in (range(len(tv)) if mcfg.det.train_on_all else tv.base_indices)}
+    except DistillError:
+        return [False] * len(vocab)
+    return [n.lower() not in trained for n in vocab.names]
+
+
+def load_vild(cfg, vocab: Vocabulary, device: torch.device | None = None):
+    """(model, teacher, fingerprint) of the ViLD checkpoint ``cfg.label.model``, set to ``vocab``."""
+    import dataclasses
+
+    from distill.detection.build import build_vild_detector
+    from distill.engine.checkpoint import load as load_ckpt
+    from distill.io import sha256_file
+    from distill.teacher.clip import build_teacher
+    from distill.teacher.text import text_embeddings
+
+    ckpt = cfg.label.model
+    mcfg = _model_config(cfg, ckpt)
+    teacher = build_teacher(dataclasses.replace(mcfg.teacher, device=cfg.teacher.device or mcfg.teacher.device), device=device)
+    tpl = mcfg.teacher.templates if mcfg.teacher.templates and Path(mcfg.teacher.templates).is_file() else None
+    text = text_embeddings(teacher, vocab, tpl).float().cpu()
+    model = build_vild_detector(mcfg.det, teacher.embed_dim, None, teacher=teacher, region_mode=mcfg.regions.mode)
+    load_ckpt(ckpt, model)
+    model.set_vocabulary(text, torch.tensor(_novel_mask(vocab, mcfg)), list(vocab.names))
+    model.to(teacher.device).eval()
+    fp = sha256_json({"ckpt": sha256_file(ckpt), "teacher": teacher.fingerprint, "det": str(mcfg.det), "tpl": str(tpl)})[:16]
+    return model, teacher, fp
 
 
 def _vild_source(cfg, vocab, device):
-    raise DistillError("label.source=vild: the ViLD detector is not available in this build (use --source teacher)")
+    model, teacher, fp = load_vild(cfg, vocab, device)
+    return ViLDSource(model, teacher.device, fp), fp
+
+
+def _rpn_proposer(cfg, vocab, device):
+    """Class-agnostic boxes from the RPN of the ViLD checkpoint ``cfg.label.model`` (top
+    ``label.max_proposals`` per image, in input pixels; no masks)."""
+    model, teacher, fp = load_vild(cfg, vocab, device)
+    k = cfg.label.max_proposals
+
+    @torch.no_grad()
+    def propose(img: torch.Tensor):
+        x = [img.to(teacher.device, torch.float32) / 255.0]
+        il, _ = model.transform(x)
+        props, _ = model.rpn(il, model.backbone(il.tensors))
+        (h, w), (nh, nw) = tuple(img.shape[-2:]), il.image_sizes[0]
+        b = props[0][:k].cpu() * torch.tensor([w / nw, h / nh, w / nw, h / nh])
+        return b.numpy(), None
+
+    propose.fingerprint = fp
+    return propose
 
 
 class SegSource:

@@ -420,3 +420,43 @@ def test_seg_source_instances_from_components():
     np.testing.assert_allclose(pred["scores"][order].numpy(), [p_b, p_a, p_a], rtol=1e-5)
     kept = filter_predictions(pred, FilterOptions(score_thresh=0.0, min_area=5.0, nms=0.5, top_k=10), 2)
     assert len(kept["scores"]) == 2  # the 4 px blob is below min_area
+
+
+def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path):
+    """A tiny random ViLD checkpoint + its config.yaml: `label --source vild` gives the model's own
+    detections over the NEW vocabulary, filtered."""
+    from safetensors.torch import save_file
+
+    from distill.config import save_config
+    from distill.detection.build import build_vild_detector
+    from distill.engine.checkpoint import save
+    from distill.labels.pseudo import load_vild
+    from distill.teacher.clip import build_teacher
+    from distill.teacher.text import text_embeddings
+
+    base = load_config(None, ["teacher.pretrained=", "teacher.templates=", "teacher.device=cpu", f"work_dir={tmp_path}",
+                              "det.min_size=48", "det.max_size=48", "det.detections_per_img=20", "det.backbone=resnet18_fpn"])
+    teacher = build_teacher(base.teacher)
+    save_file({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    mcfg = load_config(None, ["teacher.templates=", "teacher.device=cpu", f"teacher.pretrained={tmp_path / 't.safetensors'}",
+                              f"work_dir={tmp_path}", "det.min_size=48", "det.max_size=48", "det.detections_per_img=20",
+                              "data.vocab=red square, blue circle"])
+    trained = load_vocab("red square, blue circle")
+    model = build_vild_detector(mcfg.det, teacher.embed_dim, text_embeddings(teacher, trained), teacher=teacher)
+    (tmp_path / "det").mkdir()
+    save(tmp_path / "det" / "model_final.pt", model)
+    save_config(mcfg, tmp_path / "det" / "config.yaml")
+    root = _folder(tmp_path, n=2, bad=False)
+    cfg = _cfg(root, tmp_path / "out", source="vild", model=str(tmp_path / "det" / "model_final.pt"), nms=0, top_k=0, min_area=0)
+    summary = label(cfg)
+    coco = json.loads((tmp_path / "out" / "labels.json").read_text())
+    # Direct: the same checkpoint on the new vocabulary (green cross is novel: not a training class).
+    vocab = load_vocab(VOCAB)
+    m, _, fp = load_vild(cfg, vocab)
+    assert m.roi_heads.novel_mask.tolist() == [False, False, True]
+    x = torch.from_numpy(np.asarray(Image.open(root / "cam0/0000.png").convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+    d = m([x])[0]
+    mine = [a for a in coco["annotations"] if a["image_id"] == 1]
+    assert coco["info"]["model_hash"] == fp and summary["labels/annotations"] == len(coco["annotations"])
+    assert len(mine) == len(d["scores"]) > 0
+    np.testing.assert_allclose(sorted(a["score"] for a in mine), sorted(d["scores"].tolist()), atol=1e-5)
