@@ -82,9 +82,20 @@ class ResNetEncoder(nn.Module):
         return [f1, f2, f3, f4]
 
 
+def _resample(ch: int, patch: int, stride: int) -> nn.Module:
+    """Tokens at stride ``patch`` -> a map at ``stride`` (DPT's reassemble resampling)."""
+    if patch > stride:
+        f = patch // stride
+        return nn.ConvTranspose2d(ch, ch, f, stride=f)
+    if patch == stride:
+        return nn.Identity()
+    f = stride // patch
+    return nn.Conv2d(ch, ch, 3, stride=2, padding=1) if f == 2 else nn.Conv2d(ch, ch, f, stride=f)
+
+
 class ViTEncoder(nn.Module):
     """An open_clip ViT (the teacher's tower) read at 4 evenly spaced blocks, reassembled as in DPT
-    (section 3: tokens -> image-like grid, 1x1 projection, resample to strides p/4, p/2, p, 2p)."""
+    (section 3: tokens -> image-like grid, 1x1 projection, resample to strides 4, 8, 16, 32)."""
 
     def __init__(self, visual: nn.Module, mean: Sequence[float], std: Sequence[float], finetune: bool = True, channels=(48, 96, 192, 384)):
         super().__init__()
@@ -102,14 +113,9 @@ class ViTEncoder(nn.Module):
         self.channels = tuple(channels)
         c = self.channels
         self.project = nn.ModuleList([nn.Conv2d(width, ci, 1) for ci in c])
-        self.resample = nn.ModuleList(
-            [
-                nn.ConvTranspose2d(c[0], c[0], 4, stride=4),
-                nn.ConvTranspose2d(c[1], c[1], 2, stride=2),
-                nn.Identity(),
-                nn.Conv2d(c[3], c[3], 3, stride=2, padding=1),
-            ]
-        )
+        # DPT reassembles ViT-B/16 tokens (stride 16) to strides 4, 8, 16, 32 (transposed convs x4,
+        # x2, identity, 3x3 stride-2 conv); for another patch size the same output strides are kept.
+        self.resample = nn.ModuleList([_resample(ci, self.patch, target) for ci, target in zip(c, (4, 8, 16, 32))])
         self.register_buffer("_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
