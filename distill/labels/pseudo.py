@@ -140,10 +140,10 @@ def filter_predictions(pred: dict, opts: FilterOptions, num_classes: int) -> dic
         k = torchvision.ops.batched_nms(boxes[idx], scores[idx], labels[idx], opts.nms)
         idx = idx[k]
     # Deterministic order: score descending, ties by original index.
-    order = sorted(idx.tolist(), key=lambda i: (-float(scores[i]), i))
+    idx = idx.sort().values
+    sel = idx[torch.sort(-scores[idx], stable=True).indices]
     if opts.top_k > 0:
-        order = order[: opts.top_k]
-    sel = torch.tensor(order, dtype=torch.long)
+        sel = sel[: opts.top_k]
     out = {"boxes": boxes[sel], "scores": scores[sel], "labels": labels[sel]}
     if masks is not None:
         out["masks"] = masks[sel]
