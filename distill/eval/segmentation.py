@@ -46,9 +46,12 @@ class SemSegEvaluator:
         seen: the seen class indices (background 0 included by the caller); the rest are unseen.
         ignore_index: ground-truth value that is not evaluated.
         names: C class names for ``iou/<name>`` (default: the index).
+        gather: sum the matrices over ranks under torch.distributed (False when one rank alone
+            evaluates the whole set, as the training engine's rank-0 evaluation does: gathering
+            there waits forever for the other ranks).
     """
 
-    def __init__(self, num_classes: int, seen: Sequence[int], ignore_index: int = 255, names: Sequence[str] | None = None) -> None:
+    def __init__(self, num_classes: int, seen: Sequence[int], ignore_index: int = 255, names: Sequence[str] | None = None, gather: bool = True) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         seen = sorted({int(c) for c in seen})
@@ -61,6 +64,7 @@ class SemSegEvaluator:
         self.unseen = [c for c in range(num_classes) if c not in set(seen)]
         self.ignore_index = ignore_index
         self.names = list(names) if names is not None else [str(c) for c in range(num_classes)]
+        self.gather = gather  # False: this rank saw the whole set (e.g. the engine's rank-0 eval)
         self.reset()
 
     def reset(self) -> None:
@@ -97,7 +101,7 @@ class SemSegEvaluator:
         keeps this rank's counts, so evaluate() can be called twice)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.conf
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         conf = self.conf.to(dev, copy=True)

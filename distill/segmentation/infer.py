@@ -86,7 +86,7 @@ def logits_to_labels(logits: torch.Tensor, class_ids: Sequence[int] | torch.Tens
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
 
 
 def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
@@ -150,7 +150,7 @@ def evaluate_model(
     all, hIoU, pixel accuracy, per-class IoU)."""
     from distill.eval.segmentation import SemSegEvaluator
 
-    ev = SemSegEvaluator(num_classes, seen, names=names)
+    ev = SemSegEvaluator(num_classes, seen, names=names, gather=False)  # one process evaluates the whole set
     dev = next(model.parameters()).device
     text = text.to(dev)
     n = len(dataset) if not max_images else min(max_images, len(dataset))
