@@ -135,8 +135,8 @@ class SemSegFolder(Dataset):
         if self._aug is not None:
             out = self._aug(image=img, mask=mask.astype(np.uint8))
             img, mask = out["image"], out["mask"]
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
-        return x, {"masks": torch.from_numpy(np.ascontiguousarray(mask)).long(), "image_id": self.image_id(i)}
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+        return x, {"masks": torch.from_numpy(np.array(mask, dtype=np.int64)), "image_id": self.image_id(i)}
 
 
 def collate(batch):

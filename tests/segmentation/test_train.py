@@ -47,11 +47,11 @@ def test_train_eval_reload(config, extra, tiny_world, tiny_teacher, overrides):
 
 def test_resume_continues(tiny_world, tiny_teacher, overrides):
     root, data = tiny_world
-    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.max_eval_images": 1}))
+    cfg = load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.max_eval_images": 1}))
     train_seg(cfg, teacher=tiny_teacher, progress=False)
-    cfg3 = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.max_eval_images": 1, "seg.train.max_steps": 3}))
+    cfg3 = load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.max_eval_images": 1, "seg.train.max_steps": 3}))
     m = train_seg(cfg3, teacher=tiny_teacher, resume=True, progress=False)
-    steps = [json.loads(x)["step"] for x in (root / "seg" / "lseg" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    steps = [json.loads(x)["step"] for x in (root / "seg" / "clipseg" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert m["step"] == 3 and steps == [1, 2, 3]
 
 
