@@ -111,6 +111,7 @@ def cli_error(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err.strip()
     assert rc == 2, f"exit {rc}, stderr: {err}"
     assert "Traceback" not in err
-    lines = [l for l in err.splitlines() if l.strip()]
+    # progress bars (tqdm, on stderr while a run was under way) are not part of the error
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "%|" not in l]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
