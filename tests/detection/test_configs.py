@@ -132,7 +132,11 @@ def test_ovcoco_config_wiring(tmp_path):
     assert cfg.det.inference == "ensemble" and cfg.det.use_image and cfg.det.image_weight == 0.5
     teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
     torch.manual_seed(0)
-    _run(cfg, teacher, base_only_check=48)
+    saved = _run(cfg, teacher, base_only_check=48)
+    # --eval-only reloads model_final.pt and reproduces the evaluation exactly
+    again = train_detector(cfg, eval_only=True, progress=False, teacher=teacher)
+    for k in ("bbox/AP", "bbox/AP50_base", "bbox/AP50_novel"):
+        assert again[k] == saved[k] or (again[k] != again[k] and saved[k] != saved[k]), k
 
 
 @pytest.mark.slow
