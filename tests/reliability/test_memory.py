@@ -1,0 +1,46 @@
+"""Peak RSS stays flat as the images grow (N vs 4N), measured by bench/memory.py in fresh
+subprocesses (VmHWM). A cheap version of ``python bench/memory.py``.
+
+Two checks per job: the whole-process peak ratio (target <= 1.2, as in the issue) and, stricter,
+the memory the work itself adds above the process's own baseline (imports and setup), which must
+not grow by more than 20% + 8 MB when the images are quadrupled: the fixed cost of importing torch
+would otherwise hide a leak in the ratio.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from ._fixtures import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _assert_flat(r: dict) -> None:
+    assert r["ratio"] <= 1.2, r
+    assert r["growth_big_mb"] <= 1.2 * r["growth_mb"] + 8.0, r
+
+
+@pytest.mark.parametrize("job, n", [("eval_semseg", 12), ("cache", 32), ("label", 8)])
+def test_streaming_jobs_keep_peak_rss_flat(job, n):
+    r = _bench().compare(job, n)
+    print(job, r)
+    _assert_flat(r)
+
+
+@pytest.mark.xfail(strict=True, reason="COCO box AP (faster-coco-eval, like pycocotools) holds every GT box and detection "
+                   "in memory: about 80 KB per image of 10 GT + 30 detections, so peak RSS grows linearly; flat memory "
+                   "needs a streaming evaluator that keeps only per-image matches (a large change in distill/eval/detection.py)")
+def test_detection_evaluation_peak_rss_flat():
+    r = _bench().compare("eval_det", 100)
+    print("eval_det", r)
+    _assert_flat(r)
