@@ -237,7 +237,7 @@ class TeacherSource:
         min_area: float = 16.0,
         proposer: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
-        from distill.teacher.text import text_embeddings
+        from distill.teacher.text import load_templates, text_embeddings
 
         if proposals not in ("components", "windows", "components+windows") and proposer is None:
             raise DistillError(f"label.proposals: {proposals!r} needs a detector (expected components, windows or components+windows)")
@@ -263,7 +263,7 @@ class TeacherSource:
                 **({"sat_min": 2.0} if proposals == "windows" else {}),  # windows only: no colour pixels
             )
         self.fingerprint = sha256_json(
-            {"teacher": teacher.fingerprint, "background": list(background), "templates": str(templates), "proposals": proposals,
+            {"teacher": teacher.fingerprint, "background": list(background), "templates": list(load_templates(templates)), "proposals": proposals,
              "max": max_proposals, "proposer": getattr(proposer, "fingerprint", None)}
         )[:16]
 
