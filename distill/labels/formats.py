@@ -58,6 +58,17 @@ def yolo_lines(anns: list[dict], width: int, height: int, cat_to_index: dict[int
     return "\n".join(out) + ("\n" if out else "")
 
 
+def output_stems(names: list[str]) -> list[str]:
+    """Per input name, the stem its PNG / YOLO outputs are named by: the name without its
+    extension (``a/b.jpg`` -> ``a/b``), or the whole name where two inputs share a stem
+    (``a.jpg`` and ``a.png`` -> ``a.jpg``, ``a.png``), so outputs never collide."""
+    stems = [str(Path(n).with_suffix("").as_posix()) for n in names]
+    count: dict[str, int] = {}
+    for s in stems:
+        count[s] = count.get(s, 0) + 1
+    return [n if count[s] > 1 else s for n, s in zip(names, stems)]
+
+
 def yolo_name(file_name: str) -> str:
     """``a/b/img.jpg`` -> ``a/b/img.txt`` (the relative folder keeps duplicate names apart)."""
     return str(Path(file_name).with_suffix(".txt").as_posix())
@@ -138,5 +149,5 @@ def write_classes(out: Path, vocab: Vocabulary) -> None:
     write_text(out / "classes.txt", "\n".join(vocab.names) + "\n")
 
 
-def write_yolo_file(root: Path, file_name: str, text: str) -> None:
-    write_text(safe_join(root, yolo_name(file_name)), text)
+def write_yolo_file(root: Path, stem: str, text: str) -> None:
+    write_text(safe_join(root, stem + ".txt"), text)

@@ -565,6 +565,11 @@ class LabelJob:
     source_name: str = "teacher"
     model: str = ""
 
+    @functools.cached_property
+    def stems(self) -> list[str]:
+        """Output names (PNG / YOLO) per image, collision-free (formats.output_stems)."""
+        return formats.output_stems(self.names)
+
     def base_key(self) -> dict:
         return {
             "v": SHARD_VERSION,
@@ -576,7 +581,7 @@ class LabelJob:
         }
 
     def shard_key(self, k: int, r: range) -> str:
-        return sha256_json({**self.base_key(), "shard": k, "names": [self.names[i] for i in r]})[:20]
+        return sha256_json({**self.base_key(), "shard": k, "names": [self.names[i] for i in r], "stems": [self.stems[i] for i in r]})[:20]
 
     def shard_path(self, k: int) -> Path:
         return self.out / "shards" / f"shard-{k:05d}.json"
@@ -664,7 +669,7 @@ def run_labeling(
                         for j, (x0, y0, x1, y1) in enumerate(pred["boxes"].round().long().tolist()):
                             bm[j, max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
                         sem = formats.paint_semantic(bm, pred["labels"].numpy(), pred["scores"].numpy(), values, (h, w))
-                    formats.write_semantic_png(safe_join(job.out / "semantic", formats.png_name(job.names[i])), np.asarray(sem), values)
+                    formats.write_semantic_png(safe_join(job.out / "semantic", job.stems[i] + ".png"), np.asarray(sem), values)
                 records.setdefault(shard_of[i], {})[i] = rec
                 stats["images"] += 1
                 stats["annotations"] += len(rec["annotations"])
@@ -724,7 +729,7 @@ def merge_shards(job: LabelJob, info: dict) -> dict:
                     first = False
                 if "yolo" in job.formats:
                     txt = formats.yolo_lines(rec["annotations"], rec["width"], rec["height"], cat_to_index)
-                    formats.write_yolo_file(out / "yolo" / "labels", rec["file_name"], txt)
+                    formats.write_yolo_file(out / "yolo" / "labels", job.stems[rec["index"]], txt)
             f.write("]}\n")
     write_text(out / "failures.txt", "".join(line + "\n" for line in failures))
     if "yolo" in job.formats:

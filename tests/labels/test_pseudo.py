@@ -460,3 +460,17 @@ def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path):
     assert coco["info"]["model_hash"] == fp and summary["labels/annotations"] == len(coco["annotations"])
     assert len(mine) == len(d["scores"]) > 0
     np.testing.assert_allclose(sorted(a["score"] for a in mine), sorted(d["scores"].tolist()), atol=1e-5)
+
+
+def test_same_stem_different_extension_do_not_collide(tmp_path, teacher):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(_scene(rng)).save(root / "a.png")
+    Image.fromarray(_scene(rng)).save(root / "a.jpg", quality=95)
+    Image.fromarray(_scene(rng)).save(root / "b.bmp")
+    out = tmp_path / "out"
+    label(_cfg(root, out), source=TeacherSource(teacher, load_vocab(VOCAB), min_area=10))
+    assert sorted(p.relative_to(out / "semantic").as_posix() for p in (out / "semantic").rglob("*.png") if p.name != "legend.png") == [
+        "a.jpg.png", "a.png.png", "b.png"]
+    assert sorted(p.name for p in (out / "yolo" / "labels").rglob("*.txt")) == ["a.jpg.txt", "a.png.txt", "b.txt"]
