@@ -766,7 +766,11 @@ def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
 
 
 def label_vocab(cfg) -> Vocabulary:
+    """``label.vocab``, else ``data.vocab``, else the categories of ``data.train_full_json``
+    (with their base/novel split) when that file exists."""
     src = cfg.label.vocab or cfg.data.vocab
+    if not src and cfg.data.train_full_json and Path(cfg.data.train_full_json).is_file():
+        src = cfg.data.train_full_json
     if not src:
         raise DistillError("label.vocab: required (a vocabulary file or an inline list such as 'red star,crimson star=red star')")
     return load_vocab(src, cfg.data.split_file or None)
