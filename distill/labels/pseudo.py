@@ -800,7 +800,10 @@ def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) ->
         barrier = lambda: None  # noqa: E731
     rank, world = _rank_world()
     if rank == 0:
-        job.out.mkdir(parents=True, exist_ok=True)
+        try:
+            job.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DistillError(f"label.out: cannot create {job.out} ({e.strerror}: {e.filename})") from None
         if "png" in job.formats:
             formats.write_legend(job.out / "semantic", vocab)
     stats = run_labeling(job, source, rank=rank, world_size=world, on_shard=on_shard)

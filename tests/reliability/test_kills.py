@@ -29,9 +29,6 @@ from distill.cli import main
 
 from ._fixtures import REPO, cli_cmd, cli_error, env, make_teacher_dir, make_tiny_world, seg_overrides, teacher_overrides, world_overrides
 
-KILLS: list[str] = []  # a log of where each kill landed (printed with -s)
-
-
 def run_and_kill(cmd: list[str], ready, rng: random.Random, max_delay: float, log: Path, timeout: float = 240) -> str:
     """Start ``cmd``; once ``ready()`` is true wait U(0, max_delay) s and SIGKILL it.
     Returns "killed" or "finished" (the run ended before the kill)."""
@@ -104,7 +101,7 @@ def test_kill_training_then_resume_gives_identical_weights(tmp_path, teacher_mod
         torch.load(ck / n, weights_only=True, map_location="cpu")
     last = (ck / "last_checkpoint").read_text().strip()
     assert Path(last).name in names
-    KILLS.append(f"train: killed after {names[-1]}")
+    print(f"train: killed after {names[-1]}")  # where the kill landed (shown with -s)
     run_ok(runs["killed"] + ["--resume"], tmp_path / "resume.log")
 
     ref_out = tmp_path / "ref" / "seg" / "lseg"
@@ -163,7 +160,7 @@ def test_kill_embedding_cache_then_rerun_is_byte_identical(tmp_path, teacher_mod
     partial.verify()  # every shard listed is complete (sha256 matches); a half-written one is not listed
     listed = {s["file"] for s in idx["shards"]}
     assert {p.name for p in root.glob("shard-*.safetensors")} == listed
-    KILLS.append(f"cache: killed with {len(listed)}/48 shards written")
+    print(f"cache: killed with {len(listed)}/48 shards written")  # where the kill landed (shown with -s)
     run_ok(cmd(root), tmp_path / "rerun.log")
     ref, got = _visible(tmp_path / "ref"), _visible(root)
     assert sorted(ref) == sorted(got) and len(ref) == 49
@@ -205,7 +202,7 @@ def test_kill_labeling_then_rerun_is_byte_identical(tmp_path, teacher_model):
     for p in done:
         json.loads(p.read_text())  # every visible shard is whole
     assert 0 < len(done) < 29
-    KILLS.append(f"label: killed with {len(done)}/29 shards written")
+    print(f"label: killed with {len(done)}/29 shards written")  # where the kill landed (shown with -s)
     run_ok(_label_cmd(imgs, out, teacher_model), tmp_path / "rerun.log")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labels/shards_skipped"] >= len(done)
@@ -236,7 +233,7 @@ def test_kill_pipeline_then_rerun_gives_identical_world(tmp_path):
     # the world is staged and renamed into place: a killed build leaves no data/ that looks done
     assert not (w / "data" / "manifest.json").exists()
     assert not (w / "manifests" / "world.json").exists()
-    KILLS.append("pipeline: killed inside the world stage")
+    print("pipeline: killed inside the world stage")  # where the kill landed (shown with -s)
     run_ok(cmd, tmp_path / "rerun.log")
     ref, got = _visible(tmp_path / "ref" / "data"), _visible(w / "data")
     assert len(ref) > 400 and sorted(ref) == sorted(got)
@@ -273,6 +270,15 @@ def test_read_only_output_folder_is_a_one_line_error(tmp_path, teacher_model, ca
         ro.chmod(0o700)
 
 
+def test_output_folder_that_cannot_be_created_is_a_one_line_error(tmp_path, teacher_model, capsys):
+    """Unwritable even for root: --out lies below a regular file."""
+    imgs = _image_folder(tmp_path / "imgs", 2)
+    (tmp_path / "afile").write_text("x")
+    line = cli_error(capsys, ["label", "--images", str(imgs), "--vocab", "red square", "--model", "teacher",
+                              "--out", str(tmp_path / "afile" / "labels"), *teacher_overrides(teacher_model)])
+    assert str(tmp_path / "afile") in line and ("Not a directory" in line or "cannot" in line), line
+
+
 def test_full_disk_is_a_one_line_error(tmp_path, teacher_model, capsys, monkeypatch):
     """A full disk cannot be made here; ENOSPC is injected where every atomic write flushes."""
     import distill.io as dio
@@ -290,7 +296,3 @@ def test_full_disk_is_a_one_line_error(tmp_path, teacher_model, capsys, monkeypa
     # nothing that looks complete was left behind, only what a rerun redoes
     assert not (tmp_path / "out" / "labels.json").exists()
     assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith(".")] == []
-
-
-def test_report_kills():
-    print("\n".join(KILLS))
