@@ -42,10 +42,14 @@ counted in ``labels/failures``). Inputs that are odd but valid are handled and c
  31    teacher weights carrying pickled code       distill label teacher.pretrained exit 2 "cannot read weights"; code not run
  32    teacher weights of another model            distill label teacher.pretrained exit 2 naming the file
  33    --images folder that does not exist         distill label --images           exit 2 "not found"
+ 34    --out below a regular file                  distill label --out              exit 2 "cannot create" (test_kills.py)
+ 35    full disk (ENOSPC injected at fsync)        distill label                    exit 2 "No space left on device" (test_kills.py)
+ 36    read-only output folder (chmod 0o500)       distill label --out              exit 2; skipped when run as root (test_kills.py)
 =====  ==========================================  ===============================  ======================
 
-34 bad inputs: 5 counted skips (1-4, 10), 8 odd inputs handled (5-9, 26b, 27, 28), 21 one-line errors
-(11-26, 29-33; 18 and 19 in test_security.py). Pickled code never runs (22, 30, 31 assert it).
+37 bad inputs: 5 counted skips (1-4, 10), 8 odd inputs handled (5-9, 26b, 27, 28), 24 one-line errors
+(11-26, 29-36; 18 and 19 in test_security.py, 34-36 in test_kills.py; 36 is skipped as root, where
+chmod does not stop writes). Pickled code never runs (22, 30, 31 assert it).
 """
 
 from __future__ import annotations
