@@ -135,6 +135,31 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor
     return (li + lt) / 2
 
 
+def dense_region_loss(model, images: torch.Tensor, boxes: list[torch.Tensor], labels: torch.Tensor, class_text: torch.Tensor, scale: float, mean, std) -> torch.Tensor:
+    """Optional dense-path loss (``pretrain.dense_weight``; our addition, not in the lab recipe):
+    GT boxes pooled by RoIAlign from the MaskCLIP patch map (teacher/dense.py, with gradients) of
+    whole images are classified against the class text embeddings (cross-entropy, fixed scale).
+
+    images: (B, 3, S, S) in [0, 1]; boxes: per image (N_i, 4) XYXY in input pixels; labels: (sum N_i,)
+    class indices; class_text: (C, D) L2-normalised.
+    """
+    from torchvision.ops import roi_align
+
+    from distill.teacher.dense import _run_blocks, embed_tokens, value_path
+
+    visual = model.visual
+    tok, (h, w) = embed_tokens(visual, (images - mean) / std)
+    blocks = list(visual.transformer.resblocks)
+    tok = _run_blocks(visual.transformer, tok, blocks[:-1])
+    v, _ = value_path(blocks[-1], tok)
+    f = visual.ln_post(v[:, 1:]) @ visual.proj
+    f = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(images.shape[0], -1, h, w)
+    S = images.shape[-1]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=f.device), b.to(f.device) * (w / S)], 1) for i, b in enumerate(boxes)])
+    pooled = F.normalize(roi_align(f, rois, (1, 1), 1.0, 0, True).flatten(1), dim=-1)
+    return F.cross_entropy(scale * pooled @ class_text.t(), labels.to(f.device))
+
+
 class BatchSampler:
     """Draws training batches (images (B, 3, S, S) in [0, 1], token ids (B, L), keys (B,))."""
 
@@ -155,6 +180,22 @@ class BatchSampler:
             self.cap_index.append(list(range(k, k + len(caps))))
             k += len(caps)
         self.with_caps = [r for r, c in enumerate(self.cap_index) if c]
+
+    def dense_batch(self, n: int, size: int):
+        """n whole images resized to ``size`` with their GT boxes (scaled) and labels."""
+        d = self.d
+        H, W = d.images.shape[-2:]
+        rows = torch.randint(len(d.images), (n,), generator=self.g)
+        x = d.images[rows].float() / 255.0
+        if (H, W) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        sc = torch.tensor([size / W, size / H, size / W, size / H])
+        boxes, labels = [], []
+        for r in rows.tolist():
+            sel = d.box_image == r
+            boxes.append(d.boxes[sel] * sc)
+            labels.append(d.box_class[sel])
+        return x, boxes, torch.cat(labels)
 
     def __call__(self, B: int):
         d, p, g = self.d, self.p, self.g
@@ -271,6 +312,10 @@ def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...
     data = load_pairs(cfg)
     log.info("teacher pretrain: %d objects, %d images, %d classes", len(data.boxes), len(data.images), len(data.names))
     model = open_clip.create_model(MODEL_NAME, device="cpu")
+    if pc.init:
+        from distill.teacher.clip import load_state_dict_checked, load_weights_file
+
+        load_state_dict_checked(model, load_weights_file(pc.init), pc.init)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(pc.logit_scale))
     model.logit_scale.requires_grad_(False)  # fixed (issue 4 recipe: learnable scale barely moved)
@@ -292,6 +337,14 @@ def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...
             img = model.encode_image(x)
             txt = model.encode_text(tok.to(dev))
         loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), keys.to(dev), pc.logit_scale)
+        if pc.dense_weight > 0:
+            dx, dboxes, dlab = sampler.dense_batch(pc.dense_images, cfg.teacher.dense_image_size)
+            t_idx = torch.randint(len(templates), (len(data.names),), generator=sampler.g)
+            ctok = sampler.class_tokens[torch.arange(len(data.names)), t_idx]
+            with autocast(dev, pc.precision):
+                ctext = model.encode_text(ctok.to(dev))
+                dl = dense_region_loss(model, dx.to(dev), dboxes, dlab, F.normalize(ctext.float(), dim=-1), pc.logit_scale, mean, std)
+            loss = loss + pc.dense_weight * dl
         if not torch.isfinite(loss):
             raise DistillError(f"pretrain: non-finite loss at step {step} (try pretrain.precision=fp32 or a lower pretrain.lr)")
         opt.zero_grad(set_to_none=True)

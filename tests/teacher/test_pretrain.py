@@ -93,3 +93,21 @@ def test_pretrain_end_to_end_and_reuse(tiny_world):
     res = json.loads(open(cfg.work_dir + "/teacher/metrics.json").read())
     for k in ("zeroshot/top1_1x", "zeroshot/top1_1.5x", "zeroshot/top1_ens", "zeroshot/top1_ens_novel", "zeroshot/top1_dense", "maskclip/miou_all", "maskclip/miou_all@64"):
         assert k in res and (-1.0 == res[k] or 0.0 <= res[k] <= 1.0)
+
+
+def test_dense_region_loss_matches_dense_region_embeddings():
+    from distill.teacher import build_random_teacher
+    from distill.teacher.pretrain import dense_region_loss
+    from distill.teacher.regions import region_embeddings
+
+    t = build_random_teacher(seed=0)  # dense_image_size 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, generator=g)
+    boxes = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [8.0, 4.0, 40.0, 30.0]]), torch.tensor([[10.0, 20.0, 50.0, 60.0]])]
+    labels = torch.tensor([0, 2, 1])
+    text = F.normalize(torch.randn(3, t.embed_dim, generator=g), dim=-1)
+    mean = torch.tensor(t.mean).view(1, 3, 1, 1)
+    std = torch.tensor(t.std).view(1, 3, 1, 1)
+    got = dense_region_loss(t.model, x, boxes, labels, text, 50.0, mean, std)
+    emb = torch.cat(region_embeddings(t, list(x), boxes, mode="dense"))
+    assert torch.allclose(got, F.cross_entropy(50.0 * emb @ text.t(), labels), atol=1e-4)
