@@ -158,15 +158,17 @@ def component_proposals(
     *,
     min_area: float = 16.0,
     max_boxes: int = 100,
-    sat_min: float = 0.35,
-    val_min: float = 0.35,
+    sat_min: float = 0.4,
+    val_min: float = 0.45,
     hue_bin: float = 20.0,
     windows: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class-agnostic boxes for the zero-shot teacher: connected components of saturated colour.
 
     ``image``: (H, W, 3) uint8 RGB. Pixels with HSV saturation >= ``sat_min`` and value >=
-    ``val_min`` are split into hue bins of ``hue_bin`` degrees at two offsets (0 and half a bin);
+    ``val_min`` (defaults: above the shapes world's muted backgrounds, S <= 0.25, and its dark
+    brown clutter, V <= 0.45; below its least saturated category colour, pink, S ~ 0.45)
+    are split into hue bins of ``hue_bin`` degrees at two offsets (0 and half a bin);
     each 8-connected component (after a 3x3 opening) of ``min_area`` pixels or more gives a box and
     its mask. ``windows`` adds sliding windows (sides 1/4, 1/2 of the image, stride half a side;
     mask = the box). Duplicates (IoU > 0.9) are dropped; the ``max_boxes`` largest are kept.
