@@ -798,7 +798,7 @@ def _compute_batch(teacher, cfg, batch_imgs: list[np.ndarray], batch_labels: lis
     ps = patch_size_of(teacher)
     size = _image_size(cfg, teacher) if c.resize == "square" else c.image_size
     xs = [resize_for_teacher(im, size, ps, c.resize) for im in batch_imgs]
-    kw = dict(logit_scale=c.logit_scale, pool=c.pool, caa=True, caa_layers=c.caa_layers,
+    kw = dict(logit_scale=logit_scale_of(cfg, teacher), pool=c.pool, caa=True, caa_layers=c.caa_layers,
               box_thresh=c.caa_box_thresh, with_plain=with_plain)
     if all(x.shape == xs[0].shape for x in xs):
         return clip_es_cams(teacher, torch.stack(xs), batch_labels, text, bg, **kw)
@@ -806,6 +806,14 @@ def _compute_batch(teacher, cfg, batch_imgs: list[np.ndarray], batch_labels: lis
     for x, lab in zip(xs, batch_labels):
         out += clip_es_cams(teacher, x[None], [lab], text, bg, **kw)
     return out
+
+
+def logit_scale_of(cfg, teacher) -> float:
+    """``cam.logit_scale``, or the teacher's learned ``exp(logit_scale)`` when it is <= 0 (CLIP-ES
+    3.2 uses 100, which is OpenAI CLIP's learned scale)."""
+    if cfg.cam.logit_scale > 0:
+        return float(cfg.cam.logit_scale)
+    return float(teacher.model.logit_scale.exp())
 
 
 def _load_teacher(cfg):
@@ -984,7 +992,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
         "cam/miou_gradcam": rows[0]["miou"],
         "cam/miou_final": rows[-1]["miou"],
         "cam/ignored_fraction": ignored / max(total, 1),
-        "settings": {"pool": c.pool, "conf_source": c.conf_source, "bg_power": c.bg_power, "bg_thresh": c.bg_thresh,
+        "settings": {"logit_scale": logit_scale_of(cfg, teacher), "pool": c.pool, "conf_source": c.conf_source, "bg_power": c.bg_power, "bg_thresh": c.bg_thresh,
                      "background_words": len(read_word_list(c.background)), "caa_layers": c.caa_layers,
                      "image_size": _image_size(cfg, teacher), "crf": has_crf},
         "wall_s": round(wall, 2),
