@@ -29,11 +29,28 @@ def _read(p: Path) -> dict | None:
 
 
 def _fmt(v: Any, pct: bool = True) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    """A metric as a percentage; None, NaN and COCO's -1 ("undefined") print as n/a."""
+    if v is None or isinstance(v, bool) or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, (int, float)):
-        return f"{100 * v:.1f}" if pct else f"{v:.3g}"
+        if pct and v < 0:
+            return "n/a"
+        return f"{100 * v:.1f}" if pct else f"{v:.4g}"
     return str(v)
+
+
+_PCT_WORDS = ("ap", "iou", "acc", "top1", "precision", "recall", "f1", "fraction", "delta", "before", "after")
+
+
+def _kv_rows(m: dict) -> list[list[str]]:
+    """Rows of a flat metrics dict: rates as percentages, counts and seconds as plain numbers."""
+    rows = []
+    for k, v in m.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        pct = any(w in k.lower() for w in _PCT_WORDS) and not k.lower().startswith("num")
+        rows.append([k, _fmt(v, pct)])
+    return rows
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -229,8 +246,9 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     tm = _read(work / "teacher" / "metrics.json")
     md += ["## Teacher (zero-shot)", ""]
     if tm:
-        rows = [[k, _fmt(v)] for k, v in tm.items() if isinstance(v, (int, float)) and ("top1" in k or "miou" in k)]
-        md += [table(["metric", "value (%)"], rows), ""]
+        keys = ["zeroshot/top1_1x", "zeroshot/top1_1.5x", "zeroshot/top1_ens", "zeroshot/top1_ens_base", "zeroshot/top1_ens_novel", "zeroshot/top1_dense", "maskclip/miou_seen", "maskclip/miou_unseen", "maskclip/miou_all", "maskclip/miou_hiou"]
+        rows = [[k, _fmt(tm[k])] for k in keys if k in tm]
+        md += ["Zero-shot top-1 on ground-truth crops of val objects (1x, 1.5x, both summed as in ViLD 3.2; dense = RoIAlign on the MaskCLIP map) and MaskCLIP pixel mIoU on val.", "", table(["metric", "value (%)"], rows), ""]
     else:
         md += ["Teacher metrics not found (stage not run).", ""]
 
@@ -243,6 +261,8 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
 
     md += ["## Segmentation (val)", ""]
     seg = _collect_tables(work, "seg")
+    if tm and "maskclip/miou_all" in tm:
+        seg = {"MaskCLIP teacher (zero-shot)": {k.replace("maskclip/", "miou/").replace("miou/miou_", "miou/"): v for k, v in tm.items() if k.startswith("maskclip/") and "@" not in k}} | seg
     if seg:
         md += [table(["model"] + [c for c, _ in SEG_COLS], [[name] + _rows_from(m, SEG_COLS) for name, m in seg.items()]), ""]
     else:
@@ -250,11 +270,11 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
 
     md += ["## CAM refinement (CLIP-ES, val, image-level labels only)", ""]
     cam = _read(work / "cam" / "metrics.json")
-    if cam and isinstance(cam.get("rows"), dict):
-        rows = [[name] + [_fmt(m.get("miou/all", m.get("miou"))), _fmt(m.get("ignored_fraction"))] for name, m in cam["rows"].items()]
-        md += [table(["step", "mIoU", "pixels ignored (%)"], rows), ""]
+    if cam and isinstance(cam.get("rows"), list):
+        rows = [[str(m.get("step")), _fmt(m.get("miou")), _fmt(m.get("miou_seen")), _fmt(m.get("miou_unseen")), _fmt(m.get("ignored_fraction")), str(m.get("note", ""))] for m in cam["rows"]]
+        md += [f"{cam.get('images_with_labels', '?')} {cam.get('split', '')} images.", "", table(["step", "mIoU", "mIoU seen", "mIoU unseen", "pixels ignored (%)", "note"], rows), ""]
     elif cam:
-        md += [table(["metric", "value"], [[k, _fmt(v)] for k, v in cam.items() if isinstance(v, (int, float))]), ""]
+        md += [table(["metric", "value"], _kv_rows(cam)), ""]
     else:
         md += ["No CAM metrics found.", ""]
 
@@ -263,14 +283,14 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     for p in sorted(work.glob("labels/**/metrics.json")):
         lab = _read(p)
         if lab:
-            md += [f"From `{p.relative_to(work)}`:", "", table(["metric", "value (%)"], [[k, _fmt(v)] for k, v in lab.items() if isinstance(v, (int, float))]), ""]
+            md += [f"From `{p.relative_to(work)}` (precision / recall of pseudo boxes at IoU 0.5):", "", table(["metric", "value"], _kv_rows(lab)), ""]
     if not lab:
         md += ["No pseudo-label metrics found.", ""]
 
     st = _read(work / "selftrain" / "metrics.json")
     md += ["## Self-training", ""]
     if st:
-        md += [table(["metric", "value"], [[k, _fmt(v) if "delta" not in k else f"{100 * v:+.1f}"] for k, v in st.items() if isinstance(v, (int, float))]), ""]
+        md += ["One round: the ViLD detector retrained on base ground truth + novel pseudo-labels of the unlabeled split; AP50 on val.", "", table(["metric", "value"], _kv_rows(st)), ""]
     else:
         md += ["Self-training not run.", ""]
 
@@ -293,7 +313,7 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
         for d in sorted(work.glob("seg/*/pred_val")):
             if fig_seg_overlays(Path(cfg.data.image_root), gt_val, Path(cfg.data.semantic_root) / "val", d, figs / f"seg_{d.parent.name}.png"):
                 made.append((f"Segmentation ({d.parent.name})", f"figures/seg_{d.parent.name}.png"))
-        for i, p in enumerate(sorted(work.glob("cam/panels/*.png"))[:3]):
+        for i, p in enumerate(sorted(work.glob("cam/panels/**/*.png"))[:3]):
             dst = figs / f"cam_panel_{i}.png"
             shutil.copyfile(p, dst)
             made.append((f"CAM panel {p.stem}", f"figures/{dst.name}"))

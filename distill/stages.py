@@ -1,16 +1,30 @@
 """The stages of the default run (ARCHITECTURE.md), wired into :class:`distill.pipeline.Pipeline`.
 
 Each stage function takes the resolved :class:`~distill.config.Config` and makes one call into the
-package; the runner handles manifests, skipping and timing.
+package; the runner handles manifests, skipping and timing. Student variants (ViLD-text, ViLD,
+the ensemble, LSeg base-only, LSeg + distillation) are derived from the one config with
+``dataclasses.replace`` so a single pipeline file drives the whole run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from distill.config import Config, load_config, save_config
 from distill.pipeline import Pipeline, Stage, StageResult
+
+
+def _teacher(cfg: Config):
+    from distill.engine.device import get_device
+    from distill.teacher.clip import build_teacher
+
+    return build_teacher(cfg.teacher, device=get_device(cfg.teacher.device))
+
+
+def _with(cfg: Config, section: str, **changes) -> Config:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -20,22 +34,156 @@ def st_world(cfg: Config):
     make_world(cfg)
 
 
+def st_teacher(cfg: Config):
+    from distill.teacher.evaluate import evaluate_teacher
+    from distill.teacher.pretrain import pretrain
+
+    pretrain(cfg)
+    m = evaluate_teacher(cfg)
+    return f"zero-shot top-1 (1x+1.5x) {m.get('zeroshot/top1_ens', float('nan')):.3f}"
+
+
+def st_text(cfg: Config):
+    from distill.detection.train import check_text_embeddings, det_vocab
+    from distill.teacher.text import text_embeddings
+
+    vocab = det_vocab(cfg)
+    emb = text_embeddings(_teacher(cfg), vocab, cfg.teacher.templates, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
+    check_text_embeddings(emb, vocab)
+    return f"{tuple(emb.shape)} for {len(vocab)} classes"
+
+
+def st_propose(cfg: Config):
+    from distill.detection.proposals import run_proposals
+
+    m = run_proposals(cfg, progress=True)
+    keys = [k for k in m if k.startswith("recall@")]
+    return ", ".join(f"{k} {m[k]:.2f}" for k in keys[:3])
+
+
+def st_regions(cfg: Config):
+    from distill.data.coco import CocoDetection
+    from distill.detection.proposals import embed_proposals, load_proposals, proposals_dir
+    from distill.detection.train import det_vocab
+
+    proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
+    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, det_vocab(cfg), skip_unknown=True)
+    embed_proposals(cfg, _teacher(cfg), proposals, phash, ds)
+    return f"{len(ds)} images x {cfg.det.num_image_distill} proposals ({cfg.regions.mode})"
+
+
+def _det_note(m: dict) -> str:
+    return f"AP50 novel {100 * m.get('bbox/AP50_novel', float('nan')):.1f} / base {100 * m.get('bbox/AP50_base', float('nan')):.1f}"
+
+
+def st_det_text(cfg: Config):
+    """ViLD-text (section 3.2): the baseline the image distillation must beat on novel classes."""
+    from distill.detection.train import train_detector, with_det
+
+    return _det_note(train_detector(with_det(cfg, name="vild_text", use_image=False, inference="text")))
+
+
+def st_det(cfg: Config):
+    """ViLD (text + image distillation), evaluated with text inference and with the 3.4 ensemble."""
+    from distill.detection.train import det_dir, train_detector, with_det
+
+    vild = with_det(cfg, name="vild", use_text=True, use_image=True, inference="text")
+    m = train_detector(vild)
+    ens = with_det(cfg, name="vild_ensemble", inference="ensemble", checkpoint=str(det_dir(vild) / "model_final.pt"))
+    e = train_detector(ens, eval_only=True)
+    return f"ViLD {_det_note(m)}; ensemble {_det_note(e)}"
+
+
+def st_seg(cfg: Config):
+    """LSeg on base masks, with and without MaskCLIP pixel distillation (the ViLD-image analogue)."""
+    from distill.io import write_text
+    from distill.segmentation.infer import segment_folder
+    from distill.segmentation.train import load_seg_model, seg_vocab, text_for, train_seg
+
+    teacher = _teacher(cfg)
+    vocab = seg_vocab(cfg)
+    val_images = sorted((Path(cfg.data.image_root) / "val").glob("*.png"))[:6]
+    notes = []
+    for name, w in (("lseg", 0.0), ("lseg_distill", cfg.seg.distill_weight or 1.0)):
+        scfg = _with(cfg, "seg", name=name, distill_weight=w)
+        m = train_seg(scfg, teacher=teacher)
+        notes.append(f"{name} hIoU {100 * m.get('miou/hiou', float('nan')):.1f}")
+        # a few val predictions for the report's overlays
+        out = Path(cfg.work_dir) / "seg" / name
+        write_text(out / "vis_list.txt", "\n".join(str(p.resolve()) for p in val_images) + "\n")
+        model = load_seg_model(scfg, teacher, out / "model_final.pt")
+        segment_folder(model, out / "vis_list.txt", text_for(teacher, vocab, scfg), list(vocab.ids), out / "pred_val", window=scfg.seg.window)
+    return "; ".join(notes)
+
+
+def _label_cfg(cfg: Config) -> Config:
+    return _with(
+        cfg,
+        "label",
+        source="vild",
+        model=str(Path(cfg.work_dir) / "det" / "vild" / "model_final.pt"),
+        images=str(Path(cfg.data.image_root) / "unlabeled"),
+        out=str(Path(cfg.work_dir) / "labels" / "unlabeled"),
+        gt=cfg.data.unlabeled_json,
+    )
+
+
+def st_label(cfg: Config):
+    from distill.labels.pseudo import label
+
+    lc = _label_cfg(cfg)
+    label(lc)
+    return str(Path(lc.label.out) / "labels.json")
+
+
+def st_cam(cfg: Config):
+    from distill.labels.cam import cam_ablation, run_cam
+
+    teacher = _teacher(cfg)
+    m = cam_ablation(cfg, "val", teacher=teacher)
+    run_cam(cfg, "val", teacher=teacher)
+    return "CLIP-ES ablation on val"
+
+
+def st_selftrain(cfg: Config):
+    from distill.detection.train import with_det
+    from distill.labels.selftrain import self_train
+
+    pseudo = Path(_label_cfg(cfg).label.out) / "labels.json"
+    m = self_train(with_det(cfg, name="vild", inference="text"), pseudo)
+    d = m.get("selftrain/AP50_novel_delta")
+    return f"novel AP50 delta {100 * d:+.1f}" if d is not None else ""
+
+
 def st_report(cfg: Config):
     from distill.report import write_report
 
     return str(write_report(cfg))
 
 
+STAGES = (
+    Stage("world", st_world, (), ("world", "work_dir"), ("data/instances_val.json", "data/instances_train_base.json"), "procedural shapes world"),
+    Stage("teacher", st_teacher, ("world",), ("teacher", "pretrain"), ("teacher/teacher.safetensors", "teacher/metrics.json"), "pretrain + evaluate the tiny CLIP teacher"),
+    Stage("text", st_text, ("teacher",), ("teacher", "data"), (), "text embeddings of the vocabulary"),
+    Stage("propose", st_propose, ("world",), ("proposals", "data"), ("proposals/rpn/proposals_train.safetensors",), "class-agnostic RPN proposals"),
+    Stage("regions", st_regions, ("teacher", "propose"), ("regions", "teacher", "det"), (), "teacher embeddings of the proposals"),
+    Stage("det_text", st_det_text, ("text",), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student"),
+    Stage("det", st_det, ("text", "regions"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble"),
+    Stage("seg", st_seg, ("teacher",), ("seg", "data", "teacher"), ("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"), "LSeg students (base only, + pixel distillation)"),
+    Stage("label", st_label, ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split"),
+    Stage("cam", st_cam, ("teacher",), ("cam", "data", "teacher"), ("cam/metrics.json",), "CLIP-ES CAM refinement ablation"),
+    Stage("selftrain", st_selftrain, ("label",), ("det", "data"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels"),
+    Stage("report", st_report, ("det_text", "det", "seg", "label", "cam", "selftrain"), ("work_dir",), ("report.md",), "report.md + figures"),
+)
+
+
 def build_pipeline(cfg: Config) -> Pipeline:
-    stages = [
-        Stage("world", st_world, sections=("world", "work_dir"), outputs=("data/instances_val.json", "data/instances_train_base.json"), description="procedural shapes world"),
-        Stage("report", st_report, deps=("world",), sections=("work_dir",), outputs=("report.md",), description="report.md + figures"),
-    ]
+    stages = list(STAGES)
     if cfg.pipeline.stages:
         keep = set(cfg.pipeline.stages)
         stages = [s for s in stages if s.name in keep]
         names = {s.name for s in stages}
-        stages = [Stage(s.name, s.fn, tuple(d for d in s.deps if d in names), s.sections, s.outputs, s.description) for s in stages]
+        stages = [dataclasses.replace(s, deps=tuple(d for d in s.deps if d in names)) for s in stages]
     return Pipeline(stages)
 
 
@@ -65,7 +213,7 @@ def run_pipeline(config: str, overrides: list[str], *, force=(), until=None, qui
         elif r.status == "skipped":
             console.print(f"[dim]stage {i}/{n}: {r.name} up to date, skipped[/]")
         elif r.status == "ran":
-            console.print(f"[green]stage {i}/{n}: {r.name} done in {r.seconds:.1f} s[/]")
+            console.print(f"[green]stage {i}/{n}: {r.name} done in {r.seconds:.1f} s[/] {r.note}")
         elif r.status == "failed":
             console.print(f"[red]stage {i}/{n}: {r.name} failed after {r.seconds:.1f} s[/]")
 
