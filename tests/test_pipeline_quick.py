@@ -1,0 +1,33 @@
+"""`distill run configs/shapes/pipeline.yaml --quick`: every stage on a tiny world, then a rerun
+that skips everything. Slow (minutes on 2 cores); CI runs it."""
+
+import json
+import time
+
+import pytest
+
+from distill.stages import STAGES, run_pipeline
+
+
+@pytest.mark.slow
+def test_quick_pipeline_runs_every_stage_then_skips(tmp_path):
+    work = tmp_path / "quick"
+    res = run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={work}"], quick=True)
+    assert [r.name for r in res] == [s.name for s in STAGES]
+    assert all(r.status == "ran" for r in res), [(r.name, r.status) for r in res]
+    for s in STAGES:
+        m = json.loads((work / "manifests" / f"{s.name}.json").read_text())
+        assert m["key"] and m["wall_time_s"] >= 0
+    # the report's numbers are the metrics files' numbers
+    report = (work / "report.md").read_text()
+    det = json.loads((work / "det" / "vild" / "metrics.json").read_text())
+    row = f"| vild | {100 * det['bbox/AP50_novel']:.1f} | {100 * det['bbox/AP50_base']:.1f} |"
+    assert row in report
+    seg = json.loads((work / "seg" / "lseg_distill" / "metrics.json").read_text())
+    assert f"| lseg_distill | {100 * seg['miou/seen']:.1f} | {100 * seg['miou/unseen']:.1f} |" in report
+    assert (work / "figures" / "loss_curves.png").stat().st_size > 1000
+    # a rerun skips every stage
+    t0 = time.perf_counter()
+    res = run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={work}"], quick=True)
+    assert all(r.status == "skipped" for r in res)
+    assert time.perf_counter() - t0 < 60
