@@ -883,7 +883,9 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
 
                 save_panel(out / "panels" / rel.with_suffix(".png"), im, upsample_cams(r.gradcam.numpy(), (H, W)),
                            refined, mask, [vocab.names[k] for k in r.labels], cat_ids,
-                           title=f"{e.file_name} (id {e.image_id})")
+                           title=f"{e.file_name} (id {e.image_id})",
+                           seed_mask=cams_to_mask(refined, cat_ids, bg_thresh=cfg.cam.bg_thresh,
+                                                  bg_power=cfg.cam.bg_power)[0])
                 n_panels += 1
             n_done += 1
     wall = time.time() - t0
