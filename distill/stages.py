@@ -117,11 +117,13 @@ def st_seg(cfg: Config):
 
 
 def _label_cfg(cfg: Config) -> Config:
+    """Label the unlabeled split with ``label.source`` (teacher zero-shot by default in the shapes
+    pipeline; ``vild`` uses the trained ViLD student), measured against its hidden ground truth."""
+    model = cfg.label.model or (str(Path(cfg.work_dir) / "det" / "vild" / "model_final.pt") if cfg.label.source == "vild" else "")
     return _with(
         cfg,
         "label",
-        source="vild",
-        model=str(Path(cfg.work_dir) / "det" / "vild" / "model_final.pt"),
+        model=model,
         images=str(Path(cfg.data.image_root) / "unlabeled"),
         out=str(Path(cfg.work_dir) / "labels" / "unlabeled"),
         gt=cfg.data.unlabeled_json,
