@@ -11,6 +11,7 @@ run killed mid-stage reruns that stage (training stages resume from their last c
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib.metadata
 import json
@@ -25,6 +26,15 @@ from distill.errors import DistillError
 from distill.io import sha256_file, sha256_json, write_json
 
 StageFn = Callable[[Config], Any]
+
+_RESUMING: contextvars.ContextVar[bool] = contextvars.ContextVar("distill_stage_resuming", default=False)
+
+
+def resuming() -> bool:
+    """True inside a stage that was started before with the same key and did not finish (a killed
+    run): training stages then continue from their last checkpoint instead of starting over. A
+    stage whose inputs changed since it was started starts from scratch."""
+    return _RESUMING.get()
 
 
 @dataclass(frozen=True)
@@ -208,15 +218,24 @@ class Pipeline:
             if on_event:
                 on_event(StageResult(name, "running"))
             key = self.stage_key(cfg, name)
+            started = self.manifest_path(cfg, name).with_suffix(".started")
+            resume = started.is_file() and started.read_text().strip() == key
+            from distill.io import write_text
+
+            write_text(started, key + "\n")
             t0 = time.perf_counter()
+            token = _RESUMING.set(resume)
             try:
                 note = s.fn(cfg)
             except BaseException:
                 if on_event:
                     on_event(StageResult(name, "failed", time.perf_counter() - t0))
                 raise
+            finally:
+                _RESUMING.reset(token)
             dt = time.perf_counter() - t0
             self._write_manifest(cfg, name, key, dt)
+            started.unlink(missing_ok=True)
             r = StageResult(name, "ran", dt, str(note) if note else "")
             results.append(r)
             if on_event:

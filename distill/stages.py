@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from distill.config import Config, load_config, save_config
-from distill.pipeline import Pipeline, Stage, StageResult
+from distill.pipeline import Pipeline, Stage, StageResult, resuming
 
 
 def _teacher(cfg: Config):
@@ -21,6 +21,19 @@ def _teacher(cfg: Config):
     from distill.teacher.clip import build_teacher
 
     return build_teacher(cfg.teacher, device=get_device(cfg.teacher.device))
+
+
+def _fresh(*dirs: Path) -> bool:
+    """``resuming()``; when not resuming, drop the checkpoints of a previous, different run in
+    ``dirs`` so a later kill + resume can never continue from another config's weights."""
+    import shutil
+
+    if resuming():
+        return True
+    for d in dirs:
+        shutil.rmtree(Path(d) / "checkpoints", ignore_errors=True)
+        (Path(d) / "model_final.pt").unlink(missing_ok=True)
+    return False
 
 
 def _with(cfg: Config, section: str, **changes) -> Config:
@@ -54,9 +67,9 @@ def st_text(cfg: Config):
 
 
 def st_propose(cfg: Config):
-    from distill.detection.proposals import run_proposals
+    from distill.detection.proposals import proposals_dir, run_proposals
 
-    m = run_proposals(cfg, progress=True)
+    m = run_proposals(cfg, resume=_fresh(proposals_dir(cfg)), progress=True)
     keys = [k for k in m if k.startswith("recall@")]
     return ", ".join(f"{k} {m[k]:.2f}" for k in keys[:3])
 
@@ -80,7 +93,10 @@ def st_det_text(cfg: Config):
     """ViLD-text (section 3.2): the baseline the image distillation must beat on novel classes."""
     from distill.detection.train import train_detector, with_det
 
-    return _det_note(train_detector(with_det(cfg, name="vild_text", use_image=False, inference="text")))
+    from distill.detection.train import det_dir
+
+    tcfg = with_det(cfg, name="vild_text", use_image=False, inference="text")
+    return _det_note(train_detector(tcfg, resume=_fresh(det_dir(tcfg))))
 
 
 def st_det(cfg: Config):
@@ -88,7 +104,7 @@ def st_det(cfg: Config):
     from distill.detection.train import det_dir, train_detector, with_det
 
     vild = with_det(cfg, name="vild", use_text=True, use_image=True, inference="text")
-    m = train_detector(vild)
+    m = train_detector(vild, resume=_fresh(det_dir(vild)))
     ens = with_det(cfg, name="vild_ensemble", inference="ensemble", checkpoint=str(det_dir(vild) / "model_final.pt"))
     e = train_detector(ens, eval_only=True)
     return f"ViLD {_det_note(m)}; ensemble {_det_note(e)}"
@@ -106,7 +122,7 @@ def st_seg(cfg: Config):
     notes = []
     for name, w in (("lseg", 0.0), ("lseg_distill", cfg.seg.distill_weight or 1.0)):
         scfg = _with(cfg, "seg", name=name, distill_weight=w)
-        m = train_seg(scfg, teacher=teacher)
+        m = train_seg(scfg, teacher=teacher, resume=_fresh(Path(cfg.work_dir) / "seg" / name))
         notes.append(f"{name} hIoU {100 * m.get('miou/hiou', float('nan')):.1f}")
         # a few val predictions for the report's overlays
         out = Path(cfg.work_dir) / "seg" / name

@@ -91,3 +91,31 @@ def test_graph_validation():
         Pipeline([Stage("a", lambda c: None, deps=("zz",))])
     with pytest.raises(ValueError, match="cycle"):
         Pipeline([Stage("a", lambda c: None, deps=("b",)), Stage("b", lambda c: None, deps=("a",))])
+
+
+def test_resuming_only_after_a_kill_with_the_same_inputs(tmp_path):
+    from distill.pipeline import resuming
+
+    seen = []
+    state = {"fail": True}
+
+    def fn(cfg):
+        seen.append(resuming())
+        if state["fail"]:
+            raise RuntimeError("killed")
+        (tmp_path / "w").mkdir(exist_ok=True)
+        (tmp_path / "w" / "x.txt").write_text("x")
+
+    p = Pipeline([Stage("x", fn, sections=("det",), outputs=("x.txt",))])
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}"])
+    with pytest.raises(RuntimeError):
+        p.run(cfg)
+    with pytest.raises(RuntimeError):
+        p.run(cfg)  # same inputs, killed before: resume
+    with pytest.raises(RuntimeError):
+        p.run(load_config(None, [f"work_dir={tmp_path / 'w'}", "det.train.lr=0.5"]))  # inputs changed: fresh
+    state["fail"] = False
+    p.run(load_config(None, [f"work_dir={tmp_path / 'w'}", "det.train.lr=0.5"]))
+    assert seen == [False, True, False, True]
+    assert not (tmp_path / "w" / "manifests" / "x.started").exists()
+    assert resuming() is False
