@@ -59,14 +59,11 @@ def scale_layers(layers: Sequence[int], depth: int, reference_depth: int = 12) -
 
 
 def _interp_pos(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic interpolation of ``pos`` (1 + Ho*Wo, W) to a new patch grid (class row kept)."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    w = pos.shape[-1]
-    patch_pos = patch_pos.reshape(1, old_grid[0], old_grid[1], w).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
-    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(-1, w)], dim=0)
+    """Bicubic interpolation of ``pos`` (1 + Ho*Wo, W) to a new patch grid (class row kept): the
+    teacher's own :func:`distill.teacher.dense.interpolate_pos_embed`."""
+    from distill.teacher.dense import interpolate_pos_embed
+
+    return interpolate_pos_embed(pos, old_grid, new_grid)
 
 
 def _check_image(images: torch.Tensor, patch: int, what: str = "images") -> None:
