@@ -140,9 +140,9 @@ def _label_cfg(cfg: Config) -> Config:
         cfg,
         "label",
         model=model,
-        images=str(Path(cfg.data.image_root) / "unlabeled"),
+        images=cfg.label.images or str(Path(cfg.data.image_root) / "unlabeled"),
         out=str(Path(cfg.work_dir) / "labels" / "unlabeled"),
-        gt=cfg.data.unlabeled_json,
+        gt=cfg.label.gt or cfg.data.unlabeled_json,
     )
 
 
