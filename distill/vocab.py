@@ -160,7 +160,8 @@ def _parse_entries(entries: list[str], source: str) -> Vocabulary:
     return Vocabulary(tuple(names), tuple(tuple(syns[n]) for n in names), source=source)
 
 
-def _from_categories(cats: list, source: str) -> Vocabulary:
+def vocab_from_categories(cats: list, source: str) -> Vocabulary:
+    """A vocabulary from COCO / LVIS ``categories`` (``split`` field, or LVIS ``frequency`` r = novel)."""
     names, syns, split, ids = [], [], [], []
     for i, c in enumerate(cats):
         if not isinstance(c, dict) or "name" not in c:
@@ -195,11 +196,11 @@ def load_vocab(source: str | Path, split_file: str | Path | None = None) -> Voca
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DistillError(f"{path}: not valid json ({e}); expected a vocabulary or COCO file") from None
             if isinstance(data, dict) and "categories" in data:
-                vocab = _from_categories(data["categories"], str(path))
+                vocab = vocab_from_categories(data["categories"], str(path))
             elif isinstance(data, list) and all(isinstance(x, str) for x in data):
                 vocab = _parse_entries(data, str(path))
             elif isinstance(data, list) and all(isinstance(x, dict) for x in data):
-                vocab = _from_categories(data, str(path))
+                vocab = vocab_from_categories(data, str(path))
             else:
                 raise DistillError(f"{path}: expected a list of names, a list of category objects, or a COCO file with 'categories'")
         else:

@@ -404,9 +404,9 @@ class DetectionEvaluator:
     ) -> None:
         self.gt, self.gt_name = load_gt(gt_json, iou_types)
         if vocab is None:
-            from distill.vocab import _from_categories
+            from distill.vocab import vocab_from_categories
 
-            vocab = _from_categories(self.gt["categories"], self.gt_name)
+            vocab = vocab_from_categories(self.gt["categories"], self.gt_name)
         self.vocab = vocab
         self.label_to_cat = list(vocab.ids)
         self.iou_types = tuple(iou_types)
