@@ -146,8 +146,18 @@ def run_proposals(cfg: Config, resume: bool = False, progress: bool = True) -> d
     t0 = time.perf_counter()
     out = proposals_dir(cfg)
     weights = out / "model_final.pt"
-    if not weights.is_file() or resume:
+    # the weights are reused only when they were trained with this config (never stale ones)
+    from distill.config import to_dict
+    from distill.io import write_text
+
+    det_arch = {k: v for k, v in to_dict(cfg.det).items() if k != "train"}
+    key = sha256_json({"proposals": to_dict(cfg.proposals), "train_json": cfg.data.train_json, "det": det_arch})[:16]
+    stamp = out / "weights_key.txt"
+    fresh = weights.is_file() and stamp.is_file() and stamp.read_text().strip() == key
+    if not fresh or resume:
+        stamp.unlink(missing_ok=True)
         train_proposal_network(cfg, resume=resume, progress=progress)
+        write_text(stamp, key + "\n")
     model = _agnostic_det(cfg)
     load(weights, model)
     dev = get_device(cfg.proposals.train.device)
