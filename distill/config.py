@@ -106,7 +106,7 @@ class PretrainConfig:
     precision: str = "amp_bf16"
     seed: int = 0
     log_period: int = 50
-    threads: int = 1  # torch intra-op threads while pretraining (0 = torch default); 1 is fastest on a shared CPU
+    threads: int = 0  # torch intra-op threads while pretraining (0 = torch default; 1 can be faster on a CPU shared with other jobs)
     init: str = ""  # start from this checkpoint (fine-tuning) instead of random weights
     dense_weight: float = 0.0  # weight of the dense-region loss (MaskCLIP path + RoIAlign of GT boxes vs class texts)
     dense_images: int = 8  # whole images per step for the dense-region loss
