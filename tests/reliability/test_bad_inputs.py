@@ -350,8 +350,9 @@ def test_checkpoint_carrying_pickled_code_is_refused_and_never_run(tmp_path, tea
     d = _seg_model_dir(tmp_path, teacher_model)
     marker = tmp_path / "pwned"
     torch.save({"model": Evil(marker)}, d / "model_final.pt")
-    # sanity: unpickling it without weights_only WOULD run the code
-    torch.load(d / "model_final.pt", weights_only=False)
+    # sanity: the payload really runs code when unpickled (what __reduce__ hands to pickle)
+    fn, args = Evil(marker).__reduce__()
+    fn(*args)
     assert marker.exists()
     marker.unlink()
     line = cli_error(capsys, ["label", "--images", str(imgs), "--vocab", VOCAB, "--model", str(d / "model_final.pt"), "--source", "seg",
