@@ -137,8 +137,11 @@ def fig_loss_curves(jsonl_files: dict[str, Path], path: Path) -> bool:
             step = rec.get("step")
             if step is None:
                 continue
-            for k, v in rec.items():
-                if k.startswith("loss") and isinstance(v, (int, float)) and math.isfinite(v):
+            # one line per run: its total loss when logged, else each named loss
+            keys = ["loss"] if "loss" in rec else [k for k in rec if k.startswith("loss")]
+            for k in keys:
+                v = rec[k]
+                if isinstance(v, (int, float)) and math.isfinite(v):
                     s = series.setdefault(f"{name}: {k}", {"x": [], "y": []})
                     s["x"].append(step)
                     s["y"].append(v)
@@ -151,8 +154,8 @@ def fig_loss_curves(jsonl_files: dict[str, Path], path: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.set_title("Training losses")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("Training loss per model (total)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
     return True
 
@@ -307,7 +310,7 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
         jsonl = {p.parent.name: p for p in sorted(work.glob("*/*/metrics.jsonl"))}
         if fig_loss_curves(jsonl, figs / "loss_curves.png"):
             made.append(("Training loss curves", "figures/loss_curves.png"))
-        for p in sorted(work.glob("det/*/predictions_val.json")):
+        for p in sorted(work.glob("det/*/results_val.json")) + sorted(work.glob("det/*/predictions_val.json")):
             if fig_detections(gt_val, p, Path(cfg.data.image_root), figs / f"detections_{p.parent.name}.png"):
                 made.append((f"Detections ({p.parent.name})", f"figures/detections_{p.parent.name}.png"))
         for d in sorted(work.glob("seg/*/pred_val")):
