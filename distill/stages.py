@@ -67,9 +67,10 @@ def st_text(cfg: Config):
 
 
 def st_propose(cfg: Config):
-    from distill.detection.proposals import proposals_dir, run_proposals
+    from distill.detection.proposals import run_proposals
 
-    m = run_proposals(cfg, resume=_fresh(proposals_dir(cfg)), progress=True)
+    # run_proposals itself reuses RPN weights only when they were trained with this config
+    m = run_proposals(cfg, resume=resuming(), progress=True)
     keys = [k for k in m if k.startswith("recall@")]
     return ", ".join(f"{k} {m[k]:.2f}" for k in keys[:3])
 
