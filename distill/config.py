@@ -93,7 +93,7 @@ class TeacherConfig:
 class PretrainConfig:
     """Contrastive pretraining of the tiny teacher on captions of ALL classes (teacher/pretrain.py)."""
 
-    steps: int = 1200
+    steps: int = 1200  # 0 = no pretraining: the pipeline's teacher stage evaluates teacher.pretrained as given (an external CLIP)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1

@@ -160,7 +160,8 @@ def fig_loss_curves(jsonl_files: dict[str, Path], path: Path) -> bool:
     return True
 
 
-def fig_detections(gt_json: Path, results_json: Path, image_root: Path, path: Path, n: int = 6, score_thresh: float = 0.3) -> bool:
+def fig_detections(gt_json: Path, results_json: Path, image_root: Path, path: Path, n: int = 6, score_thresh: float = 0.3, novel: set[str] | None = None) -> bool:
+    """Detections on the first val images; ``novel`` (class names) overrides the json's ``split``."""
     gt = _read(gt_json)
     res = _read(results_json)
     if not gt or res is None:
@@ -168,6 +169,8 @@ def fig_detections(gt_json: Path, results_json: Path, image_root: Path, path: Pa
     from PIL import Image
 
     cats = {c["id"]: c for c in gt["categories"]}
+    if novel:
+        cats = {k: {**c, "split": "novel" if c["name"] in novel else "base"} for k, c in cats.items()}
     by_img: dict[int, list] = {}
     for r in res:
         if r.get("score", 0) >= score_thresh:
@@ -241,7 +244,19 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     md: list[str] = ["# distill run report", "", f"Work dir: `{work}`. Every number below is read from the run's metrics files.", ""]
     gt_val = Path(cfg.data.val_json)
     novel: set[str] = set()
-    if (g := _read(gt_val)) is not None:
+    vocab = None
+    if cfg.data.vocab:  # the split lives in the vocabulary file (OV-COCO: coco_48_17.json), not in val
+        from distill.errors import DistillError
+        from distill.vocab import load_vocab
+
+        try:
+            vocab = load_vocab(cfg.data.vocab, cfg.data.split_file or None)
+        except DistillError:
+            vocab = None
+    if vocab is not None:
+        novel = {vocab.names[i] for i in vocab.novel_indices}
+        md += [f"Vocabulary: {len(vocab)} classes, {len(novel)} novel: {', '.join(sorted(novel))}.", ""]
+    elif (g := _read(gt_val)) is not None:
         novel = {c["name"] for c in g.get("categories", []) if c.get("split") == "novel"}
         md.append(f"Vocabulary: {len(g.get('categories', []))} classes, {len(novel)} novel: {', '.join(sorted(novel))}.")
         md.append("")
@@ -252,6 +267,8 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
         keys = ["zeroshot/top1_1x", "zeroshot/top1_1.5x", "zeroshot/top1_ens", "zeroshot/top1_ens_base", "zeroshot/top1_ens_novel", "zeroshot/top1_dense", "maskclip/miou_seen", "maskclip/miou_unseen", "maskclip/miou_all", "maskclip/miou_hiou"]
         rows = [[k, _fmt(tm[k])] for k in keys if k in tm]
         md += ["Zero-shot top-1 on ground-truth crops of val objects (1x, 1.5x, both summed as in ViLD 3.2; dense = RoIAlign on the MaskCLIP map) and MaskCLIP pixel mIoU on val.", "", table(["metric", "value (%)"], rows), ""]
+        if isinstance(tm.get("maskclip/absent"), str):
+            md += [f"MaskCLIP pixel mIoU: not measured ({tm['maskclip/absent']}).", ""]
     else:
         md += ["Teacher metrics not found (stage not run).", ""]
 
@@ -289,6 +306,9 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
             md += [f"From `{p.relative_to(work)}` (precision / recall of pseudo boxes at IoU 0.5):", "", table(["metric", "value"], _kv_rows(lab)), ""]
     if not lab:
         md += ["No pseudo-label metrics found.", ""]
+        for p in sorted(work.glob("labels/**/summary.json")):
+            if (sm := _read(p)) and "labels/images" in sm:
+                md += [f"`{p.parent.relative_to(work)}/labels.json`: {sm['labels/images']} images, {sm.get('labels/annotations', '?')} boxes; no ground truth given (`label.gt`), so their quality is not measured.", ""]
 
     st = _read(work / "selftrain" / "metrics.json")
     md += ["## Self-training", ""]
@@ -311,7 +331,7 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
         if fig_loss_curves(jsonl, figs / "loss_curves.png"):
             made.append(("Training loss curves", "figures/loss_curves.png"))
         for p in sorted(work.glob("det/*/results_val.json")) + sorted(work.glob("det/*/predictions_val.json")):
-            if fig_detections(gt_val, p, Path(cfg.data.image_root), figs / f"detections_{p.parent.name}.png"):
+            if fig_detections(gt_val, p, Path(cfg.data.image_root), figs / f"detections_{p.parent.name}.png", novel=novel):
                 made.append((f"Detections ({p.parent.name})", f"figures/detections_{p.parent.name}.png"))
         for d in sorted(work.glob("seg/*/pred_val")):
             if fig_seg_overlays(Path(cfg.data.image_root), gt_val, Path(cfg.data.semantic_root) / "val", d, figs / f"seg_{d.parent.name}.png"):

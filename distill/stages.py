@@ -48,10 +48,13 @@ def st_world(cfg: Config):
 
 
 def st_teacher(cfg: Config):
+    """Pretrain the tiny teacher, then evaluate it; ``pretrain.steps=0`` means the teacher is
+    external (``teacher.model`` / ``teacher.pretrained``, e.g. CLIP ViT-B/32): evaluate only."""
     from distill.teacher.evaluate import evaluate_teacher
     from distill.teacher.pretrain import pretrain
 
-    pretrain(cfg)
+    if cfg.pretrain.steps != 0:
+        pretrain(cfg)
     m = evaluate_teacher(cfg)
     return f"zero-shot top-1 (1x+1.5x) {m.get('zeroshot/top1_ens', float('nan')):.3f}"
 
@@ -197,13 +200,93 @@ STAGES = (
 
 
 def build_pipeline(cfg: Config) -> Pipeline:
+    """The stage graph of ``cfg``: ``pipeline.stages`` keeps a subset (dependencies on removed
+    stages are dropped; a stage that depended on ``world`` then keys on the ``data`` section, since
+    the data are external files). ``pretrain.steps=0`` (an external teacher): the teacher stage only
+    evaluates, so its one output is ``teacher/metrics.json``."""
     stages = list(STAGES)
     if cfg.pipeline.stages:
         keep = set(cfg.pipeline.stages)
         stages = [s for s in stages if s.name in keep]
         names = {s.name for s in stages}
-        stages = [dataclasses.replace(s, deps=tuple(d for d in s.deps if d in names)) for s in stages]
+        out = []
+        for s in stages:
+            sections = s.sections
+            if "world" in s.deps and "world" not in names and "data" not in sections:
+                sections = sections + ("data",)
+            out.append(dataclasses.replace(s, deps=tuple(d for d in s.deps if d in names), sections=sections))
+        stages = out
+    if cfg.pretrain.steps == 0:
+        stages = [
+            dataclasses.replace(s, outputs=("teacher/metrics.json",), description="evaluate the external teacher (no pretraining)") if s.name == "teacher" else s
+            for s in stages
+        ]
     return Pipeline(stages)
+
+
+# Config values each stage reads from outside the run (files and folders). Checked before anything
+# runs, so a missing COCO folder stops the run at once, not after days of training.
+STAGE_INPUTS = {
+    "teacher": ("data.val_json", "data.image_root", "data.vocab", "teacher.model", "teacher.pretrained", "teacher.templates"),
+    "text": ("data.vocab", "teacher.model", "teacher.pretrained", "teacher.templates"),
+    "propose": ("data.train_json", "data.val_json", "data.image_root"),
+    "regions": ("data.train_json", "data.image_root", "data.vocab", "teacher.model", "teacher.pretrained"),
+    "det_text": ("data.train_json", "data.val_json", "data.image_root", "data.vocab", "data.extra", "det.pretrained_backbone"),
+    "det": ("data.train_json", "data.val_json", "data.image_root", "data.vocab", "data.extra", "det.pretrained_backbone"),
+    "label": ("label.images", "label.gt", "label.model", "label.vocab"),
+    "seg": ("seg.train_images", "seg.train_masks", "seg.val_images", "seg.val_masks", "seg.pretrained_backbone"),
+    "cam": ("cam.images", "cam.labels", "cam.background"),
+}
+
+_FILE_SUFFIXES = (".json", ".txt", ".safetensors", ".pt", ".pth", ".bin", ".yaml")
+
+
+def _external_paths(cfg: Config, key: str) -> list[str]:
+    """The local paths named by ``key`` (a dotted config key) outside the work dir: values that
+    look like paths (``local-dir:`` stripped); tags, inline vocabularies and empty values are not."""
+    obj: object = _label_cfg(cfg) if key.startswith("label.") else cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    values = obj if isinstance(obj, tuple) else (obj,)
+    work = Path(cfg.work_dir).resolve()
+    out = []
+    for v in values:
+        v = str(v).strip()
+        if v.startswith("local-dir:"):
+            v = v[len("local-dir:") :]
+        if not v or not ("/" in v or v.lower().endswith(_FILE_SUFFIXES)):
+            continue
+        p = Path(v).resolve()
+        if p != work and work not in p.parents:  # files under work_dir are made by earlier stages
+            out.append(v)
+    return out
+
+
+def check_inputs(cfg: Config, pipe: Pipeline, names: list[str]) -> None:
+    """A one-line :class:`DistillError` naming the first missing input of stages ``names``."""
+    from distill.errors import DistillError
+
+    for name in names:
+        for key in STAGE_INPUTS.get(name, ()):
+            for v in _external_paths(cfg, key):
+                if not Path(v).exists():
+                    raise DistillError(f"{key}: {v} not found (needed by stage {name!r}; nothing is downloaded)")
+
+
+def _to_run(cfg: Config, pipe: Pipeline, force=(), until=None) -> list[str]:
+    """Stages that this run will execute: forced, stale, or downstream of one that is."""
+    forced: set[str] = set()
+    for f in force:
+        forced |= pipe.downstream(pipe.check_name(f))
+    order = list(pipe.order)
+    if until:
+        pipe.check_name(until)
+        order = order[: order.index(until) + 1]
+    stale: set[str] = set()
+    for n in order:
+        if n in forced or any(d in stale for d in pipe.stages[n].deps) or not pipe.is_fresh(cfg, n):
+            stale.add(n)
+    return [n for n in order if n in stale]
 
 
 # ------------------------------------------------------------------------------------------- runner
@@ -220,6 +303,7 @@ def run_pipeline(config: str, overrides: list[str], *, force=(), until=None, qui
         for name in pipe.order:
             console.print(f"{name:12s} {'up to date' if pipe.is_fresh(cfg, name) else 'to run'}  {pipe.stages[name].description}")
         return []
+    check_inputs(cfg, pipe, _to_run(cfg, pipe, force=force, until=until))
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.work_dir) / "config.yaml")
     t0 = time.perf_counter()

@@ -6,7 +6,12 @@
 - MaskCLIP pixel zero-shot segmentation: argmax over the class texts plus background words
   (``teacher.background``; a pixel won by a background word is background), mIoU on the val
   semantic masks with :class:`distill.eval.segmentation.SemSegEvaluator`, at each
-  ``teacher.eval_dense_sizes``.
+  ``teacher.eval_dense_sizes``. Skipped when ``data.semantic_root`` is empty (detection data such
+  as COCO has no semantic masks): no ``maskclip/miou*`` key is written, only
+  ``maskclip/absent`` saying why.
+
+The classes are those of ``data.vocab`` (with its base/novel split; val categories outside it are
+skipped, matched by name) when it is set, else the categories of the val json.
 
 Metric keys: ``zeroshot/top1_1x``, ``zeroshot/top1_1.5x``, ``zeroshot/top1_ens``,
 ``zeroshot/top1_dense`` (+ ``_base`` / ``_novel``), ``maskclip/miou_all``, ``maskclip/miou_seen``,
@@ -35,11 +40,22 @@ def _load_split(cfg, json_path: str, max_images: int | None):
     from distill.data.images import load_image
 
     data = load_coco(json_path)
-    vocab = vocab_from_coco(data, json_path)
-    id2idx = vocab.id_to_index()
+    if cfg.data.vocab:
+        from distill.vocab import load_vocab
+
+        vocab = load_vocab(cfg.data.vocab, cfg.data.split_file or None)
+        id2idx = {}
+        for c in data["categories"]:
+            try:
+                id2idx[int(c["id"])] = vocab.index(c["name"])
+            except DistillError:
+                continue  # a val category outside the vocabulary: its objects are not evaluated
+    else:
+        vocab = vocab_from_coco(data, json_path)
+        id2idx = vocab.id_to_index()
     anns: dict[int, list] = {}
     for a in data["annotations"]:
-        if not a.get("iscrowd", 0):
+        if not a.get("iscrowd", 0) and int(a["category_id"]) in id2idx:
             anns.setdefault(int(a["image_id"]), []).append(a)
     images = sorted(data["images"], key=lambda im: im["id"])
     if max_images:
@@ -127,12 +143,16 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
     text = text_embeddings(teacher, vocab, templates, cache_dir=cache_dir)
     res: dict = {"teacher/fingerprint": teacher.fingerprint, "teacher/dense_image_size": teacher.dense_image_size}
     res.update(zero_shot_regions(teacher, vocab, samples, text))
-    bg_text = None
-    if cfg.teacher.background:
-        bg_words = load_templates_words(cfg.teacher.background)
-        bg_text = text_embeddings(teacher, Vocabulary(tuple(bg_words), source=cfg.teacher.background), templates, cache_dir=cache_dir)
-    sem = Path(cfg.data.semantic_root) / split
-    sizes = sorted(set(cfg.teacher.eval_dense_sizes) | {teacher.dense_image_size})
+    if not cfg.data.semantic_root:
+        res["maskclip/absent"] = "data.semantic_root is empty (no semantic masks)"
+        sizes = []
+    else:
+        bg_text = None
+        if cfg.teacher.background:
+            bg_words = load_templates_words(cfg.teacher.background)
+            bg_text = text_embeddings(teacher, Vocabulary(tuple(bg_words), source=cfg.teacher.background), templates, cache_dir=cache_dir)
+        sem = Path(cfg.data.semantic_root) / split
+        sizes = sorted(set(cfg.teacher.eval_dense_sizes) | {teacher.dense_image_size})
     for s in sizes:
         m = maskclip_miou(teacher, vocab, samples, text, bg_text, sem, s)
         for k, v in m.items():
@@ -164,6 +184,8 @@ def format_table(res: dict) -> str:
         k = f"zeroshot/{key}"
         if k in res:
             rows.append(f"| {name} | {res[k]:.3f} | {res[k + '_base']:.3f} | {res[k + '_novel']:.3f} |")
+    if "maskclip/absent" in res:
+        return "\n".join(rows + ["", f"MaskCLIP pixels: not measured ({res['maskclip/absent']})"])
     rows += ["", "| MaskCLIP pixels @size | mIoU all | seen | unseen | hIoU | pixel acc |", "|---|---|---|---|---|---|"]
     for k in sorted(kk for kk in res if kk.startswith("maskclip/miou_all@")):
         s = k.split("@")[1]
