@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.config import TrainConfig
 from distill.engine import checkpoint as ckpt_lib
 from distill.engine import distributed as dist_lib
-from distill.engine.device import autocast, get_device
+from distill.engine.device import attention_backend, autocast, get_device
 from distill.errors import DistillError
 from distill.io import write_json, write_text
 
@@ -316,7 +316,7 @@ def train(
                 batch = to_device(next(batches), device)
                 sync = a == accum - 1 or world == 1
                 ctx = net.no_sync() if (not sync and hasattr(net, "no_sync")) else _null()
-                with ctx:
+                with ctx, attention_backend(device):
                     with autocast(device, precision):
                         losses = _call(net, batch)
                     total = sum(losses.values())

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import config_hash, save_config, to_dict
-from distill.engine.device import autocast, get_device
+from distill.engine.device import attention_backend, autocast, get_device
 from distill.errors import DistillError
 from distill.io import atomic_path, read_json, safe_join, sha256_json, write_json
 from distill.teacher.clip import MODEL_CONFIG_DIR, register_model_configs
@@ -328,36 +328,37 @@ def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...
     opt = torch.optim.AdamW(_param_groups(model, pc.weight_decay), lr=pc.lr, betas=(0.9, 0.98), eps=1e-6)
     logs = []
     run_loss, t_last = 0.0, time.time()
-    for step in range(pc.steps):
-        for gp in opt.param_groups:
-            gp["lr"] = lr_at(step, pc.steps, pc.warmup, pc.lr)
-        x, tok, keys = sampler(pc.batch_size)
-        x = ((x.to(dev) - mean) / std)
-        with autocast(dev, pc.precision):
-            img = model.encode_image(x)
-            txt = model.encode_text(tok.to(dev))
-        loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), keys.to(dev), pc.logit_scale)
-        if pc.dense_weight > 0:
-            dx, dboxes, dlab = sampler.dense_batch(pc.dense_images, cfg.teacher.dense_image_size)
-            t_idx = torch.randint(len(templates), (len(data.names),), generator=sampler.g)
-            ctok = sampler.class_tokens[torch.arange(len(data.names)), t_idx]
+    with attention_backend(dev):
+        for step in range(pc.steps):
+            for gp in opt.param_groups:
+                gp["lr"] = lr_at(step, pc.steps, pc.warmup, pc.lr)
+            x, tok, keys = sampler(pc.batch_size)
+            x = ((x.to(dev) - mean) / std)
             with autocast(dev, pc.precision):
-                ctext = model.encode_text(ctok.to(dev))
-                dl = dense_region_loss(model, dx.to(dev), dboxes, dlab, F.normalize(ctext.float(), dim=-1), pc.logit_scale, mean, std)
-            loss = loss + pc.dense_weight * dl
-        if not torch.isfinite(loss):
-            raise DistillError(f"pretrain: non-finite loss at step {step} (try pretrain.precision=fp32 or a lower pretrain.lr)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run_loss += float(loss.detach())
-        if (step + 1) % pc.log_period == 0 or step + 1 == pc.steps:
-            n = (step % pc.log_period) + 1
-            rec = {"step": step + 1, "loss": run_loss / n, "lr": opt.param_groups[0]["lr"], "steps_per_s": n / max(1e-9, time.time() - t_last), "elapsed_s": time.time() - t0}
-            logs.append(rec)
-            log.info("pretrain step %d/%d loss %.4f (%.2f steps/s)", step + 1, pc.steps, rec["loss"], rec["steps_per_s"])
-            print(json.dumps(rec), flush=True)
-            run_loss, t_last = 0.0, time.time()
+                img = model.encode_image(x)
+                txt = model.encode_text(tok.to(dev))
+            loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), keys.to(dev), pc.logit_scale)
+            if pc.dense_weight > 0:
+                dx, dboxes, dlab = sampler.dense_batch(pc.dense_images, cfg.teacher.dense_image_size)
+                t_idx = torch.randint(len(templates), (len(data.names),), generator=sampler.g)
+                ctok = sampler.class_tokens[torch.arange(len(data.names)), t_idx]
+                with autocast(dev, pc.precision):
+                    ctext = model.encode_text(ctok.to(dev))
+                    dl = dense_region_loss(model, dx.to(dev), dboxes, dlab, F.normalize(ctext.float(), dim=-1), pc.logit_scale, mean, std)
+                loss = loss + pc.dense_weight * dl
+            if not torch.isfinite(loss):
+                raise DistillError(f"pretrain: non-finite loss at step {step} (try pretrain.precision=fp32 or a lower pretrain.lr)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run_loss += float(loss.detach())
+            if (step + 1) % pc.log_period == 0 or step + 1 == pc.steps:
+                n = (step % pc.log_period) + 1
+                rec = {"step": step + 1, "loss": run_loss / n, "lr": opt.param_groups[0]["lr"], "steps_per_s": n / max(1e-9, time.time() - t_last), "elapsed_s": time.time() - t0}
+                logs.append(rec)
+                log.info("pretrain step %d/%d loss %.4f (%.2f steps/s)", step + 1, pc.steps, rec["loss"], rec["steps_per_s"])
+                print(json.dumps(rec), flush=True)
+                run_loss, t_last = 0.0, time.time()
     model.eval()
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(ckpt) as tmp:
