@@ -34,7 +34,7 @@ from distill.config import config_hash, save_config, to_dict
 from distill.engine.device import attention_backend, autocast, get_device
 from distill.errors import DistillError
 from distill.io import atomic_path, read_json, safe_join, sha256_json, write_json
-from distill.teacher.clip import MODEL_CONFIG_DIR, register_model_configs
+from distill.teacher.clip import MODEL_CONFIG_DIR, create_model_quiet, register_model_configs
 from distill.teacher.regions import clip_boxes, crop_and_resize
 from distill.teacher.text import load_templates
 
@@ -311,7 +311,7 @@ def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...
     torch.manual_seed(pc.seed)
     data = load_pairs(cfg)
     log.info("teacher pretrain: %d objects, %d images, %d classes", len(data.boxes), len(data.images), len(data.names))
-    model = open_clip.create_model(MODEL_NAME, device="cpu")
+    model = create_model_quiet(MODEL_NAME)  # random init is the point here: no warning
     if pc.init:
         from distill.teacher.clip import load_state_dict_checked, load_weights_file
 

@@ -1,0 +1,94 @@
+"""Time the tiny teacher's contrastive training step with PyTorch's default attention kernel and with
+the math kernel that ``distill.engine.device.attention_backend`` selects on CPU.
+
+    python bench/vit_attention.py [--device cpu] [--repeats 8] [--precision amp_bf16]
+
+Same model, same batches (random crops and prompts of the shapes world's 36 classes), steps
+interleaved (default, math, default, ...) so machine load hits both alike; prints the median
+seconds per step of each and the speed-up (default / math). On CUDA both run PyTorch's choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def main(device: str = "cpu", repeats: int = 8, precision: str = "amp_bf16", batch_size: int = 128) -> dict:
+    import contextlib
+
+    import open_clip
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from distill.engine.device import attention_backend, autocast
+    from distill.teacher.clip import create_model_quiet, register_model_configs
+    from distill.teacher.pretrain import MODEL_NAME, _param_groups, multi_positive_loss
+
+    register_model_configs()
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = create_model_quiet(MODEL_NAME).to(dev).train()
+    tok = open_clip.get_tokenizer(MODEL_NAME)
+    size = int(model.visual.image_size[0])
+    names = [f"{c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange") for s in ("circle", "square", "triangle", "star", "cross", "ring")]
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):
+        cls = torch.randint(len(names), (batch_size,), generator=g)
+        x = torch.rand(batch_size, 3, size, size, generator=g)
+        batches.append((x.to(dev), tok([f"a photo of a {names[c]}." for c in cls]).to(dev), cls.to(dev)))
+    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4)
+    ctx = {"default": lambda: contextlib.nullcontext(), "math": lambda: attention_backend(dev)}
+    if dev.type == "cpu":  # make "default" PyTorch's default CPU choice explicitly
+        ctx["default"] = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+    def step(name: str, i: int) -> float:
+        x, t, k = batches[i % len(batches)]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with ctx[name]():
+            with autocast(dev, precision):
+                img, txt = model.encode_image(x), model.encode_text(t)
+            loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), k, 50.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    step("default", 0), step("math", 0)  # warm-up
+    times: dict[str, list[float]] = {"default": [], "math": []}
+    for i in range(repeats):
+        for name in times:
+            times[name].append(step(name, i))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "device": str(dev),
+        "precision": precision,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "default_step_s": round(med["default"], 4),
+        "math_step_s": round(med["math"], 4),
+        "speedup": round(med["default"] / med["math"], 3),
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--precision", default="amp_bf16")
+    a = ap.parse_args()
+    r = main(a.device, a.repeats, a.precision)
+    print(f"teacher step ({r['precision']}, batch {r['batch_size']}): default attention {r['default_step_s']:.3f} s   math {r['math_step_s']:.3f} s")
+    print(json.dumps(r))
+    print(f"speed-up of the math kernel: {r['speedup']:.2f}x")
+    sys.exit(0)
