@@ -36,7 +36,7 @@ from distill.errors import DistillError
 from distill.io import atomic_path, read_json, safe_join, sha256_json, write_json
 from distill.teacher.clip import MODEL_CONFIG_DIR, create_model_quiet, register_model_configs
 from distill.teacher.regions import clip_boxes, crop_and_resize
-from distill.teacher.text import load_templates
+from distill.teacher.text import encode_text_trimmed, load_templates
 
 log = logging.getLogger(__name__)
 
@@ -336,14 +336,14 @@ def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...
             x = ((x.to(dev) - mean) / std)
             with autocast(dev, pc.precision):
                 img = model.encode_image(x)
-                txt = model.encode_text(tok.to(dev))
+                txt = encode_text_trimmed(model, tok.to(dev))
             loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), keys.to(dev), pc.logit_scale)
             if pc.dense_weight > 0:
                 dx, dboxes, dlab = sampler.dense_batch(pc.dense_images, cfg.teacher.dense_image_size)
                 t_idx = torch.randint(len(templates), (len(data.names),), generator=sampler.g)
                 ctok = sampler.class_tokens[torch.arange(len(data.names)), t_idx]
                 with autocast(dev, pc.precision):
-                    ctext = model.encode_text(ctok.to(dev))
+                    ctext = encode_text_trimmed(model, ctok.to(dev))
                     dl = dense_region_loss(model, dx.to(dev), dboxes, dlab, F.normalize(ctext.float(), dim=-1), pc.logit_scale, mean, std)
                 loss = loss + pc.dense_weight * dl
             if not torch.isfinite(loss):

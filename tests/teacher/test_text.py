@@ -69,3 +69,23 @@ def test_repo_prompt_files_are_valid():
     root = Path(__file__).resolve().parents[2] / "configs" / "prompts"
     for name in ("shapes.txt", "default.txt"):
         assert len(load_templates(root / name)) >= 5
+
+
+def test_trimmed_text_encoding_equals_full_context_with_gradients():
+    import open_clip
+
+    from distill.teacher.clip import create_model_quiet, register_model_configs
+    from distill.teacher.text import encode_text_trimmed
+
+    register_model_configs()
+    torch.manual_seed(0)
+    model = create_model_quiet("distill-tiny-vit").train()
+    tok = open_clip.get_tokenizer("distill-tiny-vit")(["a red star.", "a photo of a big blue circle next to a small green cross", "x"])
+    assert (tok != 0).sum(1).max() < tok.shape[1]  # there is padding to trim
+    full = model.encode_text(tok)
+    g_full = torch.autograd.grad(full.square().sum(), model.transformer.resblocks[0].attn.in_proj_weight)[0]
+    trim = encode_text_trimmed(model, tok)
+    g_trim = torch.autograd.grad(trim.square().sum(), model.transformer.resblocks[0].attn.in_proj_weight)[0]
+    torch.testing.assert_close(trim, full, rtol=1e-5, atol=1e-6)
+    # the same gradient up to float summation order (padding rows add exact zeros in another order)
+    assert float((g_trim - g_full).norm() / g_full.norm()) < 1e-5
