@@ -46,7 +46,7 @@ def attention_backend(device: torch.device | str):
     On CPU, PyTorch's default flash-attention kernel has a slow backward for the short sequences
     of our ViTs (65 image tokens, 32 text tokens): profiled on the teacher's pretraining step it
     was 39% of the step, its backward 6.6x its forward. The plain math kernel trains the same
-    model 1.35x faster (bf16, 2 cores: 0.42 vs 0.57 s/step; ``bench/vit_attention.py``). CUDA
+    model 1.35x faster (bf16, 2 cores: 0.42 vs 0.57 s/step; ``bench/teacher_step.py``). CUDA
     keeps PyTorch's choice.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
