@@ -79,14 +79,10 @@ def st_propose(cfg: Config):
 
 
 def st_regions(cfg: Config):
-    from distill.data.coco import CocoDetection
-    from distill.detection.proposals import embed_proposals, load_proposals, proposals_dir
-    from distill.detection.train import det_vocab
+    from distill.detection.proposals import embed_training_regions
 
-    proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
-    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, det_vocab(cfg), skip_unknown=True)
-    embed_proposals(cfg, _teacher(cfg), proposals, phash, ds)
-    return f"{len(ds)} images x {cfg.det.num_image_distill} proposals ({cfg.regions.mode})"
+    _, counts = embed_training_regions(cfg, _teacher(cfg))
+    return f"{counts['train_images']} images x {cfg.det.num_image_distill} proposals ({cfg.regions.mode})"
 
 
 def _det_note(m: dict) -> str:

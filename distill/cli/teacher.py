@@ -1,4 +1,4 @@
-"""`distill teacher ...`: pretrain the tiny teacher, evaluate a teacher, embed a vocabulary."""
+"""`distill teacher ...`: pretrain the tiny teacher, evaluate a teacher, embed a vocabulary or the proposals."""
 
 from __future__ import annotations
 
@@ -75,3 +75,27 @@ def embed_text_cmd(
     emb = text_embeddings(teacher, voc, templates or cfg.teacher.templates, cache_dir=folder)
     files = sorted(folder.glob(f"{voc.hash}-*.safetensors"), key=lambda p: p.stat().st_mtime)
     typer.echo(f"{len(voc)} classes x {emb.shape[1]} dims -> {files[-1] if files else folder}")
+
+
+@app.command("embed-regions")
+def embed_regions_cmd(config: ConfigArg, overrides: Overrides = None) -> None:
+    """Embed the proposals of every training image with the teacher (the ViLD-image targets).
+
+    Reads the proposals of `distill propose` ({work_dir}/proposals/{proposals.name}/proposals_train.safetensors) and data.train_json.
+
+    Writes {work_dir}/embeddings/regions/<key>/ (shards of regions.shard_size images + index.json), the cache `distill train det` reads. Finished shards are skipped: rerunning a killed command resumes it.
+
+    Under torchrun, rank r of W embeds shards r, r+W, ... and rank 0 writes the index; the cache is byte-identical to a one-process run's.
+
+    Example: torchrun --nproc_per_node 2 -m distill.cli teacher embed-regions configs/shapes/vild.yaml
+    """
+    from distill.detection.proposals import embed_training_regions
+    from distill.engine.distributed import is_main
+
+    cfg = load(config, overrides)
+    cache, c = embed_training_regions(cfg)
+    if is_main():
+        typer.echo(
+            f"{c['train_images']} images x {cfg.det.num_image_distill} proposals ({cfg.regions.mode}): embedded {c['images']} images "
+            f"in {c['shards'] - c['shards_skipped']} shards, {c['shards_skipped']} finished shards skipped -> {cache.root}"
+        )

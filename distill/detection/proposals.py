@@ -185,24 +185,59 @@ def region_cache_key(teacher, proposals_hash: str, num: int, mode: str, scales) 
     return {"teacher": teacher.fingerprint, "proposals": proposals_hash, "num": int(num), "mode": mode, "scales": [float(s) for s in scales]}
 
 
-def embed_proposals(cfg: Config, teacher, proposals: dict[int, tuple[torch.Tensor, torch.Tensor]], proposals_hash: str, dataset, num: int | None = None):
+def embed_proposals(cfg: Config, teacher, proposals: dict[int, tuple[torch.Tensor, torch.Tensor]], proposals_hash: str, dataset, num: int | None = None, stats: dict | None = None):
     """The teacher's embeddings of the top ``num`` proposals of every image of ``dataset``,
     computed once into an :class:`~distill.teacher.cache.EmbeddingCache` (keyed by teacher
-    fingerprint + proposals hash + crop mode) and returned as that cache (``.get(image_id)``)."""
-    from distill.teacher.cache import EmbeddingCache
-    from distill.teacher.regions import embed_regions_to_cache
+    fingerprint + proposals hash + crop mode) and returned as that cache (``.get(image_id)``).
 
+    Under torchrun every rank must call it: rank ``r`` of ``W`` embeds the cache shards ``r, r + W,
+    ...`` and rank 0 writes the index (:func:`~distill.teacher.regions.embed_regions_sharded`); the
+    cache is byte-identical to a one-process run's. ``stats`` receives this rank's counts."""
+    from distill.engine.distributed import init_distributed
+    from distill.teacher.cache import EmbeddingCache
+    from distill.teacher.regions import embed_regions_sharded
+
+    init_distributed()  # a no-op unless launched by torchrun
     num = cfg.det.num_image_distill if num is None else num
     key = region_cache_key(teacher, proposals_hash, num, cfg.regions.mode, cfg.regions.scales)
     root = Path(cfg.work_dir) / "embeddings" / "regions" / sha256_json(key)[:16]
     cache = EmbeddingCache(root, key, dtype=cfg.teacher.cache_dtype, shard_size=max(1, cfg.regions.shard_size))
-    todo = set(cache.missing(dataset.image_ids))
-    if todo or not cache.complete:
+    position = {iid: i for i, iid in enumerate(int(x) for x in dataset.image_ids)}
+    if cache.missing(position) or not cache.complete:  # the same on every rank (nobody writes before the barrier)
         empty = torch.zeros(0, 4)
-        items = (
-            (iid, dataset[i][0], proposals.get(iid, (empty, None))[0][:num])
-            for i, iid in enumerate(int(x) for x in dataset.image_ids)
-            if iid in todo
-        )
-        embed_regions_to_cache(teacher, items, cache, mode=cfg.regions.mode, scales=cfg.regions.scales)
+
+        def load(iid: int):
+            return dataset[position[iid]][0], proposals.get(iid, (empty, None))[0][:num]
+
+        counts = embed_regions_sharded(teacher, list(position), load, cache, mode=cfg.regions.mode, scales=cfg.regions.scales)
+        if stats is not None:
+            stats.update(counts)
     return cache
+
+
+def embed_training_regions(cfg: Config, teacher=None) -> tuple:
+    """Stage ``regions`` / ``distill teacher embed-regions``: the teacher's embeddings of the
+    proposals (``distill propose``) of every ``data.train_json`` image; rank-sharded under torchrun.
+    Returns ``(cache, counts)``: this run's counts summed over ranks (``images`` embedded,
+    ``shards`` planned, ``shards_skipped`` found finished on disk, ``skipped_boxes``,
+    ``clipped_boxes``) and ``train_images``."""
+    from distill.data.coco import CocoDetection
+    from distill.detection.train import det_vocab
+    from distill.engine.distributed import all_reduce_sum, init_distributed
+
+    _, world, local_rank = init_distributed()  # before the teacher: each rank on its own GPU
+    proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
+    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, det_vocab(cfg), skip_unknown=True)
+    if teacher is None:
+        from distill.engine.device import get_device
+        from distill.teacher.clip import build_teacher
+
+        device = get_device(cfg.teacher.device)
+        if world > 1 and device.type == "cuda" and not cfg.teacher.device:
+            device = torch.device("cuda", local_rank)
+        teacher = build_teacher(cfg.teacher, device=device)
+    counts = {"images": 0, "skipped_boxes": 0, "clipped_boxes": 0, "shards": 0, "shards_skipped": 0}
+    cache = embed_proposals(cfg, teacher, proposals, phash, ds, stats=counts)
+    counts = {k: int(v) for k, v in all_reduce_sum(counts, device=teacher.device).items()}
+    counts["train_images"] = len(ds)
+    return cache, counts

@@ -56,6 +56,26 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def rank_shards(num_shards: int, rank: int | None = None, world: int | None = None) -> list[int]:
+    """The shards rank ``rank`` of ``world`` works on: ``rank, rank + world, ...`` (strided shards
+    of fixed consecutive images, so the shards themselves do not depend on the world size)."""
+    rank = get_rank() if rank is None else int(rank)
+    world = get_world_size() if world is None else int(world)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of world size {world}")
+    return list(range(rank, int(num_shards), world))
+
+
+def all_reduce_sum(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Sum of scalar metrics (counts) across ranks (identity in a single process)."""
+    if not is_dist() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean of scalar metrics across ranks (identity in a single process)."""
     if not is_dist() or not values:

@@ -14,6 +14,14 @@ with the same key resumes: :meth:`EmbeddingCache.missing` lists what is left, an
 boundaries depend only on the write order and ``shard_size``, a resumed run writes byte-identical
 shards. Reads stream: :meth:`get` opens one tensor of one shard, iteration holds one shard at a time.
 
+Rank-sharded writing (torchrun): :meth:`plan` cuts the missing ids into shards of ``shard_size``
+consecutive images numbered after the indexed ones, the same plan on every rank and for any world
+size; rank ``r`` of ``W`` writes shards ``r, r + W, ...`` with :meth:`write_shard` (atomically, no
+index), then rank 0 lists them all with :meth:`finish`. A shard's file records the key hash and its
+number, so :meth:`shard_done` recognises a finished shard of a killed run that no index lists yet.
+The index records only the key, dtype, shard size and each shard's file, ids (plan order), rows and
+sha256, nothing about the run, so a cache written by 2 ranks is byte-identical to one process's.
+
 >>> cache = EmbeddingCache(root, {"teacher": t.fingerprint, "proposals": phash}, dtype="fp16")
 >>> for iid in cache.missing(all_ids): cache.write([iid], [emb_of(iid)])
 >>> cache.close()                       # flushes the last shard, marks the cache complete
@@ -105,29 +113,122 @@ class EmbeddingCache:
             iid = int(iid)
             if iid in self._where or iid in self._buf_ids:
                 raise DistillError(f"{self.root}: image id {iid} written twice")
-            if not torch.isfinite(t).all():
-                raise DistillError(f"cache.write: embeddings of image {iid} contain NaN/inf")
             self._buf_ids.append(iid)
-            self._buf.append(t.detach().to("cpu", DTYPES[self.dtype]).contiguous())
+            self._buf.append(self._stored(iid, t))
             if len(self._buf_ids) >= self.shard_size:
                 self.flush()
+
+    def _stored(self, iid: int, t: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(t).all():
+            raise DistillError(f"cache.write: embeddings of image {iid} contain NaN/inf")
+        return t.detach().to("cpu", DTYPES[self.dtype]).contiguous()
 
     def flush(self) -> None:
         """Write the buffered images as one shard (atomically), then the index."""
         if not self._buf_ids:
             return
-        k = len(self.index["shards"])
-        name = f"shard-{k:05d}.safetensors"
-        tensors = {str(i): t for i, t in zip(self._buf_ids, self._buf)}
+        entry = self.write_shard(len(self.index["shards"]), self._buf_ids, self._buf)
+        self._buf_ids, self._buf = [], []
+        self.add_shards([entry])
+
+    # ------------------------------------------------------------------------------- sharded writing
+    @staticmethod
+    def shard_file(k: int) -> str:
+        return f"shard-{k:05d}.safetensors"
+
+    def _shard_tag(self, k: int) -> str:
+        return f"key_hash={self.key_hash};shard={k}"
+
+    def plan(self, image_ids: Iterable[int]) -> list[tuple[int, list[int]]]:
+        """The shards still to write for ``image_ids``: ``(shard number, ids)``, consecutive runs of
+        ``shard_size`` of the missing ids (in the given order), numbered after the indexed shards.
+
+        It depends only on the index and ``image_ids``, so every rank computes the same plan, a
+        resumed run the plan of the killed one, and one process writes the same shards as
+        :meth:`write` + :meth:`close` would."""
+        todo = self.missing(image_ids)
+        k0 = len(self.index["shards"])
+        S = self.shard_size
+        return [(k0 + j, todo[a : a + S]) for j, a in enumerate(range(0, len(todo), S))]
+
+    def write_shard(self, k: int, image_ids: Sequence[int], tensors: Sequence[torch.Tensor]) -> dict:
+        """Write shard ``k`` of :meth:`plan` (atomically) without touching the index; returns its
+        index entry (for :meth:`add_shards`)."""
+        if self.readonly:
+            raise DistillError(f"{self.root}: cache opened read-only")
+        if len(image_ids) != len(tensors):
+            raise DistillError(f"cache.write: {len(image_ids)} image ids for {len(tensors)} tensors")
+        ids = [int(i) for i in image_ids]
+        if len(set(ids)) != len(ids) or any(i in self._where for i in ids):
+            raise DistillError(f"{self.root}: shard {k}: an image id is written twice")
+        stored = [self._stored(i, t) for i, t in zip(ids, tensors)]
+        name = self.shard_file(k)
         # one metadata entry: safetensors stores metadata in a hash map, so several entries would
         # not have a stable order (and shards would not be byte-identical across runs)
-        _save_shard(tensors, self.root / name, {"distill": f"key_hash={self.key_hash};shard={k}"})
-        entry = {"file": name, "image_ids": list(self._buf_ids), "rows": int(sum(t.shape[0] if t.ndim else 1 for t in self._buf)), "sha256": sha256_file(self.root / name)}
-        self.index["shards"].append(entry)
-        for i in self._buf_ids:
-            self._where[i] = k
-        self._buf_ids, self._buf = [], []
+        _save_shard({str(i): t for i, t in zip(ids, stored)}, self.root / name, {"distill": self._shard_tag(k)})
+        rows = int(sum(t.shape[0] if t.ndim else 1 for t in stored))
+        return {"file": name, "image_ids": ids, "rows": rows, "sha256": sha256_file(self.root / name)}
+
+    def shard_done(self, k: int, image_ids: Sequence[int]) -> dict | None:
+        """The index entry of shard ``k`` when its file is already on disk, written under this key
+        as shard ``k`` with exactly ``image_ids`` (a finished shard of an interrupted run, maybe
+        another rank's); None when it is absent, unreadable or from other inputs."""
+        from safetensors import safe_open
+
+        path = self.root / self.shard_file(k)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("distill") != self._shard_tag(k):
+                    return None
+                if set(f.keys()) != {str(int(i)) for i in image_ids} or len(set(image_ids)) != len(image_ids):
+                    return None
+                shapes = [f.get_slice(str(int(i))).get_shape() for i in image_ids]
+        except Exception:  # noqa: BLE001 - a damaged file is simply not finished
+            return None
+        rows = int(sum(s[0] if len(s) else 1 for s in shapes))
+        return {"file": path.name, "image_ids": [int(i) for i in image_ids], "rows": rows, "sha256": sha256_file(path)}
+
+    def add_shards(self, entries: Sequence[dict], complete: bool = False) -> None:
+        """List written shards (in shard order) in the index and rewrite it (atomically);
+        ``complete`` also marks the cache complete."""
+        n = len(self.index["shards"])
+        for j, entry in enumerate(entries):
+            if entry["file"] != self.shard_file(n + j):
+                raise DistillError(f"{self.root}: shard {entry['file']} listed out of order (expected {self.shard_file(n + j)})")
+        for entry in entries:
+            k = len(self.index["shards"])
+            self.index["shards"].append(entry)
+            for i in entry["image_ids"]:
+                self._where[int(i)] = k
+        if complete:
+            self.index["complete"] = True
         self._write_index()
+
+    def finish(self, plan: Sequence[tuple[int, Sequence[int]]], written: dict[int, dict] | None = None) -> None:
+        """After every rank wrote its shards of ``plan``: list them all and mark the cache complete
+        (rank 0 only). ``written`` maps shard numbers to the entries this process already has."""
+        written = written or {}
+        entries = []
+        for k, ids in plan:
+            if k < len(self.index["shards"]):
+                continue  # listed already (one process lists each shard as it is written)
+            entry = written.get(k) or self.shard_done(k, ids)
+            if entry is None:
+                raise DistillError(f"{self.root / self.shard_file(k)}: shard missing or stale after every rank finished; rerun the same command to finish (finished shards are kept)")
+            entries.append(entry)
+        self.add_shards(entries, complete=True)
+
+    def refresh(self) -> None:
+        """Re-read the index written by another process (rank 0 after :meth:`finish`)."""
+        idx_path = self.root / "index.json"
+        if not idx_path.is_file():
+            raise DistillError(f"{self.root}: no embedding cache index after rank 0 finished it")
+        index = read_json(idx_path, "embedding cache index")
+        self._check_key(index)
+        self.index = index
+        self._where = {int(i): s for s, sh in enumerate(self.index["shards"]) for i in sh["image_ids"]}
 
     def _write_index(self) -> None:
         write_json(self.root / "index.json", self.index)

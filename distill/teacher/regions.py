@@ -19,7 +19,7 @@ height after clipping (or a non-finite coordinate) is skipped and counted: its r
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -238,4 +238,66 @@ def embed_regions_to_cache(
     if batch:
         run()
     cache.close()
+    return stats
+
+
+def embed_regions_sharded(
+    teacher,
+    image_ids: Sequence[int],
+    load: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    cache,
+    mode: str = "crop",
+    scales: Sequence[float] = (1.0, 1.5),
+    images_per_batch: int = 8,
+) -> dict:
+    """Fill an :class:`~distill.teacher.cache.EmbeddingCache` with the region embeddings of
+    ``image_ids``, rank-sharded under torchrun and resumable.
+
+    The missing ids are cut into the cache's shards (:meth:`~distill.teacher.cache.EmbeddingCache.plan`:
+    fixed runs of ``shard_size`` consecutive images); rank ``r`` of ``W`` embeds shards ``r, r + W,
+    ...`` in batches of ``images_per_batch`` that never cross a shard (so a shard is computed from
+    the same batches whatever ``W``), skips shards already on disk (a killed run's), and writes each
+    shard atomically. After a barrier rank 0 lists every shard in the index and marks it complete;
+    after a second one the other ranks re-read it. In one process the index is also rewritten after
+    every shard (as :meth:`~distill.teacher.cache.EmbeddingCache.write` does).
+
+    Args:
+        load: ``image_id -> (image (3, H, W) in [0, 1], boxes (N, 4) XYXY)``, called only for the
+            images this rank embeds.
+    Returns:
+        this rank's counts: ``{"images", "skipped_boxes", "clipped_boxes", "shards", "shards_skipped"}``.
+    """
+    from distill.engine.distributed import barrier, get_rank, get_world_size, rank_shards
+
+    rank, world = get_rank(), get_world_size()
+    plan = cache.plan(image_ids)
+    stats = {"images": 0, "skipped_boxes": 0, "clipped_boxes": 0, "shards": 0, "shards_skipped": 0}
+    written: dict[int, dict] = {}
+    bs = max(1, int(images_per_batch))
+    for j in rank_shards(len(plan), rank, world):
+        k, ids = plan[j]
+        stats["shards"] += 1
+        entry = cache.shard_done(k, ids)
+        if entry is None:
+            embs: list[torch.Tensor] = []
+            for a in range(0, len(ids), bs):
+                items = [load(i) for i in ids[a : a + bs]]
+                out, info = region_embeddings(teacher, [it[0] for it in items], [it[1] for it in items], mode=mode, scales=scales, return_info=True)
+                embs.extend(e.to("cpu") for e in out)
+                stats["skipped_boxes"] += info["num_skipped"]
+                stats["clipped_boxes"] += info["num_clipped"]
+            entry = cache.write_shard(k, ids, embs)
+            stats["images"] += len(ids)
+        else:
+            stats["shards_skipped"] += 1
+        if world == 1:
+            cache.add_shards([entry])
+        else:
+            written[k] = entry
+    barrier()
+    if rank == 0:
+        cache.finish(plan, written)
+    barrier()
+    if rank != 0:
+        cache.refresh()
     return stats

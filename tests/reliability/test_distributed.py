@@ -4,12 +4,16 @@
   that of 1 process x 4 images (same global batch; BatchNorm statistics are per rank, so not equal);
 - rank-sharded labeling (``distill label``): labels.json, YOLO files and semantic PNGs are
   byte-identical to the single-process run;
-- rank-sharded CAM (``distill cam``): masks and seeds are byte-identical.
+- rank-sharded CAM (``distill cam``): masks and seeds are byte-identical;
+- rank-sharded region embedding (``distill teacher embed-regions``): every cache shard and the
+  index are byte-identical, and reading the cache streams the same tensors; a rerun with the index
+  and one shard deleted (a killed run) redoes only that shard.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ._fixtures import REPO, cli_cmd, env, make_teacher_dir, make_tiny_world, seg_overrides, teacher_overrides
+from ._fixtures import REPO, cli_cmd, env, make_teacher_dir, make_tiny_world, seg_overrides, teacher_overrides, world_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -117,3 +121,68 @@ def test_rank_sharded_cam_equals_single_process(tmp_path, teacher_model):
     assert len(masks) == 6
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def _write_proposals(work_dir: Path) -> None:
+    """Seeded random proposals (12 per image, some degenerate) for every training image, where
+    ``distill propose`` would put them (no RPN training: the embedding is under test)."""
+    import torch
+
+    from distill.config import load_config
+    from distill.detection.proposals import proposals_dir, save_proposals
+
+    cfg = load_config(str(REPO / "configs/shapes/vild.yaml"), world_overrides(work_dir))
+    ids = sorted(im["id"] for im in json.loads(Path(cfg.data.train_json).read_text())["images"])
+    g = torch.Generator().manual_seed(3)
+    boxes = []
+    for _ in ids:
+        xy = torch.randint(-4, 56, (12, 2), generator=g).float()
+        wh = torch.randint(0, 30, (12, 2), generator=g).float()
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    save_proposals(proposals_dir(cfg) / "proposals_train.safetensors", ids, boxes, [torch.linspace(1, 0, 12)] * len(ids))
+
+
+def test_rank_sharded_region_embedding_equals_single_process(tmp_path, teacher_model):
+    from distill.teacher.cache import EmbeddingCache
+
+    make_tiny_world(tmp_path / "single")  # 8 training images -> shards of 3: 3 + 3 + 2
+    _write_proposals(tmp_path / "single")
+    shutil.copytree(tmp_path / "single", tmp_path / "ddp")
+    args = lambda w: ("teacher", "embed-regions", str(REPO / "configs/shapes/vild.yaml"), *world_overrides(w),  # noqa: E731
+                      *teacher_overrides(teacher_model), "regions.shard_size=3", "det.num_image_distill=10")
+    out1 = run_ok(cli_cmd(*args(tmp_path / "single")))
+    out2 = run_ok(torchrun(*args(tmp_path / "ddp")))
+    assert "embedded 8 images in 3 shards, 0 finished shards skipped" in out1 and out2.count("embedded 8 images in 3 shards") == 1, out2
+    roots = [next((tmp_path / n / "embeddings" / "regions").iterdir()) for n in ("single", "ddp")]
+    assert roots[0].name == roots[1].name  # the same key
+    a, b = _visible(roots[0]), _visible(roots[1])
+    assert sorted(a) == ["index.json"] + [f"shard-{k:05d}.safetensors" for k in range(3)]
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []  # the index records nothing run-specific
+    index = json.loads(a["index.json"])
+    assert index["complete"] and [len(s["image_ids"]) for s in index["shards"]] == [3, 3, 2]
+    key = {k: v for k, v in index["key"].items() if k != "dtype"}
+    ca, cb = (EmbeddingCache(r, key, dtype=index["dtype"], readonly=True) for r in roots)
+    ca.verify(), cb.verify()
+    sa, sb = list(ca), list(cb)
+    assert [i for i, _ in sa] == [i for i, _ in sb] == ca.image_ids() and len(sa) == 8
+    assert all(ta.shape == (10, 16) and ta.equal(tb) for (_, ta), (_, tb) in zip(sa, sb))
+    assert all(bool((ta.norm(dim=1) > 0).any()) for _, ta in sa)
+    # a killed 2-rank run: the index never written, one shard missing -> only that shard is redone
+    (roots[1] / "index.json").unlink()
+    (roots[1] / "shard-00001.safetensors").unlink()
+    out3 = run_ok(torchrun(*args(tmp_path / "ddp")))
+    assert "embedded 3 images in 1 shards, 2 finished shards skipped" in out3, out3
+    assert _visible(roots[1]) == a
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_shards_cover_every_shard_once(world):
+    from distill.engine.distributed import rank_shards
+
+    for n in (0, 1, 3, 7, 8, 13):
+        got = [k for r in range(world) for k in rank_shards(n, r, world)]
+        assert sorted(got) == list(range(n))  # every shard exactly once
+        assert all(rank_shards(n, r, world) == list(range(r, n, world)) for r in range(world))
+    with pytest.raises(ValueError):
+        rank_shards(3, world, world)

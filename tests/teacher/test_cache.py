@@ -1,5 +1,5 @@
 """Embedding cache: round trip, fp16 storage, streaming, stale keys refused, kill + resume gives
-byte-identical shards."""
+byte-identical shards, rank-sharded writing (simulated ranks) gives the one-process bytes."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import distill.teacher.cache as cache_mod
 from distill.errors import DistillError
 from distill.teacher import build_random_teacher
 from distill.teacher.cache import EmbeddingCache
-from distill.teacher.regions import embed_regions_to_cache, region_embeddings
+from distill.teacher.regions import embed_regions_sharded, embed_regions_to_cache, region_embeddings
 
 
 def _data(n=11, d=8, seed=0):
@@ -113,3 +113,85 @@ def test_region_embeddings_to_cache_resumes(tmp_path):
     ref = region_embeddings(t, [it[1] for it in items], [it[2] for it in items])
     for (i, _, _), r in zip(items, ref):
         assert torch.allclose(c.get(i), r.half().float(), atol=0)
+
+
+def _files(root):
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if not p.name.startswith(".")}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_sharded_writing_equals_one_process(tmp_path, world):
+    """Ranks of ``world`` (run here one after the other, in reverse, rank 0 last) each write their
+    shards of the plan; rank 0 then lists them: the files equal write() + close() byte for byte."""
+    from distill.engine.distributed import rank_shards
+
+    ids, embs = _data(n=11)
+    key = {"teacher": "abc"}
+    _fill(tmp_path / "ref", ids, embs, key)
+    root = tmp_path / f"w{world}"
+    written = {}
+    for rank in reversed(range(world)):
+        c = EmbeddingCache(root, key, shard_size=4)
+        plan = c.plan(ids)
+        assert [len(p[1]) for p in plan] == [4, 4, 3] and [p[0] for p in plan] == [0, 1, 2]
+        for j in rank_shards(len(plan), rank, world):
+            k, sids = plan[j]
+            assert c.shard_done(k, sids) is None
+            written[k] = c.write_shard(k, sids, [embs[ids.index(i)] for i in sids])
+            assert c.shard_done(k, sids) == written[k]  # what a resumed run or rank 0 finds on disk
+        assert not (root / "index.json").exists()  # only rank 0 writes the index, after all ranks
+    c.finish(plan, {k: e for k, e in written.items() if k % world == 0})  # rank 0 reads the others' shards
+    assert _files(root) == _files(tmp_path / "ref")
+    assert c.complete and len(c) == 11 and all(c.get(i).equal(embs[ids.index(i)].half().float()) for i in ids)
+
+
+def test_sharded_resume_and_stale_shards(tmp_path):
+    ids, embs = _data(n=11)
+    key = {"teacher": "abc"}
+    c = EmbeddingCache(tmp_path, key, shard_size=4)
+    plan = c.plan(ids)
+    c.write_shard(*plan[1], [embs[ids.index(i)] for i in plan[1][1]])
+    assert c.shard_done(1, plan[1][1][:3]) is None  # other images: not this shard
+    assert EmbeddingCache(tmp_path, {"teacher": "xyz"}, shard_size=4).shard_done(*plan[1]) is None  # other key
+    with pytest.raises(DistillError, match="shard-00000.safetensors: shard missing"):
+        c.finish(plan)
+    (tmp_path / "shard-00002.safetensors").write_bytes(b"garbage")
+    assert c.shard_done(*plan[2]) is None
+    with pytest.raises(DistillError, match="out of order"):
+        c.add_shards([c.shard_done(*plan[1])])
+
+
+class _Images:
+    """Images of ids 0..n-1 and their boxes; counts how often each image is read."""
+
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(4)
+        self.data = {i: (torch.rand(3, 36, 44, generator=g), torch.tensor([[2.0, 3.0, 30.0, 35.0], [5.0, 5.0, 5.0, 9.0], [1.0, 1.0, 20.0, 12.0]])) for i in range(n)}
+        self.reads = []
+
+    def __call__(self, iid):
+        self.reads.append(iid)
+        return self.data[iid]
+
+
+def test_embed_regions_sharded_one_process_resumes(tmp_path):
+    t = build_random_teacher(seed=0)
+    key = {"teacher": t.fingerprint, "mode": "crop"}
+    load = _Images(7)
+    ids = list(range(7))
+    ref = EmbeddingCache(tmp_path / "ref", key, shard_size=3)
+    stats = embed_regions_sharded(t, ids, load, ref, images_per_batch=2)
+    assert stats == {"images": 7, "skipped_boxes": 7, "clipped_boxes": 0, "shards": 3, "shards_skipped": 0}
+    assert ref.complete and ref.image_ids() == ids
+    # what a killed run leaves: shards 0 and 2 on disk, no index -> only shard 1 is embedded again
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("shard-00000.safetensors", "shard-00002.safetensors"):
+        (run / name).write_bytes((tmp_path / "ref" / name).read_bytes())
+    load.reads.clear()
+    stats = embed_regions_sharded(t, ids, load, EmbeddingCache(run, key, shard_size=3), images_per_batch=2)
+    assert stats["shards_skipped"] == 2 and stats["images"] == 3 and load.reads == [3, 4, 5]
+    assert _files(run) == _files(tmp_path / "ref")
+    boxes = [load.data[i][1] for i in ids]
+    want = region_embeddings(t, [load.data[i][0] for i in ids], boxes)
+    assert all(ref.get(i).equal(w.half().float()) for i, w in zip(ids, want))
