@@ -185,6 +185,12 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
     out = det_dir(cfg)
     vocab = det_vocab(cfg)
     if teacher is None:
+        from distill.engine.device import get_device
+        from distill.engine.distributed import init_distributed
+
+        # under torchrun, join the process group (and pick this rank's GPU) before the teacher is
+        # placed, so each rank's teacher sits on its own device rather than all on cuda:0
+        init_distributed(get_device(cfg.teacher.device).type)
         teacher, text_all = build_teacher_and_text(cfg, vocab)
     else:
         from distill.teacher.text import text_embeddings
