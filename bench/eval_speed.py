@@ -1,8 +1,9 @@
-"""Evaluation speed: faster-coco-eval vs pycocotools on the same 5,000-image files, and the
-streaming semantic-segmentation evaluator's peak memory at N and 4N images.
+"""Evaluation speed: faster-coco-eval vs pycocotools vs the streaming box evaluator
+(:mod:`distill.eval.coco_stream`) on the same 5,000-image files, and the streaming
+semantic-segmentation evaluator's peak memory at N and 4N images.
 
-Both COCO backends run in this process on the same GT + results (random boxes, ~5 GT and ~20
-detections per image, 20 categories with a base/novel split); their metrics must be identical.
+The three COCO backends run in this process on the same GT + results (random boxes, ~5 GT and
+~20 detections per image, 20 categories with a base/novel split); their metrics must be identical.
 The semseg memory is measured in fresh subprocesses (peak RSS is a per-process high-water mark).
 
 Prints a table and ends with ``ratio faster/pycocotools speedup: X.XXx``.
@@ -106,7 +107,7 @@ def semseg_memory(n: int = SEMSEG_N) -> dict:
 
 
 def main(device: str = "cpu") -> dict:
-    from distill.eval.detection import _metrics_from_precision, _run_coco, evaluate_detection, load_gt, load_results
+    from distill.eval.detection import _metrics_from_precision, _run_coco, _run_stream, evaluate_detection, load_gt, load_results
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -117,19 +118,24 @@ def main(device: str = "cpu") -> dict:
         cats = sorted(gt["categories"], key=lambda c: c["id"])
         names, split = [c["name"] for c in cats], [c["split"] for c in cats]
         times, metrics = {}, {}
-        for backend in ("faster", "pycocotools"):
+        for backend in ("faster", "pycocotools", "stream"):
             dets = [dict(r) for r in res]  # the loaders modify the dicts they get
             t0 = time.perf_counter()
-            prec, thr = _run_coco(gt, dets, "bbox", 100, backend)
+            if backend == "stream":
+                prec, thr = _run_stream(gt, dets, 100)
+            else:
+                prec, thr = _run_coco(gt, dets, "bbox", 100, backend)
             times[backend] = time.perf_counter() - t0
             metrics[backend] = _metrics_from_precision(prec, thr, names, split, "bbox")
         t0 = time.perf_counter()
-        full = evaluate_detection(gt_path, res_path)  # end to end: read, check, evaluate (faster)
+        full = evaluate_detection(gt_path, res_path)  # end to end: read, check, evaluate (auto = stream)
         t_full = time.perf_counter() - t0
     diff = max(abs(metrics["faster"][k] - metrics["pycocotools"][k]) for k in metrics["faster"])
-    assert metrics["faster"].keys() == metrics["pycocotools"].keys()
+    assert metrics["faster"].keys() == metrics["pycocotools"].keys() == metrics["stream"].keys()
     assert diff <= 1e-9, f"faster-coco-eval and pycocotools disagree by {diff}"
-    assert max(abs(full[k] - metrics["faster"][k]) for k in full) <= 1e-12
+    diff_stream = max(abs(metrics["stream"][k] - metrics[b][k]) for k in metrics["stream"] for b in ("faster", "pycocotools"))
+    assert diff_stream <= 1e-9, f"the streaming evaluator and the COCO backends disagree by {diff_stream}"
+    assert max(abs(full[k] - metrics["stream"][k]) for k in full) <= 1e-12
     ratio = times["pycocotools"] / times["faster"]
 
     mem = semseg_memory()
@@ -141,11 +147,11 @@ def main(device: str = "cpu") -> dict:
     print(f"COCO bbox eval: {N_IMAGES} images, {len(gt['annotations'])} GT, {len(res)} detections, {N_CATS} categories (files made in {t_make:.1f} s)")
     print("| backend | seconds | AP | AP50 | AP_base | AP_novel |")
     print("|---|---|---|---|---|---|")
-    for b in ("faster", "pycocotools"):
+    for b in ("faster", "pycocotools", "stream"):
         mb = metrics[b]
         print(f"| {b} | {times[b]:.2f} | {mb['bbox/AP']:.4f} | {mb['bbox/AP50']:.4f} | {mb['bbox/AP_base']:.4f} | {mb['bbox/AP_novel']:.4f} |")
-    print(f"| evaluate_detection (faster, end to end) | {t_full:.2f} | {full['bbox/AP']:.4f} | {full['bbox/AP50']:.4f} | {full['bbox/AP_base']:.4f} | {full['bbox/AP_novel']:.4f} |")
-    print(f"max |faster - pycocotools| over {len(m)} metrics: {diff:.2e}")
+    print(f"| evaluate_detection (auto = stream, end to end) | {t_full:.2f} | {full['bbox/AP']:.4f} | {full['bbox/AP50']:.4f} | {full['bbox/AP_base']:.4f} | {full['bbox/AP_novel']:.4f} |")
+    print(f"max |faster - pycocotools| over {len(m)} metrics: {diff:.2e}; max |stream - either|: {diff_stream:.2e}")
     print()
     print(f"SemSegEvaluator, {SEMSEG_HW[0]}x{SEMSEG_HW[1]} images, {N_CATS + 1} classes:")
     print("| images | peak RSS MiB | RSS before images MiB | images/s |")
@@ -153,12 +159,15 @@ def main(device: str = "cpu") -> dict:
     for n, v in ((n1, m1), (n4, m4)):
         print(f"| {n} | {v['peak_mib']:.1f} | {v['base_mib']:.1f} | {v['images_per_s']:.1f} |")
     print(f"semseg peak RSS ratio {n4}/{n1} images: {rss_ratio:.3f} (growth {growth:+.1f} MiB)")
+    print(f"stream vs faster-coco-eval: {times['stream'] / times['faster']:.2f}x the time")
     print(f"ratio faster/pycocotools speedup: {ratio:.2f}x")
     return {
         "images": N_IMAGES,
         "detections": len(res),
         "faster_s": round(times["faster"], 3),
         "pycocotools_s": round(times["pycocotools"], 3),
+        "stream_s": round(times["stream"], 3),
+        "max_stream_diff": diff_stream,
         "end_to_end_s": round(t_full, 3),
         "speedup": round(ratio, 3),
         "max_metric_diff": diff,

@@ -9,8 +9,9 @@ what would show a leak that the large fixed cost of importing torch hides in the
 
 Jobs (sizes chosen so that a job holding everything in memory would exceed the target):
 - ``eval_semseg``: :func:`distill.eval.segmentation.evaluate_semseg_dirs` over N 256x256 PNG pairs;
-- ``eval_det``: :func:`distill.eval.detection.evaluate_detection` (faster-coco-eval) on N images
-  with 10 boxes and 30 detections each (COCO evaluation keeps its inputs; this shows their cost);
+- ``eval_det``: :func:`distill.eval.detection.evaluate_detection` (default backend: the streaming
+  box evaluator) on N images with 10 boxes and 30 detections each (faster-coco-eval and
+  pycocotools keep every box as a Python object: about 80 KB more per image);
 - ``cache``: :class:`distill.teacher.cache.EmbeddingCache` write then stream-read of N images x
   300 regions x 256 float32 (300 KB an image, shards of 32 images);
 - ``label``: ``distill label`` (teacher source, a tiny random teacher) on N 128x128 images, with

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -72,6 +73,141 @@ def read_json(path: str | os.PathLike, what: str = "json") -> Any:
             return json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DistillError(f"{path}: not valid json ({e}); expected a {what} file") from None
+
+
+class JsonStream:
+    """Read one json file value by value, in chunks, so that the file and its big lists are never
+    held whole. Use as a context manager; walk the top level with :meth:`items` (a list),
+    :meth:`members` (an object) and :meth:`value` (any one value, parsed whole), then :meth:`end`.
+    Malformed json raises :class:`DistillError` ("not valid json", with the character offset)."""
+
+    _WS = re.compile(r"[ \t\n\r]*")
+
+    def __init__(self, path: str | os.PathLike, what: str = "json", chunk_chars: int = 1 << 18) -> None:
+        self.path, self.what, self._chunk = Path(path), what, chunk_chars
+        self._dec = json.JSONDecoder()
+        self._buf, self._pos, self._base, self._eof = "", 0, 0, False
+        self._f = None
+
+    def __enter__(self) -> "JsonStream":
+        self._f = open(self.path, encoding="utf-8-sig")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def _bad(self, msg: str, pos: int | None = None) -> DistillError:
+        pos = self._base + self._pos if pos is None else pos
+        return DistillError(f"{self.path}: not valid json ({msg}: char {pos}); expected a {self.what} file")
+
+    def _fill(self, grow: bool = False) -> None:
+        if grow:
+            self._chunk *= 2  # one value longer than the whole buffer: read more at once
+        try:
+            more = self._f.read(self._chunk)
+        except UnicodeDecodeError as e:
+            raise DistillError(f"{self.path}: not valid json ({e}); expected a {self.what} file") from None
+        self._eof = not more
+        self._buf, self._base, self._pos = self._buf[self._pos :] + more, self._base + self._pos, 0
+
+    def peek(self) -> str:
+        """The next non-blank character ('' at the end of the file)."""
+        while True:
+            self._pos = self._WS.match(self._buf, self._pos).end()
+            if self._pos < len(self._buf) or self._eof:
+                return self._buf[self._pos : self._pos + 1]
+            self._fill()
+
+    def _expect(self, chars: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            raise self._bad(f"expected {' or '.join(repr(x) for x in chars)}")
+        self._pos += 1
+        return c
+
+    def value(self) -> Any:
+        """The next value, parsed whole."""
+        self.peek()
+        while True:
+            try:
+                item, end = self._dec.raw_decode(self._buf, self._pos)
+            except json.JSONDecodeError as e:
+                if self._eof:
+                    raise self._bad(e.msg, self._base + e.pos) from None
+                self._fill(grow=self._pos == 0)
+                continue
+            if end == len(self._buf) and not self._eof:  # a number may go on in the next chunk
+                self._fill(grow=self._pos == 0)
+                continue
+            self._pos = end
+            return item
+
+    def items(self) -> Iterator[Any]:
+        """The values of the list that comes next, one at a time."""
+        self._expect("[")
+        if self.peek() == "]":
+            self._pos += 1
+            return
+        while True:
+            yield self.value()
+            if self._expect(",]") == "]":
+                return
+
+    def members(self) -> Iterator[str]:
+        """The keys of the object that comes next; after each key, read its value (:meth:`value`
+        or :meth:`items`, to the end) before asking for the next key."""
+        self._expect("{")
+        if self.peek() == "}":
+            self._pos += 1
+            return
+        while True:
+            if self.peek() != '"':
+                raise self._bad("expected a key")
+            key = self.value()
+            self._expect(":")
+            yield key
+            if self._expect(",}") == "}":
+                return
+
+    def end(self) -> None:
+        """Nothing but blanks may follow the top-level value."""
+        if self.peek():
+            raise self._bad("extra data")
+
+
+class JsonListItems:
+    """The items of a json file whose top-level value is a list, parsed one at a time: the file
+    is read in chunks and never held whole (see :func:`read_json_items`). Iterate once."""
+
+    def __init__(self, path: Path, what: str, chunk_chars: int = 1 << 18) -> None:
+        self.path, self.what, self.chunk = path, what, chunk_chars
+
+    def __iter__(self) -> Iterator[Any]:
+        with JsonStream(self.path, self.what, self.chunk) as js:
+            yield from js.items()
+            js.end()
+
+
+def read_json_items(path: str | os.PathLike, what: str = "json") -> Any:
+    """Like :func:`read_json`, but a file whose top-level value is a list comes back as a
+    :class:`JsonListItems` (its items parsed one at a time while iterating, so the memory does
+    not grow with the file); any other value is read whole."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{path}: file not found (expected a {what} file)")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(4096).lstrip(" \t\n\r")
+            while not head:
+                more = f.read(4096)
+                if not more:
+                    break
+                head = more.lstrip(" \t\n\r")
+    except UnicodeDecodeError:
+        head = ""
+    if head.startswith("["):
+        return JsonListItems(path, what)
+    return read_json(path, what)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

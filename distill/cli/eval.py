@@ -19,7 +19,7 @@ def det(
     iou: Annotated[str, typer.Option("--iou", help="Comma-separated: bbox, segm.")] = "bbox",
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary file overriding the GT's names/split.")] = None,
     max_dets: Annotated[int, typer.Option("--max-dets", help="Detections kept per image.")] = 100,
-    backend: Annotated[str, typer.Option("--backend", help="faster (faster-coco-eval) or pycocotools.")] = "faster",
+    backend: Annotated[str, typer.Option("--backend", help="auto (boxes: stream, masks: faster), stream (flat memory), faster (faster-coco-eval) or pycocotools.")] = "auto",
 ) -> None:
     """Box (and mask) AP, AP50, AP75 over all, base and novel categories."""
     from distill.eval.detection import evaluate_detection, format_table

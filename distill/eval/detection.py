@@ -7,8 +7,12 @@ results are reported (OVR-CNN, Zareian et al. CVPR 2021, section 4; ViLD, Gu et 
 section 4.1 "generalized" setting): the novel AP is *not* obtained by evaluating novel detections
 against novel ground truth in isolation.
 
-Numbers come from faster-coco-eval (``COCOeval_faster``); ``backend="pycocotools"`` runs the
-reference implementation on the same inputs (the tests show both agree to 1e-6).
+Box numbers come from a streaming implementation of COCOeval's bbox algorithm
+(:mod:`distill.eval.coco_stream`, ``backend="stream"``, the default for boxes): it keeps the
+ground truth as flat arrays and, per detection, only its score and its match at each IoU threshold,
+so its memory stays flat as the images grow. Masks are evaluated with faster-coco-eval
+(``COCOeval_faster``, ``backend="faster"``); ``backend="pycocotools"`` runs the reference
+implementation on the same inputs. The tests show the three agree to 1e-6.
 
 Metric names (values are fractions in [0, 1]; ``-1`` means undefined, i.e. no ground truth in that
 split, as COCO reports it):
@@ -41,7 +45,7 @@ from distill.io import read_json, write_json
 log = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
-BACKENDS = ("faster", "pycocotools")
+BACKENDS = ("auto", "stream", "faster", "pycocotools")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "AP_base", "AP_novel", "AP50_base", "AP50_novel")
 
 __all__ = [
@@ -110,6 +114,99 @@ def load_gt(gt_json: str | os.PathLike | dict, iou_types: Sequence[str] = ("bbox
     return gt, name
 
 
+def _load_box_gt(gt_json: str | os.PathLike | dict) -> tuple[Any, list[dict], str]:
+    """The ground truth for box evaluation as flat arrays: ``(BoxGT, categories, name)``.
+
+    A file is parsed item by item (:class:`~distill.io.JsonStream`), so neither its text nor a
+    Python object per image or box is held; a dict is converted. Anything this fast path does not
+    take as it is (an invalid file, ids that are not integers, a key given twice...) goes through
+    :func:`load_gt`, which gives the same errors as for the other backends.
+    """
+    from distill.eval.coco_stream import BoxGT
+
+    if not isinstance(gt_json, dict):
+        try:
+            got = _stream_box_gt(Path(gt_json))
+        except (DistillError, OverflowError, TypeError, ValueError):
+            got = None
+        if got is not None:
+            return got[0], got[1], str(gt_json)
+    gt, name = load_gt(gt_json, ("bbox",))
+    return BoxGT(gt), gt["categories"], name
+
+
+def _stream_box_gt(path: Path):
+    """``(BoxGT, categories)`` from a COCO file read item by item, or None where this file needs
+    :func:`load_gt` (invalid, or not plain: ids that are not int, repeated keys)."""
+    from array import array
+
+    from distill.eval.coco_stream import BoxGT
+    from distill.io import JsonStream
+
+    if not path.is_file():
+        return None
+    seen: set[str] = set()
+    img_ids: list[int] = []
+    cats: list | None = None
+    aid, aimg, acat, box, crowd, area = array("q"), array("q"), array("q"), array("d"), array("b"), array("d")
+    with JsonStream(path, "COCO ground-truth") as js:
+        if js.peek() != "{":
+            return None
+        for key in js.members():
+            if key in seen:
+                return None
+            seen.add(key)
+            if key == "images":
+                if js.peek() != "[":
+                    return None
+                for im in js.items():
+                    if not isinstance(im, dict) or type(im.get("id")) is not int:
+                        return None
+                    img_ids.append(im["id"])
+            elif key == "annotations":
+                if js.peek() != "[":
+                    return None
+                for a in js.items():
+                    if not isinstance(a, dict) or any(k not in a for k in ("id", "image_id", "category_id", "bbox")):
+                        return None
+                    if any(type(a[k]) is not int for k in ("id", "image_id", "category_id")):
+                        return None
+                    bb = a["bbox"]
+                    if not isinstance(bb, (list, tuple)) or len(bb) != 4:
+                        return None
+                    vals = [float(v) for v in bb]
+                    if not all(math.isfinite(v) for v in vals) or vals[2] < 0 or vals[3] < 0:
+                        return None
+                    aid.append(a["id"])
+                    aimg.append(a["image_id"])
+                    acat.append(a["category_id"])
+                    box.extend(vals)
+                    crowd.append(bool(a.get("iscrowd", 0)))
+                    area.append(float(a["area"]) if "area" in a else vals[2] * vals[3])
+            else:
+                v = js.value()
+                if key == "categories":
+                    cats = v
+        js.end()
+    if not {"images", "annotations", "categories"} <= seen or not isinstance(cats, list) or not cats:
+        return None
+    if any(not isinstance(c, dict) or type(c.get("id")) is not int or "name" not in c for c in cats):
+        return None
+    cat_ids = sorted(c["id"] for c in cats)
+    img_sorted = np.array(sorted(img_ids), dtype=np.int64)
+    cat_arr = np.array(cat_ids, dtype=np.int64)
+    if len(np.unique(img_sorted)) != len(img_sorted) or len(np.unique(cat_arr)) != len(cat_arr):
+        return None
+    aid_a, aimg_a, acat_a = (_view(x, np.int64) for x in (aid, aimg, acat))
+    if len(np.unique(aid_a)) != len(aid_a) or not np.isin(aimg_a, img_sorted).all() or not np.isin(acat_a, cat_arr).all():
+        return None
+    gt = BoxGT.from_arrays(
+        img_sorted.tolist(), cat_ids, np.searchsorted(img_sorted, aimg_a), np.searchsorted(cat_arr, acat_a),
+        _view(box, np.float64).reshape(-1, 4), _view(crowd, np.int8).astype(bool), _view(area, np.float64),
+    )
+    return gt, cats
+
+
 def _check_box(bb: Any, name: str, where: str) -> None:
     if not isinstance(bb, (list, tuple)) or len(bb) != 4:
         raise DistillError(f"{name}: {where}: expected [x, y, w, h]")
@@ -145,32 +242,76 @@ def load_results(
         raise DistillError(f"{name}: expected a json list of COCO results [{{image_id, category_id, bbox, score}}, ...]")
     img_ids = {im["id"] for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
-    need = ["image_id", "category_id", "score"] + (["bbox"] if "bbox" in iou_types else []) + (
+    need = _needed_keys(iou_types)
+    for i, r in enumerate(data):
+        _check_result(i, r, need, img_ids, cat_ids, iou_types, name, gt_name)
+    return data, name
+
+
+def _needed_keys(iou_types: Sequence[str]) -> list[str]:
+    return ["image_id", "category_id", "score"] + (["bbox"] if "bbox" in iou_types else []) + (
         ["segmentation"] if "segm" in iou_types else []
     )
+
+
+def _check_result(i: int, r: Any, need: list[str], img_ids, cat_ids, iou_types: Sequence[str], name: str, gt_name: str) -> float:
+    """Check one COCO result; returns its score."""
+    if not isinstance(r, dict):
+        raise DistillError(f"{name}: [{i}] must be an object with keys {need}")
+    for key in need:
+        if key not in r:
+            raise DistillError(f"{name}: [{i}]: missing key '{key}' (each result needs {need})")
+    if r["image_id"] not in img_ids:
+        raise DistillError(f"{name}: [{i}]: image_id {r['image_id']!r} is not an image of {gt_name}")
+    if r["category_id"] not in cat_ids:
+        raise DistillError(f"{name}: [{i}]: category_id {r['category_id']!r} is not a category of {gt_name}")
+    try:
+        s = float(r["score"])
+    except (TypeError, ValueError):
+        raise DistillError(f"{name}: [{i}].score: expected a number, got {r['score']!r}") from None
+    if not math.isfinite(s):
+        raise DistillError(f"{name}: [{i}].score: NaN or infinite")
+    if "bbox" in r:
+        _check_box(r["bbox"], name, f"[{i}].bbox")
+    if "segm" in iou_types:
+        seg = r["segmentation"]
+        if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+            raise DistillError(f"{name}: [{i}].segmentation: expected an RLE object {{'size': [h, w], 'counts': ...}}")
+    return s
+
+
+def _box_results(results: str | os.PathLike | list, box_gt, gt_name: str = "ground truth") -> tuple[tuple, str]:
+    """Check COCO box results (as :func:`load_results`) into flat arrays, item by item: a results
+    file holding a json list is parsed one result at a time, so no Python object per result is
+    kept. Returns ``((image index, category index, [x, y, w, h] float64, score float64), name)``."""
+    from array import array
+
+    from distill.io import read_json_items
+
+    if isinstance(results, (str, os.PathLike)):
+        name = str(results)
+        data = read_json_items(results, what="COCO results")
+    else:
+        name, data = "results", results
+    if isinstance(data, dict) and "annotations" in data and isinstance(data["annotations"], list):
+        data = data["annotations"]
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        raise DistillError(f"{name}: expected a json list of COCO results [{{image_id, category_id, bbox, score}}, ...]")
+    need = _needed_keys(("bbox",))
+    img_index, cat_index = box_gt.img_index, box_gt.cat_index
+    img, cat, box, score = array("i"), array("i"), array("d"), array("d")
     for i, r in enumerate(data):
-        if not isinstance(r, dict):
-            raise DistillError(f"{name}: [{i}] must be an object with keys {need}")
-        for key in need:
-            if key not in r:
-                raise DistillError(f"{name}: [{i}]: missing key '{key}' (each result needs {need})")
-        if r["image_id"] not in img_ids:
-            raise DistillError(f"{name}: [{i}]: image_id {r['image_id']!r} is not an image of {gt_name}")
-        if r["category_id"] not in cat_ids:
-            raise DistillError(f"{name}: [{i}]: category_id {r['category_id']!r} is not a category of {gt_name}")
-        try:
-            s = float(r["score"])
-        except (TypeError, ValueError):
-            raise DistillError(f"{name}: [{i}].score: expected a number, got {r['score']!r}") from None
-        if not math.isfinite(s):
-            raise DistillError(f"{name}: [{i}].score: NaN or infinite")
-        if "bbox" in r:
-            _check_box(r["bbox"], name, f"[{i}].bbox")
-        if "segm" in iou_types:
-            seg = r["segmentation"]
-            if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
-                raise DistillError(f"{name}: [{i}].segmentation: expected an RLE object {{'size': [h, w], 'counts': ...}}")
-    return data, name
+        s = _check_result(i, r, need, img_index, cat_index, ("bbox",), name, gt_name)
+        img.append(img_index[r["image_id"]])
+        cat.append(cat_index[r["category_id"]])
+        box.extend(float(v) for v in r["bbox"])
+        score.append(s)
+    return (_view(img, np.int32), _view(cat, np.int32), _view(box, np.float64).reshape(-1, 4), _view(score, np.float64)), name
+
+
+def _view(a, dtype) -> np.ndarray:
+    """A numpy view of an ``array.array`` (no copy)."""
+    return np.frombuffer(a, dtype=dtype) if len(a) else np.zeros(0, dtype)
 
 
 def _top_per_image(results: list[dict], max_dets: int) -> list[dict]:
@@ -271,6 +412,53 @@ def _run_coco(
     return prec[:, :, :, a, -1], iou_thrs  # [T, R, K]
 
 
+def _run_stream(
+    gt: dict | Any, results: list[dict] | tuple, max_dets: int, img_ids=None, gt_name: str = "ground truth"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The streaming box evaluation (same return as :func:`_run_coco` for ``iou_type="bbox"``).
+
+    ``gt``: a COCO dict or a :class:`~distill.eval.coco_stream.BoxGT`; ``results``: COCO results
+    (list of dicts) or the arrays of :func:`_box_results`. Keeps the top ``max_dets`` of each image.
+    """
+    from distill.eval.coco_stream import IOU_THRS, BoxGT, evaluate_arrays
+
+    box_gt = gt if isinstance(gt, BoxGT) else BoxGT(gt)
+    arrays = results if isinstance(results, tuple) else _box_results(results, box_gt, gt_name)[0]
+    images = _image_mask(box_gt, img_ids)
+    prec, dropped = evaluate_arrays(box_gt, images, *arrays, max_dets=max_dets)
+    if dropped:
+        log.info("kept the top %d detections per image (%d dropped)", max_dets, dropped)
+    return prec, IOU_THRS.copy()
+
+
+def _image_mask(box_gt, img_ids=None) -> np.ndarray:
+    """Bool mask over ``box_gt``'s images: ``img_ids`` (ids not in the GT are ignored) or all."""
+    if img_ids is None:
+        return np.ones(box_gt.n_images, bool)
+    m = np.zeros(box_gt.n_images, bool)
+    idx = [box_gt.img_index[i] for i in img_ids if i in box_gt.img_index]
+    m[np.asarray(idx, dtype=np.int64)] = True
+    return m
+
+
+def _empty_precision(cat_ids: list, has_gt) -> tuple[np.ndarray, np.ndarray]:
+    """No detections at all: every category with (non-crowd) ground truth gets precision 0, the
+    others stay -1 (excluded), as COCOeval would do. (COCO loaders cannot take an empty list.)"""
+    prec = np.full((10, 101, len(cat_ids)), -1.0)
+    for k, cid in enumerate(cat_ids):
+        if cid in has_gt:
+            prec[:, :, k] = 0.0
+    return prec, np.linspace(0.5, 0.95, 10)
+
+
+def _backend_for(backend: str, iou_type: str) -> str:
+    """``auto`` and ``stream`` evaluate boxes with the streaming evaluator and masks with
+    faster-coco-eval (the streaming evaluator has no masks)."""
+    if backend in ("auto", "stream"):
+        return "stream" if iou_type == "bbox" else "faster"
+    return backend
+
+
 def _mean_valid(x: np.ndarray) -> float:
     v = x[x > -1]
     return float(v.mean()) if v.size else -1.0
@@ -315,7 +503,7 @@ def evaluate_detection(
     iou_types: Sequence[str] = ("bbox",),
     vocab=None,
     max_dets: int = 100,
-    backend: str = "faster",
+    backend: str = "auto",
     img_ids: Iterable[int] | None = None,
 ) -> dict[str, float]:
     """COCO AP / AP50 / AP75 over all, base and novel categories.
@@ -329,7 +517,9 @@ def evaluate_detection(
         vocab: a :class:`~distill.vocab.Vocabulary` whose ``ids`` cover the GT categories; it
             overrides the names and the split of the GT file.
         max_dets: detections kept per image (highest scores) and COCO's largest maxDets.
-        backend: ``"faster"`` (faster-coco-eval) or ``"pycocotools"`` (the reference).
+        backend: ``"auto"`` (boxes: ``"stream"``, masks: ``"faster"``), ``"stream"`` (the
+            streaming box evaluator, flat memory; masks still go to faster-coco-eval),
+            ``"faster"`` (faster-coco-eval) or ``"pycocotools"`` (the reference).
         img_ids: evaluate only these images (default: every GT image).
 
     Returns:
@@ -343,31 +533,43 @@ def evaluate_detection(
         raise DistillError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
     if int(max_dets) < 1:
         raise DistillError(f"max_dets {max_dets}: expected a positive integer")
-    gt, gt_name = load_gt(gt_json, iou_types)
-    dets, res_name = load_results(results, gt, iou_types, gt_name)
-    cat_ids, names, split = _categories_split(gt, gt_name, vocab)
     if img_ids is not None:
         img_ids = sorted(set(img_ids))
-        keep_imgs = set(img_ids)
-        dets = [r for r in dets if r["image_id"] in keep_imgs]
-    dets = _top_per_image(dets, int(max_dets))
-
+    backends = {t: _backend_for(backend, t) for t in iou_types}
     metrics: dict[str, float] = {}
-    for t in iou_types:
-        if not dets:
-            # COCO loaders cannot take an empty list (pycocotools crashes): every category with
-            # ground truth gets precision 0, the others stay -1 (excluded), as COCOeval would do.
-            ev_imgs = set(img_ids) if img_ids is not None else None
-            has_gt = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd", 0) and (ev_imgs is None or a["image_id"] in ev_imgs)}
-            iou_thrs = np.linspace(0.5, 0.95, 10)
-            prec = np.full((10, 101, len(cat_ids)), -1.0)
-            for k, cid in enumerate(cat_ids):
-                if cid in has_gt:
-                    prec[:, :, k] = 0.0
+    if set(backends.values()) == {"stream"}:
+        # boxes only, streaming: the GT as flat arrays, the results checked and packed one by one
+        box_gt, categories, gt_name = _load_box_gt(gt_json)
+        arrays, res_name = _box_results(results, box_gt, gt_name)
+        cat_ids, names, split = _categories_split({"categories": categories}, gt_name, vocab)
+        images = _image_mask(box_gt, img_ids)
+        n_dets = int(images[arrays[0]].sum())
+        if n_dets:
+            prec, iou_thrs = _run_stream(box_gt, arrays, int(max_dets), img_ids)
         else:
-            prec, iou_thrs = _run_coco(gt, _for_iou_type(dets, t), t, int(max_dets), backend, img_ids)
-        metrics.update(_metrics_from_precision(prec, iou_thrs, names, split, t))
-    if not dets:
+            has = box_gt.has_non_crowd(images)
+            prec, iou_thrs = _empty_precision(cat_ids, {box_gt.cat_ids[k] for k in np.flatnonzero(has)})
+        metrics.update(_metrics_from_precision(prec, iou_thrs, names, split, "bbox"))
+    else:
+        gt, gt_name = load_gt(gt_json, iou_types)
+        dets, res_name = load_results(results, gt, iou_types, gt_name)
+        cat_ids, names, split = _categories_split(gt, gt_name, vocab)
+        if img_ids is not None:
+            keep_imgs = set(img_ids)
+            dets = [r for r in dets if r["image_id"] in keep_imgs]
+        dets = _top_per_image(dets, int(max_dets))
+        n_dets = len(dets)
+        for t in iou_types:
+            if not dets:
+                ev_imgs = set(img_ids) if img_ids is not None else None
+                has_gt = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd", 0) and (ev_imgs is None or a["image_id"] in ev_imgs)}
+                prec, iou_thrs = _empty_precision(cat_ids, has_gt)
+            elif backends[t] == "stream":
+                prec, iou_thrs = _run_stream(gt, dets, int(max_dets), img_ids, gt_name)
+            else:
+                prec, iou_thrs = _run_coco(gt, _for_iou_type(dets, t), t, int(max_dets), backends[t], img_ids)
+            metrics.update(_metrics_from_precision(prec, iou_thrs, names, split, t))
+    if not n_dets:
         log.warning("%s: no predictions; every AP is 0", res_name)
     if out_dir is not None:
         write_json(Path(out_dir) / "metrics.json", metrics)
@@ -381,15 +583,21 @@ def evaluate_detection(
 class DetectionEvaluator:
     """reset / process / evaluate, for use inside a training loop.
 
-    Holds at most ``max_dets`` COCO results per image (masks as RLE), not images or feature maps.
-    Under ``torch.distributed`` the results of all ranks are gathered; rank 0 gets the metrics,
-    the other ranks an empty dict.
+    Boxes only (the default backend): each image's detections are matched against its ground
+    truth as soon as they are processed, and only a compact record per detection is kept (score,
+    category, and its match at each IoU threshold: about 20 bytes), with the ground truth as flat
+    arrays, so the memory stays flat as the images grow. With masks, or with ``backend="faster"``
+    / ``"pycocotools"``, at most ``max_dets`` COCO results per image are kept (masks as RLE) and
+    evaluated at the end. Under ``torch.distributed`` the records (or results) of all ranks are
+    gathered; rank 0 gets the metrics, the other ranks an empty dict. An image processed more than
+    once (e.g. the padding of a ``DistributedSampler``) counts once with the streaming backend.
 
     Args:
         gt_json: COCO instances file (or dict) of the images that will be processed.
         vocab: maps label indices to category ids (``vocab.ids[label]``) and gives the split;
             default: the GT file's categories in file order.
         iou_types: ``("bbox",)`` or ``("bbox", "segm")`` (then predictions carry ``masks``).
+        backend: as :func:`evaluate_detection`.
         out_dir: where :meth:`evaluate` writes ``metrics.json`` (optional).
     """
 
@@ -399,26 +607,48 @@ class DetectionEvaluator:
         vocab=None,
         iou_types: Sequence[str] = ("bbox",),
         max_dets: int = 100,
-        backend: str = "faster",
+        backend: str = "auto",
         out_dir: str | os.PathLike | None = None,
     ) -> None:
-        self.gt, self.gt_name = load_gt(gt_json, iou_types)
+        iou_types = tuple(iou_types)
+        if backend not in BACKENDS:
+            raise DistillError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
+        if int(max_dets) < 1:
+            raise DistillError(f"max_dets {max_dets}: expected a positive integer")
+        self.streaming = {_backend_for(backend, t) for t in iou_types} == {"stream"}
+        if self.streaming:
+            from distill.eval.coco_stream import StreamingBoxEval
+
+            # the GT as flat arrays; a file's GT is never held as dicts (``self.gt`` stays None)
+            self._box_gt, categories, self.gt_name = _load_box_gt(gt_json)
+            self.gt = gt_json if isinstance(gt_json, dict) else None
+            self._matcher = StreamingBoxEval(self._box_gt)
+            self._valid_imgs = self._box_gt.img_index
+        else:
+            self.gt, self.gt_name = load_gt(gt_json, iou_types)
+            categories = self.gt["categories"]
+            self._valid_imgs = {im["id"] for im in self.gt["images"]}
+        self._categories = list(categories)
         if vocab is None:
             from distill.vocab import vocab_from_categories
 
-            vocab = vocab_from_categories(self.gt["categories"], self.gt_name)
+            vocab = vocab_from_categories(categories, self.gt_name)
         self.vocab = vocab
         self.label_to_cat = list(vocab.ids)
-        self.iou_types = tuple(iou_types)
+        self.iou_types = iou_types
         self.max_dets = int(max_dets)
         self.backend = backend
         self.out_dir = out_dir
-        self._valid_imgs = {im["id"] for im in self.gt["images"]}
+        if self.streaming:
+            # label index -> GT category index (-1: the category is not in the ground truth)
+            self._label_to_k = np.array([self._box_gt.cat_index.get(c, -1) for c in self.label_to_cat], dtype=np.int64)
         self.reset()
 
     def reset(self) -> None:
         self._results: list[dict] = []
         self._img_ids: set[int] = set()
+        if self.streaming:
+            self._matcher.reset()
 
     def process(self, image_ids: Sequence[int], predictions: Sequence[dict]) -> None:
         """Add one batch.
@@ -430,15 +660,17 @@ class DetectionEvaluator:
                 (bool/uint8, or float probabilities thresholded at 0.5)}``.
         """
         import torch
-        from pycocotools import mask as mask_util
 
         if len(image_ids) != len(predictions):
             raise ValueError(f"{len(image_ids)} image ids for {len(predictions)} predictions")
+        batch_imgs: list[int] = []
+        det_img, det_cat, det_box, det_score = [], [], [], []
         for img_id, pred in zip(image_ids, predictions):
             img_id = int(img_id)
             if img_id not in self._valid_imgs:
                 raise DistillError(f"{self.gt_name}: image_id {img_id} is not an image of the ground truth")
-            self._img_ids.add(img_id)
+            if not self.streaming:
+                self._img_ids.add(img_id)
             scores = torch.as_tensor(pred["scores"]).detach().float().cpu()
             boxes = torch.as_tensor(pred["boxes"]).detach().float().cpu().reshape(-1, 4)
             labels = torch.as_tensor(pred["labels"]).detach().long().cpu()
@@ -447,44 +679,96 @@ class DetectionEvaluator:
             if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_to_cat)):
                 raise ValueError(f"image {img_id}: label outside 0..{len(self.label_to_cat) - 1}")
             order = torch.argsort(scores, descending=True, stable=True)[: self.max_dets]
-            masks = None
-            if "segm" in self.iou_types:
-                m = torch.as_tensor(pred["masks"]).detach().cpu()
-                if m.dim() == 4:
-                    m = m[:, 0]
-                m = (m > 0.5) if m.is_floating_point() else m.bool()
-                masks = m[order].numpy()
             xywh = boxes[order].clone()
             xywh[:, 2:] -= xywh[:, :2]
-            for j, (b, s, lab) in enumerate(zip(xywh.tolist(), scores[order].tolist(), labels[order].tolist())):
-                r = {"image_id": img_id, "category_id": int(self.label_to_cat[lab]), "bbox": b, "score": float(s)}
-                if masks is not None:
-                    rle = mask_util.encode(np.asfortranarray(masks[j].astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    r["segmentation"] = rle
-                self._results.append(r)
+            if self.streaming:
+                k = self._valid_imgs[img_id]
+                cats = self._label_to_k[labels[order].numpy()]
+                if (cats < 0).any():
+                    lab = int(labels[order][torch.from_numpy(cats < 0)][0])
+                    raise DistillError(f"image {img_id}: label {lab} is category_id {self.label_to_cat[lab]!r}, "
+                                       f"which is not a category of {self.gt_name}")
+                batch_imgs.append(k)
+                det_img.append(np.full(len(cats), k, np.int64))
+                det_cat.append(cats)
+                det_box.append(xywh.double().numpy())
+                det_score.append(scores[order].double().numpy())
+            else:
+                self._add_results(img_id, pred, order, xywh, scores, labels)
+        if self.streaming and batch_imgs:
+            self._matcher.add(batch_imgs, np.concatenate(det_img), np.concatenate(det_cat), np.concatenate(det_box),
+                              np.concatenate(det_score))
 
-    def evaluate(self) -> dict[str, float]:
-        results, img_ids = self._results, self._img_ids
+    def _add_results(self, img_id: int, pred: dict, order, xywh, scores, labels) -> None:
+        import torch
+        from pycocotools import mask as mask_util
+
+        masks = None
+        if "segm" in self.iou_types:
+            m = torch.as_tensor(pred["masks"]).detach().cpu()
+            if m.dim() == 4:
+                m = m[:, 0]
+            m = (m > 0.5) if m.is_floating_point() else m.bool()
+            masks = m[order].numpy()
+        for j, (b, s, lab) in enumerate(zip(xywh.tolist(), scores[order].tolist(), labels[order].tolist())):
+            r = {"image_id": img_id, "category_id": int(self.label_to_cat[lab]), "bbox": b, "score": float(s)}
+            if masks is not None:
+                rle = mask_util.encode(np.asfortranarray(masks[j].astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode("ascii")
+                r["segmentation"] = rle
+            self._results.append(r)
+
+    @staticmethod
+    def _gather(obj) -> list | None:
+        """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the others; ``[obj]`` when
+        not distributed."""
         try:
             import torch.distributed as dist
 
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         except ImportError:  # pragma: no cover
             distributed = False
-        if distributed:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (results, sorted(img_ids)))
-            if dist.get_rank() != 0:
-                return {}
-            results = [r for part, _ in gathered for r in part]
-            img_ids = {i for _, ids in gathered for i in ids}
+        if not distributed:
+            return [obj]
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered if dist.get_rank() == 0 else None
+
+    def evaluate(self) -> dict[str, float]:
+        if self.streaming:
+            return self._evaluate_stream()
+        gathered = self._gather((self._results, sorted(self._img_ids)))
+        if gathered is None:
+            return {}
+        results = [r for part, _ in gathered for r in part]
+        img_ids = {i for _, ids in gathered for i in ids}
         if not img_ids:
             raise DistillError("DetectionEvaluator: no images were processed")
         return evaluate_detection(
             self.gt, results, out_dir=self.out_dir, iou_types=self.iou_types, vocab=self.vocab,
             max_dets=self.max_dets, backend=self.backend, img_ids=img_ids,
         )
+
+    def _evaluate_stream(self) -> dict[str, float]:
+        from distill.eval.coco_stream import IOU_THRS, StreamingBoxEval
+
+        states = self._gather(self._matcher.state())
+        if states is None:
+            return {}
+        matcher = self._matcher if len(states) == 1 else StreamingBoxEval.merged(self._box_gt, states)
+        if not matcher.seen.any():
+            raise DistillError("DetectionEvaluator: no images were processed")
+        cat_ids, names, split = _categories_split({"categories": self._categories}, self.gt_name, self.vocab)
+        if matcher.n_records:
+            prec, iou_thrs = matcher.precision(), IOU_THRS.copy()
+        else:
+            has = self._box_gt.has_non_crowd(matcher.seen)
+            prec, iou_thrs = _empty_precision(cat_ids, {self._box_gt.cat_ids[k] for k in np.flatnonzero(has)})
+            log.warning("%s: no predictions; every AP is 0", "results")
+        metrics = _metrics_from_precision(prec, iou_thrs, names, split, "bbox")
+        if self.out_dir is not None:
+            write_json(Path(self.out_dir) / "metrics.json", metrics)
+        return metrics
 
 
 # --------------------------------------------------------------------------------------------

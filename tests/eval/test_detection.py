@@ -337,16 +337,22 @@ def test_streaming_evaluator_equals_file_evaluation(world, tmp_path):
     assert m["segm/AP_novel"] == pytest.approx(1.0) and m["bbox/AP_base"] == pytest.approx(1.0)
 
 
-def test_streaming_evaluator_keeps_max_dets_per_image(world):
+@pytest.mark.parametrize("backend", ["auto", "faster"])
+def test_streaming_evaluator_keeps_max_dets_per_image(world, backend):
     gt, gt_path, _, _ = world
-    ev = DetectionEvaluator(gt_path, max_dets=7)
+    ev = DetectionEvaluator(gt_path, max_dets=7, backend=backend)
+    assert ev.streaming == (backend == "auto")
     g = torch.Generator().manual_seed(0)
     boxes = torch.rand(50, 4, generator=g) * 20
     boxes[:, 2:] += boxes[:, :2] + 1
     scores = torch.rand(50, generator=g)
     ev.process([100], [{"boxes": boxes, "scores": scores, "labels": torch.randint(0, 6, (50,), generator=g)}])
-    assert len(ev._results) == 7
-    kept = sorted((r["score"] for r in ev._results), reverse=True)
+    if ev.streaming:  # one compact match record per kept detection, no result dicts
+        assert ev._results == [] and ev._matcher.n_records == 7
+        kept = sorted(ev._matcher.records()["score"].tolist(), reverse=True)
+    else:
+        assert len(ev._results) == 7
+        kept = sorted((r["score"] for r in ev._results), reverse=True)
     assert kept == pytest.approx(sorted(scores.tolist(), reverse=True)[:7])
     with pytest.raises(DistillError, match="image_id 5"):
         ev.process([5], [{"boxes": boxes[:1], "scores": torch.ones(1), "labels": torch.zeros(1, dtype=torch.long)}])
