@@ -106,23 +106,25 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     return obj
 
 
+def state_dict_mismatch(own: dict, state: dict) -> str:
+    """"" when ``state`` has exactly ``own``'s keys and shapes; else one line naming the missing,
+    unexpected and mis-shaped keys (a few of each)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    parts = []
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shape)):
+        if keys:
+            parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})")
+    return "; ".join(parts)
+
+
 def load_model_state(model: torch.nn.Module, state: dict, where: str = "checkpoint") -> None:
     """``load_state_dict`` (strict) turning a mismatch into a one-line DistillError."""
     m = unwrap(model)
-    own = m.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise DistillError(f"{where}: does not fit {type(m).__name__} (another architecture or config?): {'; '.join(parts)}")
+    bad = state_dict_mismatch(m.state_dict(), state)
+    if bad:
+        raise DistillError(f"{where}: does not fit {type(m).__name__} (another architecture or config?): {bad}")
     m.load_state_dict(state, strict=True)
 
 

@@ -246,18 +246,11 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor],
     own = model.state_dict()
     if "logit_scale" in sd and "logit_scale" in own and sd["logit_scale"].ndim != own["logit_scale"].ndim:
         sd = dict(sd, logit_scale=sd["logit_scale"].reshape(own["logit_scale"].shape))
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch ({len(shapes)}): {'; '.join(shapes[:4])}{' ...' if len(shapes) > 4 else ''}")
-        raise DistillError(f"{source}: checkpoint does not fit the model config: {' | '.join(parts)}")
+    from distill.engine.checkpoint import state_dict_mismatch
+
+    bad = state_dict_mismatch(own, sd)
+    if bad:
+        raise DistillError(f"{source}: checkpoint does not fit the model config: {bad}")
     sd = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True)
 
