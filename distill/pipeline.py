@@ -244,14 +244,15 @@ class Pipeline:
 
 
 def stage_timings(cfg: Config) -> dict[str, float]:
-    """Wall time of each finished stage, read from the manifests (for the report)."""
-    out = {}
+    """Wall time of each finished stage, read from the manifests (for the report), in the order
+    the stages finished."""
+    rows = []
     d = Path(cfg.work_dir) / "manifests"
     if d.is_dir():
         for p in sorted(d.glob("*.json")):
             try:
                 m = json.loads(p.read_text())
-                out[m["stage"]] = float(m.get("wall_time_s", 0.0))
+                rows.append((str(m.get("finished", "")), m["stage"], float(m.get("wall_time_s", 0.0))))
             except (json.JSONDecodeError, KeyError, OSError):
                 continue
-    return out
+    return {stage: t for _, stage, t in sorted(rows)}

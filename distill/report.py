@@ -33,7 +33,7 @@ def _fmt(v: Any, pct: bool = True) -> str:
     if v is None or isinstance(v, bool) or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, (int, float)):
-        if pct and v < 0:
+        if pct and v == -1:
             return "n/a"
         return f"{100 * v:.1f}" if pct else f"{v:.4g}"
     return str(v)
@@ -49,6 +49,9 @@ def _kv_rows(m: dict) -> list[list[str]]:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
         pct = any(w in k.lower() for w in _PCT_WORDS) and not k.lower().startswith("num")
+        if pct and "delta" in k.lower() and isinstance(v, (int, float)) and math.isfinite(v):
+            rows.append([k, f"{100 * v:+.1f}"])  # a change, in points: signed
+            continue
         rows.append([k, _fmt(v, pct)])
     return rows
 
@@ -274,6 +277,8 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
 
     md += ["## Detection (val, generalized: every detection competes over base + novel)", ""]
     det = _collect_tables(work, "det")
+    order = ["vild_text", "vild", "vild_ensemble", "vild_selftrain"]  # baseline -> ours, then the rest
+    det = dict(sorted(det.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     if det:
         md += [table(["model"] + [c for c, _ in DET_COLS], [[name] + _rows_from(m, DET_COLS) for name, m in det.items()]), ""]
     else:
