@@ -120,6 +120,7 @@ class RegionConfig:
     scales: tuple[float, ...] = (1.0, 1.5)
     max_proposals: int = 300
     shard_size: int = 256  # images per cache shard
+    precision: str = ""  # "" = teacher.precision; amp_bf16 embeds 1.85x faster on a bf16 CPU (cosine to fp32 >= 0.99999)
 
 
 @dataclass(frozen=True)

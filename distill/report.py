@@ -188,7 +188,7 @@ def fig_detections(gt_json: Path, results_json: Path, image_root: Path, path: Pa
     axes = np.atleast_1d(axes)
     for ax, im in zip(axes, imgs):
         ax.imshow(Image.open(image_root / im["file_name"]).convert("RGB"))
-        for r in sorted(by_img.get(im["id"], []), key=lambda r: -r["score"])[:8]:
+        for r in _display_nms(by_img.get(im["id"], []))[:6]:
             x, y, w, h = r["bbox"]
             c = cats.get(r["category_id"], {"name": str(r["category_id"])})
             novel = c.get("split") == "novel"
@@ -200,6 +200,20 @@ def fig_detections(gt_json: Path, results_json: Path, image_root: Path, path: Pa
     fig.suptitle("Detections on val (orange = novel class, cyan = base)", fontsize=10)
     _save(fig, path)
     return True
+
+
+def _display_nms(dets: list[dict], iou: float = 0.5) -> list[dict]:
+    """Highest-scoring first, dropping boxes that overlap a kept one by IoU > ``iou`` whatever
+    their class (for the figure only: the evaluation sees every detection)."""
+    import torch
+    from torchvision.ops import nms
+
+    if not dets:
+        return []
+    b = torch.tensor([r["bbox"] for r in dets], dtype=torch.float32)
+    b[:, 2:] += b[:, :2]
+    keep = nms(b, torch.tensor([float(r["score"]) for r in dets]), iou)
+    return [dets[i] for i in keep.tolist()]
 
 
 def fig_seg_overlays(image_root: Path, gt_json: Path, gt_dir: Path, pred_dir: Path, path: Path, n: int = 4) -> bool:

@@ -182,7 +182,7 @@ def run_proposals(cfg: Config, resume: bool = False, progress: bool = True) -> d
 
 # ------------------------------------------------------------------------------------ embeddings
 def region_cache_key(teacher, proposals_hash: str, num: int, mode: str, scales) -> dict:
-    return {"teacher": teacher.fingerprint, "proposals": proposals_hash, "num": int(num), "mode": mode, "scales": [float(s) for s in scales]}
+    return {"teacher": teacher.fingerprint, "precision": teacher.precision, "proposals": proposals_hash, "num": int(num), "mode": mode, "scales": [float(s) for s in scales]}
 
 
 def embed_proposals(cfg: Config, teacher, proposals: dict[int, tuple[torch.Tensor, torch.Tensor]], proposals_hash: str, dataset, num: int | None = None, stats: dict | None = None):
@@ -199,6 +199,10 @@ def embed_proposals(cfg: Config, teacher, proposals: dict[int, tuple[torch.Tenso
 
     init_distributed()  # a no-op unless launched by torchrun
     num = cfg.det.num_image_distill if num is None else num
+    if cfg.regions.precision and cfg.regions.precision != teacher.precision:
+        import dataclasses
+
+        teacher = dataclasses.replace(teacher, precision=cfg.regions.precision)
     key = region_cache_key(teacher, proposals_hash, num, cfg.regions.mode, cfg.regions.scales)
     root = Path(cfg.work_dir) / "embeddings" / "regions" / sha256_json(key)[:16]
     cache = EmbeddingCache(root, key, dtype=cfg.teacher.cache_dtype, shard_size=max(1, cfg.regions.shard_size))
