@@ -18,6 +18,15 @@ from typing import Any, Iterator
 from distill.errors import DistillError
 
 
+def _umask() -> int:
+    um = os.umask(0)
+    os.umask(um)
+    return um
+
+
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -37,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         yield tmp
         os.replace(tmp, path)
     except OSError as e:

@@ -342,7 +342,7 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     if not summary_only:
         md += ["## Figures", ""]
         made = []
-        for name, m in det.items():
+        for name, m in sorted(det.items(), key=lambda kv: kv[0] != "vild_ensemble"):  # ours first
             if fig_per_class_ap(m, novel, figs / f"ap_per_class_{name}.png", f"Per-class AP50 on val: {name}"):
                 made.append((f"Per-class AP50 ({name})", f"figures/ap_per_class_{name}.png"))
                 break

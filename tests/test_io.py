@@ -1,0 +1,32 @@
+"""distill.io: atomic writes."""
+
+import os
+import stat
+
+import pytest
+
+from distill.errors import DistillError
+from distill.io import atomic_path, write_text
+
+
+def test_atomic_write_has_umask_permissions_not_mkstemp_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a" / "out.txt", "hi")
+    finally:
+        os.umask(old)
+    p = tmp_path / "a" / "out.txt"
+    assert p.read_text() == "hi"
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~0o022 or os.name != "posix"
+    assert [q.name for q in p.parent.iterdir()] == ["out.txt"]  # no temp file left
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "x.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DistillError, match="cannot create output folder"):
+        (tmp_path / "file").write_text("")
+        write_text(tmp_path / "file" / "sub" / "y.txt", "z")
