@@ -78,13 +78,8 @@ def all_reduce_sum(values: dict[str, float], device: torch.device | str = "cpu")
 
 def all_reduce_mean(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean of scalar metrics across ranks (identity in a single process)."""
-    if not is_dist() or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= get_world_size()
-    return dict(zip(keys, t.tolist()))
+    world = get_world_size()
+    return {k: v / world for k, v in all_reduce_sum(values, device).items()}
 
 
 def any_true(flag: bool, device: torch.device | str = "cpu") -> bool:

@@ -632,7 +632,9 @@ def run_labeling(
     ``on_shard(k)`` is called after shard ``k`` is written (tests inject a kill there)."""
     n = len(job.paths)
     ranges = _shard_ranges(n, job.shard_size)
-    mine = [k for k in range(len(ranges)) if k % world_size == rank]
+    from distill.engine.distributed import rank_shards
+
+    mine = rank_shards(len(ranges), rank, world_size)
     pending = [k for k in mine if not job.shard_done(k, ranges[k])]
     values = formats.semantic_values(job.vocab)
     batches = [list(ranges[k])[i : i + job.batch_size] for k in pending for i in range(0, len(ranges[k]), job.batch_size)]
