@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,22 @@ def test_resuming_only_after_a_kill_with_the_same_inputs(tmp_path):
     assert seen == [False, True, False, True]
     assert not (tmp_path / "w" / "manifests" / "x.started").exists()
     assert resuming() is False
+
+
+def test_tool_scripts_are_the_cli(tmp_path):
+    """tools/run_pipeline.py is `distill run`: --list lists the shapes graph (nothing runs); every
+    script in tools/ answers --help."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(repo / "tools/run_pipeline.py"), str(repo / "configs/shapes/pipeline.yaml"), f"work_dir={tmp_path}", "--list"],
+                       capture_output=True, text=True, env=env, cwd=repo, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    listed = [line.split()[0] for line in (r.stdout + r.stderr).splitlines() if "to run" in line]
+    assert listed[0] == "world" and listed[-1] == "report" and len(listed) == 12
+    assert not any(tmp_path.iterdir())  # --list writes nothing
+    for tool in sorted((repo / "tools").glob("*.py")):
+        h = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, env=env, cwd=repo, timeout=120)
+        assert h.returncode == 0 and "usage" in h.stdout.lower(), (tool.name, h.stderr[-500:])
