@@ -192,6 +192,8 @@ class DetConfig:
     fpn_channels: int = 256  # FPN width (torchvision: 256)
     returned_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages feeding the FPN (1 = stride 4)
     checkpoint: str = ""  # --eval-only / labeling: weights to load (default: det/<name>/model_final.pt)
+    init: str = ""  # weights to start training from (self-training starts from the detector it improves)
+    selftrain_steps: int = 0  # pipeline selftrain stage: steps of fine-tuning from the ViLD weights (0 = train.max_steps)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -332,7 +332,7 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     st = _read(work / "selftrain" / "metrics.json")
     md += ["## Self-training", ""]
     if st:
-        md += ["One round: the ViLD detector retrained on base ground truth + novel pseudo-labels of the unlabeled split; AP50 on val.", "", table(["metric", "value"], _kv_rows(st)), ""]
+        md += ["One round: the ViLD detector trained further (from its weights, `det.init`) on base ground truth + novel pseudo-labels of the unlabeled split; AP50 on val, before and after.", "", table(["metric", "value"], _kv_rows(st)), ""]
     else:
         md += ["Self-training not run.", ""]
 

@@ -164,11 +164,15 @@ def st_cam(cfg: Config):
 
 
 def st_selftrain(cfg: Config):
-    from distill.detection.train import with_det
+    from distill.detection.train import det_dir, with_det
     from distill.labels.selftrain import self_train
 
     pseudo = Path(_label_cfg(cfg).label.out) / "labels.json"
-    m = self_train(with_det(cfg, name="vild", inference="text"), pseudo)
+    # one round: the ViLD student fine-tuned on base GT + its unlabeled images' novel pseudo-labels
+    # (trained from scratch on them instead, 300 steps, novel AP50 fell 11.8 -> 4.1 in the demo)
+    steps = cfg.det.selftrain_steps or cfg.det.train.max_steps
+    vild = with_det(cfg, name="vild", inference="text", init=str(det_dir(with_det(cfg, name="vild")) / "model_final.pt"), train={"max_steps": steps, "warmup": 0})
+    m = self_train(vild, pseudo)
     d = m.get("selftrain/AP50_novel_delta")
     return f"novel AP50 delta {100 * d:+.1f}" if d is not None else ""
 

@@ -208,6 +208,8 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
         model.to(next(iter(teacher.model.parameters())).device)
         metrics = eval_fn(model)
     else:
+        if det.init:  # a resumed checkpoint, when there is one, replaces these weights in train()
+            load(det.init, model)
         ds = build_training_set(cfg, vocab, teacher, train_idx)
         loader = make_loader(ds, det.train, collate_fn=collate, num_workers=cfg.data.num_workers)
         metrics = train(model, loader, det.train, out, eval_fn=eval_fn, resume=resume, progress=progress, extra={"config_hash": config_hash(det)})
