@@ -176,3 +176,27 @@ def test_shapes_config_is_the_default_detector():
     assert cfg.det.inference == "ensemble" and abs(cfg.det.ensemble_alpha - 2 / 3) < 1e-6
     assert cfg.teacher.model == "distill-tiny-vit" and cfg.regions.scales == (1.0, 1.5)
     assert cfg.det.num_image_distill <= cfg.proposals.top_k
+
+
+def test_det_init_starts_training_from_given_weights(tmp_path):
+    """det.init (self-training starts from the detector it improves): with lr 0 the trained
+    parameters are exactly the init file's; without det.init they are the fresh model's."""
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue square", "split": "novel"}]
+    files = make_fixture(tmp_path / "d", cats, [1, 2])
+    base = [f"work_dir={tmp_path / 'run'}", f"data.image_root={tmp_path / 'd' / 'images'}", f"data.train_json={files['train']}",
+            f"data.train_full_json={files['train']}", f"data.val_json={files['val']}", *TINY,
+            "det.use_image=false", "det.inference=text", "det.train.max_steps=1", "det.train.lr=0.0", "det.train.weight_decay=0.0"]
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
+    torch.manual_seed(0)
+    train_detector(load_config(REPO / "configs/shapes/vild.yaml", base + ["det.name=a"]), progress=False, teacher=teacher)
+    a = torch.load(tmp_path / "run" / "det" / "a" / "model_final.pt", weights_only=True)
+    torch.manual_seed(1)  # another fresh init, replaced by det.init
+    init = str(tmp_path / "run" / "det" / "a" / "model_final.pt")
+    train_detector(load_config(REPO / "configs/shapes/vild.yaml", base + ["det.name=b", f"det.init={init}"]), progress=False, teacher=teacher)
+    b = torch.load(tmp_path / "run" / "det" / "b" / "model_final.pt", weights_only=True)
+    torch.manual_seed(1)
+    train_detector(load_config(REPO / "configs/shapes/vild.yaml", base + ["det.name=c"]), progress=False, teacher=teacher)
+    c = torch.load(tmp_path / "run" / "det" / "c" / "model_final.pt", weights_only=True)
+    params = [k for k, v in a.items() if v.is_floating_point() and "running_" not in k]
+    assert all(torch.equal(a[k], b[k]) for k in params)
+    assert not all(torch.equal(a[k], c[k]) for k in params)
