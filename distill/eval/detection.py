@@ -231,13 +231,7 @@ def load_results(
     Each entry needs ``image_id``, ``category_id``, ``score``, plus ``bbox`` ([x, y, w, h]) for
     bbox evaluation and ``segmentation`` (RLE) for segm evaluation.
     """
-    if isinstance(results, (str, os.PathLike)):
-        name = str(results)
-        data = read_json(results, what="COCO results")
-    else:
-        name, data = "results", results
-    if isinstance(data, dict) and "annotations" in data and isinstance(data["annotations"], list):
-        data = data["annotations"]  # a COCO-style file holding predictions (e.g. pseudo-labels)
+    name, data = _results_source(results, read_json)
     if not isinstance(data, list):
         raise DistillError(f"{name}: expected a json list of COCO results [{{image_id, category_id, bbox, score}}, ...]")
     img_ids = {im["id"] for im in gt["images"]}
@@ -280,6 +274,18 @@ def _check_result(i: int, r: Any, need: list[str], img_ids, cat_ids, iou_types: 
     return s
 
 
+def _results_source(results, reader) -> tuple[str, Any]:
+    """``(name for messages, data)`` of results given as a path (read with ``reader``) or in memory;
+    a COCO-style dict holding predictions (e.g. pseudo-labels) yields its ``annotations``."""
+    if isinstance(results, (str, os.PathLike)):
+        name, data = str(results), reader(results, what="COCO results")
+    else:
+        name, data = "results", results
+    if isinstance(data, dict) and "annotations" in data and isinstance(data["annotations"], list):
+        data = data["annotations"]
+    return name, data
+
+
 def _box_results(results: str | os.PathLike | list, box_gt, gt_name: str = "ground truth") -> tuple[tuple, str]:
     """Check COCO box results (as :func:`load_results`) into flat arrays, item by item: a results
     file holding a json list is parsed one result at a time, so no Python object per result is
@@ -288,13 +294,7 @@ def _box_results(results: str | os.PathLike | list, box_gt, gt_name: str = "grou
 
     from distill.io import read_json_items
 
-    if isinstance(results, (str, os.PathLike)):
-        name = str(results)
-        data = read_json_items(results, what="COCO results")
-    else:
-        name, data = "results", results
-    if isinstance(data, dict) and "annotations" in data and isinstance(data["annotations"], list):
-        data = data["annotations"]
+    name, data = _results_source(results, read_json_items)
     if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
         raise DistillError(f"{name}: expected a json list of COCO results [{{image_id, category_id, bbox, score}}, ...]")
     need = _needed_keys(("bbox",))
