@@ -317,7 +317,7 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     else:
         md += ["No CAM metrics found.", ""]
 
-    md += ["## Pseudo-labels (unlabeled split, hidden ground truth)", ""]
+    md += ["## Pseudo-labels (measured against the hidden ground truth)", ""]
     lab = None
     for p in sorted(work.glob("labels/**/metrics.json")):
         lab = _read(p)
@@ -332,7 +332,13 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     st = _read(work / "selftrain" / "metrics.json")
     md += ["## Self-training", ""]
     if st:
-        md += ["One round: the ViLD detector trained further (from its weights, `det.init`) on base ground truth + novel pseudo-labels of the unlabeled split; AP50 on val, before and after.", "", table(["metric", "value"], _kv_rows(st)), ""]
+        counts = _read(work / "selftrain" / "counts.json") or {}
+        how = "novel pseudo-labels of the unlabeled split"
+        if counts.get("repeat", 1) > 1:
+            how += f" (drawn {counts['repeat']}x per epoch)"
+        if "train_split" in counts:
+            how += f" and of the training images themselves ({counts['train_split'].get('pseudo_annotations', '?')} boxes merged into their base ground truth, VL-PLM)"
+        md += [f"One round: the ViLD detector trained further (from its weights, `det.init`) on base ground truth + {how}; AP50 on val, before and after.", "", table(["metric", "value"], _kv_rows(st)), ""]
     else:
         md += ["Self-training not run.", ""]
 

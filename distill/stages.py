@@ -165,14 +165,22 @@ def st_cam(cfg: Config):
 
 def st_selftrain(cfg: Config):
     from distill.detection.train import det_dir, with_det
+    from distill.labels.pseudo import label
     from distill.labels.selftrain import self_train
 
+    st = cfg.selftrain
     pseudo = Path(_label_cfg(cfg).label.out) / "labels.json"
-    # one round: the ViLD student fine-tuned on base GT + its unlabeled images' novel pseudo-labels
+    train_pseudo = None
+    if st.train_split:  # VL-PLM: the base split's images get novel pseudo-labels too
+        lc = _with(_label_cfg(cfg), "label", images=str(Path(cfg.data.image_root) / "train"),
+                   out=str(Path(cfg.work_dir) / "labels" / "train"), gt=cfg.data.train_full_json)
+        label(lc)
+        train_pseudo = Path(lc.label.out) / "labels.json"
+    # one round: the ViLD student fine-tuned on base GT + novel pseudo-labels
     # (trained from scratch on them instead, 300 steps, novel AP50 fell 11.8 -> 4.1 in the demo)
-    steps = cfg.det.selftrain_steps or cfg.det.train.max_steps
+    steps = st.steps or cfg.det.train.max_steps
     vild = with_det(cfg, name="vild", inference="text", init=str(det_dir(with_det(cfg, name="vild")) / "model_final.pt"), train={"max_steps": steps, "warmup": 0})
-    m = self_train(vild, pseudo)
+    m = self_train(vild, pseudo, keep=st.keep, score_thresh=st.score_thresh, repeat=st.repeat, train_pseudo_json=train_pseudo)
     d = m.get("selftrain/AP50_novel_delta")
     return f"novel AP50 delta {100 * d:+.1f}" if d is not None else ""
 
@@ -194,7 +202,7 @@ STAGES = (
     Stage("seg", st_seg, ("teacher",), ("seg", "data", "teacher"), ("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"), "LSeg students (base only, + pixel distillation)"),
     Stage("label", st_label, ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split"),
     Stage("cam", st_cam, ("teacher",), ("cam", "data", "teacher"), ("cam/metrics.json",), "CLIP-ES CAM refinement ablation"),
-    Stage("selftrain", st_selftrain, ("label",), ("det", "data"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels"),
+    Stage("selftrain", st_selftrain, ("label",), ("det", "data", "label", "selftrain"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels"),
     Stage("report", st_report, ("det_text", "det", "seg", "label", "cam", "selftrain"), ("work_dir",), ("report.md",), "report.md + figures"),
 )
 

@@ -31,7 +31,7 @@ from distill.cli import train as _train  # noqa: E402
 from distill.cli import world as _world  # noqa: E402
 
 app.add_typer(_world.app, name="world", help="Make the procedural shapes world.")
-app.add_typer(_teacher.app, name="teacher", help="The CLIP teacher: pretrain, evaluate, embed.")
+app.add_typer(_teacher.app, name="teacher", help="The CLIP teacher: pretrain, evaluate, embed, clipself (dense tower).")
 app.add_typer(_train.app, name="train", help="Train a student (det | seg).")
 app.add_typer(_eval.app, name="eval", help="Evaluate predictions (det | seg).")
 _train.register_propose(app)

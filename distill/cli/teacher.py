@@ -1,4 +1,4 @@
-"""`distill teacher ...`: pretrain the tiny teacher, evaluate a teacher, embed a vocabulary or the proposals."""
+"""`distill teacher ...`: pretrain the tiny teacher, CLIPSelf its dense tower, evaluate a teacher, embed a vocabulary or the proposals."""
 
 from __future__ import annotations
 
@@ -28,22 +28,48 @@ def pretrain_cmd(
     typer.echo(f"teacher checkpoint: {path}")
 
 
+@app.command("clipself")
+def clipself_cmd(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if the inputs did not change.")] = False,
+) -> None:
+    """CLIPSelf: distil the teacher's image tower into a dense tower (no labels).
+
+    A copy of the tower is fine-tuned so that its MaskCLIP map, RoIAligned over random grid cells,
+    matches the frozen teacher's embedding of each cell's crop.
+    Writes clipself.out ({work_dir}/teacher/teacher_dense.safetensors); set
+    teacher.dense_pretrained to that file to use it for the dense paths.
+    Example: distill teacher clipself configs/shapes/teacher.yaml clipself.steps=300
+    """
+    from distill.teacher.clipself import clipself
+
+    cfg = load(config, overrides)
+    path = clipself(cfg, force=force)
+    typer.echo(f"CLIPSelf dense tower: {path} (use it with teacher.dense_pretrained={path})")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     config: ConfigArg,
     overrides: Overrides = None,
     max_images: Annotated[Optional[int], typer.Option("--max-images", help="Evaluate on the first N val images only.")] = None,
+    out: Annotated[str, typer.Option("--out", help="Folder for metrics.json (default {work_dir}/teacher).")] = "",
 ) -> None:
     """Zero-shot top-1 of val GT boxes (1x, 1.5x, 1x+1.5x crops, dense) and MaskCLIP pixel mIoU.
 
-    Writes {work_dir}/teacher/metrics.json. Example: distill teacher evaluate configs/shapes/teacher.yaml
+    With teacher.dense_pretrained set, the dense rows (dense RoIAlign, MaskCLIP pixels) use that
+    CLIPSelf tower. Writes {work_dir}/teacher/metrics.json (or --out/metrics.json).
+    Example: distill teacher evaluate configs/shapes/teacher.yaml
     """
+    from pathlib import Path
+
     from distill.teacher.evaluate import evaluate_teacher, format_table
 
     cfg = load(config, overrides)
-    res = evaluate_teacher(cfg, max_images=max_images)
+    res = evaluate_teacher(cfg, max_images=max_images, out_dir=out or None)
     typer.echo(format_table(res))
-    typer.echo(f"wrote {cfg.work_dir}/teacher/metrics.json")
+    typer.echo(f"wrote {Path(out or Path(cfg.work_dir) / 'teacher') / 'metrics.json'}")
 
 
 @app.command("embed-text")

@@ -6,9 +6,21 @@ of the unlabeled split (issue 7, item 6).
    image ids taken from ``data.unlabeled_json`` by file name when the image is there (ids are
    unique across the world's splits) else offset past every id in use, only the kept classes'
    annotations (default: the novel classes; base classes have real ground truth) above a score;
-2. :func:`self_train` trains ``det.name + "_selftrain"`` with ``data.extra=[that json]`` through
-   :func:`distill.detection.train.train_detector` and writes ``{work_dir}/selftrain/metrics.json``
-   with novel AP50 before (the detector ``det.name``'s metrics.json) and after.
+2. :func:`self_train` trains ``det.name + "_selftrain"`` with ``data.extra=[that json] * repeat``
+   through :func:`distill.detection.train.train_detector` and writes
+   ``{work_dir}/selftrain/metrics.json`` with novel AP50 before (the detector ``det.name``'s
+   metrics.json) and after.
+
+Two options address what a base-only training set does to novel classes:
+
+- ``repeat``: the pseudo-labeled images are drawn ``repeat`` times per epoch. 300 unlabeled images
+  beside 1,500 base-labeled ones would otherwise be 1 image in 6; semi-supervised detectors batch
+  labeled and pseudo-labeled images 1:1 (Unbiased Teacher, Liu et al. ICLR 2021, section 4.1).
+- ``train_pseudo_json``: novel pseudo-labels of the TRAINING images themselves, merged into their
+  base ground truth (:func:`merge_pseudo`), as VL-PLM does on COCO's base split (Zhao et al.,
+  "Exploiting Unlabeled Data with Vision and Language Models for Object Detection", ECCV 2022,
+  section 3.3). Without them every novel object in the base split is a background example, which
+  cancels much of what the unlabeled split teaches.
 """
 
 from __future__ import annotations
@@ -76,22 +88,58 @@ def pseudo_to_extra(
     return {"images": len(images), "annotations": len(anns)}
 
 
-def self_train(cfg, pseudo_json: str | os.PathLike, *, keep: str = "novel", score_thresh: float = 0.0, progress: bool = True) -> dict:
+def merge_pseudo(gt_json: str | os.PathLike, pseudo_extra_json: str | os.PathLike, out_json: str | os.PathLike) -> dict:
+    """``gt_json``'s images and annotations plus the annotations of ``pseudo_extra_json`` (written by
+    :func:`pseudo_to_extra` with ``id_json=gt_json``) on the same images; returns counts.
+
+    Pseudo-labels on images that ``gt_json`` does not hold are an error (they would be dropped)."""
+    gt = read_json(gt_json, "COCO")
+    extra = read_json(pseudo_extra_json, "pseudo-label COCO")
+    ids = {int(im["id"]) for im in gt["images"]}
+    stray = [a["image_id"] for a in extra["annotations"] if int(a["image_id"]) not in ids]
+    if stray:
+        raise DistillError(f"{pseudo_extra_json}: {len(stray)} pseudo-label(s) on images not in {gt_json} (first image id {stray[0]})")
+    next_id = max((int(a["id"]) for a in gt["annotations"]), default=0) + 1
+    added = [{**a, "id": next_id + k} for k, a in enumerate(extra["annotations"])]
+    info = {**gt.get("info", {}), "merged_pseudo": str(pseudo_extra_json), "merged_pseudo_annotations": len(added)}
+    write_json(out_json, {**gt, "info": info, "annotations": list(gt["annotations"]) + added}, indent=None)
+    return {"images": len(gt["images"]), "annotations": len(gt["annotations"]), "pseudo_annotations": len(added)}
+
+
+def self_train(
+    cfg,
+    pseudo_json: str | os.PathLike,
+    *,
+    keep: str = "novel",
+    score_thresh: float = 0.0,
+    repeat: int = 1,
+    train_pseudo_json: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
     """One self-training round (see the module docstring); returns and writes the metrics."""
     from distill.detection.train import det_dir, det_vocab, train_detector
 
+    if int(repeat) < 1:
+        raise DistillError(f"selftrain repeat: expected an integer >= 1, got {repeat!r}")
     work = Path(cfg.work_dir)
     before_path = det_dir(cfg) / "metrics.json"
     before = read_json(before_path, "detector metrics") if before_path.is_file() else {}
     out = work / "selftrain"
+    vocab = det_vocab(cfg)
     extra = out / "extra_pseudo_novel.json"
-    counts = pseudo_to_extra(pseudo_json, extra, image_root=cfg.data.image_root, vocab=det_vocab(cfg), keep=keep,
+    counts = pseudo_to_extra(pseudo_json, extra, image_root=cfg.data.image_root, vocab=vocab, keep=keep,
                              score_thresh=score_thresh, id_json=cfg.data.unlabeled_json)
-    cfg2 = dataclasses.replace(
-        cfg,
-        det=dataclasses.replace(cfg.det, name=f"{cfg.det.name}_selftrain"),
-        data=dataclasses.replace(cfg.data, extra=tuple(cfg.data.extra) + (str(extra),)),
-    )
+    counts["repeat"] = int(repeat)
+    data = dataclasses.replace(cfg.data, extra=tuple(cfg.data.extra) + (str(extra),) * int(repeat))
+    if train_pseudo_json:
+        train_extra = out / "train_pseudo_novel.json"
+        # the training images have base ground truth: only their novel objects take pseudo-labels
+        c = pseudo_to_extra(train_pseudo_json, train_extra, image_root=cfg.data.image_root, vocab=vocab, keep="novel",
+                            score_thresh=score_thresh, id_json=cfg.data.train_json)
+        merged = out / "train_plus_pseudo.json"
+        counts["train_split"] = {**c, **merge_pseudo(cfg.data.train_json, train_extra, merged)}
+        data = dataclasses.replace(data, train_json=str(merged))
+    cfg2 = dataclasses.replace(cfg, det=dataclasses.replace(cfg.det, name=f"{cfg.det.name}_selftrain"), data=data)
     after = train_detector(cfg2, progress=progress)
     m = {}
     for k in ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50"):

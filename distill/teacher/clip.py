@@ -50,7 +50,11 @@ class Teacher:
         patch_size: ViT patch size in pixels.
         dense_image_size: input size for dense paths (MaskCLIP pixels, dense RoIAlign, CAMs).
         fingerprint: hash of the weights + preprocessing; keys every cache built from this teacher.
+            With a dense tower it also covers the dense tower's weights.
         precision: fp32 | amp_bf16 | amp_fp16 (autocast on the teacher's device type).
+        dense_visual: None, or a frozen image tower (CLIPSelf, ``teacher.dense_pretrained``) that
+            the dense paths (MaskCLIP patch / pixel embeddings, dense RoIAlign) run on instead of
+            ``model.visual``; crops, the class token and text always use ``model``.
     """
 
     model: torch.nn.Module
@@ -66,6 +70,7 @@ class Teacher:
     dense_image_size: int = 0
     batch_size: int = 256
     tokenizer: object = field(default=None, repr=False)
+    dense_visual: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.dense_image_size:
@@ -268,7 +273,31 @@ def _tag_error(name: str, tag: str) -> DistillError:
     )
 
 
+def attach_dense_tower(teacher: Teacher, path: str) -> Teacher:
+    """Give ``teacher`` the CLIPSelf dense tower of ``path`` (see
+    :func:`distill.teacher.dense.load_dense_tower`); its fingerprint then also covers those
+    weights, so no cache built from the plain teacher's dense path is reused."""
+    from distill.teacher.dense import load_dense_tower
+
+    teacher.dense_visual = load_dense_tower(teacher, path)
+    h = hashlib.sha256(f"{teacher.fingerprint}|dense|".encode())
+    for key, t in sorted(teacher.dense_visual.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    teacher.fingerprint = h.hexdigest()[:24]
+    return teacher
+
+
 def build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
+    """Build the frozen teacher of ``tcfg``; with ``tcfg.dense_pretrained`` set, its dense paths
+    run on that CLIPSelf tower (:func:`attach_dense_tower`)."""
+    teacher = _build_teacher(tcfg, device)
+    dense = (getattr(tcfg, "dense_pretrained", "") or "").strip()
+    return attach_dense_tower(teacher, dense) if dense else teacher
+
+
+def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
     """Build the frozen teacher described by ``tcfg`` (a :class:`distill.config.TeacherConfig`).
 
     ``tcfg.model``: an open_clip model name (ours are registered on import), or ``local-dir:PATH``

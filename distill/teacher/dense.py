@@ -17,6 +17,11 @@ keeps the rest of the last block around the value path::
 Position embeddings are interpolated bicubically when the dense input differs from the pretrain
 size (MaskCLIP ``interpolate_mode='bicubic'``). Key smoothing and prompt denoising (MaskCLIP
 section 3.2, "Key Smoothing and Prompt Denoising") act on class scores: see :func:`maskclip_scores`.
+
+The dense path runs on the teacher's *dense tower* (:func:`dense_tower`): its image tower, or, when
+``teacher.dense_pretrained`` names one, a CLIPSelf-distilled copy of it
+(distill/teacher/clipself.py) while crops, the class token and text keep the original teacher.
+:func:`dense_feature_map` is the same computation with gradients, for training that tower.
 """
 
 from __future__ import annotations
@@ -87,6 +92,71 @@ def value_path(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return v, k
 
 
+def dense_tower(teacher) -> torch.nn.Module:
+    """The image tower the dense paths run on: ``teacher.dense_visual`` (CLIPSelf weights, see
+    :func:`load_dense_tower`) when set, else ``teacher.model.visual``."""
+    dv = getattr(teacher, "dense_visual", None)
+    return dv if dv is not None else teacher.model.visual
+
+
+def dense_feature_map(visual, x: torch.Tensor, return_keys: bool = False):
+    """The MaskCLIP value-path map of an open_clip ViT tower, differentiable (no ``no_grad``).
+
+    Args:
+        visual: an open_clip ``VisionTransformer``.
+        x: (B, 3, S, S) images already resized and normalised (mean / std).
+    Returns:
+        (B, D, h, w) float32 with h = w = S // patch, L2-normalised along D; with
+        ``return_keys`` also the last block's keys (B, h*w, C).
+    """
+    blocks = list(visual.transformer.resblocks)
+    tok, (h, w) = embed_tokens(visual, x)
+    tok = _run_blocks(visual.transformer, tok, blocks[:-1])
+    v, k = value_path(blocks[-1], tok)
+    f = visual.ln_post(v[:, 1:])
+    if visual.proj is not None:
+        f = f @ visual.proj
+    f = F.normalize(f.float(), dim=-1)
+    f = f.transpose(1, 2).reshape(f.shape[0], -1, h, w)
+    return (f, k[:, 1:]) if return_keys else f
+
+
+def load_dense_tower(teacher, path: str) -> torch.nn.Module:
+    """A frozen copy of ``teacher.model.visual`` with the image-tower weights of ``path`` (the
+    ``visual.*`` keys of an open_clip state dict, as ``distill teacher clipself`` writes).
+
+    A file written by ``distill teacher clipself`` records the fingerprint of the teacher it was
+    distilled from; loading it onto another teacher is a :class:`DistillError` (stale weights)."""
+    import copy
+    import os
+
+    from distill.teacher.clip import load_state_dict_checked, load_weights_file
+
+    if not os.path.isfile(path):
+        raise DistillError(f"teacher.dense_pretrained: {path} not found (run `distill teacher clipself CONFIG` to write it, or set teacher.dense_pretrained='')")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        src = meta.get("teacher_fingerprint")
+        if src and src != teacher.fingerprint:
+            raise DistillError(
+                f"teacher.dense_pretrained: {path} was distilled from teacher {src}, but teacher.pretrained gives "
+                f"teacher {teacher.fingerprint}; rerun `distill teacher clipself CONFIG` for this teacher"
+            )
+    sd = load_weights_file(path)
+    vis = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    if not vis:
+        raise DistillError(f"teacher.dense_pretrained: {path} has no visual.* weights (expected an open_clip state dict)")
+    tower = copy.deepcopy(teacher.model.visual)
+    load_state_dict_checked(tower, vis, f"teacher.dense_pretrained {path}")
+    tower.eval()
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    return tower.to(teacher.device)
+
+
 @torch.no_grad()
 def patch_embeddings(teacher, images: torch.Tensor, size: int | None = None, return_keys: bool = False):
     """MaskCLIP patch embeddings.
@@ -101,22 +171,15 @@ def patch_embeddings(teacher, images: torch.Tensor, size: int | None = None, ret
     if images.ndim != 4 or images.shape[1] != 3:
         raise DistillError(f"patch_embeddings: expected images (B, 3, H, W), got shape {tuple(images.shape)}")
     size = size or teacher.dense_image_size
-    visual = teacher.model.visual
-    blocks = list(visual.transformer.resblocks)
+    visual = dense_tower(teacher)
     feats, keys = [], []
     bs = max(1, teacher.batch_size // 4)
     for i in range(0, images.shape[0], bs):
         x = teacher.normalize(teacher.resize(images[i : i + bs].to(teacher.device, torch.float32), size))
         with teacher.autocast():
-            tok, (h, w) = embed_tokens(visual, x)
-            tok = _run_blocks(visual.transformer, tok, blocks[:-1])
-            v, k = value_path(blocks[-1], tok)
-            f = visual.ln_post(v[:, 1:])
-            if visual.proj is not None:
-                f = f @ visual.proj
-        f = F.normalize(f.float(), dim=-1)
-        feats.append(f.permute(0, 2, 1).reshape(f.shape[0], -1, h, w))
-        keys.append(k[:, 1:].float())
+            f, k = dense_feature_map(visual, x, return_keys=True)
+        feats.append(f)
+        keys.append(k.float())
     out = torch.cat(feats)
     return (out, torch.cat(keys)) if return_keys else out
 

@@ -3,6 +3,9 @@
 - Region classification: top-1 over ALL categories of ground-truth boxes of the val objects,
   embedded as ViLD crops at 1x, at 1.5x and 1x+1.5x summed (``top1_ens``), and with the ``dense``
   RoIAlign mode; reported over all objects and over objects of base / novel categories.
+- The dense rows (``dense`` RoIAlign and MaskCLIP pixels) run on the teacher's dense tower: the
+  CLIPSelf tower of ``teacher.dense_pretrained`` when set (``teacher/dense_pretrained`` names it),
+  else the image tower itself; crops always use the original tower.
 - MaskCLIP pixel zero-shot segmentation: argmax over the class texts plus background words
   (``teacher.background``; a pixel won by a background word is background), mIoU on the val
   semantic masks with :class:`distill.eval.segmentation.SemSegEvaluator`, at each
@@ -141,7 +144,8 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
     cache_dir = Path(cfg.work_dir) / "embeddings" / "text"
     templates = load_templates(cfg.teacher.templates)
     text = text_embeddings(teacher, vocab, templates, cache_dir=cache_dir)
-    res: dict = {"teacher/fingerprint": teacher.fingerprint, "teacher/dense_image_size": teacher.dense_image_size}
+    res: dict = {"teacher/fingerprint": teacher.fingerprint, "teacher/dense_image_size": teacher.dense_image_size,
+                 "teacher/dense_pretrained": cfg.teacher.dense_pretrained if getattr(teacher, "dense_visual", None) is not None else ""}
     res.update(zero_shot_regions(teacher, vocab, samples, text))
     if not cfg.data.semantic_root:
         res["maskclip/absent"] = "data.semantic_root is empty (no semantic masks)"
