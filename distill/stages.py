@@ -163,10 +163,12 @@ def st_cam(cfg: Config):
     return "CLIP-ES ablation on val"
 
 
-def st_selftrain(cfg: Config):
+def selftrain_inputs(cfg: Config, label_train: bool = True) -> tuple[Config, Path, Path | None]:
+    """The selftrain stage's fine-tuning config (ViLD's weights as ``det.init``, ``selftrain.steps``
+    without warm-up), the unlabeled split's pseudo-labels, and the training images' (labeled here
+    when ``selftrain.train_split`` and ``label_train``; labeling resumes, so a rerun is cheap)."""
     from distill.detection.train import det_dir, with_det
     from distill.labels.pseudo import label
-    from distill.labels.selftrain import self_train
 
     st = cfg.selftrain
     pseudo = Path(_label_cfg(cfg).label.out) / "labels.json"
@@ -174,12 +176,21 @@ def st_selftrain(cfg: Config):
     if st.train_split:  # VL-PLM: the base split's images get novel pseudo-labels too
         lc = _with(_label_cfg(cfg), "label", images=str(Path(cfg.data.image_root) / "train"),
                    out=str(Path(cfg.work_dir) / "labels" / "train"), gt=cfg.data.train_full_json)
-        label(lc)
+        if label_train:
+            label(lc)
         train_pseudo = Path(lc.label.out) / "labels.json"
-    # one round: the ViLD student fine-tuned on base GT + novel pseudo-labels
-    # (trained from scratch on them instead, 300 steps, novel AP50 fell 11.8 -> 4.1 in the demo)
     steps = st.steps or cfg.det.train.max_steps
     vild = with_det(cfg, name="vild", inference="text", init=str(det_dir(with_det(cfg, name="vild")) / "model_final.pt"), train={"max_steps": steps, "warmup": 0})
+    return vild, pseudo, train_pseudo
+
+
+def st_selftrain(cfg: Config):
+    from distill.labels.selftrain import self_train
+
+    st = cfg.selftrain
+    # one round: the ViLD student fine-tuned on base GT + novel pseudo-labels
+    # (trained from scratch on them instead, 300 steps, novel AP50 fell 11.8 -> 4.1 in the demo)
+    vild, pseudo, train_pseudo = selftrain_inputs(cfg)
     m = self_train(vild, pseudo, keep=st.keep, score_thresh=st.score_thresh, repeat=st.repeat, train_pseudo_json=train_pseudo)
     d = m.get("selftrain/AP50_novel_delta")
     return f"novel AP50 delta {100 * d:+.1f}" if d is not None else ""

@@ -115,8 +115,10 @@ def self_train(
     repeat: int = 1,
     train_pseudo_json: str | os.PathLike | None = None,
     progress: bool = True,
+    out_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """One self-training round (see the module docstring); returns and writes the metrics."""
+    """One self-training round (see the module docstring); returns the metrics and writes them to
+    ``out_dir`` (default ``{work_dir}/selftrain``) with the training jsons it made."""
     from distill.detection.train import det_dir, det_vocab, train_detector
 
     if int(repeat) < 1:
@@ -124,7 +126,7 @@ def self_train(
     work = Path(cfg.work_dir)
     before_path = det_dir(cfg) / "metrics.json"
     before = read_json(before_path, "detector metrics") if before_path.is_file() else {}
-    out = work / "selftrain"
+    out = Path(out_dir) if out_dir else work / "selftrain"
     vocab = det_vocab(cfg)
     extra = out / "extra_pseudo_novel.json"
     counts = pseudo_to_extra(pseudo_json, extra, image_root=cfg.data.image_root, vocab=vocab, keep=keep,
@@ -152,3 +154,50 @@ def self_train(
     write_json(out / "metrics.json", m)
     write_json(out / "counts.json", counts)
     return m
+
+
+# ------------------------------------------------------------------------------------ ablation
+# name -> (pseudo-labels of the unlabeled split, repeat, pseudo-labels of the training images)
+ABLATION = {
+    "control": (False, 1, False),  # base ground truth only: just more steps
+    "unlabeled": (True, 1, False),
+    "unlabeled_x5": (True, 5, False),
+    "unlabeled+train": (True, 1, True),
+    "unlabeled_x5+train": (True, 5, True),
+}
+
+
+def selftrain_ablation(cfg, pseudo_json, train_pseudo_json=None, *, variants=tuple(ABLATION), progress: bool = False) -> dict:
+    """The same detector (``cfg.det.init``) fine-tuned once per variant of :data:`ABLATION`, each
+    as ``det.name + "_st_" + variant``; returns ``{variant: {AP50_novel, AP50_base, ...}}`` and
+    writes ``{work_dir}/selftrain/ablation/metrics.json``. ``cfg`` is the fine-tuning config (``det.init``,
+    ``det.train.max_steps``), as the pipeline's selftrain stage builds it."""
+    from distill.detection.train import train_detector
+
+    bad = [v for v in variants if v not in ABLATION]
+    if bad:
+        raise DistillError(f"selftrain ablation variants {bad}: valid are {', '.join(ABLATION)}")
+    if not cfg.det.init:
+        raise DistillError("selftrain ablation: det.init must name the detector to fine-tune")
+    if any(ABLATION[v][2] for v in variants) and not train_pseudo_json:
+        raise DistillError("selftrain ablation: the +train variants need pseudo-labels of the training images (train_pseudo_json)")
+    work = Path(cfg.work_dir)
+    rows: dict[str, dict] = {}
+    before = Path(cfg.det.init).parent / "metrics.json"
+    if before.is_file():
+        b = read_json(before, "detector metrics")
+        rows["before"] = {k.split("/")[1]: b[k] for k in ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50") if k in b}
+    for v in variants:
+        use_pseudo, repeat, train_split = ABLATION[v]
+        vcfg = dataclasses.replace(cfg, det=dataclasses.replace(cfg.det, name=f"{cfg.det.name}_st_{v.replace('+', '_')}"))
+        if use_pseudo:
+            m = self_train(vcfg, pseudo_json, repeat=repeat, train_pseudo_json=train_pseudo_json if train_split else None,
+                           progress=progress, out_dir=work / "selftrain" / "ablation" / v.replace("+", "_"))
+            m = {k.split("/")[1]: val for k, val in m.items() if k.endswith("_after")}
+            m = {k[: -len("_after")]: val for k, val in m.items()}
+        else:
+            after = train_detector(vcfg, progress=progress)
+            m = {k.split("/")[1]: after[k] for k in ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50") if k in after}
+        rows[v] = m
+        write_json(work / "selftrain" / "ablation" / "metrics.json", rows)
+    return rows
