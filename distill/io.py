@@ -220,6 +220,18 @@ def read_json_items(path: str | os.PathLike, what: str = "json") -> Any:
     return read_json(path, what)
 
 
+def output_is_current(output: str | os.PathLike, manifest: str | os.PathLike, inputs: Any) -> bool:
+    """True when ``output`` exists and ``manifest`` (json) records exactly these ``inputs`` under
+    ``"inputs"``: a rerun may reuse the output. A missing or unreadable manifest is False."""
+    output, manifest = Path(output), Path(manifest)
+    if not (output.is_file() and manifest.is_file()):
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("inputs") == inputs
+    except (json.JSONDecodeError, AttributeError, OSError):
+        return False
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -55,3 +55,15 @@ def attention_backend(device: torch.device | str):
     if dev.type != "cpu":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` intra-op threads (``n <= 0``: leave torch's setting), restored after."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

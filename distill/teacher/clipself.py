@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from distill.config import config_hash, to_dict
-from distill.engine.device import attention_backend, autocast, autocast_dtype
+from distill.engine.device import attention_backend, autocast, autocast_dtype, torch_threads
 from distill.errors import DistillError
-from distill.io import atomic_path, sha256_json, write_json
+from distill.io import atomic_path, output_is_current, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -273,20 +273,11 @@ def clipself(cfg, teacher=None, force: bool = False) -> Path:
     images, paths = load_images(image_folders(cfg), teacher.dense_image_size)
     inputs = _inputs(cfg, teacher, paths)
     man = manifest_path(out)
-    if not force and out.is_file() and man.is_file():
-        try:
-            if json.loads(man.read_text()).get("inputs") == inputs:
-                log.info("clipself: inputs unchanged, reusing %s", out)
-                return out
-        except json.JSONDecodeError:
-            pass
-    threads = torch.get_num_threads()
-    if cc.threads > 0:
-        torch.set_num_threads(cc.threads)
-    try:
+    if not force and output_is_current(out, man, inputs):
+        log.info("clipself: inputs unchanged, reusing %s", out)
+        return out
+    with torch_threads(cc.threads):
         return _train(cfg, teacher, images, inputs, out, man)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(cfg, teacher, images: torch.Tensor, inputs: dict, out: Path, man: Path) -> Path:

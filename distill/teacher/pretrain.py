@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import config_hash, save_config, to_dict
-from distill.engine.device import attention_backend, autocast, get_device
+from distill.engine.device import attention_backend, autocast, get_device, torch_threads
 from distill.errors import DistillError
-from distill.io import atomic_path, read_json, safe_join, sha256_json, write_json
+from distill.io import atomic_path, output_is_current, read_json, safe_join, sha256_json, write_json
 from distill.teacher.clip import MODEL_CONFIG_DIR, create_model_quiet, register_model_configs
 from distill.teacher.regions import clip_boxes, crop_and_resize
 from distill.teacher.text import encode_text_trimmed, load_templates
@@ -284,22 +284,13 @@ def pretrain(cfg, out_dir: str | Path | None = None, force: bool = False) -> Pat
     templates = load_templates(cfg.teacher.templates)
     inputs = _inputs(cfg, templates)
     man_path = out / "manifest.json"
-    if not force and ckpt.is_file() and man_path.is_file():
-        try:
-            if json.loads(man_path.read_text()).get("inputs") == inputs:
-                log.info("teacher pretrain: inputs unchanged, reusing %s", ckpt)
-                return ckpt
-        except json.JSONDecodeError:
-            pass
+    if not force and output_is_current(ckpt, man_path, inputs):
+        log.info("teacher pretrain: inputs unchanged, reusing %s", ckpt)
+        return ckpt
     if pc.steps < 1 or pc.batch_size < 2:
         raise DistillError(f"pretrain.steps / pretrain.batch_size: expected >= 1 / >= 2, got {pc.steps} / {pc.batch_size}")
-    threads = torch.get_num_threads()
-    if pc.threads > 0:
-        torch.set_num_threads(pc.threads)
-    try:
+    with torch_threads(pc.threads):
         return _train(cfg, out, ckpt, man_path, templates, inputs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...], inputs: dict) -> Path:
