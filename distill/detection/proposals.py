@@ -182,7 +182,9 @@ def run_proposals(cfg: Config, resume: bool = False, progress: bool = True) -> d
 
 # ------------------------------------------------------------------------------------ embeddings
 def region_cache_key(teacher, proposals_hash: str, num: int, mode: str, scales) -> dict:
-    return {"teacher": teacher.fingerprint, "precision": teacher.precision, "proposals": proposals_hash, "num": int(num), "mode": mode, "scales": [float(s) for s in scales]}
+    # crops run on the teacher's own tower; the dense mode on its dense tower (CLIPSelf) when it has one
+    fp = getattr(teacher, "dense_key", teacher.fingerprint) if mode == "dense" else teacher.fingerprint
+    return {"teacher": fp, "precision": teacher.precision, "proposals": proposals_hash, "num": int(num), "mode": mode, "scales": [float(s) for s in scales]}
 
 
 def embed_proposals(cfg: Config, teacher, proposals: dict[int, tuple[torch.Tensor, torch.Tensor]], proposals_hash: str, dataset, num: int | None = None, stats: dict | None = None):

@@ -49,8 +49,10 @@ class Teacher:
         embed_dim: D, size of the joint image-text embedding.
         patch_size: ViT patch size in pixels.
         dense_image_size: input size for dense paths (MaskCLIP pixels, dense RoIAlign, CAMs).
-        fingerprint: hash of the weights + preprocessing; keys every cache built from this teacher.
-            With a dense tower it also covers the dense tower's weights.
+        fingerprint: hash of the weights + preprocessing; keys every cache built from this teacher
+            (text embeddings, crop embeddings, pseudo-labels). A dense tower does not change it.
+        dense_fingerprint: with a dense tower, a hash of ``fingerprint`` + the tower's weights; keys
+            what the dense paths compute (dense RoIAlign region caches). See :attr:`dense_key`.
         precision: fp32 | amp_bf16 | amp_fp16 (autocast on the teacher's device type).
         dense_visual: None, or a frozen image tower (CLIPSelf, ``teacher.dense_pretrained``) that
             the dense paths (MaskCLIP patch / pixel embeddings, dense RoIAlign) run on instead of
@@ -71,6 +73,12 @@ class Teacher:
     batch_size: int = 256
     tokenizer: object = field(default=None, repr=False)
     dense_visual: torch.nn.Module | None = field(default=None, repr=False)
+    dense_fingerprint: str = ""
+
+    @property
+    def dense_key(self) -> str:
+        """The fingerprint of the dense paths: ``dense_fingerprint`` with a dense tower, else ``fingerprint``."""
+        return self.dense_fingerprint or self.fingerprint
 
     def __post_init__(self) -> None:
         if not self.dense_image_size:
@@ -275,8 +283,9 @@ def _tag_error(name: str, tag: str) -> DistillError:
 
 def attach_dense_tower(teacher: Teacher, path: str) -> Teacher:
     """Give ``teacher`` the CLIPSelf dense tower of ``path`` (see
-    :func:`distill.teacher.dense.load_dense_tower`); its fingerprint then also covers those
-    weights, so no cache built from the plain teacher's dense path is reused."""
+    :func:`distill.teacher.dense.load_dense_tower`). ``fingerprint`` stays (crops, the class token
+    and text do not change, so their caches stay valid); ``dense_fingerprint`` also covers the
+    tower's weights, so no cache of the plain teacher's dense path is reused."""
     from distill.teacher.dense import load_dense_tower
 
     teacher.dense_visual = load_dense_tower(teacher, path)
@@ -285,7 +294,7 @@ def attach_dense_tower(teacher: Teacher, path: str) -> Teacher:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    teacher.fingerprint = h.hexdigest()[:24]
+    teacher.dense_fingerprint = h.hexdigest()[:24]
     return teacher
 
 

@@ -144,7 +144,8 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
     cache_dir = Path(cfg.work_dir) / "embeddings" / "text"
     templates = load_templates(cfg.teacher.templates)
     text = text_embeddings(teacher, vocab, templates, cache_dir=cache_dir)
-    res: dict = {"teacher/fingerprint": teacher.fingerprint, "teacher/dense_image_size": teacher.dense_image_size,
+    res: dict = {"teacher/fingerprint": teacher.fingerprint, "teacher/dense_fingerprint": teacher.dense_key,
+                 "teacher/dense_image_size": teacher.dense_image_size,
                  "teacher/dense_pretrained": cfg.teacher.dense_pretrained if getattr(teacher, "dense_visual", None) is not None else ""}
     res.update(zero_shot_regions(teacher, vocab, samples, text))
     if not cfg.data.semantic_root:

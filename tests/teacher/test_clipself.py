@@ -149,7 +149,12 @@ def test_end_to_end_output_changes_only_the_dense_path(tmp_path):
     assert clipself(cfg, teacher=t) == out and out.stat().st_mtime_ns == mtime  # unchanged inputs: reused
 
     t2 = attach_dense_tower(build_random_teacher(seed=0), str(out))
-    assert t2.fingerprint != t.fingerprint
+    # crops / text caches stay valid, dense ones do not
+    assert t2.fingerprint == t.fingerprint and t2.dense_key != t.dense_key == t.fingerprint
+    from distill.detection.proposals import region_cache_key
+
+    assert region_cache_key(t2, "p", 5, "crop", (1.0,)) == region_cache_key(t, "p", 5, "crop", (1.0,))
+    assert region_cache_key(t2, "p", 5, "dense", (1.0,)) != region_cache_key(t, "p", 5, "dense", (1.0,))
     x = torch.rand(2, 3, 40, 40)
     assert not torch.allclose(pixel_embeddings(t2, x), pixel_embeddings(t, x), atol=1e-4)
     assert torch.equal(t2.encode_images(x), t.encode_images(x))  # crops / CLS: the original tower
@@ -216,5 +221,6 @@ def test_cli_clipself_and_evaluate_with_dense_tower(tmp_path):
     a = json.loads((tmp_path / "before" / "metrics.json").read_text())
     b = json.loads((tmp_path / "after" / "metrics.json").read_text())
     assert a["zeroshot/top1_1x"] == b["zeroshot/top1_1x"] and a["teacher/dense_pretrained"] == ""
-    assert b["teacher/dense_pretrained"] == str(dense) and a["teacher/fingerprint"] != b["teacher/fingerprint"]
+    assert b["teacher/dense_pretrained"] == str(dense) and a["teacher/dense_fingerprint"] != b["teacher/dense_fingerprint"]
+    assert a["teacher/fingerprint"] == b["teacher/fingerprint"]
     assert 0.0 <= b["maskclip/miou_all"] <= 1.0
