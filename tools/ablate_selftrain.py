@@ -32,7 +32,8 @@ def main(argv=None) -> int:
 
         cfg = load_config(a.config, a.overrides)
         vild, pseudo, train_pseudo = selftrain_inputs(cfg)
-        rows = selftrain_ablation(vild, pseudo, train_pseudo, variants=tuple(v.strip() for v in a.variants.split(",") if v.strip()), progress=a.progress)
+        rows = selftrain_ablation(vild, pseudo, train_pseudo, variants=tuple(v.strip() for v in a.variants.split(",") if v.strip()),
+                                  keep=cfg.selftrain.keep, score_thresh=cfg.selftrain.score_thresh, progress=a.progress)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -167,11 +167,13 @@ ABLATION = {
 }
 
 
-def selftrain_ablation(cfg, pseudo_json, train_pseudo_json=None, *, variants=tuple(ABLATION), progress: bool = False) -> dict:
+def selftrain_ablation(cfg, pseudo_json, train_pseudo_json=None, *, variants=tuple(ABLATION), keep: str = "novel",
+                       score_thresh: float = 0.0, progress: bool = False) -> dict:
     """The same detector (``cfg.det.init``) fine-tuned once per variant of :data:`ABLATION`, each
     as ``det.name + "_st_" + variant``; returns ``{variant: {AP50_novel, AP50_base, ...}}`` and
     writes ``{work_dir}/selftrain/ablation/metrics.json``. ``cfg`` is the fine-tuning config (``det.init``,
-    ``det.train.max_steps``), as the pipeline's selftrain stage builds it."""
+    ``det.train.max_steps``), as the pipeline's selftrain stage builds it; ``keep`` and
+    ``score_thresh`` go to :func:`self_train` as the stage passes ``selftrain.keep`` / ``score_thresh``."""
     from distill.detection.train import train_detector
 
     bad = [v for v in variants if v not in ABLATION]
@@ -191,7 +193,8 @@ def selftrain_ablation(cfg, pseudo_json, train_pseudo_json=None, *, variants=tup
         use_pseudo, repeat, train_split = ABLATION[v]
         vcfg = dataclasses.replace(cfg, det=dataclasses.replace(cfg.det, name=f"{cfg.det.name}_st_{v.replace('+', '_')}"))
         if use_pseudo:
-            m = self_train(vcfg, pseudo_json, repeat=repeat, train_pseudo_json=train_pseudo_json if train_split else None,
+            m = self_train(vcfg, pseudo_json, keep=keep, score_thresh=score_thresh, repeat=repeat,
+                           train_pseudo_json=train_pseudo_json if train_split else None,
                            progress=progress, out_dir=work / "selftrain" / "ablation" / v.replace("+", "_"))
             m = {k.split("/")[1]: val for k, val in m.items() if k.endswith("_after")}
             m = {k[: -len("_after")]: val for k, val in m.items()}

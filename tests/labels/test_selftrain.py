@@ -104,7 +104,7 @@ def test_selftrain_ablation_runs_each_variant_from_the_same_weights(tmp_path, mo
         calls.append(("train", c.det.name, c.det.init, tuple(c.data.extra)))
         return {"bbox/AP50_novel": 0.11, "bbox/AP50_base": 0.25}
 
-    def fake_self_train(c, pseudo, *, repeat, train_pseudo_json, progress, out_dir):
+    def fake_self_train(c, pseudo, *, keep, score_thresh, repeat, train_pseudo_json, progress, out_dir):
         calls.append(("self_train", c.det.name, repeat, train_pseudo_json, Path(out_dir).name))
         return {"selftrain/AP50_novel_after": 0.2 + repeat / 100, "selftrain/AP50_novel_before": 0.1}
 
