@@ -3,14 +3,18 @@
 - ``before``: PyTorch's default attention kernel and ``model.encode_text`` over the full context;
 - ``math``: the math attention kernel that ``distill.engine.device.attention_backend`` selects on
   CPU (the default flash kernel's backward is slow for 65- and 32-token sequences);
-- ``ours``: math kernel + ``distill.teacher.text.encode_text_trimmed`` (prompts encoded up to the
-  batch's longest, exact under the causal mask) -- what ``distill teacher pretrain`` runs.
+- ``trimmed``: math kernel + ``distill.teacher.text.encode_text_trimmed`` (prompts encoded up to
+  the batch's longest, exact under the causal mask);
+- ``ours``: ``trimmed`` in fp32, no autocast -- what ``distill teacher pretrain`` runs on CPU
+  (``pretrain.precision: fp32`` in configs/shapes/teacher.yaml): this CPU has avx512_bf16 but no
+  AMX, and bf16 autocast's casts cost more than its matmuls save at width 128.
 
     python bench/teacher_step.py [--device cpu] [--repeats 8] [--precision amp_bf16]
 
 Same model, same batches (random images and prompts of the shapes world's 36 classes), steps
 interleaved (before, math, ours, before, ...) so machine load hits all alike; prints the median
-seconds per step and the speed-up before / ours. On CUDA the attention kernel is PyTorch's choice.
+seconds per step and the speed-up before / ours (``before``, ``math`` and ``trimmed`` run at
+``--precision``). On CUDA the attention kernel is PyTorch's choice.
 """
 
 from __future__ import annotations
@@ -51,8 +55,11 @@ def main(device: str = "cpu", repeats: int = 8, precision: str = "amp_bf16", bat
         batches.append((x.to(dev), tok([f"a photo of a {names[c]}." for c in cls]).to(dev), cls.to(dev)))
     opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4)
     default = (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])) if dev.type == "cpu" else contextlib.nullcontext
-    ctx = {"before": default, "math": lambda: attention_backend(dev), "ours": lambda: attention_backend(dev)}
-    encode = {"before": model.encode_text, "math": model.encode_text, "ours": lambda t: encode_text_trimmed(model, t)}
+    ctx = {"before": default, "math": lambda: attention_backend(dev), "trimmed": lambda: attention_backend(dev),
+           "ours": lambda: attention_backend(dev)}
+    trimmed = lambda t: encode_text_trimmed(model, t)  # noqa: E731
+    encode = {"before": model.encode_text, "math": model.encode_text, "trimmed": trimmed, "ours": trimmed}
+    prec = {"before": precision, "math": precision, "trimmed": precision, "ours": "fp32" if dev.type == "cpu" else precision}
 
     def step(name: str, i: int) -> float:
         x, t, k = batches[i % len(batches)]
@@ -60,7 +67,7 @@ def main(device: str = "cpu", repeats: int = 8, precision: str = "amp_bf16", bat
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx[name]():
-            with autocast(dev, precision):
+            with autocast(dev, prec[name]):
                 img, txt = model.encode_image(x), encode[name](t)
             loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), k, 50.0)
             opt.zero_grad(set_to_none=True)
@@ -84,8 +91,12 @@ def main(device: str = "cpu", repeats: int = 8, precision: str = "amp_bf16", bat
         "repeats": repeats,
         "before_step_s": round(med["before"], 4),
         "math_step_s": round(med["math"], 4),
+        "trimmed_step_s": round(med["trimmed"], 4),
+        "ours_precision": prec["ours"],
         "ours_step_s": round(med["ours"], 4),
         "speedup_math": round(med["before"] / med["math"], 3),
+        "speedup_trimmed": round(med["before"] / med["trimmed"], 3),
+        "speedup_fp32": round(med["trimmed"] / med["ours"], 3),
         "speedup": round(med["before"] / med["ours"], 3),
     }
 
@@ -97,7 +108,8 @@ if __name__ == "__main__":
     ap.add_argument("--precision", default="amp_bf16")
     a = ap.parse_args()
     r = main(a.device, a.repeats, a.precision)
-    print(f"teacher step ({r['precision']}, batch {r['batch_size']}): before {r['before_step_s']:.3f} s   math attention {r['math_step_s']:.3f} s   ours (math + trimmed text) {r['ours_step_s']:.3f} s")
+    print(f"teacher step (batch {r['batch_size']}; {r['precision']}): before {r['before_step_s']:.3f} s   math attention {r['math_step_s']:.3f} s   "
+          f"+ trimmed text {r['trimmed_step_s']:.3f} s   ours ({r['ours_precision']}) {r['ours_step_s']:.3f} s")
     print(json.dumps(r))
     print(f"speed-up before / ours: {r['speedup']:.2f}x")
     sys.exit(0)

@@ -145,15 +145,10 @@ def dense_region_loss(model, images: torch.Tensor, boxes: list[torch.Tensor], la
     """
     from torchvision.ops import roi_align
 
-    from distill.teacher.dense import _run_blocks, embed_tokens, value_path
+    from distill.teacher.dense import dense_feature_map
 
-    visual = model.visual
-    tok, (h, w) = embed_tokens(visual, (images - mean) / std)
-    blocks = list(visual.transformer.resblocks)
-    tok = _run_blocks(visual.transformer, tok, blocks[:-1])
-    v, _ = value_path(blocks[-1], tok)
-    f = visual.ln_post(v[:, 1:]) @ visual.proj
-    f = F.normalize(f.float(), dim=-1).transpose(1, 2).reshape(images.shape[0], -1, h, w)
+    f = dense_feature_map(model.visual, (images - mean) / std)  # (B, D, h, w), unit vectors
+    w = f.shape[-1]
     S = images.shape[-1]
     rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=f.device), b.to(f.device) * (w / S)], 1) for i, b in enumerate(boxes)])
     pooled = F.normalize(roi_align(f, rois, (1, 1), 1.0, 0, True).flatten(1), dim=-1)
