@@ -6,8 +6,8 @@
 - ``trimmed``: math kernel + ``distill.teacher.text.encode_text_trimmed`` (prompts encoded up to
   the batch's longest, exact under the causal mask);
 - ``ours``: ``trimmed`` in fp32, no autocast -- what ``distill teacher pretrain`` runs on CPU
-  (``pretrain.precision: fp32`` in configs/shapes/teacher.yaml): this CPU has avx512_bf16 but no
-  AMX, and bf16 autocast's casts cost more than its matmuls save at width 128.
+  (``pretrain.precision: fp32`` in configs/shapes/teacher.yaml): on this CPU (avx512_bf16, no AMX)
+  bf16 autocast made the width-128 step slower, not faster (1.27x here on 2026-11-30).
 
     python bench/teacher_step.py [--device cpu] [--repeats 8] [--precision amp_bf16]
 
