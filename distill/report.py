@@ -62,7 +62,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-DET_COLS = [("AP50 novel", "bbox/AP50_novel"), ("AP50 base", "bbox/AP50_base"), ("AP50 all", "bbox/AP50"), ("AP novel", "bbox/AP_novel"), ("AP base", "bbox/AP_base"), ("AP all", "bbox/AP")]
+DET_COLS = [("AP50 novel", "bbox/AP50_novel"), ("AP50 base", "bbox/AP50_base"), ("AP50 all", "bbox/AP50"), ("AP novel", "bbox/AP_novel"), ("AP base", "bbox/AP_base"), ("AP all", "bbox/AP"), ("GT-box top-1 novel", "region/top1_novel"), ("GT-box top-1 base", "region/top1_base")]
 SEG_COLS = [("mIoU seen", "miou/seen"), ("mIoU unseen", "miou/unseen"), ("mIoU all", "miou/all"), ("hIoU", "miou/hiou"), ("pixel acc", "pixel_acc")]
 
 
@@ -295,6 +295,7 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     det = dict(sorted(det.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     if det:
         md += [table(["model"] + [c for c, _ in DET_COLS], [[name] + _rows_from(m, DET_COLS) for name, m in det.items()]), ""]
+        md += ["GT-box top-1: the student's own region embedding of each val ground-truth box, classified over the whole vocabulary (compare the teacher's GT-crop top-1 above).", ""]
     else:
         md += ["No detection metrics found.", ""]
 

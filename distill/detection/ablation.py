@@ -24,7 +24,7 @@ from distill.config import Config, save_config
 from distill.io import write_json, write_text
 
 VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "oracle")
-COLUMNS = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel", "bbox/AP_base", "bbox/AP")
+COLUMNS = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel", "bbox/AP_base", "bbox/AP", "region/top1_novel", "region/top1_base")
 LABELS = {
     "supervised": "Supervised Faster R-CNN (base only)",
     "vild_text": "ViLD-text",
@@ -148,7 +148,9 @@ def _write_table(out: Path, cfg: Config, results: dict) -> None:
     text = (
         f"# ViLD ablation ({cfg.work_dir}, {cfg.det.train.max_steps} steps, seed {cfg.det.train.seed})\n\n"
         + md
-        + "\nAP in %, COCO-style, generalized (every detection competes over base + novel).\n\n"
+        + "\nAP in %, COCO-style, generalized (every detection competes over base + novel). region/top1: the "
+        + "student's zero-shot top-1 over the whole vocabulary on val ground-truth boxes (the teacher's own "
+        + "GT-crop top-1 is zeroshot/top1_ens in teacher/metrics.json).\n\n"
         + "Targets: "
         + ", ".join(f"{k}: {v}" for k, v in targets.items())
         + "\n"

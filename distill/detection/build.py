@@ -212,6 +212,27 @@ class ViLDDetector(GeneralizedRCNN):
             d["labels"] = d["labels"] - 1
         return detections
 
+    @torch.no_grad()
+    def region_embeddings(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The student's L2-normalised (N_i, D) region embeddings of given ``boxes`` (XYXY, input
+        pixels): the box head and projection that ViLD-text and ViLD-image train, read on boxes
+        the caller chooses (e.g. ground truth) instead of proposals. Eval mode."""
+        was = self.training
+        self.eval()
+        try:
+            image_list, _ = self.transform(list(images))
+            scaled = []
+            for b, n, im in zip(boxes, image_list.image_sizes, images):
+                o = im.shape[-2:]
+                r = torch.tensor([n[1] / o[1], n[0] / o[0], n[1] / o[1], n[0] / o[0]], device=image_list.tensors.device)
+                scaled.append(b.to(r) * r)
+            features = self.backbone(image_list.tensors)
+            heads = self.roi_heads
+            emb, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, scaled, image_list.image_sizes)))
+        finally:
+            self.train(was)
+        return list(emb.split([len(b) for b in boxes]))
+
     def _make_embedder(self, images: list[torch.Tensor], ratios: list[torch.Tensor]):
         if self.teacher is None:
             raise DistillError(f"det.inference={self.roi_heads.inference}: needs the teacher's crop embeddings; build the detector with teacher=...")

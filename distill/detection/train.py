@@ -125,6 +125,45 @@ def predict(model, dataset, batch_size: int = 8, device=None, vocab_ids=None) ->
     return res
 
 
+REGION_EVAL_IMAGES = 500  # region_top1 reads the first 500 val images (a second backbone pass)
+
+
+@torch.no_grad()
+def region_top1(model, dataset, text_emb: torch.Tensor, novel: torch.Tensor, batch_size: int = 8, max_images: int = REGION_EVAL_IMAGES) -> dict:
+    """Zero-shot classification of ground-truth boxes by the student: the argmax over the whole
+    vocabulary of cos(student region embedding, text embedding), scored against the box's class.
+
+    The student-side twin of the teacher's GT-crop top-1 (``zeroshot/top1_ens``): it shows how
+    much of the teacher's region knowledge the embedding that ViLD trains carries, apart from
+    localisation and score calibration. Returns ``region/top1`` and ``region/top1_base`` /
+    ``region/top1_novel`` (NaN where the first ``max_images`` images hold no such box).
+    """
+    from distill.data.coco import collate
+
+    device = next(model.parameters()).device
+    text = torch.nn.functional.normalize(text_emb.float(), dim=1).to(device)
+    novel = torch.as_tensor(novel, dtype=torch.bool)
+    n = min(len(dataset), max_images)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    hits, labels = [], []
+    for images, targets in loader:
+        boxes = [t["boxes"].float() for t in targets]
+        if not sum(len(b) for b in boxes):
+            continue
+        emb = torch.cat(model.region_embeddings([im.to(device) for im in images], [b.to(device) for b in boxes]))
+        lab = torch.cat([t["labels"] for t in targets])
+        hits.append((emb @ text.t()).argmax(1).cpu() == lab)
+        labels.append(lab)
+    hit = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    is_novel = novel[lab]
+
+    def acc(mask: torch.Tensor) -> float:
+        return float(hit[mask].float().mean()) if mask.any() else float("nan")
+
+    return {"region/top1": acc(torch.ones_like(hit)), "region/top1_base": acc(~is_novel), "region/top1_novel": acc(is_novel)}
+
+
 def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, inference: str | None = None):
     """``eval_fn(model) -> metrics`` over the whole vocabulary on ``data.val_json``."""
     from distill.data.coco import CocoDetection
@@ -148,7 +187,11 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
             if saved is not None:
                 heads.text_embeddings, heads.novel_mask, heads.inference = saved
         wj(out_dir / "results_val.json", results)
-        return evaluate_detection(cfg.data.val_json, results, out_dir, vocab=vocab, max_dets=cfg.det.detections_per_img)
+        metrics = evaluate_detection(cfg.data.val_json, results, out_dir, vocab=vocab, max_dets=cfg.det.detections_per_img)
+        if hasattr(model, "region_embeddings"):  # the ViLD student (not the plain baseline)
+            metrics.update(region_top1(model, val, text_all, novel, cfg.det.train.batch_size))
+            wj(out_dir / "metrics.json", metrics)
+        return metrics
 
     return eval_fn
 

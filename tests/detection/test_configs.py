@@ -91,6 +91,8 @@ def _run(cfg, teacher, base_only_check: int | None = None) -> dict:
     saved = json.loads((out / "metrics.json").read_text())
     for k in ("bbox/AP", "bbox/AP50", "bbox/AP50_base", "bbox/AP50_novel", "bbox/AP_base", "bbox/AP_novel"):
         assert k in saved and (saved[k] != saved[k] or 0.0 <= saved[k] <= 1.0), k
+    for k in ("region/top1", "region/top1_base", "region/top1_novel"):  # the student on GT boxes
+        assert k in saved and (saved[k] != saved[k] or 0.0 <= saved[k] <= 1.0), k
     assert saved["step"] == 2
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     losses = rows[0]

@@ -293,3 +293,47 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
     ckpt_lib.save_model(tmp_path / "v24.pt", other_dim)
     with pytest.raises(DistillError, match="shape mismatches"):
         ckpt_lib.load(tmp_path / "v24.pt", vild)
+
+
+def test_region_embeddings_read_boxes_in_input_pixels():
+    """The student's embedding of a box does not depend on the input size: an image and its exact
+    2x (nearest) upsample, resized to the same model size, give the same embeddings for the same
+    object boxes (coordinates scaled with the image)."""
+    torch.manual_seed(0)
+    model = build_vild_detector(tiny_det(), D, unit(3, D)).eval()
+    img = torch.rand(3, 64, 64)
+    big = img.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 20.0, 60.0, 50.0]])
+    small_emb = model.region_embeddings([img], [boxes])[0]
+    big_emb = model.region_embeddings([big], [boxes * 2])[0]
+    assert small_emb.shape == (2, D)
+    torch.testing.assert_close(small_emb.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(big_emb, small_emb, atol=1e-5, rtol=0)
+    shifted = model.region_embeddings([big], [boxes])[0]  # unscaled boxes cover other pixels
+    assert (shifted - small_emb).abs().max() > 1e-3
+
+
+def test_region_top1_scores_each_box_against_its_class():
+    """region_top1 counts a box as right when its embedding is nearest its own class's text
+    embedding, and splits the accuracy by base / novel class."""
+    from distill.detection.train import region_top1
+
+    text = unit(4, D, seed=3)
+    novel = torch.tensor([False, False, True, True])
+
+    class Oracle(torch.nn.Module):  # right for class 0, 1 and 2; class 3 boxes read as class 0
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def region_embeddings(self, images, boxes):
+            return [text[torch.where(self.current == 3, 0, self.current)] for _ in boxes[:1]]
+
+    model = Oracle()
+    labels = torch.tensor([0, 1, 2, 3, 3, 0])
+    model.current = labels
+    ds = [(torch.zeros(3, 8, 8), {"boxes": torch.zeros(6, 4), "labels": labels, "image_id": 1})]
+    m = region_top1(model, ds, text, novel, batch_size=1)
+    assert m["region/top1"] == pytest.approx(4 / 6)
+    assert m["region/top1_base"] == pytest.approx(1.0)
+    assert m["region/top1_novel"] == pytest.approx(1 / 3)
