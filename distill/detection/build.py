@@ -191,10 +191,7 @@ class ViLDDetector(GeneralizedRCNN):
                 raise ValueError("ViLDDetector: targets are required in training")
             tv_targets, distill = self._convert_targets(targets)
         image_list, tv_targets = self.transform(images, tv_targets)
-        ratios = [
-            torch.tensor([n[1] / o[1], n[0] / o[0], n[1] / o[1], n[0] / o[0]], device=image_list.tensors.device)
-            for n, o in zip(image_list.image_sizes, original_sizes)
-        ]
+        ratios = _box_ratios(image_list, original_sizes)
         if distill is not None:
             distill = [(b.to(r.device) * r, e) for (b, e), r in zip(distill, ratios)]
         features = self.backbone(image_list.tensors)
@@ -221,11 +218,7 @@ class ViLDDetector(GeneralizedRCNN):
         self.eval()
         try:
             image_list, _ = self.transform(list(images))
-            scaled = []
-            for b, n, im in zip(boxes, image_list.image_sizes, images):
-                o = im.shape[-2:]
-                r = torch.tensor([n[1] / o[1], n[0] / o[0], n[1] / o[1], n[0] / o[0]], device=image_list.tensors.device)
-                scaled.append(b.to(r) * r)
+            scaled = [b.to(r) * r for b, r in zip(boxes, _box_ratios(image_list, [tuple(im.shape[-2:]) for im in images]))]
             features = self.backbone(image_list.tensors)
             heads = self.roi_heads
             emb, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, scaled, image_list.image_sizes)))
@@ -243,6 +236,14 @@ class ViLDDetector(GeneralizedRCNN):
             return [e.to(per_boxes[0].device) for e in teacher_region_embeddings(teacher, images, boxes, mode)]
 
         return embed
+
+
+def _box_ratios(image_list, original_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Per image, the (4,) XYXY factors from input pixels to the transformed image's pixels."""
+    return [
+        torch.tensor([n[1] / o[1], n[0] / o[0], n[1] / o[1], n[0] / o[0]], device=image_list.tensors.device)
+        for n, o in zip(image_list.image_sizes, original_sizes)
+    ]
 
 
 def teacher_region_embeddings(teacher, images: list[torch.Tensor], boxes: list[torch.Tensor], mode: str = "crop") -> list[torch.Tensor]:

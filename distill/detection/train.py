@@ -187,10 +187,10 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
             if saved is not None:
                 heads.text_embeddings, heads.novel_mask, heads.inference = saved
         wj(out_dir / "results_val.json", results)
-        metrics = evaluate_detection(cfg.data.val_json, results, out_dir, vocab=vocab, max_dets=cfg.det.detections_per_img)
+        metrics = evaluate_detection(cfg.data.val_json, results, None, vocab=vocab, max_dets=cfg.det.detections_per_img)
         if hasattr(model, "region_embeddings"):  # the ViLD student (not the plain baseline)
             metrics.update(region_top1(model, val, text_all, novel, cfg.det.train.batch_size))
-            wj(out_dir / "metrics.json", metrics)
+        wj(out_dir / "metrics.json", metrics)
         return metrics
 
     return eval_fn
