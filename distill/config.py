@@ -294,6 +294,9 @@ class CamConfig:
     out: str = "{work_dir}/cam"
     background: str = "configs/prompts/background_shapes.txt"
     logit_scale: float = 100.0  # CLIP-ES section 3.2: 100 x cosine; <= 0: the teacher's learned scale
+    # CLIP-ES 3.3 class-aware attention affinity; false = masks from the softmax Grad-CAM (the
+    # ablation still measures CAA). The shapes world's 4-block teacher turns it off (see its config).
+    caa: bool = True
     caa_layers: int = 8  # CLIP-ES: attention of the last 8 blocks
     caa_box_thresh: float = 0.4
     bg_thresh: float = 0.0  # 0 = background = 1 - max class CAM; else a fixed threshold

@@ -155,12 +155,21 @@ def st_label(cfg: Config):
 
 
 def st_cam(cfg: Config):
+    """CLIP-ES: the ablation and panels on val; then what the masks are for (CLIP-ES 3.4): masks of
+    the training images from their image-level labels train an LSeg student (``seg/lseg_cam``, base
+    classes as ``seg/lseg``, whose masks are the ground truth), evaluated on val."""
     from distill.labels.cam import cam_ablation, run_cam
+    from distill.segmentation.train import train_seg
 
     teacher = _teacher(cfg)
     m = cam_ablation(cfg, "val", teacher=teacher)
     run_cam(cfg, "val", teacher=teacher)
-    return "CLIP-ES ablation on val"
+    run_cam(_with(cfg, "cam", num_panels=0), "train", teacher=teacher)
+    out = Path(cfg.work_dir) / "seg" / "lseg_cam"
+    scfg = _with(_with(cfg, "data", masks=str(Path(cfg.cam.out) / "masks" / "train")), "seg", name="lseg_cam", distill_weight=0.0)
+    s = train_seg(scfg, teacher=teacher, resume=_fresh(out), out_dir=out)
+    return (f"CLIP-ES final masks {100 * (m.get('cam/miou_final') or 0):.1f} mIoU on val; "
+            f"LSeg on CAM masks: seen mIoU {100 * s.get('miou/seen', float('nan')):.1f}")
 
 
 def selftrain_inputs(cfg: Config, label_train: bool = True) -> tuple[Config, Path, Path | None]:
@@ -212,7 +221,7 @@ STAGES = (
     Stage("det", st_det, ("text", "regions"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble"),
     Stage("seg", st_seg, ("teacher",), ("seg", "data", "teacher"), ("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"), "LSeg students (base only, + pixel distillation)"),
     Stage("label", st_label, ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split"),
-    Stage("cam", st_cam, ("teacher",), ("cam", "data", "teacher"), ("cam/metrics.json",), "CLIP-ES CAM refinement ablation"),
+    Stage("cam", st_cam, ("teacher",), ("cam", "data", "teacher", "seg"), ("cam/metrics.json", "seg/lseg_cam/metrics.json"), "CLIP-ES ablation; LSeg trained on CAM masks"),
     Stage("selftrain", st_selftrain, ("label",), ("det", "data", "label", "selftrain"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels"),
     Stage("report", st_report, ("det_text", "det", "seg", "label", "cam", "selftrain"), ("work_dir",), ("report.md",), "report.md + figures"),
 )

@@ -30,8 +30,8 @@ embeddings are interpolated to the token grid by the teacher's dense path
 (``distill.teacher.dense.embed_tokens``, bicubic; the repo's ``upsample_pos_emb`` is bilinear). The
 CAMs are resized back to the original image size, so masks always have the image's size.
 
-Outputs (``cam.out``): ``seeds/{split}/{stem}.npz`` (``category_ids``, patch-level ``gradcam`` and
-``refined`` CAMs, ``size``), ``masks/{split}/{stem}.png`` (uint8, category id, 0 = background,
+Outputs (``cam.out``): ``seeds/{split}/{stem}.npz`` (``category_ids``, patch-level ``gradcam`` and,
+with ``cam.caa``, ``refined`` CAMs, ``size``), ``masks/{split}/{stem}.png`` (uint8, category id, 0 = background,
 255 = ignore; the world's semantic PNG convention), ``panels/{split}/{stem}.png``,
 ``summary.json``; the ablation writes ``metrics.json``.
 """
@@ -169,12 +169,13 @@ def _run_block(visual, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trunk_tokens(teacher, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
+def trunk_tokens(teacher, images: torch.Tensor, record_attention: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
     """Run the image tower up to (not including) the last block.
 
     images: (B, 3, H, W) float in [0, 1], H and W multiples of the patch size.
     Returns ``tokens (B, 1 + h*w, W)`` (input of the last block), the attention weights of blocks
-    ``1..L-1`` (each ``(B, 1 + h*w, 1 + h*w)``, heads averaged) and the grid ``(h, w)``.
+    ``1..L-1`` (each ``(B, 1 + h*w, 1 + h*w)``, heads averaged; an empty list without
+    ``record_attention``, which lets the blocks use the fused attention kernel) and the grid ``(h, w)``.
     """
     visual = _visual(teacher)
     ps = patch_size_of(teacher)
@@ -183,7 +184,7 @@ def trunk_tokens(teacher, images: torch.Tensor) -> tuple[torch.Tensor, list[torc
         raise DistillError(f"images: size {H}x{W} is not a multiple of the patch size {ps} (resize first)")
     x = _normalize_images(teacher, images.to(teacher.device))
     blocks = _blocks(visual)
-    with _autocast(teacher), AttentionRecorder([b.attn for b in blocks[:-1]]) as rec:
+    with _autocast(teacher), AttentionRecorder([b.attn for b in blocks[:-1]] if record_attention else []) as rec:
         x, (h, w) = embed_tokens(visual, x)
         for blk in blocks[:-1]:
             x = _run_block(visual, blk, x)
@@ -217,6 +218,30 @@ def normalize_cam(cam: torch.Tensor) -> torch.Tensor:
     return flat.reshape(cam.shape)
 
 
+def _class_token_only(visual, blk: nn.Module) -> bool:
+    """True when the image embedding reads the class token alone (open_clip ``pool_type='tok'``, no
+    attention pooling) and ``blk`` is an open_clip block, so :func:`_last_block_class_token` applies."""
+    return (getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", None) == "tok"
+            and getattr(visual.transformer, "batch_first", True)  # ln_1's recorded output is then batch-first
+            and isinstance(getattr(blk, "attn", None), nn.MultiheadAttention)
+            and all(hasattr(blk, n) for n in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")))
+
+
+def _last_block_class_token(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip ``ResidualAttentionBlock.forward`` evaluated at the class token only: ``(R, 1, W)``
+    from ``x (R, L, W)`` (batch-first). With class-token pooling the other tokens' queries and MLP
+    rows never reach the image embedding, so this is exact for the CAM's scores and gradients
+    (every token still enters through the keys and values of ``ln_1``), at ~1/L of the attention."""
+    a = blk.ln_1(x)
+    q = a[:, :1]
+    if blk.attn.batch_first:
+        att = blk.attn(q, a, a, need_weights=False)[0]
+    else:
+        att = blk.attn(q.transpose(0, 1), a.transpose(0, 1), a.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
+    y = x[:, :1] + blk.ls_1(att)
+    return y + blk.ls_2(blk.mlp(blk.ln_2(y)))
+
+
 @dataclass
 class LastBlockOut:
     cams: torch.Tensor  # (R, h, w) Grad-CAM, ReLU + min-max normalised
@@ -235,6 +260,7 @@ def last_block_gradcam(
     softmax: bool = True,
     logit_scale: float = 100.0,
     pool: str = "mean",
+    need_attention: bool = True,
 ) -> LastBlockOut:
     """Grad-CAM at ``resblocks[-1].ln_1`` for every (image, present class) in one backward.
 
@@ -243,7 +269,8 @@ def last_block_gradcam(
     ``softmax=True``: the target of row (b, k) is ``softmax(logit_scale * cos(f_b, [T[labels[b]],
     bg]))[k]`` (CLIP-ES 3.2, eq. 3); ``softmax=False``: plain Grad-CAM of the logit
     ``logit_scale * cos(f_b, T[k])``.
-    Rows are ordered image by image, class by class as in ``labels``.
+    Rows are ordered image by image, class by class as in ``labels``. ``attn_last`` is empty
+    (``(0, L, L)``) without ``need_attention`` (CAA is its only reader).
     """
     visual = _visual(teacher)
     blocks = _blocks(visual)
@@ -261,9 +288,10 @@ def last_block_gradcam(
     x = tokens.detach()[b_idx].clone().requires_grad_(True)
     text = text.to(tokens.device)
     bg = bg_text.to(tokens.device) if bg_text is not None and len(bg_text) else None
+    cls_only = pool == "model" and _class_token_only(visual, last)
     with torch.enable_grad(), _autocast(teacher), OutputRecorder(last.ln_1) as act_rec, \
-            AttentionRecorder([last.attn]) as att_rec:
-        out = _run_block(visual, last, x)
+            AttentionRecorder([last.attn] if need_attention and not cls_only else []) as att_rec:
+        out = _last_block_class_token(last, x) if cls_only else _run_block(visual, last, x)
         feats = _pool_project(visual, out, pool).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
         scores = []
@@ -290,7 +318,14 @@ def last_block_gradcam(
     g = grads[:, 1:].float()
     weights = g.mean(1)  # (R, W): Grad-CAM channel weights = spatial mean of gradients
     cam = torch.relu((a * weights[:, None, :]).sum(-1)).reshape(-1, h, w)
-    attn_last = att_rec.weights[0][first_row]
+    if not need_attention:
+        attn_last = tokens.new_zeros((0,) + (tokens.shape[1],) * 2)
+    elif cls_only:  # the full attention of the last block, once per image with labels (for CAA)
+        with torch.no_grad(), _autocast(teacher), AttentionRecorder([last.attn]) as att_rec:
+            _run_block(visual, last, tokens.detach()[b_idx[first_row]])
+        attn_last = att_rec.weights[0]
+    else:
+        attn_last = att_rec.weights[0][first_row]
     return LastBlockOut(normalize_cam(cam), scores.detach(), attn_last)
 
 
@@ -483,13 +518,13 @@ def clip_es_cams(
     """CLIP-ES CAMs for a batch. images: (B, 3, H, W) float [0, 1], H, W multiples of the patch
     size; labels[b]: vocabulary indices present in image b (may be empty); text (C, D), bg_text
     (M, D) L2-normalised. ``with_plain`` also computes plain Grad-CAM (second last-block pass)."""
-    tokens, attn, grid = trunk_tokens(teacher, images)
+    tokens, attn, grid = trunk_tokens(teacher, images, record_attention=caa)
     out = last_block_gradcam(teacher, tokens, grid, labels, text, bg_text, softmax=softmax,
-                             logit_scale=logit_scale, pool=pool)
+                             logit_scale=logit_scale, pool=pool, need_attention=caa)
     plain = None
     if with_plain:
         plain = last_block_gradcam(teacher, tokens, grid, labels, text, None, softmax=False,
-                                   logit_scale=logit_scale, pool=pool).cams
+                                   logit_scale=logit_scale, pool=pool, need_attention=False).cams
     results = []
     r = 0
     j = 0  # index into attn_last (images with labels only)
@@ -792,13 +827,13 @@ def _image_size(cfg, teacher) -> int:
 
 
 def _compute_batch(teacher, cfg, batch_imgs: list[np.ndarray], batch_labels: list[list[int]], text, bg,
-                   with_plain: bool = False) -> list[ImageCams]:
+                   with_plain: bool = False, caa: bool = True) -> list[ImageCams]:
     """Resize and run :func:`clip_es_cams`; images of different sizes (patch_multiple) run one by one."""
     c = cfg.cam
     ps = patch_size_of(teacher)
     size = _image_size(cfg, teacher) if c.resize == "square" else c.image_size
     xs = [resize_for_teacher(im, size, ps, c.resize) for im in batch_imgs]
-    kw = dict(logit_scale=logit_scale_of(cfg, teacher), pool=c.pool, caa=True, caa_layers=c.caa_layers,
+    kw = dict(logit_scale=logit_scale_of(cfg, teacher), pool=c.pool, caa=caa, caa_layers=c.caa_layers,
               box_thresh=c.caa_box_thresh, with_plain=with_plain)
     if all(x.shape == xs[0].shape for x in xs):
         return clip_es_cams(teacher, torch.stack(xs), batch_labels, text, bg, **kw)
@@ -863,29 +898,35 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
     ignored = total = 0
     for batch in _batches(todo, cfg.cam.batch_size):
         imgs = [load_image(_image_path(root, e.file_name)) for e in batch]
-        res = _compute_batch(teacher, cfg, imgs, [e.labels for e in batch], text, bg)
+        # cam.caa=false: masks from the softmax Grad-CAM; CAA then runs only for the panels' images
+        caa = cfg.cam.caa or n_panels < cfg.cam.num_panels
+        res = _compute_batch(teacher, cfg, imgs, [e.labels for e in batch], text, bg, caa=caa)
         for e, im, r in zip(batch, imgs, res):
             H, W = im.shape[:2]
             cat_ids = [int(vocab.ids[k]) for k in r.labels]
-            refined = upsample_cams(r.refined.numpy(), (H, W))
-            mask, conf = cams_to_mask(refined, cat_ids, bg_thresh=cfg.cam.bg_thresh, bg_power=cfg.cam.bg_power,
+            refined = upsample_cams(r.refined.numpy(), (H, W)) if r.refined is not None else None
+            used = refined if cfg.cam.caa else upsample_cams(r.gradcam.numpy(), (H, W))
+            mask, conf = cams_to_mask(used, cat_ids, bg_thresh=cfg.cam.bg_thresh, bg_power=cfg.cam.bg_power,
                                       image=im, crf=cfg.cam.crf, conf_thresh=cfg.cam.conf_thresh,
                                       conf_source=cfg.cam.conf_source)
             rel = _rel_stem(e.file_name, split)
-            _write_npz(out / "seeds" / rel.with_suffix(".npz"), category_ids=np.asarray(cat_ids, np.int64),
-                       gradcam=r.gradcam.numpy().astype(np.float16), refined=r.refined.numpy().astype(np.float16),
-                       size=np.asarray([H, W], np.int64))
+            seeds = dict(category_ids=np.asarray(cat_ids, np.int64), gradcam=r.gradcam.numpy().astype(np.float16),
+                         size=np.asarray([H, W], np.int64))
+            if cfg.cam.caa:  # the refined seeds exist only when the masks use them
+                seeds["refined"] = r.refined.numpy().astype(np.float16)
+            _write_npz(out / "seeds" / rel.with_suffix(".npz"), **seeds)
             _write_png(out / "masks" / rel.with_suffix(".png"), mask)
             ignored += int((mask == 255).sum())
             total += mask.size
-            if n_panels < cfg.cam.num_panels:
+            if n_panels < cfg.cam.num_panels and refined is not None:
                 from distill.labels.cam_panels import save_panel
 
                 save_panel(out / "panels" / rel.with_suffix(".png"), im, upsample_cams(r.gradcam.numpy(), (H, W)),
                            refined, mask, [vocab.names[k] for k in r.labels], cat_ids,
                            title=f"{e.file_name} (id {e.image_id})",
-                           seed_mask=cams_to_mask(refined, cat_ids, bg_thresh=cfg.cam.bg_thresh,
-                                                  bg_power=cfg.cam.bg_power)[0])
+                           seed_mask=cams_to_mask(used, cat_ids, bg_thresh=cfg.cam.bg_thresh,
+                                                  bg_power=cfg.cam.bg_power)[0],
+                           caa_used=cfg.cam.caa, crf=cfg.cam.crf)
                 n_panels += 1
             n_done += 1
     wall = time.time() - t0
@@ -913,6 +954,9 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
 # ---------------------------------------------------------------------------------------------
 
 ABLATION_STEPS = ("gradcam", "softmax_gradcam", "caa", "crf", "conf_ignore")
+# The same chain without CAA (CRF and confidence ignore on the softmax Grad-CAM), for teachers
+# whose attention is no affinity (``cam.caa=false``).
+NO_CAA_STEPS = ("crf_no_caa", "conf_ignore_no_caa")
 
 
 def _read_gt(path: Path) -> np.ndarray:
@@ -942,8 +986,10 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     text, bg = _text_features(teacher, cfg, vocab)
     has_crf = crf_available()
     num_classes, seen, names = semseg_classes(vocab)
-    evals = {s: SemSegEvaluator(num_classes, seen, names=names) for s in ABLATION_STEPS if s != "crf" or has_crf}
-    ignored = total = 0
+    steps = ABLATION_STEPS + NO_CAA_STEPS
+    evals = {s: SemSegEvaluator(num_classes, seen, names=names) for s in steps if not s.startswith("crf") or has_crf}
+    ignored = {"conf_ignore": 0, "conf_ignore_no_caa": 0}
+    total = 0
     sem_root = Path(cfg.data.semantic_root)
     t0 = time.time()
     for batch in _batches(entries, c.batch_size):
@@ -961,41 +1007,48 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
             }
             for step, m in maps.items():
                 evals[step].process(cams_to_mask(m, ids, **kw)[0], gt)
-            if has_crf:
-                evals["crf"].process(cams_to_mask(maps["caa"], ids, crf=True, **kw)[0], gt)
-            mask, _ = cams_to_mask(maps["caa"], ids, crf=has_crf, conf_thresh=c.conf_thresh,
-                                   conf_source=c.conf_source, **kw)
-            ign = mask == 255
-            ignored += int(ign.sum())
-            total += mask.size
-            gt_kept = gt.copy()
-            gt_kept[ign] = 255
-            pred = mask.copy()
-            pred[ign] = 0
-            evals["conf_ignore"].process(pred, gt_kept)
+            total += gt.size
+            for src, crf_step, conf_step in (("caa", "crf", "conf_ignore"),
+                                             ("softmax_gradcam", "crf_no_caa", "conf_ignore_no_caa")):
+                if has_crf:
+                    evals[crf_step].process(cams_to_mask(maps[src], ids, crf=True, **kw)[0], gt)
+                mask, _ = cams_to_mask(maps[src], ids, crf=has_crf, conf_thresh=c.conf_thresh,
+                                       conf_source=c.conf_source, **kw)
+                ign = mask == 255
+                ignored[conf_step] += int(ign.sum())
+                gt_kept = gt.copy()
+                gt_kept[ign] = 255
+                pred = mask.copy()
+                pred[ign] = 0
+                evals[conf_step].process(pred, gt_kept)
     wall = time.time() - t0
     rows = []
-    for step in ABLATION_STEPS:
+    for step in steps:
         if step not in evals:
             rows.append({"step": step, "miou": None, "note": "n/a (pydensecrf2 not installed)"})
             continue
         m = evals[step].evaluate()
         row = {"step": step, "miou": float(m["miou/all"]), "miou_seen": float(m["miou/seen"]),
                "miou_unseen": float(m["miou/unseen"]), "pixel_acc": float(m["pixel_acc"])}
-        if step == "conf_ignore":
-            row["ignored_fraction"] = ignored / max(total, 1)
+        if step in ignored:
+            row["ignored_fraction"] = ignored[step] / max(total, 1)
             row["note"] = f"mIoU over non-ignored pixels; conf < {c.conf_thresh} -> 255"
+        if step in NO_CAA_STEPS:
+            row["note"] = "; ".join(x for x in ("on the softmax Grad-CAM (no CAA)", row.get("note")) if x)
         rows.append(row)
+    by_step = {r["step"]: r for r in rows}
+    final = "conf_ignore" if c.caa else "conf_ignore_no_caa"  # the chain run_cam's masks follow
     metrics = {
         "split": split,
         "images": len(entries),
         "images_with_labels": sum(1 for e in entries if e.labels),
         "rows": rows,
-        "cam/miou_gradcam": rows[0]["miou"],
-        "cam/miou_final": rows[-1]["miou"],
-        "cam/ignored_fraction": ignored / max(total, 1),
+        "cam/miou_gradcam": by_step["gradcam"]["miou"],
+        "cam/miou_final": by_step[final]["miou"],
+        "cam/final_step": final,
+        "cam/ignored_fraction": ignored[final] / max(total, 1),
         "settings": {"logit_scale": logit_scale_of(cfg, teacher), "pool": c.pool, "conf_source": c.conf_source, "bg_power": c.bg_power, "bg_thresh": c.bg_thresh,
-                     "background_words": len(read_word_list(c.background)), "caa_layers": c.caa_layers,
+                     "background_words": len(read_word_list(c.background)), "caa": c.caa, "caa_layers": c.caa_layers,
                      "image_size": _image_size(cfg, teacher), "crf": has_crf},
         "wall_s": round(wall, 2),
         "table": ablation_table(rows),
@@ -1007,7 +1060,8 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
 def ablation_table(rows: list[dict]) -> str:
     """Markdown table of the ablation rows (mIoU in points)."""
     names = {"gradcam": "Grad-CAM", "softmax_gradcam": "softmax Grad-CAM", "caa": "+ CAA",
-             "crf": "+ CRF", "conf_ignore": "+ confidence ignore"}
+             "crf": "+ CRF", "conf_ignore": "+ confidence ignore",
+             "crf_no_caa": "softmax Grad-CAM + CRF", "conf_ignore_no_caa": "softmax Grad-CAM + CRF + confidence ignore"}
     lines = ["| step | mIoU | note |", "|---|---|---|"]
     for r in rows:
         v = "n/a" if r["miou"] is None else f"{100 * r['miou']:.1f}"

@@ -38,6 +38,8 @@ def save_panel(
     category_ids: Sequence[int],
     title: str = "",
     seed_mask: np.ndarray | None = None,
+    caa_used: bool = True,
+    crf: bool = False,
 ) -> None:
     """Write one panel. image (H, W, 3) uint8; gradcam, refined (K, H, W) in [0, 1] (shown as the
     max over the present classes, overlaid on the image); mask (H, W) uint8; seed_mask: the argmax
@@ -56,18 +58,19 @@ def save_panel(
     n = 5 if seed_mask is not None else 4
     fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.4))
     axes[0].imshow(image)
-    axes[0].set_title(f"image\n{names}", fontsize=8)
-    for ax, cams, label in ((axes[1], gradcam, "softmax Grad-CAM"), (axes[2], refined, "refined (CAA)")):
+    axes[0].set_title(f"{title or 'image'}\n{names}", fontsize=8)
+    caa_label = "refined (CAA)" if caa_used else "CAA (not used: cam.caa=false)"
+    for ax, cams, label in ((axes[1], gradcam, "softmax Grad-CAM"), (axes[2], refined, caa_label)):
         ax.imshow(image)
         heat = cams.max(0) if len(cams) else np.zeros(image.shape[:2], np.float32)
         ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
         ax.set_title(f"{label}\nmax over {len(cams)} class(es)", fontsize=8)
     if seed_mask is not None:
         axes[3].imshow(colorize_mask(seed_mask, category_ids))
-        axes[3].set_title("argmax (bg = 1 - max CAM)", fontsize=8)
+        axes[3].set_title(f"argmax of the {'refined' if caa_used else 'softmax Grad-CAM'} maps\n(bg = 1 - max CAM)", fontsize=8)
     ign = float((mask == 255).mean())
     axes[-1].imshow(colorize_mask(mask, category_ids))
-    axes[-1].set_title(f"final mask (white = ignore, {100 * ign:.0f}%)", fontsize=8)
+    axes[-1].set_title(f"final mask{' (CRF)' if crf else ''}\nwhite = ignore, {100 * ign:.0f}%", fontsize=8)
     pal = _palette(len(category_ids) + 1)
     handles = [Patch(color=pal[0] / 255, label="background")] + [
         Patch(color=pal[i + 1] / 255, label=f"{n} ({c})") for i, (n, c) in enumerate(zip(class_names, category_ids))
@@ -75,9 +78,7 @@ def save_panel(
     axes[-1].legend(handles=handles, fontsize=6, loc="lower right", framealpha=0.8)
     for ax in axes:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+        fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)

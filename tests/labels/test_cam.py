@@ -3,6 +3,7 @@ pytorch_grad_cam's GradCAM on open_clip's own forward, a per-image loop for the 
 hand-written attention / repo-style CAA loop, and numbers computed by hand."""
 
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -86,6 +87,24 @@ def test_batched_gradcam_equals_pytorch_grad_cam(teacher, softmax):
         assert np.abs(ref - mine).max() < 1e-5
         assert ref.std() > 0.05  # a real map, not a constant
         r += len(ks)
+
+
+def test_class_token_shortcut_equals_full_last_block(teacher, monkeypatch):
+    """With class-token pooling the last block runs at the class token only; CAMs, scores and the
+    last block's attention (CAA's input) equal those of the full block."""
+    torch.manual_seed(4)
+    images = torch.rand(3, 3, 48, 48)
+    text, bg = _text(5), _text(3, seed=2)
+    labels = [[0, 4], [], [1, 2, 3]]
+    tokens, _, grid = C.trunk_tokens(teacher, images)
+    assert C._class_token_only(C._visual(teacher), C._blocks(C._visual(teacher))[-1])
+    fast = C.last_block_gradcam(teacher, tokens, grid, labels, text, bg, logit_scale=10.0, pool="model")
+    monkeypatch.setattr(C, "_class_token_only", lambda visual, blk: False)
+    full = C.last_block_gradcam(teacher, tokens, grid, labels, text, bg, logit_scale=10.0, pool="model")
+    assert fast.attn_last.shape == full.attn_last.shape == (2, 37, 37)
+    for a, b in ((fast.cams, full.cams), (fast.scores, full.scores), (fast.attn_last, full.attn_last)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert full.cams.std() > 0.05
 
 
 def test_plain_path_wrapper_equals_library_at_dense_size(teacher):
@@ -208,10 +227,33 @@ def test_cams_to_mask_numbers():
     assert empty.shape == (2, 3) and empty.max() == 0
 
 
-@pytest.mark.skipif(C.crf_available(), reason="pydensecrf2 installed")
-def test_crf_without_package_is_a_clear_error():
+def test_crf_without_package_is_a_clear_error(monkeypatch):
+    # hide pydensecrf2 when it is installed (make installs the crf extra): imports of it then fail
+    for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert not C.crf_available()
     with pytest.raises(DistillError, match=r"pip install 'distill\[crf\]'"):
         C.cams_to_mask(np.ones((1, 4, 4), np.float32), [1], crf=True, image=np.zeros((4, 4, 3), np.uint8))
+
+
+@pytest.mark.skipif(not C.crf_available(), reason="needs pydensecrf2 (the crf extra)")
+def test_crf_snaps_scores_to_colour_edges():
+    # a red square on gray; the class score is a blurry blob shifted off the square: the dense CRF
+    # (the repo's parameters) pulls the mask back onto the square's edges
+    img = np.full((32, 32, 3), 128, np.uint8)
+    img[8:24, 8:24] = (220, 30, 30)
+    yy, xx = np.mgrid[:32, :32]
+    cam = np.exp(-((yy - 18.0) ** 2 + (xx - 18.0) ** 2) / (2 * 7.0**2)).astype(np.float32)[None]
+    square = np.zeros((32, 32), bool)
+    square[8:24, 8:24] = True
+
+    def iou(m):
+        return (m & square).sum() / (m | square).sum()
+
+    plain, _ = C.cams_to_mask(cam, [5])
+    crf, conf = C.cams_to_mask(cam, [5], crf=True, image=img)
+    assert iou(crf == 5) > iou(plain == 5) + 0.1 and iou(crf == 5) > 0.9
+    assert conf.min() >= 0.0 and conf.max() <= 1.0 + 1e-6
 
 
 def test_resize_for_teacher_sizes():
@@ -329,18 +371,24 @@ def test_voc_config_wiring(tmp_path, teacher):
                       str(root / "images" / "val"), str(tmp_path / "voc_labels.json"), teacher=teacher)
 
 
-def test_ablation_rows_and_cross_check(tmp_path, teacher):
+@pytest.mark.parametrize("caa", [True, False])
+def test_ablation_rows_and_cross_check(tmp_path, teacher, caa):
     root = _tiny_world(tmp_path)
-    cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64")
+    # the ablation's CRF rows run whenever pydensecrf2 is installed; run_cam's masks follow cam.crf
+    cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", f"cam.caa={str(caa).lower()}",
+               f"cam.crf={str(C.crf_available()).lower()}")
     m = C.cam_ablation(cfg, "val", teacher=teacher)
     steps = [r["step"] for r in m["rows"]]
-    assert steps == list(C.ABLATION_STEPS)
+    assert steps == list(C.ABLATION_STEPS + C.NO_CAA_STEPS)
     for r in m["rows"]:
-        if r["step"] == "crf" and not C.crf_available():
+        if r["step"].startswith("crf") and not C.crf_available():
             assert r["miou"] is None and "n/a" in r["note"]
         else:
             assert 0.0 <= r["miou"] <= 1.0
-    assert "| + CAA |" in m["table"]
+    assert "| + CAA |" in m["table"] and "| softmax Grad-CAM + CRF + confidence ignore |" in m["table"]
+    final = {r["step"]: r for r in m["rows"]}[m["cam/final_step"]]
+    assert m["cam/final_step"] == ("conf_ignore" if caa else "conf_ignore_no_caa")
+    assert m["cam/miou_final"] == final["miou"] and m["settings"]["caa"] is caa
     saved = json.loads((tmp_path / "run" / "cam" / "metrics.json").read_text())
     assert saved["rows"] == m["rows"]
     # the ablation's final step == the masks run_cam writes (same config): recompute mIoU by hand
@@ -365,8 +413,8 @@ def test_ablation_rows_and_cross_check(tmp_path, teacher):
         inter[c] += g.sum() if c == 0 else 0
         union[c] += gt3.size if c == 0 else g.sum()
     valid = union > 0
-    assert m["rows"][-1]["miou"] == pytest.approx((inter[valid] / union[valid]).mean(), abs=1e-6)
-    assert m["rows"][-1]["ignored_fraction"] == pytest.approx(ign / tot)
+    assert final["miou"] == pytest.approx((inter[valid] / union[valid]).mean(), abs=1e-6)
+    assert final["ignored_fraction"] == pytest.approx(ign / tot)
 
 
 def test_cli_unknown_class_exits_2(tmp_path, capsys):
