@@ -187,12 +187,31 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class BackbonePretrainConfig:
+    """``distill train backbone``: the detector's ResNet pretrained on crops of base-class boxes
+    (detection/backbone.py), the stand-in for ImageNet weights where nothing can be downloaded."""
+
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 0.002  # AdamW, one-cycle schedule
+    crop_size: int = 48  # px; the shapes world's objects are 10-60 px
+    context: tuple[float, ...] = (1.1, 1.6)  # crop side / box's longer side, drawn uniformly
+    seed: int = 0
+    out: str = "{work_dir}/backbone/base_crops.pth"
+
+
+@dataclass(frozen=True)
 class DetConfig:
     """The ViLD student (detection/)."""
 
     name: str = "vild"
     backbone: str = "resnet18_fpn"
     pretrained_backbone: str = ""  # local path to backbone weights; empty = random init
+    # with pretrained_backbone: true = torchvision's recipe for ImageNet weights (frozen BatchNorm,
+    # stem and first stage fixed); false = every layer trains, with BatchNorm (for weights from
+    # `distill train backbone`, whose statistics come from object crops)
+    freeze_backbone: bool = True
+    backbone_pretrain: BackbonePretrainConfig = field(default_factory=BackbonePretrainConfig)
     min_size: int = 128
     max_size: int = 128
     masks: bool = False

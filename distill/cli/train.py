@@ -62,6 +62,21 @@ def det(
     typer.echo("  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics))
 
 
+@app.command("backbone")
+def backbone(
+    config: str = typer.Argument(..., help="A YAML config file (configs/shapes/vild.yaml ...)."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. det.backbone_pretrain.steps=300"),
+) -> None:
+    """Pretrain det.backbone (a ResNet) on crops of the training split's base-class boxes, the
+    stand-in for ImageNet weights; writes det.backbone_pretrain.out. Then train the detector with
+    det.pretrained_backbone=<that file> det.freeze_backbone=false."""
+    from distill.cli.common import load
+    from distill.detection.backbone import pretrain_backbone
+
+    m = pretrain_backbone(load(config, overrides))
+    typer.echo(f"{m['out']}  train_acc_last100={m['train_acc_last100']:.4f}  boxes={m['boxes']}  classes={m['classes']}  wall_s={m['wall_s']}")
+
+
 @app.command("seg")
 def seg(
     config: str = typer.Argument(..., help="A YAML config file (configs/shapes/lseg.yaml ...)."),

@@ -40,18 +40,21 @@ BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "m
 
 
 # ------------------------------------------------------------------------------------ backbone
-def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, returned_layers: tuple[int, ...] = (1, 2, 3, 4)) -> nn.Module:
+def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, returned_layers: tuple[int, ...] = (1, 2, 3, 4),
+                   freeze: bool = True) -> nn.Module:
     """A torchvision FPN backbone (``out_channels`` = ``fpn_channels``).
 
     ResNets use ``BackboneWithFPN`` over the stages in ``returned_layers`` (1 = stride 4 ... 4 =
     stride 32) plus a max-pool level, as ``resnet_fpn_backbone`` does, with a configurable width.
     Random init uses trainable BatchNorm; with ``pretrained`` (a local state_dict of the torchvision
     classification model, e.g. resnet50-0676ba61.pth) the norms are frozen and the stem and first
-    stage stay fixed, as in torchvision's detection recipes.
+    stage stay fixed, as in torchvision's detection recipes; ``freeze=False`` keeps every layer
+    trainable with BatchNorm (weights from ``distill train backbone``).
     """
     if name not in BACKBONES:
         raise DistillError(f"det.backbone: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    norm = misc_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    frozen = bool(pretrained) and freeze
+    norm = misc_ops.FrozenBatchNorm2d if frozen else nn.BatchNorm2d
     if name.startswith("resnet"):
         layers = tuple(int(x) for x in returned_layers)
         if not layers or any(x not in (1, 2, 3, 4) for x in layers) or list(layers) != sorted(set(layers)):
@@ -59,13 +62,14 @@ def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, ret
         body = getattr(torchvision.models, name[: -len("_fpn")])(weights=None, norm_layer=norm)
         if pretrained:
             _load_backbone_weights(body, pretrained)
+        if frozen:
             for n, prm in body.named_parameters():  # trainable_layers=3 (torchvision default)
                 if not n.startswith(("layer2", "layer3", "layer4")):
                     prm.requires_grad_(False)
         c = 512 if name in ("resnet18_fpn", "resnet34_fpn") else 2048
         in_ch = [c // 8 * 2 ** (i - 1) for i in layers]
         return BackboneWithFPN(body, {f"layer{k}": str(j) for j, k in enumerate(layers)}, in_ch, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=None)
-    bb = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm, trainable_layers=6 if not pretrained else 3)
+    bb = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm, trainable_layers=3 if frozen else 6)
     if pretrained:
         _load_backbone_weights(bb.body, pretrained)
     return bb
@@ -97,7 +101,7 @@ def _load_backbone_weights(body: nn.Module, path: str) -> None:
 
 def _torchvision_model(det: DetConfig, num_classes: int) -> FasterRCNN:
     """torchvision Faster / Mask R-CNN with our sizes, anchors and sampling settings."""
-    backbone = build_backbone(det.backbone, det.pretrained_backbone, det.fpn_channels, det.returned_layers)
+    backbone = build_backbone(det.backbone, det.pretrained_backbone, det.fpn_channels, det.returned_layers, det.freeze_backbone)
     n_levels = num_levels(det)
     kw = dict(
         min_size=det.min_size,

@@ -1,0 +1,140 @@
+"""``distill train backbone``: pretrain the detector's ResNet on crops of BASE-class boxes.
+
+ViLD (Gu et al. 2022, section 4) starts its Faster R-CNN from an ImageNet-pretrained ResNet, as
+torchvision's detection recipes do. Nothing can be downloaded here, so the shapes world's stand-in
+is a classifier trained on the run's own data: crops of the training split's base-class ground
+truth boxes (``data.train_json`` filtered to the vocabulary's base classes, so no novel label is
+ever seen), one class per crop, cross entropy. Each crop is a square of ``context`` times the
+box's longer side (jittered), read with RoIAlign at ``crop_size`` px and flipped at random.
+
+The saved file is the torchvision classification state_dict without ``fc`` (what
+``det.pretrained_backbone`` loads). Train the detector with ``det.freeze_backbone=false``: the
+torchvision recipe (frozen BatchNorm statistics, stem and first stage fixed) suits ImageNet
+statistics, not ones gathered on object crops (measured on the shapes world, 2026-11-30, seed 0,
+300 steps, AP50 novel / base: ViLD-text 5.2 / 6.1 frozen vs 24.3 / 28.5 trainable; random init
+12.1 / 17.1).
+
+Output ``det.backbone_pretrain.out`` (+ ``metrics.json`` beside it: steps, last-100-step training
+accuracy, wall time).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from distill.errors import DistillError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _base_crops(cfg, vocab) -> tuple[list[torch.Tensor], list[tuple[int, list[float], int]]]:
+    """Images (3, H, W) in [0, 1] and ``(image index, box XYXY, base class index)`` of every base box."""
+    from distill.data.coco import CocoDetection
+
+    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, vocab, skip_unknown=True)
+    base = {full: k for k, full in enumerate(vocab.base_indices)}
+    images, boxes = [], []
+    for i in range(len(ds)):
+        img, t = ds[i]
+        keep = [(b.tolist(), base[int(l)]) for b, l in zip(t["boxes"], t["labels"]) if int(l) in base]
+        keep = [(b, c) for b, c in keep if b[2] - b[0] >= 1 and b[3] - b[1] >= 1]  # zero-area boxes: skipped
+        if keep:
+            boxes += [(len(images), b, c) for b, c in keep]
+            images.append(img)
+    if not boxes:
+        raise DistillError(f"{cfg.data.train_json}: no base-class boxes to pretrain the backbone on")
+    return images, boxes
+
+
+def sample_crops(images, boxes, n: int, size: int, context: tuple[float, float], rng: np.random.Generator):
+    """``n`` random crops ``(n, 3, size, size)`` normalised with ImageNet's mean / std, and labels."""
+    idx = rng.integers(0, len(boxes), n)
+    lo, hi = context
+    rois, labels, owners = [], [], []
+    for k, j in enumerate(idx):
+        i, (x0, y0, x1, y1), c = boxes[j]
+        w, h = x1 - x0, y1 - y0
+        s = max(w, h) * rng.uniform(lo, hi)
+        cx = (x0 + x1) / 2 + rng.uniform(-0.1, 0.1) * w
+        cy = (y0 + y1) / 2 + rng.uniform(-0.1, 0.1) * h
+        rois.append([k, cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2])
+        labels.append(c)
+        owners.append(i)
+    # one RoIAlign call over a stack of the owning images (equal sizes), else one per crop
+    shapes = {tuple(images[i].shape) for i in owners}
+    r = torch.tensor(rois, dtype=torch.float32)
+    if len(shapes) == 1:
+        x = torchvision.ops.roi_align(torch.stack([images[i] for i in owners]), r, (size, size), 1.0, 2, True)
+    else:
+        x = torch.cat([torchvision.ops.roi_align(images[i][None], torch.cat([torch.zeros(1, 1), r[k : k + 1, 1:]], 1),
+                                                 (size, size), 1.0, 2, True) for k, i in enumerate(owners)])
+    flip = torch.from_numpy(rng.random(n) < 0.5)
+    x[flip] = x[flip].flip(-1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.tensor(labels)
+
+
+def pretrain_backbone(cfg, progress: bool = True) -> dict:
+    """Train ``det.backbone`` (a ResNet) on base-box crops; write ``det.backbone_pretrain.out``."""
+    from distill.detection.train import det_vocab
+    from distill.io import atomic_path, write_json
+
+    p = cfg.det.backbone_pretrain
+    name = cfg.det.backbone
+    if not (name.startswith("resnet") and name.endswith("_fpn")):
+        raise DistillError(f"det.backbone: {name!r}: backbone pretraining supports the ResNet FPN backbones (resnet18_fpn ...)")
+    if p.steps < 1 or p.batch_size < 1 or p.crop_size < 16:
+        raise DistillError(f"det.backbone_pretrain: expected steps >= 1, batch_size >= 1, crop_size >= 16 (got {p.steps}, {p.batch_size}, {p.crop_size})")
+    if not (0 < p.context[0] <= p.context[1]) or len(p.context) != 2:
+        raise DistillError(f"det.backbone_pretrain.context: expected [low, high] with 0 < low <= high, got {list(p.context)}")
+    if not p.out:
+        raise DistillError("det.backbone_pretrain.out: expected an output file path")
+    vocab = det_vocab(cfg)
+    images, boxes = _base_crops(cfg, vocab)
+    torch.manual_seed(p.seed)
+    rng = np.random.default_rng(p.seed)
+    model = getattr(torchvision.models, name[: -len("_fpn")])(weights=None, num_classes=len(vocab.base_indices))
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=p.steps, pct_start=0.1)
+    it = range(p.steps)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(it, desc="backbone", dynamic_ncols=True)
+        it = bar
+    t0 = time.time()
+    correct = seen = 0
+    model.train()
+    for step in it:
+        x, y = sample_crops(images, boxes, p.batch_size, p.crop_size, tuple(p.context), rng)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise DistillError(f"det.backbone_pretrain: loss became {loss.item()} at step {step} (lower det.backbone_pretrain.lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step >= p.steps - 100:
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    out = Path(p.out)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    metrics = {"backbone": name, "steps": p.steps, "boxes": len(boxes), "classes": len(vocab.base_indices),
+               "train_acc_last100": correct / max(seen, 1), "final_loss": float(loss.item()),
+               "wall_s": round(time.time() - t0, 1), "out": str(out)}
+    write_json(out.parent / "metrics.json", metrics)
+    return metrics
