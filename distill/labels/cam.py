@@ -1010,11 +1010,10 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
             total += gt.size
             for src, crf_step, conf_step in (("caa", "crf", "conf_ignore"),
                                              ("softmax_gradcam", "crf_no_caa", "conf_ignore_no_caa")):
+                mask, conf = cams_to_mask(maps[src], ids, crf=has_crf, conf_source=c.conf_source, **kw)
                 if has_crf:
-                    evals[crf_step].process(cams_to_mask(maps[src], ids, crf=True, **kw)[0], gt)
-                mask, _ = cams_to_mask(maps[src], ids, crf=has_crf, conf_thresh=c.conf_thresh,
-                                       conf_source=c.conf_source, **kw)
-                ign = mask == 255
+                    evals[crf_step].process(mask, gt)
+                ign = conf < c.conf_thresh  # cams_to_mask(conf_thresh=...) without a second CRF
                 ignored[conf_step] += int(ign.sum())
                 gt_kept = gt.copy()
                 gt_kept[ign] = 255
