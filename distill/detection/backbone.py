@@ -12,7 +12,7 @@ The saved file is the torchvision classification state_dict without ``fc`` (what
 torchvision recipe (frozen BatchNorm statistics, stem and first stage fixed) suits ImageNet
 statistics, not ones gathered on object crops (measured on the shapes world, 2026-11-30, seed 0,
 300 steps, AP50 novel / base: ViLD-text 5.2 / 6.1 frozen vs 24.3 / 28.5 trainable; random init
-12.1 / 17.1).
+12.1 / 17.1; README has the runs over seeds).
 
 Output ``det.backbone_pretrain.out`` (+ ``metrics.json`` beside it: steps, last-100-step training
 accuracy, wall time).
