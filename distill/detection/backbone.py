@@ -99,7 +99,7 @@ def pretrain_backbone(cfg, progress: bool = True) -> dict:
         raise DistillError(f"det.backbone: {name!r}: backbone pretraining supports the ResNet FPN backbones (resnet18_fpn ...)")
     if p.steps < 1 or p.batch_size < 1 or p.crop_size < 16:
         raise DistillError(f"det.backbone_pretrain: expected steps >= 1, batch_size >= 1, crop_size >= 16 (got {p.steps}, {p.batch_size}, {p.crop_size})")
-    if not (0 < p.context[0] <= p.context[1]) or len(p.context) != 2:
+    if len(p.context) != 2 or not (0 < p.context[0] <= p.context[1]):
         raise DistillError(f"det.backbone_pretrain.context: expected [low, high] with 0 < low <= high, got {list(p.context)}")
     if not p.out:
         raise DistillError("det.backbone_pretrain.out: expected an output file path")

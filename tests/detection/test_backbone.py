@@ -88,5 +88,6 @@ def test_bad_input(tmp_path):
         pretrain_backbone(_cfg(tmp_path, js, "det.backbone_pretrain.steps=2"), progress=False)
     with pytest.raises(DistillError, match="ResNet FPN"):
         pretrain_backbone(_cfg(tmp_path, js, "det.backbone=mobilenet_v3_large_fpn"), progress=False)
-    with pytest.raises(DistillError, match="context"):
-        pretrain_backbone(_cfg(tmp_path, js, "det.backbone_pretrain.context=[1.5,1.2]"), progress=False)
+    for bad in ("[1.5,1.2]", "[1.5]"):
+        with pytest.raises(DistillError, match="context"):
+            pretrain_backbone(_cfg(tmp_path, js, f"det.backbone_pretrain.context={bad}"), progress=False)
