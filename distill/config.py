@@ -220,10 +220,18 @@ class DetConfig:
     image_weight: float = 0.5  # ViLD-image loss weight (ViLD section 4, R50: w = 0.5)
     use_text: bool = True
     use_image: bool = True
+    # ViLD section 3.4 (ViLD-ensemble): "separate" gives ViLD-image its own box head + projection
+    # (the same architecture as the text branch's), so the text loss, which treats unannotated
+    # novel objects as background, no longer fights the distillation in one embedding; "shared" =
+    # section 3.3's ViLD (one region embedding trained by both losses)
+    image_head: str = "shared"
     train_on_all: bool = False  # oracle: train on base and novel boxes
     ensemble_alpha: float = 2 / 3  # ViLD section 3.4: base weight on the text branch
     ensemble_beta: float = 2 / 3  # novel weight on the image branch
-    inference: str = "ensemble"  # text | image | ensemble
+    # text | image | ensemble (teacher crops at test time, 3.4's first ensemble) |
+    # image_head | ensemble_heads (the student's own image-branch embedding, alone or in 3.4's
+    # ensemble with the text branch: ViLD-ensemble, no teacher at test time)
+    inference: str = "ensemble"
     score_thresh: float = 0.001
     nms: float = 0.5
     detections_per_img: int = 100

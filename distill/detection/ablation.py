@@ -9,6 +9,8 @@ the whole vocabulary):
 - ``vild_image``: ViLD-image only (section 3.3), student embeddings vs text embeddings;
 - ``vild``: ViLD-text + ViLD-image (section 3.3, w = 0.5), text inference;
 - ``vild_ensemble``: the ``vild`` model with the section 3.4 ensemble (teacher crops);
+- ``vild_ensemble_heads``: section 3.4's ViLD-ensemble: ViLD-text and ViLD-image trained in
+  separate heads, their scores ensembled, no teacher at test time;
 - ``oracle``: ViLD-text trained on base AND novel boxes (upper bound).
 
 :func:`run_ablation` writes ``det/ablation/metrics.json`` and ``det/ablation/ablation.md``.
@@ -23,14 +25,15 @@ from pathlib import Path
 from distill.config import Config, save_config
 from distill.io import write_json, write_text
 
-VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "oracle")
+VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle")
 COLUMNS = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel", "bbox/AP_base", "bbox/AP", "region/top1_novel", "region/top1_base")
 LABELS = {
     "supervised": "Supervised Faster R-CNN (base only)",
     "vild_text": "ViLD-text",
     "vild_image": "ViLD-image",
     "vild": "ViLD (text + image)",
-    "vild_ensemble": "ViLD-ensemble (teacher crops, 3.4)",
+    "vild_ensemble": "ViLD + teacher crops (ensemble, 3.4)",
+    "vild_ensemble_heads": "ViLD-ensemble (separate heads, no teacher, 3.4)",
     "oracle": "Oracle ViLD-text (base + novel boxes)",
 }
 
@@ -45,6 +48,8 @@ def _variant_cfg(cfg: Config, v: str) -> Config:
         return with_det(cfg, name=name, use_text=False, use_image=True, inference="text")
     if v in ("vild", "vild_ensemble"):
         return with_det(cfg, name="ablation_vild", use_text=True, use_image=True, inference="text")
+    if v == "vild_ensemble_heads":
+        return with_det(cfg, name=name, use_text=True, use_image=True, image_head="separate", inference="ensemble_heads")
     if v == "oracle":
         return with_det(cfg, name=name, use_text=True, use_image=False, train_on_all=True, inference="text")
     return with_det(cfg, name=name)
@@ -92,7 +97,7 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
     vocab = det_vocab(cfg)
     if teacher is None:
         teacher, _ = build_teacher_and_text(cfg, vocab)
-    needs_props = any(v in ("vild_image", "vild", "vild_ensemble") for v in variants)
+    needs_props = any(v in ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads") for v in variants)
     if needs_props and not (proposals_dir(cfg) / "proposals_train.safetensors").is_file():
         run_proposals(cfg, progress=progress)
     results: dict[str, dict] = {}

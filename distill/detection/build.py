@@ -33,7 +33,7 @@ from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from distill.config import DetConfig
-from distill.detection.vild import ViLDPredictor, ViLDRoIHeads
+from distill.detection.vild import IMAGE_HEADS, TEACHER_MODES, ViLDImageHead, ViLDPredictor, ViLDRoIHeads
 from distill.errors import DistillError
 
 BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "mobilenet_v3_large_fpn")
@@ -200,7 +200,7 @@ class ViLDDetector(GeneralizedRCNN):
             distill = [(b.to(r.device) * r, e) for (b, e), r in zip(distill, ratios)]
         features = self.backbone(image_list.tensors)
         proposals, rpn_losses = self.rpn(image_list, features, tv_targets)
-        if not self.training and self.roi_heads.inference != "text":
+        if not self.training and self.roi_heads.inference in TEACHER_MODES:
             self.roi_heads.image_embedder = self._make_embedder(images, ratios)
         try:
             detections, det_losses = self.roi_heads(features, proposals, image_list.image_sizes, tv_targets, distill)
@@ -214,10 +214,11 @@ class ViLDDetector(GeneralizedRCNN):
         return detections
 
     @torch.no_grad()
-    def region_embeddings(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+    def region_embeddings(self, images: list[torch.Tensor], boxes: list[torch.Tensor], branch: str = "text") -> list[torch.Tensor]:
         """The student's L2-normalised (N_i, D) region embeddings of given ``boxes`` (XYXY, input
         pixels): the box head and projection that ViLD-text and ViLD-image train, read on boxes
-        the caller chooses (e.g. ground truth) instead of proposals. Eval mode."""
+        the caller chooses (e.g. ground truth) instead of proposals. ``branch="image"`` reads the
+        separate ViLD-image head where there is one (ViLD-ensemble). Eval mode."""
         was = self.training
         self.eval()
         try:
@@ -225,7 +226,11 @@ class ViLDDetector(GeneralizedRCNN):
             scaled = [b.to(r) * r for b, r in zip(boxes, _box_ratios(image_list, [tuple(im.shape[-2:]) for im in images]))]
             features = self.backbone(image_list.tensors)
             heads = self.roi_heads
-            emb, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, scaled, image_list.image_sizes)))
+            pooled = heads.box_roi_pool(features, scaled, image_list.image_sizes)
+            if branch == "image" and heads.image_head is not None:
+                emb = heads.image_head(pooled)
+            else:
+                emb, _ = heads.box_predictor(heads.box_head(pooled))
         finally:
             self.train(was)
         return list(emb.split([len(b) for b in boxes]))
@@ -268,10 +273,16 @@ def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.T
     mask_kw = {}
     if det.masks:
         mask_kw = dict(mask_roi_pool=rh.mask_roi_pool, mask_head=rh.mask_head, mask_predictor=MaskRCNNPredictor(256, 256, 1))
+    if det.image_head not in IMAGE_HEADS:
+        raise DistillError(f"det.image_head: {det.image_head!r} is not one of {', '.join(IMAGE_HEADS)}")
+    predictor = ViLDPredictor(in_ch, embed_dim)
+    image_head = None
+    if det.image_head == "separate":  # ViLD 3.4: the same architecture, its own weights
+        image_head = ViLDImageHead(_fresh_copy(rh.box_head), in_ch, embed_dim)
     heads = ViLDRoIHeads(
         rh.box_roi_pool,
         rh.box_head,
-        ViLDPredictor(in_ch, embed_dim),
+        predictor,
         temperature=det.temperature,
         text_weight=det.text_weight,
         image_weight=det.image_weight,
@@ -285,12 +296,24 @@ def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.T
         nms_thresh=det.nms,
         detections_per_img=det.detections_per_img,
         batch_size_per_image=det.roi_batch_size,
+        image_head=image_head,
         **mask_kw,
     )
     model = ViLDDetector(base.backbone, base.rpn, heads, base.transform, teacher=teacher, region_mode=region_mode)
     if text_embeddings is not None:
         model.set_vocabulary(text_embeddings, novel)
     return model
+
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every layer's parameters re-initialised."""
+    import copy
+
+    new = copy.deepcopy(module)
+    for m in new.modules():
+        if m is not new and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return new
 
 
 # ------------------------------------------------------------------------------------ plain

@@ -145,12 +145,15 @@ def region_top1(model, dataset, text_emb: torch.Tensor, novel: torch.Tensor, bat
     novel = torch.as_tensor(novel, dtype=torch.bool)
     n = min(len(dataset), max_images)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    heads = getattr(model, "roi_heads", None)
+    # ViLD-ensemble names novel regions with its image head: read that branch where it exists
+    branch = "image" if getattr(heads, "image_head", None) is not None else "text"
     hits, labels = [], []
     for images, targets in loader:
         boxes = [t["boxes"].float() for t in targets]
         if not sum(len(b) for b in boxes):
             continue
-        emb = torch.cat(model.region_embeddings([im.to(device) for im in images], [b.to(device) for b in boxes]))
+        emb = torch.cat(model.region_embeddings([im.to(device) for im in images], [b.to(device) for b in boxes], branch=branch))
         lab = torch.cat([t["labels"] for t in targets])
         hits.append((emb @ text.t()).argmax(1).cpu() == lab)
         labels.append(lab)

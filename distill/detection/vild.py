@@ -20,7 +20,12 @@ Losses are pure functions of tensors and finite on empty input:
 
 Inference (``inference``): ``text`` scores with the student's embedding (ViLD), ``image`` with
 the teacher's crop embeddings of the detected boxes alone, ``ensemble`` = section 3.4's geometric
-mean, :func:`ensemble_scores`.
+mean of the two, :func:`ensemble_scores`. Without the teacher at test time: ``image_head`` scores
+with the student's image-branch embedding and ``ensemble_heads`` is section 3.4's ViLD-ensemble,
+the same geometric mean over the text branch and the image branch. With ``image_head=separate``
+(ViLD-ensemble's training) the image branch is its own box head + projection
+(:class:`ViLDImageHead`) trained by ViLD-image alone; with ``shared`` both branches read the one
+embedding.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from torchvision.ops import boxes as box_ops
 
 from distill.errors import DistillError
 
-INFERENCE_MODES = ("text", "image", "ensemble")
+INFERENCE_MODES = ("text", "image", "ensemble", "image_head", "ensemble_heads")
+TEACHER_MODES = ("image", "ensemble")  # inference modes that crop the teacher at test time
+IMAGE_HEADS = ("shared", "separate")
 
 
 # --------------------------------------------------------------------------------- the head
@@ -57,6 +64,19 @@ class ViLDPredictor(nn.Module):
         x = x.flatten(1)
         emb = F.normalize(self.projection(x), dim=-1)
         return emb, self.bbox_pred(x)
+
+
+class ViLDImageHead(nn.Module):
+    """ViLD-ensemble's image branch (section 3.4): its own box head (the text branch's
+    architecture, fresh weights) and projection; pooled RoI features -> (N, D) L2-normalised."""
+
+    def __init__(self, box_head: nn.Module, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.box_head = box_head
+        self.projection = nn.Linear(in_channels, embed_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(self.box_head(pooled).flatten(1)), dim=-1)
 
 
 def vild_logits(region_emb: torch.Tensor, text_emb: torch.Tensor, background: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -150,6 +170,7 @@ class ViLDRoIHeads(RoIHeads):
         mask_roi_pool: nn.Module | None = None,
         mask_head: nn.Module | None = None,
         mask_predictor: nn.Module | None = None,
+        image_head: nn.Module | None = None,
     ):
         super().__init__(
             box_roi_pool,
@@ -181,6 +202,7 @@ class ViLDRoIHeads(RoIHeads):
         self.ensemble_beta = float(ensemble_beta)
         self.ensemble_candidates = int(ensemble_candidates)
         self.embed_dim = box_predictor.projection.out_features
+        self.image_head = image_head  # None = the image branch shares the text branch's embedding
         # The vocabulary: inputs, never saved (persistent=False).
         self.register_buffer("text_embeddings", torch.zeros(0, self.embed_dim), persistent=False)
         self.register_buffer("novel_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
@@ -223,7 +245,8 @@ class ViLDRoIHeads(RoIHeads):
         return F.softmax(vild_logits(emb, self.text_embeddings, None, self.temperature), -1)
 
     def image_scores(self, teacher_emb: torch.Tensor) -> torch.Tensor:
-        """(N, D) teacher embeddings of region crops -> (N, C) softmax(cos / tau) over the classes."""
+        """(N, D) image-branch embeddings (the teacher's crops or the student's image head)
+        -> (N, C) softmax(cos / tau) over the classes (no background)."""
         return F.softmax(vild_logits(teacher_emb.to(self.text_embeddings), self.text_embeddings, None, self.temperature), -1)
 
     # ------------------------------------------------------------------------------ forward
@@ -254,14 +277,17 @@ class ViLDRoIHeads(RoIHeads):
         n_sampled = sum(len(p) for p in proposals)
         if use_image:
             rois = list(proposals) + [d[0].to(proposals[0]) for d in distill]  # one RoIAlign pass
-        feats = self.box_head(self.box_roi_pool(features, _per_image_rois(rois, len(proposals)), image_shapes))
-        emb, deltas = self.box_predictor(feats)
+        pooled = self.box_roi_pool(features, _per_image_rois(rois, len(proposals)), image_shapes)
         if use_image:
-            order = _interleave_index(proposals, [d[0] for d in distill], emb.device)
-            emb_s, deltas_s = emb[order[0]], deltas[order[0]]
-            emb_d = emb[order[1]]
+            order = _interleave_index(proposals, [d[0] for d in distill], pooled.device)
+            if self.image_head is not None:  # ViLD-ensemble: each branch sees only its own RoIs
+                emb_s, deltas_s = self.box_predictor(self.box_head(pooled[order[0]]))
+                emb_d = self.image_head(pooled[order[1]])
+            else:
+                emb, deltas = self.box_predictor(self.box_head(pooled))
+                emb_s, deltas_s, emb_d = emb[order[0]], deltas[order[0]], emb[order[1]]
         else:
-            emb_s, deltas_s = emb, deltas
+            emb_s, deltas_s = self.box_predictor(self.box_head(pooled))
         labels_cat = torch.cat(labels)
         reg_cat = torch.cat(regression_targets)
         losses = {"loss_box_reg": box_loss_class_agnostic(deltas_s, reg_cat, labels_cat)}
@@ -273,7 +299,9 @@ class ViLDRoIHeads(RoIHeads):
                 teacher = torch.cat([d[1] for d in distill]).to(emb_d)
                 losses["loss_vild_image"] = self.image_weight * loss_vild_image(emb_d, teacher)
             else:  # stable names: a batch without cached regions contributes 0
-                losses["loss_vild_image"] = emb.sum() * 0.0
+                losses["loss_vild_image"] = emb_s.sum() * 0.0
+                if self.image_head is not None:  # keep the image head in the graph (DDP)
+                    losses["loss_vild_image"] = losses["loss_vild_image"] + sum(p.sum() * 0.0 for p in self.image_head.parameters())
         assert emb_s.shape[0] == n_sampled
         if self.has_mask():
             mask_props, pos_matched = [], []
@@ -292,21 +320,28 @@ class ViLDRoIHeads(RoIHeads):
 
     @torch.no_grad()
     def _forward_infer(self, features, proposals, image_shapes):
-        feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        emb, deltas = self.box_predictor(feats)
+        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        emb, deltas = self.box_predictor(self.box_head(pooled))
         boxes = self.box_coder.decode(deltas, proposals)[:, 0]  # (N, 4) class-agnostic
         s_text = self.text_scores(emb)
+        if self.inference in ("image_head", "ensemble_heads"):  # the student's own image branch
+            emb_i = emb if self.image_head is None else self.image_head(pooled)
+            s_img = self.image_scores(emb_i)
+            if self.inference == "image_head":
+                s_text = s_img
+            else:
+                s_text = ensemble_scores(s_text, s_img, self.novel_mask, self.ensemble_alpha, self.ensemble_beta)
         counts = [len(p) for p in proposals]
         results = []
         per_boxes, per_scores = [], []
         for b, s, shape in zip(boxes.split(counts), s_text.split(counts), image_shapes):
             b = box_ops.clip_boxes_to_image(b, shape)
-            if self.inference != "text":  # candidates for the teacher: best text-scored boxes
+            if self.inference in TEACHER_MODES:  # candidates for the teacher: best text-scored boxes
                 keep = _candidates(b, s, self.ensemble_candidates)
                 b, s = b[keep], s[keep]
             per_boxes.append(b)
             per_scores.append(s)
-        if self.inference != "text":
+        if self.inference in TEACHER_MODES:
             if self.image_embedder is None:
                 raise DistillError(f"det.inference={self.inference}: needs the teacher (build the detector with one)")
             t_emb = self.image_embedder(per_boxes)

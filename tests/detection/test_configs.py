@@ -202,3 +202,37 @@ def test_det_init_starts_training_from_given_weights(tmp_path):
     params = [k for k, v in a.items() if v.is_floating_point() and "running_" not in k]
     assert all(torch.equal(a[k], b[k]) for k in params)
     assert not all(torch.equal(a[k], c[k]) for k in params)
+
+
+def test_vild_ablation_tool_writes_every_row_and_the_targets(tmp_path):
+    """tools/ablate_vild.py's logic on the fixture: every variant trains (2 steps) and evaluates,
+    the table and metrics.json hold each row's AP50 / AP novel, base, all, and the targets are
+    computed from the ViLD and ViLD-text rows."""
+    from distill.detection.ablation import VARIANTS, check_targets, run_ablation
+
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "green square", "split": "base"},
+            {"id": 3, "name": "blue square", "split": "novel"}]
+    files = make_fixture(tmp_path / "d", cats, [1, 2, 3])
+    cfg = load_config(REPO / "configs/shapes/vild.yaml", [
+        f"work_dir={tmp_path / 'run'}", f"data.image_root={tmp_path / 'd' / 'images'}", f"data.train_json={files['train']}",
+        f"data.train_full_json={files['train']}", f"data.val_json={files['val']}", *TINY])
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
+    torch.manual_seed(0)
+    res = run_ablation(cfg, VARIANTS, progress=False, teacher=teacher)
+    out = tmp_path / "run" / "det" / "ablation"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert list(saved["rows"]) == list(VARIANTS)
+    for v in VARIANTS:
+        for c in ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel"):
+            x = saved["rows"][v][c]
+            assert x is None or x != x or 0.0 <= x <= 1.0, (v, c)
+    sup = saved["rows"]["supervised"]["bbox/AP50_novel"]  # a linear classifier never names novel classes
+    assert sup is None or sup != sup or sup == 0.0
+    assert saved["targets"] == check_targets(res) and set(saved["targets"]) == {"vild_novel_ge_text_plus_5", "vild_base_within_5_of_text", "vild_novel_ge_half_base"}
+    md = (out / "ablation.md").read_text()
+    assert "ViLD-ensemble (separate heads, no teacher, 3.4)" in md and "Oracle" in md
+    # the separate-head variant trained an image head; the shared ViLD did not
+    sep = torch.load(tmp_path / "run" / "det" / "ablation_vild_ensemble_heads" / "model_final.pt", weights_only=True)
+    shared = torch.load(tmp_path / "run" / "det" / "ablation_vild" / "model_final.pt", weights_only=True)
+    keys = lambda ck: {k for k in (ck.get("model", ck)) if "image_head" in k}  # noqa: E731
+    assert keys(sep) and not keys(shared)

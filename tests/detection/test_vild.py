@@ -326,7 +326,7 @@ def test_region_top1_scores_each_box_against_its_class():
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(1))
 
-        def region_embeddings(self, images, boxes):
+        def region_embeddings(self, images, boxes, branch="text"):
             return [text[torch.where(self.current == 3, 0, self.current)] for _ in boxes[:1]]
 
     model = Oracle()
@@ -337,3 +337,93 @@ def test_region_top1_scores_each_box_against_its_class():
     assert m["region/top1"] == pytest.approx(4 / 6)
     assert m["region/top1_base"] == pytest.approx(1.0)
     assert m["region/top1_novel"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------- ViLD-ensemble (3.4)
+def test_separate_image_head_each_loss_trains_only_its_own_branch():
+    """image_head=separate: ViLD-image's gradient reaches the image head and not the text
+    branch's box head / projection; ViLD-text's reaches the text branch and not the image head.
+    The image loss equals 0.5 x L1 of the image head's own pass over the proposals."""
+    torch.manual_seed(0)
+    m = build_vild_detector(tiny_det(image_head="separate"), D, unit(3, D))
+    m.train()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.eval()
+    rh = m.roi_heads
+    assert rh.image_head is not None
+    # fresh weights, same architecture as the text branch's box head
+    assert rh.image_head.box_head.fc6.weight.shape == rh.box_head.fc6.weight.shape
+    assert not torch.equal(rh.image_head.box_head.fc6.weight, rh.box_head.fc6.weight)
+    imgs, tg = images_targets()
+    losses = m(imgs, tg)
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_box_reg", "loss_vild_text", "loss_vild_image"}
+
+    def grads(loss):
+        m.zero_grad()
+        loss.backward(retain_graph=True)
+        g = lambda mod: sum(float(p.grad.abs().sum()) for p in mod.parameters() if p.grad is not None)  # noqa: E731
+        return g(rh.image_head), g(rh.box_head) + g(rh.box_predictor.projection)
+
+    img_g, text_g = grads(losses["loss_vild_image"])
+    assert img_g > 0 and text_g == 0
+    img_g, text_g = grads(losses["loss_vild_text"])
+    assert img_g == 0 and text_g > 0
+    with torch.no_grad():
+        il, _ = m.transform(imgs)
+        emb = rh.image_head(rh.box_roi_pool(m.backbone(il.tensors), [t["proposals"] for t in tg], il.image_sizes))
+    ref = 0.5 * (emb - torch.cat([t["proposal_embeddings"] for t in tg])).abs().sum(1).mean()
+    assert losses["loss_vild_image"].item() == pytest.approx(ref.item(), rel=1e-4)
+    # images without proposals: the image term is 0 and still backpropagates
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": 1}] * 2
+    losses = m(imgs, empty)
+    assert losses["loss_vild_image"].item() == 0.0
+    sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("image_head", ["shared", "separate"])
+def test_ensemble_heads_inference_needs_no_teacher_and_follows_the_formula(image_head):
+    """inference=ensemble_heads (ViLD-ensemble): per box, the section 3.4 geometric mean of the
+    text branch's scores and the image branch's (softmax over the classes of its embedding), no
+    teacher; image_head = the image branch alone."""
+    torch.manual_seed(0)
+    text = unit(4, D, seed=2)
+    novel = torch.tensor([False, True, False, True])
+    kw = dict(image_head=image_head, detections_per_img=1000, score_thresh=0.0, nms=1.0)
+    m = build_vild_detector(tiny_det(inference="ensemble_heads", **kw), D, text, novel)
+    m.eval()
+    rh = m.roi_heads
+    imgs, _ = images_targets(n=1)
+    with torch.no_grad():
+        il, _ = m.transform(imgs)
+        feats = m.backbone(il.tensors)
+        props, _ = m.rpn(il, feats)
+        props = [props[0][:3]]
+        res = {}
+        for mode in ("ensemble_heads", "image_head", "text"):
+            rh.inference = mode
+            res[mode], _ = rh(feats, props, il.image_sizes)
+        pooled = rh.box_roi_pool(feats, props, il.image_sizes)
+        emb, _ = rh.box_predictor(rh.box_head(pooled))
+        emb_i = emb if image_head == "shared" else rh.image_head(pooled)
+    s_text = rh.text_scores(emb)
+    s_img = F.softmax(emb_i @ text.t() / 0.01, -1)
+    expect = {"ensemble_heads": ensemble_scores(s_text, s_img, novel), "image_head": s_img, "text": s_text}
+    for mode, r in res.items():  # the top score of each class over the 3 boxes (nms=1.0 keeps all)
+        got = torch.zeros(4)
+        for lab, sc in zip(r[0]["labels"].tolist(), r[0]["scores"].tolist()):
+            got[lab - 1] = max(got[lab - 1], sc)
+        torch.testing.assert_close(got, expect[mode].max(0).values, rtol=1e-5, atol=1e-7)
+    with pytest.raises(DistillError, match="det.image_head"):
+        build_vild_detector(tiny_det(image_head="two"), D, text, novel)
+
+
+def test_region_embeddings_read_the_image_branch_on_request():
+    torch.manual_seed(0)
+    m = build_vild_detector(tiny_det(image_head="separate"), D, unit(3, D))
+    imgs, _ = images_targets(n=1)
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 40.0]])]
+    a = m.region_embeddings(imgs, boxes)[0]
+    b = m.region_embeddings(imgs, boxes, branch="image")[0]
+    assert a.shape == b.shape == (1, D) and not torch.allclose(a, b)
+    torch.testing.assert_close(b.norm(dim=1), torch.ones(1))
