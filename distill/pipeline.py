@@ -30,6 +30,14 @@ StageFn = Callable[[Config], Any]
 _RESUMING: contextvars.ContextVar[bool] = contextvars.ContextVar("distill_stage_resuming", default=False)
 
 
+def section_value(cfg: Config, sec: str):
+    """``cfg.<sec>`` for a section name or a dotted key (``det.backbone_pretrain``)."""
+    val: Any = cfg
+    for part in sec.split("."):
+        val = getattr(val, part)
+    return val
+
+
 def resuming() -> bool:
     """True inside a stage that was started before with the same key and did not finish (a killed
     run): training stages then continue from their last checkpoint instead of starting over. A
@@ -41,7 +49,8 @@ def resuming() -> bool:
 class Stage:
     """One node of the graph.
 
-    ``sections``: names of Config sections (or ``"work_dir"``) whose values change the output.
+    ``sections``: names of Config sections (or ``"work_dir"``, or a dotted key inside a section
+    such as ``"det.backbone_pretrain"``) whose values change the output.
     ``outputs``: paths relative to work_dir that must exist after the stage (their sha256 goes into
     the manifest and into downstream keys). ``fn`` does the work given the resolved Config.
     """
@@ -143,7 +152,7 @@ class Pipeline:
         s = self.stages[name]
         parts: dict[str, Any] = {"stage": name}
         for sec in s.sections:
-            val = getattr(cfg, sec)
+            val = section_value(cfg, sec)
             parts[sec] = to_dict(val) if dataclasses.is_dataclass(val) else val
         for d in s.deps:
             m = self.read_manifest(cfg, d)
@@ -174,7 +183,7 @@ class Pipeline:
             {
                 "stage": name,
                 "key": key,
-                "config_hash": {sec: config_hash(getattr(cfg, sec)) if dataclasses.is_dataclass(getattr(cfg, sec)) else str(getattr(cfg, sec)) for sec in s.sections},
+                "config_hash": {sec: config_hash(v) if dataclasses.is_dataclass(v := section_value(cfg, sec)) else str(v) for sec in s.sections},
                 "deps": {d: (self.read_manifest(cfg, d) or {}).get("key") for d in s.deps},
                 "outputs": outputs,
                 "versions": _versions(),

@@ -69,6 +69,24 @@ def st_text(cfg: Config):
     return f"{tuple(emb.shape)} for {len(vocab)} classes"
 
 
+def uses_pretrained_backbone(cfg: Config) -> bool:
+    """True when the detector starts from ``distill train backbone``'s weights (the file the
+    backbone stage writes) rather than random init or an external file such as ImageNet's."""
+    bp = cfg.det.pretrained_backbone
+    return bool(bp) and Path(bp).resolve() == Path(cfg.det.backbone_pretrain.out).resolve()
+
+
+def st_backbone(cfg: Config):
+    """The detector's ResNet pretrained on crops of base boxes (the stand-in for ViLD's ImageNet
+    weights); runs only when ``det.pretrained_backbone`` is ``det.backbone_pretrain.out``."""
+    from distill.detection.backbone import pretrain_backbone
+
+    if not uses_pretrained_backbone(cfg):
+        return "skipped: det.pretrained_backbone is not det.backbone_pretrain.out"
+    m = pretrain_backbone(cfg)
+    return f"{m['steps']} steps, training accuracy {100 * m['train_acc_last100']:.1f}% -> {m['out']}"
+
+
 def st_propose(cfg: Config):
     from distill.detection.proposals import run_proposals
 
@@ -215,10 +233,11 @@ STAGES = (
     Stage("world", st_world, (), ("world", "work_dir"), ("data/instances_val.json", "data/instances_train_base.json"), "procedural shapes world"),
     Stage("teacher", st_teacher, ("world",), ("teacher", "pretrain"), ("teacher/teacher.safetensors", "teacher/metrics.json"), "pretrain + evaluate the tiny CLIP teacher"),
     Stage("text", st_text, ("teacher",), ("teacher", "data"), (), "text embeddings of the vocabulary"),
-    Stage("propose", st_propose, ("world",), ("proposals", "data"), ("proposals/rpn/proposals_train.safetensors",), "class-agnostic RPN proposals"),
+    Stage("backbone", st_backbone, ("world",), ("det.backbone", "det.pretrained_backbone", "det.backbone_pretrain", "data"), (), "detector ResNet pretrained on base-box crops"),
+    Stage("propose", st_propose, ("world", "backbone"), ("proposals", "data", "det"), ("proposals/rpn/proposals_train.safetensors",), "class-agnostic RPN proposals"),
     Stage("regions", st_regions, ("teacher", "propose"), ("regions", "teacher", "det"), (), "teacher embeddings of the proposals"),
-    Stage("det_text", st_det_text, ("text",), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student"),
-    Stage("det", st_det, ("text", "regions"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble"),
+    Stage("det_text", st_det_text, ("text", "backbone"), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student"),
+    Stage("det", st_det, ("text", "regions", "backbone"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble"),
     Stage("seg", st_seg, ("teacher",), ("seg", "data", "teacher"), ("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"), "LSeg students (base only, + pixel distillation)"),
     Stage("label", st_label, ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split"),
     Stage("cam", st_cam, ("teacher",), ("cam", "data", "teacher", "seg"), ("cam/metrics.json", "seg/lseg_cam/metrics.json"), "CLIP-ES ablation; LSeg trained on CAM masks"),

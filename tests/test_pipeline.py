@@ -8,6 +8,8 @@ from distill.config import load_config
 from distill.errors import DistillError
 from distill.pipeline import Pipeline, Stage, stage_timings
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def make(tmp_path, calls, fail_at=None):
     def writer(name, text_from):
@@ -135,8 +137,44 @@ def test_tool_scripts_are_the_cli(tmp_path):
                        capture_output=True, text=True, env=env, cwd=repo, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     listed = [line.split()[0] for line in (r.stdout + r.stderr).splitlines() if "to run" in line]
-    assert listed[0] == "world" and listed[-1] == "report" and len(listed) == 12
+    assert listed[0] == "world" and listed[-1] == "report" and len(listed) == 13 and "backbone" in listed
     assert not any(tmp_path.iterdir())  # --list writes nothing
     for tool in sorted((repo / "tools").glob("*.py")):
         h = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, env=env, cwd=repo, timeout=120)
         assert h.returncode == 0 and "usage" in h.stdout.lower(), (tool.name, h.stderr[-500:])
+
+
+def test_a_dotted_section_keys_a_stage_on_that_key_only(tmp_path):
+    """sections may name a key inside a section (the backbone stage keys on det.backbone_pretrain,
+    not on all of det): changing another det key leaves it fresh, changing that key reruns it."""
+    calls: list[str] = []
+
+    def fn(cfg):
+        calls.append("s")
+        (tmp_path / "w").mkdir(exist_ok=True)
+        (tmp_path / "w" / "s.txt").write_text(str(cfg.det.backbone_pretrain.steps))
+
+    p = Pipeline([Stage("s", fn, sections=("det.backbone_pretrain",), outputs=("s.txt",))])
+    p.run(load_config(None, [f"work_dir={tmp_path / 'w'}"]))
+    p.run(load_config(None, [f"work_dir={tmp_path / 'w'}", "det.train.max_steps=7"]))
+    assert calls == ["s"]
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}", "det.backbone_pretrain.steps=7"])
+    p.run(cfg)
+    assert calls == ["s", "s"]
+    assert list(p.read_manifest(cfg, "s")["config_hash"]) == ["det.backbone_pretrain"]
+
+
+def test_backbone_stage_runs_only_for_its_own_weights(tmp_path):
+    """The shapes detector starts from the backbone stage's file; an external file (ImageNet's, as
+    the COCO configs) or random init makes the stage a no-op, and the det stages depend on it."""
+    from distill.stages import STAGES, st_backbone, uses_pretrained_backbone
+
+    deps = {s.name: s.deps for s in STAGES}
+    assert "backbone" in deps["det"] and "backbone" in deps["det_text"] and "backbone" in deps["propose"]
+    cfg = load_config(REPO / "configs/shapes/vild.yaml", [f"work_dir={tmp_path / 'w'}"])
+    assert uses_pretrained_backbone(cfg) and cfg.det.pretrained_backbone.endswith("backbone/base_crops.pth")
+    for other in ("det.pretrained_backbone=", f"det.pretrained_backbone={tmp_path / 'imagenet.pth'}"):
+        c = load_config(REPO / "configs/shapes/vild.yaml", [f"work_dir={tmp_path / 'w'}", other])
+        assert not uses_pretrained_backbone(c)
+        assert st_backbone(c).startswith("skipped")
+    assert not (tmp_path / "w" / "backbone").exists()

@@ -3,8 +3,9 @@
     python tools/ablate_vild.py [CONFIG] [key=value ...] [--variants vild_text,vild]
     python tools/ablate_vild.py configs/shapes/vild.yaml det.train.max_steps=150 world.seed=3
 
-Trains a supervised Faster R-CNN on base boxes, ViLD-text, ViLD-image, ViLD and an oracle on all
-classes, evaluates ViLD's ensemble too, prints the table of AP50 / AP novel, base, all and writes
+Trains a supervised Faster R-CNN on base boxes, ViLD-text, ViLD-image, ViLD, ViLD-ensemble (ViLD
+3.4: separate text / image heads, no teacher at test time) and an oracle on all classes, evaluates
+ViLD with the teacher's crops too, prints the table of AP50 / AP novel, base, all and writes
 {work_dir}/det/ablation/metrics.json + ablation.md.
 """
 

@@ -323,18 +323,18 @@ class ViLDRoIHeads(RoIHeads):
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         emb, deltas = self.box_predictor(self.box_head(pooled))
         boxes = self.box_coder.decode(deltas, proposals)[:, 0]  # (N, 4) class-agnostic
-        s_text = self.text_scores(emb)
+        scores = self.text_scores(emb)  # text / teacher modes: the text branch (candidates)
         if self.inference in ("image_head", "ensemble_heads"):  # the student's own image branch
             emb_i = emb if self.image_head is None else self.image_head(pooled)
             s_img = self.image_scores(emb_i)
             if self.inference == "image_head":
-                s_text = s_img
+                scores = s_img
             else:
-                s_text = ensemble_scores(s_text, s_img, self.novel_mask, self.ensemble_alpha, self.ensemble_beta)
+                scores = ensemble_scores(scores, s_img, self.novel_mask, self.ensemble_alpha, self.ensemble_beta)
         counts = [len(p) for p in proposals]
         results = []
         per_boxes, per_scores = [], []
-        for b, s, shape in zip(boxes.split(counts), s_text.split(counts), image_shapes):
+        for b, s, shape in zip(boxes.split(counts), scores.split(counts), image_shapes):
             b = box_ops.clip_boxes_to_image(b, shape)
             if self.inference in TEACHER_MODES:  # candidates for the teacher: best text-scored boxes
                 keep = _candidates(b, s, self.ensemble_candidates)
