@@ -47,7 +47,9 @@ def main(device: str = "cpu", repeats: int = 5, batch_size: int = 0, config: str
     from distill.config import load_config
     from distill.detection.build import build_plain_detector, build_vild_detector
 
-    cfg = load_config(config)
+    # step time does not depend on the weights: random init (the same layers and trainable
+    # BatchNorm as the config's base-crop backbone with det.freeze_backbone=false)
+    cfg = load_config(config, ["det.pretrained_backbone="])
     det = cfg.det
     dev = torch.device(device)
     bs = batch_size or det.train.batch_size

@@ -41,7 +41,7 @@ BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "m
 
 # ------------------------------------------------------------------------------------ backbone
 def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, returned_layers: tuple[int, ...] = (1, 2, 3, 4),
-                   freeze: bool = True) -> nn.Module:
+                   freeze: bool = True, load_weights: bool = True) -> nn.Module:
     """A torchvision FPN backbone (``out_channels`` = ``fpn_channels``).
 
     ResNets use ``BackboneWithFPN`` over the stages in ``returned_layers`` (1 = stride 4 ... 4 =
@@ -49,7 +49,8 @@ def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, ret
     Random init uses trainable BatchNorm; with ``pretrained`` (a local state_dict of the torchvision
     classification model, e.g. resnet50-0676ba61.pth) the norms are frozen and the stem and first
     stage stay fixed, as in torchvision's detection recipes; ``freeze=False`` keeps every layer
-    trainable with BatchNorm (weights from ``distill train backbone``).
+    trainable with BatchNorm (weights from ``distill train backbone``). ``load_weights=False``
+    builds the same layers without reading ``pretrained`` (a checkpoint replaces them anyway).
     """
     if name not in BACKBONES:
         raise DistillError(f"det.backbone: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
@@ -60,7 +61,7 @@ def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, ret
         if not layers or any(x not in (1, 2, 3, 4) for x in layers) or list(layers) != sorted(set(layers)):
             raise DistillError(f"det.returned_layers: expected increasing stages from 1..4, got {list(returned_layers)}")
         body = getattr(torchvision.models, name[: -len("_fpn")])(weights=None, norm_layer=norm)
-        if pretrained:
+        if pretrained and load_weights:
             _load_backbone_weights(body, pretrained)
         if frozen:
             for n, prm in body.named_parameters():  # trainable_layers=3 (torchvision default)
@@ -70,7 +71,7 @@ def build_backbone(name: str, pretrained: str = "", fpn_channels: int = 256, ret
         in_ch = [c // 8 * 2 ** (i - 1) for i in layers]
         return BackboneWithFPN(body, {f"layer{k}": str(j) for j, k in enumerate(layers)}, in_ch, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=None)
     bb = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm, trainable_layers=3 if frozen else 6)
-    if pretrained:
+    if pretrained and load_weights:
         _load_backbone_weights(bb.body, pretrained)
     return bb
 
@@ -83,7 +84,7 @@ def num_levels(det: DetConfig) -> int:
 def _load_backbone_weights(body: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
-        raise DistillError(f"det.pretrained_backbone: {path}: file not found (expected a local torchvision state_dict)")
+        raise DistillError(f"det.pretrained_backbone: {path}: file not found (expected a local torchvision state_dict; `distill train backbone CONFIG` writes one)")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -99,9 +100,9 @@ def _load_backbone_weights(body: nn.Module, path: str) -> None:
     body.load_state_dict(matched, strict=False)
 
 
-def _torchvision_model(det: DetConfig, num_classes: int) -> FasterRCNN:
+def _torchvision_model(det: DetConfig, num_classes: int, load_weights: bool = True) -> FasterRCNN:
     """torchvision Faster / Mask R-CNN with our sizes, anchors and sampling settings."""
-    backbone = build_backbone(det.backbone, det.pretrained_backbone, det.fpn_channels, det.returned_layers, det.freeze_backbone)
+    backbone = build_backbone(det.backbone, det.pretrained_backbone, det.fpn_channels, det.returned_layers, det.freeze_backbone, load_weights)
     n_levels = num_levels(det)
     kw = dict(
         min_size=det.min_size,
@@ -263,11 +264,13 @@ def teacher_region_embeddings(teacher, images: list[torch.Tensor], boxes: list[t
     return region_embeddings(teacher, [im.to(teacher.device) for im in images], boxes, mode=mode)
 
 
-def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.Tensor | None = None, novel=None, teacher=None, region_mode: str = "crop") -> ViLDDetector:
+def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.Tensor | None = None, novel=None, teacher=None, region_mode: str = "crop",
+                        load_weights: bool = True) -> ViLDDetector:
     """The ViLD student. ``embed_dim`` = the teacher's D; ``text_embeddings`` (C, D) optional
     (the vocabulary can be set later with ``set_vocabulary``); ``teacher`` for image / ensemble
-    inference."""
-    base = _torchvision_model(det, num_classes=2)
+    inference. ``load_weights=False`` skips reading ``det.pretrained_backbone`` (for a model whose
+    trained checkpoint is loaded next: labeling and evaluation need only that file)."""
+    base = _torchvision_model(det, num_classes=2, load_weights=load_weights)
     rh = base.roi_heads
     in_ch = rh.box_head.fc7.out_features
     mask_kw = {}

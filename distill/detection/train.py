@@ -245,7 +245,8 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
         check_text_embeddings(text_all, vocab)
     # data.extra (pseudo-labels, labels/selftrain.py) may carry novel classes: train on every class then.
     train_idx = list(range(len(vocab))) if det.train_on_all or cfg.data.extra else vocab.base_indices
-    model = build_vild_detector(det, teacher.embed_dim, text_all[train_idx].cpu(), teacher=teacher, region_mode=cfg.regions.mode)
+    # evaluation loads a trained checkpoint: the pretrained backbone file is not needed then
+    model = build_vild_detector(det, teacher.embed_dim, text_all[train_idx].cpu(), teacher=teacher, region_mode=cfg.regions.mode, load_weights=not eval_only)
     eval_fn = make_eval_fn(cfg, vocab, text_all.cpu(), out)
     save_config(cfg, out / "config.yaml")
     if eval_only:

@@ -390,7 +390,7 @@ def load_vild(cfg, vocab: Vocabulary, device: torch.device | None = None):
     teacher = build_teacher(dataclasses.replace(mcfg.teacher, device=cfg.teacher.device or mcfg.teacher.device), device=device)
     tpl = mcfg.teacher.templates if mcfg.teacher.templates and Path(mcfg.teacher.templates).is_file() else None
     text = text_embeddings(teacher, vocab, tpl).float().cpu()
-    model = build_vild_detector(mcfg.det, teacher.embed_dim, None, teacher=teacher, region_mode=mcfg.regions.mode)
+    model = build_vild_detector(mcfg.det, teacher.embed_dim, None, teacher=teacher, region_mode=mcfg.regions.mode, load_weights=False)
     load_ckpt(ckpt, model)
     model.set_vocabulary(text, torch.tensor(_novel_mask(vocab, mcfg)), list(vocab.names))
     model.to(teacher.device).eval()

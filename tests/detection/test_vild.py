@@ -427,3 +427,16 @@ def test_region_embeddings_read_the_image_branch_on_request():
     b = m.region_embeddings(imgs, boxes, branch="image")[0]
     assert a.shape == b.shape == (1, D) and not torch.allclose(a, b)
     torch.testing.assert_close(b.norm(dim=1), torch.ones(1))
+
+
+def test_a_trained_model_loads_without_its_pretrained_backbone_file(tmp_path):
+    """Evaluation and labeling load a checkpoint: they build the layers without reading
+    det.pretrained_backbone, so a detector keeps working once that file is gone; training still
+    needs it (a one-line error naming the key)."""
+    det = tiny_det(pretrained_backbone=str(tmp_path / "gone.pth"), freeze_backbone=False)
+    with pytest.raises(DistillError, match="det.pretrained_backbone: .*gone.pth: file not found"):
+        build_vild_detector(det, D, unit(3, D))
+    torch.manual_seed(0)
+    m = build_vild_detector(det, D, unit(3, D), load_weights=False)
+    ref = build_vild_detector(tiny_det(), D, unit(3, D))
+    assert m.state_dict().keys() == ref.state_dict().keys()
