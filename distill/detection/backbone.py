@@ -109,7 +109,9 @@ def pretrain_backbone(cfg, progress: bool = True) -> dict:
     rng = np.random.default_rng(p.seed)
     model = getattr(torchvision.models, name[: -len("_fpn")])(weights=None, num_classes=len(vocab.base_indices))
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=p.steps, pct_start=0.1)
+    # 10% warm-up; short runs (the quick pipeline's 10 steps) need >= 1.5 steps of it, or
+    # OneCycleLR divides by a zero-length phase
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=p.steps, pct_start=min(0.75, max(0.1, 2.5 / p.steps)))
     it = range(p.steps)
     bar = None
     if progress:

@@ -91,3 +91,12 @@ def test_bad_input(tmp_path):
     for bad in ("[1.5,1.2]", "[1.5]"):
         with pytest.raises(DistillError, match="context"):
             pretrain_backbone(_cfg(tmp_path, js, f"det.backbone_pretrain.context={bad}"), progress=False)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_short_pretraining_runs(tmp_path, steps):
+    """The quick pipeline pretrains for 10 steps: every short schedule runs (OneCycleLR's warm-up
+    phase must not be empty)."""
+    js = _coco(tmp_path)
+    m = pretrain_backbone(_cfg(tmp_path, js, f"det.backbone_pretrain.steps={steps}", "det.backbone_pretrain.batch_size=4"), progress=False)
+    assert m["steps"] == steps and (tmp_path / "run" / "backbone" / "base_crops.pth").is_file()
