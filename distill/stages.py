@@ -268,6 +268,12 @@ def build_pipeline(cfg: Config) -> Pipeline:
             dataclasses.replace(s, outputs=("teacher/metrics.json",), description="evaluate the external teacher (no pretraining)") if s.name == "teacher" else s
             for s in stages
         ]
+    if uses_pretrained_backbone(cfg):  # its weights are an output: downstream keys carry their digest
+        work = Path(cfg.work_dir).resolve()
+        out = Path(cfg.det.backbone_pretrain.out).resolve()
+        if work in out.parents:
+            rel = str(out.relative_to(work))
+            stages = [dataclasses.replace(s, outputs=(rel,)) if s.name == "backbone" else s for s in stages]
     return Pipeline(stages)
 
 
@@ -276,7 +282,8 @@ def build_pipeline(cfg: Config) -> Pipeline:
 STAGE_INPUTS = {
     "teacher": ("data.val_json", "data.image_root", "data.vocab", "teacher.model", "teacher.pretrained", "teacher.templates"),
     "text": ("data.vocab", "teacher.model", "teacher.pretrained", "teacher.templates"),
-    "propose": ("data.train_json", "data.val_json", "data.image_root"),
+    "backbone": ("data.train_json", "data.image_root", "data.vocab"),
+    "propose": ("data.train_json", "data.val_json", "data.image_root", "det.pretrained_backbone"),
     "regions": ("data.train_json", "data.image_root", "data.vocab", "teacher.model", "teacher.pretrained"),
     "det_text": ("data.train_json", "data.val_json", "data.image_root", "data.vocab", "data.extra", "det.pretrained_backbone"),
     "det": ("data.train_json", "data.val_json", "data.image_root", "data.vocab", "data.extra", "det.pretrained_backbone"),

@@ -167,7 +167,7 @@ def test_a_dotted_section_keys_a_stage_on_that_key_only(tmp_path):
 def test_backbone_stage_runs_only_for_its_own_weights(tmp_path):
     """The shapes detector starts from the backbone stage's file; an external file (ImageNet's, as
     the COCO configs) or random init makes the stage a no-op, and the det stages depend on it."""
-    from distill.stages import STAGES, st_backbone, uses_pretrained_backbone
+    from distill.stages import STAGES, build_pipeline, st_backbone, uses_pretrained_backbone
 
     deps = {s.name: s.deps for s in STAGES}
     assert "backbone" in deps["det"] and "backbone" in deps["det_text"] and "backbone" in deps["propose"]
@@ -177,4 +177,8 @@ def test_backbone_stage_runs_only_for_its_own_weights(tmp_path):
         c = load_config(REPO / "configs/shapes/vild.yaml", [f"work_dir={tmp_path / 'w'}", other])
         assert not uses_pretrained_backbone(c)
         assert st_backbone(c).startswith("skipped")
+        assert next(s for s in build_pipeline(c).stages.values() if s.name == "backbone").outputs == ()
     assert not (tmp_path / "w" / "backbone").exists()
+    # when used, the weights are the stage's output (a deleted file reruns it; downstream keys
+    # carry its digest)
+    assert build_pipeline(cfg).stages["backbone"].outputs == ("backbone/base_crops.pth",)
