@@ -97,6 +97,12 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
     vocab = det_vocab(cfg)
     if teacher is None:
         teacher, _ = build_teacher_and_text(cfg, vocab)
+    from distill.stages import uses_pretrained_backbone
+
+    if uses_pretrained_backbone(cfg) and not Path(cfg.det.backbone_pretrain.out).is_file():  # as the pipeline's backbone stage
+        from distill.detection.backbone import pretrain_backbone
+
+        pretrain_backbone(cfg, progress=progress)
     needs_props = any(v in ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads") for v in variants)
     if needs_props and not (proposals_dir(cfg) / "proposals_train.safetensors").is_file():
         run_proposals(cfg, progress=progress)

@@ -236,3 +236,20 @@ def test_vild_ablation_tool_writes_every_row_and_the_targets(tmp_path):
     shared = torch.load(tmp_path / "run" / "det" / "ablation_vild" / "model_final.pt", weights_only=True)
     keys = lambda ck: {k for k in (ck.get("model", ck)) if "image_head" in k}  # noqa: E731
     assert keys(sep) and not keys(shared)
+
+
+def test_vild_ablation_pretrains_the_backbone_the_config_names(tmp_path):
+    """Like the pipeline's backbone stage, the ablation writes det.backbone_pretrain.out first
+    when the detector starts from it and the file is not there yet."""
+    from distill.detection.ablation import run_ablation
+
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue square", "split": "novel"}]
+    files = make_fixture(tmp_path / "d", cats, [1, 2])
+    cfg = load_config(REPO / "configs/shapes/vild.yaml", [
+        f"work_dir={tmp_path / 'run'}", f"data.image_root={tmp_path / 'd' / 'images'}", f"data.train_json={files['train']}",
+        f"data.train_full_json={files['train']}", f"data.val_json={files['val']}", *TINY,
+        "det.pretrained_backbone={work_dir}/backbone/base_crops.pth", "det.freeze_backbone=false",
+        "det.backbone_pretrain.steps=2", "det.backbone_pretrain.batch_size=4", "det.backbone_pretrain.crop_size=32"])
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
+    res = run_ablation(cfg, ("vild_text",), progress=False, teacher=teacher)
+    assert (tmp_path / "run" / "backbone" / "base_crops.pth").is_file() and "vild_text" in res
