@@ -59,6 +59,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, q) -> None:
         m = Lin()
         train(m, make_loader(Toy(), cfg, collate), cfg, out_dir, progress=False)
         q.put((rank, m.l.weight.detach().tolist(), sorted(os.listdir(out_dir))))
+        # both ranks done before the group is torn down: without it a rank aborted at exit once
+        # under a busy CPU ("terminate called without an active exception", exit code -6)
+        torch.distributed.barrier()
     finally:
         dl.cleanup()
 
