@@ -69,17 +69,10 @@ def st_text(cfg: Config):
     return f"{tuple(emb.shape)} for {len(vocab)} classes"
 
 
-def uses_pretrained_backbone(cfg: Config) -> bool:
-    """True when the detector starts from ``distill train backbone``'s weights (the file the
-    backbone stage writes) rather than random init or an external file such as ImageNet's."""
-    bp = cfg.det.pretrained_backbone
-    return bool(bp) and Path(bp).resolve() == Path(cfg.det.backbone_pretrain.out).resolve()
-
-
 def st_backbone(cfg: Config):
     """The detector's ResNet pretrained on crops of base boxes (the stand-in for ViLD's ImageNet
     weights); runs only when ``det.pretrained_backbone`` is ``det.backbone_pretrain.out``."""
-    from distill.detection.backbone import pretrain_backbone
+    from distill.detection.backbone import pretrain_backbone, uses_pretrained_backbone
 
     if not uses_pretrained_backbone(cfg):
         return "skipped: det.pretrained_backbone is not det.backbone_pretrain.out"
@@ -268,6 +261,8 @@ def build_pipeline(cfg: Config) -> Pipeline:
             dataclasses.replace(s, outputs=("teacher/metrics.json",), description="evaluate the external teacher (no pretraining)") if s.name == "teacher" else s
             for s in stages
         ]
+    from distill.detection.backbone import uses_pretrained_backbone
+
     if uses_pretrained_backbone(cfg):  # its weights are an output: downstream keys carry their digest
         work = Path(cfg.work_dir).resolve()
         out = Path(cfg.det.backbone_pretrain.out).resolve()

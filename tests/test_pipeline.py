@@ -167,7 +167,8 @@ def test_a_dotted_section_keys_a_stage_on_that_key_only(tmp_path):
 def test_backbone_stage_runs_only_for_its_own_weights(tmp_path):
     """The shapes detector starts from the backbone stage's file; an external file (ImageNet's, as
     the COCO configs) or random init makes the stage a no-op, and the det stages depend on it."""
-    from distill.stages import STAGES, build_pipeline, st_backbone, uses_pretrained_backbone
+    from distill.detection.backbone import uses_pretrained_backbone
+    from distill.stages import STAGES, build_pipeline, st_backbone
 
     deps = {s.name: s.deps for s in STAGES}
     assert "backbone" in deps["det"] and "backbone" in deps["det_text"] and "backbone" in deps["propose"]

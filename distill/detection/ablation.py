@@ -26,6 +26,7 @@ from distill.config import Config, save_config
 from distill.io import write_json, write_text
 
 VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle")
+DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads")  # rows that read the region cache
 COLUMNS = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel", "bbox/AP_base", "bbox/AP", "region/top1_novel", "region/top1_base")
 LABELS = {
     "supervised": "Supervised Faster R-CNN (base only)",
@@ -97,13 +98,11 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
     vocab = det_vocab(cfg)
     if teacher is None:
         teacher, _ = build_teacher_and_text(cfg, vocab)
-    from distill.stages import uses_pretrained_backbone
+    from distill.detection.backbone import pretrain_backbone, uses_pretrained_backbone
 
     if uses_pretrained_backbone(cfg) and not Path(cfg.det.backbone_pretrain.out).is_file():  # as the pipeline's backbone stage
-        from distill.detection.backbone import pretrain_backbone
-
         pretrain_backbone(cfg, progress=progress)
-    needs_props = any(v in ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads") for v in variants)
+    needs_props = any(v in DISTILLED for v in variants)
     if needs_props and not (proposals_dir(cfg) / "proposals_train.safetensors").is_file():
         run_proposals(cfg, progress=progress)
     results: dict[str, dict] = {}

@@ -88,6 +88,14 @@ def sample_crops(images, boxes, n: int, size: int, context: tuple[float, float],
     return (x - mean) / std, torch.tensor(labels)
 
 
+def uses_pretrained_backbone(cfg) -> bool:
+    """True when the detector starts from ``distill train backbone``'s weights (the file the
+    pipeline's backbone stage writes) rather than random init or an external file such as
+    ImageNet's."""
+    bp = cfg.det.pretrained_backbone
+    return bool(bp) and Path(bp).resolve() == Path(cfg.det.backbone_pretrain.out).resolve()
+
+
 def pretrain_backbone(cfg, progress: bool = True) -> dict:
     """Train ``det.backbone`` (a ResNet) on base-box crops; write ``det.backbone_pretrain.out``."""
     from distill.detection.train import det_vocab
