@@ -9,6 +9,7 @@ the ensemble, LSeg base-only, LSeg + distillation) are derived from the one conf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -21,6 +22,17 @@ def _teacher(cfg: Config):
     from distill.teacher.clip import build_teacher
 
     return build_teacher(cfg.teacher, device=get_device(cfg.teacher.device))
+
+
+def _plain_teacher(fn):
+    """``fn`` run with ``teacher.dense_pretrained`` blank: crops, text and CAMs use the teacher's
+    own tower, and stages before ``clipself`` must not look for the dense tower it writes."""
+
+    @functools.wraps(fn)
+    def run(cfg: Config):
+        return fn(_with(cfg, "teacher", dense_pretrained="")) if cfg.teacher.dense_pretrained else fn(cfg)
+
+    return run
 
 
 def _fresh(*dirs: Path) -> bool:
@@ -67,6 +79,20 @@ def st_text(cfg: Config):
     emb = text_embeddings(_teacher(cfg), vocab, cfg.teacher.templates, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
     check_text_embeddings(emb, vocab)
     return f"{tuple(emb.shape)} for {len(vocab)} classes"
+
+
+def st_clipself(cfg: Config):
+    """The CLIPSelf dense tower (the MaskCLIP teacher of the segmentation students), then MaskCLIP
+    on it into ``teacher/dense/metrics.json``; runs only when ``teacher.dense_pretrained`` is
+    ``clipself.out``."""
+    from distill.teacher.clipself import clipself, uses_clipself
+    from distill.teacher.evaluate import evaluate_teacher
+
+    if not uses_clipself(cfg):
+        return "skipped: teacher.dense_pretrained is not clipself.out"
+    clipself(cfg, teacher=_teacher(_with(cfg, "teacher", dense_pretrained="")))
+    m = evaluate_teacher(cfg, out_dir=Path(cfg.work_dir) / "teacher" / "dense")
+    return f"MaskCLIP on the dense tower: mIoU seen {100 * m.get('maskclip/miou_seen', float('nan')):.1f} / unseen {100 * m.get('maskclip/miou_unseen', float('nan')):.1f}"
 
 
 def st_backbone(cfg: Config):
@@ -172,7 +198,7 @@ def st_cam(cfg: Config):
     from distill.labels.cam import cam_ablation, run_cam
     from distill.segmentation.train import train_seg
 
-    teacher = _teacher(cfg)
+    teacher = _teacher(cfg)  # CAMs read teacher.model.visual; its dense tower is for the LSeg student
     m = cam_ablation(cfg, "val", teacher=teacher)
     run_cam(cfg, "val", teacher=teacher)
     run_cam(_with(cfg, "cam", num_panels=0), "train", teacher=teacher)
@@ -224,17 +250,18 @@ def st_report(cfg: Config):
 
 STAGES = (
     Stage("world", st_world, (), ("world", "work_dir"), ("data/instances_val.json", "data/instances_train_base.json"), "procedural shapes world"),
-    Stage("teacher", st_teacher, ("world",), ("teacher", "pretrain"), ("teacher/teacher.safetensors", "teacher/metrics.json"), "pretrain + evaluate the tiny CLIP teacher"),
-    Stage("text", st_text, ("teacher",), ("teacher", "data"), (), "text embeddings of the vocabulary"),
+    Stage("teacher", _plain_teacher(st_teacher), ("world",), ("teacher", "pretrain"), ("teacher/teacher.safetensors", "teacher/metrics.json"), "pretrain + evaluate the tiny CLIP teacher"),
+    Stage("text", _plain_teacher(st_text), ("teacher",), ("teacher", "data"), (), "text embeddings of the vocabulary"),
+    Stage("clipself", st_clipself, ("teacher",), ("clipself", "teacher"), (), "CLIPSelf dense tower of the teacher (MaskCLIP for segmentation)"),
     Stage("backbone", st_backbone, ("world",), ("det.backbone", "det.pretrained_backbone", "det.backbone_pretrain", "data"), (), "detector ResNet pretrained on base-box crops"),
     Stage("propose", st_propose, ("world", "backbone"), ("proposals", "data", "det"), ("proposals/rpn/proposals_train.safetensors",), "class-agnostic RPN proposals"),
-    Stage("regions", st_regions, ("teacher", "propose"), ("regions", "teacher", "det"), (), "teacher embeddings of the proposals"),
-    Stage("det_text", st_det_text, ("text", "backbone"), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student"),
-    Stage("det", st_det, ("text", "regions", "backbone"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble"),
-    Stage("seg", st_seg, ("teacher",), ("seg", "data", "teacher"), ("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"), "LSeg students (base only, + pixel distillation)"),
-    Stage("label", st_label, ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split"),
-    Stage("cam", st_cam, ("teacher",), ("cam", "data", "teacher", "seg"), ("cam/metrics.json", "seg/lseg_cam/metrics.json"), "CLIP-ES ablation; LSeg trained on CAM masks"),
-    Stage("selftrain", st_selftrain, ("label",), ("det", "data", "label", "selftrain"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels"),
+    Stage("regions", _plain_teacher(st_regions), ("teacher", "propose"), ("regions", "teacher", "det"), (), "teacher embeddings of the proposals"),
+    Stage("det_text", _plain_teacher(st_det_text), ("text", "backbone"), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student"),
+    Stage("det", _plain_teacher(st_det), ("text", "regions", "backbone"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble"),
+    Stage("seg", st_seg, ("teacher", "clipself"), ("seg", "data", "teacher"), ("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"), "LSeg students (base only, + pixel distillation)"),
+    Stage("label", _plain_teacher(st_label), ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split"),
+    Stage("cam", st_cam, ("teacher", "clipself"), ("cam", "data", "teacher", "seg"), ("cam/metrics.json", "seg/lseg_cam/metrics.json"), "CLIP-ES ablation; LSeg trained on CAM masks"),
+    Stage("selftrain", _plain_teacher(st_selftrain), ("label",), ("det", "data", "label", "selftrain"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels"),
     Stage("report", st_report, ("det_text", "det", "seg", "label", "cam", "selftrain"), ("work_dir",), ("report.md",), "report.md + figures"),
 )
 
@@ -263,12 +290,17 @@ def build_pipeline(cfg: Config) -> Pipeline:
         ]
     from distill.detection.backbone import uses_pretrained_backbone
 
-    if uses_pretrained_backbone(cfg):  # its weights are an output: downstream keys carry their digest
-        work = Path(cfg.work_dir).resolve()
-        out = Path(cfg.det.backbone_pretrain.out).resolve()
-        if work in out.parents:
+    from distill.teacher.clipself import uses_clipself
+
+    work = Path(cfg.work_dir).resolve()
+    # a stage's weights are its output when later stages use them: downstream keys carry their digest
+    for name, used, path in (("backbone", uses_pretrained_backbone(cfg), cfg.det.backbone_pretrain.out),
+                             ("clipself", uses_clipself(cfg), cfg.clipself.out)):
+        out = Path(path).resolve()
+        if used and work in out.parents:
             rel = str(out.relative_to(work))
-            stages = [dataclasses.replace(s, outputs=(rel,)) if s.name == "backbone" else s for s in stages]
+            extra = ("teacher/dense/metrics.json",) if name == "clipself" else ()
+            stages = [dataclasses.replace(s, outputs=(rel, *extra)) if s.name == name else s for s in stages]
     return Pipeline(stages)
 
 

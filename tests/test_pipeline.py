@@ -137,7 +137,7 @@ def test_tool_scripts_are_the_cli(tmp_path):
                        capture_output=True, text=True, env=env, cwd=repo, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     listed = [line.split()[0] for line in (r.stdout + r.stderr).splitlines() if "to run" in line]
-    assert listed[0] == "world" and listed[-1] == "report" and len(listed) == 13 and "backbone" in listed
+    assert listed[0] == "world" and listed[-1] == "report" and len(listed) == 14 and "backbone" in listed and "clipself" in listed
     assert not any(tmp_path.iterdir())  # --list writes nothing
     for tool in sorted((repo / "tools").glob("*.py")):
         h = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, env=env, cwd=repo, timeout=120)

@@ -10,7 +10,12 @@ Each image (``image_size`` square, RGB) has a textured background (flat + noise,
 or blotches in muted colours far from every category colour), a few non-category clutter items
 (thin lines, gray/brown blobs, elongated ellipses) and ``min_objects..max_objects`` objects of size
 ``min_size..max_size`` px (log-uniform), random rotation and mild hue / saturation / brightness
-jitter. Objects are drawn in order, later ones over earlier ones; a placement that would leave an
+jitter. With ``fill: pattern`` (the default) each shape also has its own fill texture (dots,
+checks, stripes, ...; darkened pixels in image axes, so flips keep it), a local cue as natural
+categories have fur or wheels: a patch inside an object then tells its class, which dense readings
+of the teacher (MaskCLIP, CLIPSelf) need; ``fill: flat`` leaves the outline as the only shape cue.
+The texture's phase follows the object's position, so both fills give the same layout and
+annotations. Objects are drawn in order, later ones over earlier ones; a placement that would leave an
 earlier object less than 30 % visible (or under 20 px) is re-drawn, so every annotation is the
 VISIBLE part of an object and no unannotated object fragment is left in an image.
 
@@ -100,6 +105,8 @@ def _check_world(wcfg: WorldConfig) -> None:
     for key in ("num_train", "num_val", "num_unlabeled", "clutter", "num_novel"):
         if getattr(wcfg, key) < 0:
             raise DistillError(f"world.{key}: expected >= 0, got {getattr(wcfg, key)}")
+    if wcfg.fill not in FILLS:
+        raise DistillError(f"world.fill: expected one of {', '.join(FILLS)}, got {wcfg.fill!r}")
     if wcfg.num_captions_per_image < 1:
         raise DistillError(f"world.num_captions_per_image: expected >= 1, got {wcfg.num_captions_per_image}")
 
@@ -196,6 +203,34 @@ def _unit_polygon(shape: str) -> np.ndarray:
 
 
 _POLYGONS = {s: _unit_polygon(s) for s in SHAPES}
+
+FILLS = ("flat", "pattern")
+# world.fill=pattern: each shape's fill texture, in 2x canvas pixels (period 8 = 4 px in the image),
+# drawn in image axes so horizontal flips keep every pattern; the marked pixels are darkened.
+_PATTERNS = ("dots", "checker", "hstripes", "vstripes", "crosshatch", "grid", "rings", "bigchecker", "diagonal")
+_PATTERN_OF = dict(zip(SHAPES, _PATTERNS))
+_PATTERN_DARKEN = 0.45
+
+
+def _pattern(name: str, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Boolean texture ``name`` at integer 2x coordinates (already shifted by the object's phase)."""
+    if name == "dots":
+        return ((yy % 8) - 3.5) ** 2 + ((xx % 8) - 3.5) ** 2 <= 5.0
+    if name == "checker":
+        return ((yy // 6) + (xx // 6)) % 2 == 0
+    if name == "hstripes":
+        return (yy % 8) < 4
+    if name == "vstripes":
+        return (xx % 8) < 4
+    if name == "crosshatch":
+        return ((xx + yy) % 8 < 2) | ((xx - yy) % 8 < 2)
+    if name == "grid":
+        return (xx % 8 < 2) | (yy % 8 < 2)
+    if name == "rings":
+        return (np.sqrt(((yy % 16) - 7.5) ** 2 + ((xx % 16) - 7.5) ** 2) % 8) < 3
+    if name == "bigchecker":
+        return ((yy // 8) + (xx // 8)) % 2 == 0
+    return (np.abs(xx - yy) % 8) < 3  # diagonal (a horizontal flip turns it into the other diagonal)
 _SHIFT = 4  # fixed-point bits for cv2 polygon coordinates (sub-pixel precision)
 
 
@@ -339,6 +374,14 @@ def _render(rng: np.random.Generator, wcfg: WorldConfig, classes: list[str]) -> 
             continue
         poly, mine, area, cx, cy = placed
         cv2.fillPoly(canvas, [poly], color, cv2.LINE_AA, _SHIFT)
+        if wcfg.fill == "pattern":
+            yy, xx = np.nonzero(mine)
+            # The texture's phase follows the object's position, so no random draw is spent:
+            # fill=flat and fill=pattern give the same layout and annotations.
+            # Even offsets keep each texture aligned with the image's 2x2 pixel blocks.
+            oy, ox = 2 * (int(cy) % 8), 2 * (int(cx) % 8)
+            dark = _pattern(_PATTERN_OF[shape], yy + oy, xx + ox)
+            canvas[yy[dark], xx[dark]] *= 1.0 - _PATTERN_DARKEN
         owner[mine.astype(bool)] = len(objs) + 1
         visible = np.bincount(owner.ravel(), minlength=wcfg.max_objects + 1)
         full_area.append(area)

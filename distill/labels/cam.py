@@ -808,6 +808,8 @@ def _write_npz(path: Path, **arrays) -> None:
 
 
 def _check_cfg(c) -> None:
+    if c.tower not in ("teacher", "dense"):
+        raise DistillError(f"cam.tower: {c.tower!r} is not one of teacher, dense")
     if c.pool not in ("mean", "model"):
         raise DistillError(f"cam.pool: {c.pool!r} is not one of mean, model")
     if c.resize not in ("square", "patch_multiple"):
@@ -851,6 +853,32 @@ def logit_scale_of(cfg, teacher) -> float:
     return float(teacher.model.logit_scale.exp())
 
 
+class _DenseModel:
+    """``teacher.model`` with ``visual`` replaced by the dense tower (text and logit scale kept)."""
+
+    def __init__(self, model, visual):
+        self._model, self.visual = model, visual
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def cam_tower(teacher, cfg):
+    """``teacher`` as CLIP-ES reads it: ``cam.tower=dense`` swaps in the CLIPSelf dense tower."""
+    import dataclasses
+
+    if cfg.cam.tower == "teacher":
+        return teacher
+    if cfg.cam.tower != "dense":
+        raise DistillError(f"cam.tower: {cfg.cam.tower!r} is not one of teacher, dense")
+    dv = getattr(teacher, "dense_visual", None)
+    if dv is None:
+        raise DistillError("cam.tower=dense: the teacher has no dense tower (set teacher.dense_pretrained to the file `distill teacher clipself` writes)")
+    if isinstance(teacher.model, _DenseModel):
+        return teacher
+    return dataclasses.replace(teacher, model=_DenseModel(teacher.model, dv))
+
+
 def _load_teacher(cfg):
     from distill.engine.distributed import init_distributed
     from distill.teacher.clip import build_teacher
@@ -888,7 +916,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
 
     if cfg.cam.crf and not crf_available():
         dense_crf(np.zeros((1, 1, 3), np.uint8), np.ones((1, 1, 1), np.float32))  # raises the DistillError
-    teacher = teacher or _load_teacher(cfg)
+    teacher = cam_tower(teacher or _load_teacher(cfg), cfg)
     rank, world = get_rank(), get_world_size()
     todo = todo[rank::world]
     text, bg = _text_features(teacher, cfg, vocab)
@@ -982,7 +1010,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     entries = read_image_labels(labels_path, vocab)
     if max_images:
         entries = entries[:max_images]
-    teacher = teacher or _load_teacher(cfg)
+    teacher = cam_tower(teacher or _load_teacher(cfg), cfg)
     text, bg = _text_features(teacher, cfg, vocab)
     has_crf = crf_available()
     num_classes, seen, names = semseg_classes(vocab)

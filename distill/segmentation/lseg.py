@@ -323,17 +323,18 @@ def build_lseg(
     distill_weight: float = 0.0,
     distill_loss: str = "cosine",
 ) -> LSeg:
-    """LSeg with a ``resnet18`` encoder (random init unless ``pretrained_backbone``) or the
-    ``teacher``'s ViT tower (``visual``, with the teacher's ``mean``/``std``; deep-copied so the
-    teacher itself stays frozen)."""
+    """LSeg with a ``resnet18`` encoder (random init unless ``pretrained_backbone``) or a ViT
+    tower of the teacher (``visual``, with the teacher's ``mean``/``std``; deep-copied so the
+    teacher itself stays frozen): ``teacher`` = its image tower, ``teacher_dense`` = its dense
+    tower (the CLIPSelf weights of ``teacher.dense_pretrained``; the caller passes that tower)."""
     if backbone == "resnet18":
         enc: nn.Module = ResNetEncoder(pretrained_backbone)
-    elif backbone == "teacher":
+    elif backbone in ("teacher", "teacher_dense"):
         if visual is None:
-            raise DistillError("seg.backbone=teacher needs the teacher's visual tower")
+            raise DistillError(f"seg.backbone={backbone} needs the teacher's visual tower")
         import copy
 
         enc = ViTEncoder(copy.deepcopy(visual).float(), mean, std, finetune=finetune)
     else:
-        raise DistillError(f"seg.backbone: {backbone!r} is not one of resnet18, teacher")
+        raise DistillError(f"seg.backbone: {backbone!r} is not one of resnet18, teacher, teacher_dense")
     return LSeg(enc, embed_dim, features, distill_weight, distill_loss)

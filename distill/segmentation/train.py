@@ -190,10 +190,16 @@ def build_seg_model(cfg: Config, teacher) -> torch.nn.Module:
     if dim != teacher.embed_dim:
         raise DistillError(f"seg.embed_dim: {dim} differs from the teacher's text embedding size {teacher.embed_dim} (use 0)")
     if s.arch == "lseg":
+        visual = teacher.model.visual
+        if s.backbone == "teacher_dense":
+            if getattr(teacher, "dense_visual", None) is None:
+                raise DistillError("seg.backbone=teacher_dense: the teacher has no dense tower (set teacher.dense_pretrained "
+                                   "to the file `distill teacher clipself` writes)")
+            visual = teacher.dense_visual
         return build_lseg(
             dim,
             s.backbone,
-            visual=teacher.model.visual,
+            visual=visual,
             mean=teacher.mean,
             std=teacher.std,
             finetune=s.finetune_backbone,

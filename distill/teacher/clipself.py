@@ -253,6 +253,13 @@ def manifest_path(out: Path) -> Path:
     return out.with_name(out.name.replace(".safetensors", "") + ".manifest.json")
 
 
+def uses_clipself(cfg) -> bool:
+    """True when the teacher's dense tower is the file ``distill teacher clipself`` writes
+    (``teacher.dense_pretrained`` is ``clipself.out``): the pipeline's clipself stage makes it."""
+    dp = cfg.teacher.dense_pretrained
+    return bool(dp) and Path(dp).resolve() == Path(cfg.clipself.out).resolve()
+
+
 def clipself(cfg, teacher=None, force: bool = False) -> Path:
     """Fine-tune a copy of the teacher's image tower with CLIPSelf; returns ``clipself.out``.
 

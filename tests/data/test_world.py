@@ -259,3 +259,44 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, override, needle):
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
     assert not (tmp_path / "data").exists()
+
+
+# --- world.fill ----------------------------------------------------------------------------
+
+
+def test_pattern_fill_textures_objects_only_and_keeps_the_layout(tiny, tmp_path):
+    """fill=pattern (the default) darkens a shape-specific texture inside objects; fill=flat draws
+    the same world without it."""
+    pat, tiny = tiny, W.make_world(_cfg(tmp_path / "flat", "world.fill=flat"))
+    for name in ("instances_train.json", "instances_val.json"):
+        a, b = json.loads((pat / name).read_text()), json.loads((tiny / name).read_text())
+        assert a["info"]["world_hash"] != b["info"]["world_hash"]
+        assert {k: v for k, v in a.items() if k != "info"} == {k: v for k, v in b.items() if k != "info"}
+    for name in ("captions.json", "image_labels_val.json"):
+        assert (pat / name).read_bytes() == (tiny / name).read_bytes()
+    coco = json.loads((tiny / "instances_val.json").read_text())
+    shapes = {c["id"]: c["name"].split(" ", 1)[1] for c in coco["categories"]}
+    seen = set()
+    for im in coco["images"]:
+        flat = _png(tiny / "images" / im["file_name"]).astype(np.int16)
+        tex = _png(pat / "images" / im["file_name"]).astype(np.int16)
+        sem = _png(tiny / "semantic" / im["file_name"])
+        changed = np.abs(flat - tex).max(2) > 25
+        # away from objects (2 px margin for anti-aliased edges) the images agree up to the noise
+        near = cv2.dilate((sem > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        assert not changed[~near].any()
+        for a in coco["annotations"]:
+            if a["image_id"] != im["id"]:
+                continue
+            inner = cv2.erode(_decode(a).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+            if inner.sum() < 30:
+                continue
+            frac = changed[inner].mean()
+            assert 0.1 < frac < 0.8, (shapes[a["category_id"]], frac)  # a texture, not a flat recolour
+            seen.add(shapes[a["category_id"]])
+    assert len(seen) >= 3
+
+
+def test_unknown_fill_is_a_clear_error(tmp_path):
+    with pytest.raises(DistillError, match="world.fill: expected one of flat, pattern"):
+        W.make_world(_cfg(tmp_path / "bad", "world.fill=stripes"))
