@@ -304,7 +304,8 @@ def write_report(cfg: Config, summary_only: bool = False) -> Path:
     tdm = _read(work / "teacher" / "dense" / "metrics.json")  # the clipself stage's MaskCLIP
     for label, m in (("MaskCLIP on the CLIPSelf dense tower (zero-shot)", tdm), ("MaskCLIP teacher (zero-shot)", tm)):  # prepended: listed plain first
         if m and "maskclip/miou_all" in m:
-            seg = {label: {k.replace("maskclip/", "miou/").replace("miou/miou_", "miou/"): v for k, v in m.items() if k.startswith("maskclip/") and "@" not in k}} | seg
+            seg = {label: {("pixel_acc" if k == "maskclip/pixel_acc" else k.replace("maskclip/", "miou/").replace("miou/miou_", "miou/")): v
+                           for k, v in m.items() if k.startswith("maskclip/") and "@" not in k}} | seg
     if seg:
         md += [table(["model"] + [c for c, _ in SEG_COLS], [[name] + _rows_from(m, SEG_COLS) for name, m in seg.items()]), ""]
     else:

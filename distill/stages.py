@@ -198,7 +198,7 @@ def st_cam(cfg: Config):
     from distill.labels.cam import cam_ablation, run_cam
     from distill.segmentation.train import train_seg
 
-    teacher = _teacher(cfg)  # CAMs read teacher.model.visual; its dense tower is for the LSeg student
+    teacher = _teacher(cfg)  # with its dense tower: cam.tower=dense CAMs and the LSeg student read it
     m = cam_ablation(cfg, "val", teacher=teacher)
     run_cam(cfg, "val", teacher=teacher)
     run_cam(_with(cfg, "cam", num_panels=0), "train", teacher=teacher)

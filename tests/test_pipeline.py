@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -183,3 +184,56 @@ def test_backbone_stage_runs_only_for_its_own_weights(tmp_path):
     # when used, the weights are the stage's output (a deleted file reruns it; downstream keys
     # carry its digest)
     assert build_pipeline(cfg).stages["backbone"].outputs == ("backbone/base_crops.pth",)
+
+
+def test_plain_teacher_blanks_the_dense_tower_only(tmp_path):
+    """Stages before clipself (and those that read crops / text) run with teacher.dense_pretrained
+    blank; everything else in the config reaches them unchanged, and a blank config passes as is."""
+    from distill.stages import STAGES, _plain_teacher
+
+    seen = []
+
+    def fn(cfg):
+        seen.append(cfg)
+        return "done"
+
+    wrapped = _plain_teacher(fn)
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}", f"teacher.dense_pretrained={tmp_path / 'dense.safetensors'}", "teacher.batch_size=7"])
+    assert wrapped(cfg) == "done"
+    got = seen[-1]
+    assert got.teacher.dense_pretrained == "" and cfg.teacher.dense_pretrained == str(tmp_path / "dense.safetensors")
+    assert got.teacher.batch_size == 7 and got.work_dir == cfg.work_dir and got.seg == cfg.seg and got.cam == cfg.cam
+    assert got.teacher == dataclasses.replace(cfg.teacher, dense_pretrained="")
+    blank = load_config(None, [f"work_dir={tmp_path / 'w'}", "teacher.dense_pretrained="])
+    assert wrapped(blank) == "done" and seen[-1] is blank
+    assert wrapped.__name__ == "fn"
+    # the stages that need the dense tower (clipself makes it; seg and cam read it) are not wrapped
+    plain = {s.name for s in STAGES if getattr(s.fn, "__wrapped__", None) is not None}
+    assert plain == {"teacher", "text", "regions", "det_text", "det", "label", "selftrain"}
+
+
+def test_clipself_stage_runs_only_for_its_own_weights(tmp_path):
+    """The clipself stage writes the dense tower only when teacher.dense_pretrained is clipself.out;
+    then the file and its MaskCLIP metrics are its outputs, and seg / cam depend on it."""
+    from distill.stages import STAGES, build_pipeline, st_clipself
+    from distill.teacher.clipself import uses_clipself
+
+    w = tmp_path / "w"
+    deps = {s.name: s.deps for s in STAGES}
+    assert "clipself" in deps["seg"] and "clipself" in deps["cam"] and deps["clipself"] == ("teacher",)
+    cfg = load_config(REPO / "configs/shapes/pipeline.yaml", [f"work_dir={w}"])
+    assert uses_clipself(cfg) and cfg.teacher.dense_pretrained == cfg.clipself.out == f"{w}/teacher/teacher_dense.safetensors"
+    assert build_pipeline(cfg).stages["clipself"].outputs == ("teacher/teacher_dense.safetensors", "teacher/dense/metrics.json")
+    # clipself.out elsewhere under the work dir: the outputs follow it
+    moved = load_config(REPO / "configs/shapes/pipeline.yaml", [f"work_dir={w}", f"clipself.out={w}/cs/tower.safetensors",
+                                                                f"teacher.dense_pretrained={w}/cs/tower.safetensors"])
+    assert build_pipeline(moved).stages["clipself"].outputs == ("cs/tower.safetensors", "teacher/dense/metrics.json")
+    ext = tmp_path / "external.safetensors"
+    for others in (["teacher.dense_pretrained="], [f"teacher.dense_pretrained={ext}"],
+                   [f"clipself.out={ext}", f"teacher.dense_pretrained={ext}"]):  # last: used, but outside the work dir
+        c = load_config(REPO / "configs/shapes/pipeline.yaml", [f"work_dir={w}", *others])
+        assert build_pipeline(c).stages["clipself"].outputs == ()
+        if c.teacher.dense_pretrained != c.clipself.out:
+            assert not uses_clipself(c)
+            assert st_clipself(c).startswith("skipped")
+    assert not w.exists() and not ext.exists()  # a skipped stage builds and writes nothing

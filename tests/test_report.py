@@ -32,3 +32,41 @@ def test_report_reads_numbers_from_metrics_files(tmp_path):
     for fig in ("ap_per_class_vild.png", "loss_curves.png", "detections_vild.png"):
         assert (work / "figures" / fig).stat().st_size > 1000, fig
         assert f"figures/{fig}" in text
+
+
+def _seg_rows(text):
+    """The rows of the segmentation table: {row name: cells}, in order."""
+    sec = text.split("## Segmentation (val)", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in sec.splitlines() if line.startswith("| ") and not line.startswith("| model |")]
+    return {r.strip("| ").split(" | ")[0]: r.strip("| ").split(" | ")[1:] for r in rows}, [r.strip("| ").split(" | ")[0] for r in rows]
+
+
+def test_report_lists_maskclip_on_the_dense_tower(tmp_path):
+    """teacher/dense/metrics.json (the clipself stage's MaskCLIP) adds a zero-shot row after the
+    teacher's own MaskCLIP row and before the students; without the file (or its maskclip keys) no row."""
+    work = tmp_path / "w"
+    cfg = load_config(None, [f"work_dir={work}"])
+    (work / "teacher" / "dense").mkdir(parents=True)
+    (work / "teacher" / "metrics.json").write_text(json.dumps(
+        {"zeroshot/top1_1x": 0.5, "maskclip/miou_seen": 0.007, "maskclip/miou_unseen": 0.002, "maskclip/miou_all": 0.005,
+         "maskclip/miou_hiou": 0.003, "maskclip/miou_all@128": 0.9}))
+    for name, seen in (("lseg", 0.5), ("lseg_distill", 0.6)):
+        (work / "seg" / name).mkdir(parents=True)
+        (work / "seg" / name / "metrics.json").write_text(json.dumps({"miou/seen": seen, "miou/unseen": 0.25, "miou/hiou": 1 / 3}))
+    dense_label = "MaskCLIP on the CLIPSelf dense tower (zero-shot)"
+
+    rows, order = _seg_rows(write_report(cfg).read_text())
+    assert dense_label not in rows and order == ["MaskCLIP teacher (zero-shot)", "lseg", "lseg_distill"]
+
+    (work / "teacher" / "dense" / "metrics.json").write_text(json.dumps({"maskclip/absent": "no semantic masks"}))
+    rows, order = _seg_rows(write_report(cfg).read_text())
+    assert dense_label not in rows
+
+    (work / "teacher" / "dense" / "metrics.json").write_text(json.dumps(
+        {"maskclip/miou_seen": 0.261, "maskclip/miou_unseen": 0.232, "maskclip/miou_all": 0.25, "maskclip/miou_hiou": 0.2457,
+         "maskclip/miou_all@128": 0.99, "zeroshot/top1_dense": 0.5}))
+    rows, order = _seg_rows(write_report(cfg).read_text())
+    assert order == ["MaskCLIP teacher (zero-shot)", dense_label, "lseg", "lseg_distill"]
+    assert rows[dense_label][:4] == ["26.1", "23.2", "25.0", "24.6"]  # the @-sized keys are not read
+    assert rows["MaskCLIP teacher (zero-shot)"][:4] == ["0.7", "0.2", "0.5", "0.3"]
+    assert rows["lseg"][:4] == ["50.0", "25.0", "n/a", "33.3"]

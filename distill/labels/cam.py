@@ -854,12 +854,16 @@ def logit_scale_of(cfg, teacher) -> float:
 
 
 class _DenseModel:
-    """``teacher.model`` with ``visual`` replaced by the dense tower (text and logit scale kept)."""
+    """``teacher.model`` with ``visual`` replaced by the dense tower (text and logit scale kept).
+    Only ``visual`` is swapped: CLIP-ES reads the tower through it (``_visual``); the model's own
+    ``encode_image`` would still run the original tower."""
 
     def __init__(self, model, visual):
         self._model, self.visual = model, visual
 
     def __getattr__(self, name):
+        if name == "_model":  # not set yet (copy / pickle build the object without __init__)
+            raise AttributeError(name)
         return getattr(self._model, name)
 
 

@@ -428,3 +428,96 @@ def test_cli_unknown_class_exits_2(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "unknown category id 99" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# cam.tower: the CLIPSelf dense tower as the CAMs' image tower
+# ---------------------------------------------------------------------------------------------
+
+
+def _teacher_with_dense_tower():
+    """The ``teacher`` fixture's architecture with ``dense_visual`` set to a perturbed, frozen copy
+    of its own image tower (as :func:`distill.teacher.clip.attach_dense_tower` leaves it), and a
+    reference teacher whose ``model.visual`` *is* (a copy of) that dense tower."""
+    import copy
+    import dataclasses
+
+    t = build_random_teacher(embed_dim=32, image_size=32, patch=8, width=32, layers=3, heads=2, seed=1,
+                             dense_image_size=64)
+    dense = copy.deepcopy(t.model.visual)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    dense.eval().requires_grad_(False)
+    t.dense_visual = dense
+    ref_model = copy.deepcopy(t.model)
+    ref_model.visual = copy.deepcopy(dense)
+    ref = dataclasses.replace(t, model=ref_model, dense_visual=None)
+    return t, ref
+
+
+def test_cam_tower_errors(tmp_path, teacher):
+    root = _tiny_world(tmp_path)
+    assert teacher.dense_visual is None
+    cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", "cam.tower=dense")
+    with pytest.raises(DistillError, match=r"cam\.tower=dense") as e:
+        C.cam_tower(teacher, cfg)
+    assert "\n" not in str(e.value)
+    for entry in (C.run_cam, C.cam_ablation):  # both entry points refuse before computing anything
+        with pytest.raises(DistillError, match=r"cam\.tower=dense"):
+            entry(cfg, "val", teacher=teacher)
+    assert not (tmp_path / "run" / "cam" / "masks").exists()
+    bad = _cfg(tmp_path, root, "cam.num_panels=0", "cam.tower=bogus")
+    with pytest.raises(DistillError, match=r"cam\.tower: 'bogus'"):
+        C.cam_tower(teacher, bad)
+    for entry in (C.run_cam, C.cam_ablation):
+        with pytest.raises(DistillError, match=r"cam\.tower: 'bogus'"):
+            entry(bad, "val", teacher=teacher)
+    # the default reads the teacher's own tower: the very same teacher object
+    assert C.cam_tower(teacher, _cfg(tmp_path, root)) is teacher
+
+
+def test_cam_tower_dense_swaps_only_the_image_tower(tmp_path):
+    t, ref = _teacher_with_dense_tower()
+    root = _tiny_world(tmp_path)
+    cfg = _cfg(tmp_path, root, "cam.tower=dense")
+    dt = C.cam_tower(t, cfg)
+    assert dt is not t and dt.model.visual is t.dense_visual and C._visual(dt) is t.dense_visual
+    assert t.model.visual is not t.dense_visual  # the teacher itself is untouched
+    # text and logit scale: the original model's
+    assert dt.model.logit_scale is t.model.logit_scale
+    assert dt.model.encode_text.__self__ is t.model
+    torch.testing.assert_close(dt.encode_text(["a red star", "noise"]), t.encode_text(["a red star", "noise"]))
+    assert C.cam_tower(dt, cfg) is dt  # applying it twice changes nothing
+    # CAMs through the dense tower == CAMs of a teacher whose own tower is the dense one, != the teacher's
+    torch.manual_seed(5)
+    images = torch.rand(2, 3, 64, 64)
+    text, bg = _text(5), _text(3, seed=1)
+    labels = [[0, 3], [1, 2, 4]]
+    dense = C.clip_es_cams(dt, images, labels, text, bg, logit_scale=10.0)
+    want = C.clip_es_cams(ref, images, labels, text, bg, logit_scale=10.0)
+    own = C.clip_es_cams(t, images, labels, text, bg, logit_scale=10.0)
+    for d, w, o in zip(dense, want, own):
+        torch.testing.assert_close(d.gradcam, w.gradcam, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(d.refined, w.refined, atol=1e-5, rtol=1e-4)
+        assert (d.gradcam - o.gradcam).abs().max() > 0.05
+
+
+def test_run_cam_reads_the_tower_cam_tower_names(tmp_path):
+    """run_cam with cam.tower=dense writes the seeds of the dense tower (those of a teacher whose
+    own tower is that one, logit scale read from the model); cam.tower=teacher those of its own."""
+    t, ref = _teacher_with_dense_tower()
+    root = _tiny_world(tmp_path, sizes=((40, 56), (64, 64)))
+
+    def seeds(name, tower, teacher):
+        cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", "cam.crf=false", "cam.logit_scale=0",
+                   f"cam.tower={tower}", f"work_dir={tmp_path}/{name}")
+        assert cfg.cam.out == f"{tmp_path}/{name}/cam"
+        C.run_cam(cfg, "val", teacher=teacher)
+        return [np.load(tmp_path / name / "cam" / "seeds" / "val" / f"{i:06d}.npz")["gradcam"].astype(np.float32) for i in (1, 2)]
+
+    dense = seeds("dense", "dense", t)
+    for d, r, o in zip(dense, seeds("ref", "teacher", ref), seeds("own", "teacher", t)):
+        np.testing.assert_allclose(d, r, atol=2e-3)  # float16 seeds
+        assert np.abs(d - o).max() > 0.05

@@ -113,3 +113,25 @@ def test_bad_input(tiny_teacher):
         build_lseg(d, "resnet18", features=16, distill_weight=1.0).train()(torch.rand(2, 3, 64, 64), {"masks": torch.zeros(2, 64, 64, dtype=torch.long)}, text=_text(2, d))
     with pytest.raises(DistillError, match="resnet18, teacher"):
         build_lseg(d, "vgg")
+
+
+def test_teacher_dense_backbone_is_a_copy_of_the_tower_passed(tiny_teacher):
+    """build_lseg(backbone=teacher_dense) runs on the tower the caller passes (the dense one),
+    deep-copied; without one it names seg.backbone=teacher_dense."""
+    import copy
+
+    t = tiny_teacher
+    d = t.embed_dim
+    with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense needs"):
+        build_lseg(d, "teacher_dense", mean=t.mean, std=t.std, features=16)
+    with pytest.raises(DistillError, match="resnet18, teacher, teacher_dense"):
+        build_lseg(d, "vgg")
+    tower = copy.deepcopy(t.model.visual)
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.add_(0.1)
+    m = build_lseg(d, "teacher_dense", visual=tower, mean=t.mean, std=t.std, features=16)
+    assert m.encoder.visual is not tower
+    for (k, a), (_, b) in zip(m.encoder.visual.state_dict().items(), tower.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not torch.equal(m.encoder.visual.conv1.weight, t.model.visual.conv1.weight)

@@ -127,3 +127,76 @@ def test_cli_train_seg_bad_input(tmp_path, capsys):
     assert main(["train", "seg", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert main(["train", "seg", "configs/shapes/lseg.yaml", "seg.arch=unet", f"work_dir={tmp_path}", "teacher.pretrained="]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# seg.backbone=teacher_dense: LSeg's encoder starts from the teacher's CLIPSelf dense tower
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_dense_tower(scale=0.05):
+    """The ``tiny_teacher`` architecture with ``dense_visual``: a perturbed, frozen copy of its own
+    tower (as ``attach_dense_tower`` leaves it)."""
+    import copy
+
+    from distill.teacher.clip import build_random_teacher
+
+    t = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
+    dense = copy.deepcopy(t.model.visual)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    t.dense_visual = dense.eval().requires_grad_(False)
+    return t
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_dense_backbone_without_dense_tower_is_one_line_error(tiny_world, overrides):
+    from distill.segmentation.train import build_seg_model
+    from distill.teacher.clip import build_random_teacher
+
+    root, data = tiny_world
+    tiny_teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
+    assert tiny_teacher.dense_visual is None
+    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher_dense"}))
+    for call in (lambda: build_seg_model(cfg, tiny_teacher), lambda: train_seg(cfg, teacher=tiny_teacher, progress=False)):
+        with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense") as e:
+            call()
+        assert "teacher.dense_pretrained" in str(e.value) and "\n" not in str(e.value)
+    assert not (root / "seg" / "lseg" / "model_final.pt").exists()
+
+
+def test_teacher_dense_backbone_starts_from_a_copy_of_the_dense_tower(tiny_world, overrides):
+    from distill.segmentation.train import build_seg_model
+
+    root, data = tiny_world
+    t = _with_dense_tower()
+    dense0, own0 = _snapshot(t.dense_visual), _snapshot(t.model.visual)
+    assert not _same(dense0, own0)
+    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher_dense", "seg.finetune_backbone": "true"}))
+    m = build_seg_model(cfg, t)
+    enc = m.encoder.visual
+    assert enc is not t.dense_visual and enc is not t.model.visual
+    assert _same({k: v.float() for k, v in enc.state_dict().items()}, dense0)
+    assert all(p.requires_grad for p in enc.parameters())  # fine-tuned: the copy, never the teacher's tower
+    assert all(not p.requires_grad for p in t.dense_visual.parameters())
+    # seg.backbone=teacher on the same teacher: its own tower, not the dense one
+    own = build_seg_model(load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})), t)
+    assert _same(own.encoder.visual.state_dict(), own0)
+    # training the student leaves both teacher towers as they were, and moves the student's copy
+    train_seg(cfg, teacher=t, progress=False)
+    assert _same(_snapshot(t.dense_visual), dense0) and _same(_snapshot(t.model.visual), own0)
+    assert all(not p.requires_grad for p in t.dense_visual.parameters())
+    sd = torch.load(root / "seg" / "lseg" / "model_final.pt", map_location="cpu", weights_only=False)
+    sd = sd.get("model", sd)
+    trained = {k[len("encoder.visual."):]: v for k, v in sd.items() if k.startswith("encoder.visual.")}
+    assert trained.keys() == dense0.keys()
+    assert any(not torch.equal(trained[k].float(), dense0[k]) for k in dense0)
