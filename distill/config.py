@@ -128,7 +128,8 @@ class ClipSelfConfig:
 
     # Patterned shapes world (2026-11-30, val, MaskCLIP mIoU@128 seen / unseen; dense RoIAlign top-1):
     # the teacher's own tower 0.7 / 0.2, 0.9%; lr 1e-4 600 steps max_split 4: 6.0 / 8.3, 19.9%;
-    # lr 5e-4 1200 steps max_split 8: 22.2 / 18.3, 43.6%; these defaults: 26.1 / 23.2, 52.5%.
+    # lr 5e-4 1200 steps max_split 8: 22.2 / 18.3, 43.6%; these defaults: 26.1 / 23.2, 52.5% (the first
+    # patterned world) and 49.1 / 28.5, 78.5% in the demo's clipself stage (479 s on 2 cores).
     # (The flat world, where only the outline tells the shape, plateaus near 6 mIoU whatever the setting.)
     steps: int = 2400  # fixed step count (cosine decay to 0)
     batch_size: int = 8  # whole images per step
