@@ -195,7 +195,9 @@ def test_teacher_dense_backbone_starts_from_a_copy_of_the_dense_tower(tiny_world
     train_seg(cfg, teacher=t, progress=False)
     assert _same(_snapshot(t.dense_visual), dense0) and _same(_snapshot(t.model.visual), own0)
     assert all(not p.requires_grad for p in t.dense_visual.parameters())
-    sd = torch.load(root / "seg" / "lseg" / "model_final.pt", map_location="cpu", weights_only=False)
+    from distill.engine import checkpoint
+
+    sd = checkpoint.read(root / "seg" / "lseg" / "model_final.pt")
     sd = sd.get("model", sd)
     trained = {k[len("encoder.visual."):]: v for k, v in sd.items() if k.startswith("encoder.visual.")}
     assert trained.keys() == dense0.keys()
