@@ -25,8 +25,9 @@ def _teacher(cfg: Config):
 
 
 def _plain_teacher(fn):
-    """``fn`` run with ``teacher.dense_pretrained`` blank: crops, text and CAMs use the teacher's
-    own tower, and stages before ``clipself`` must not look for the dense tower it writes."""
+    """``fn`` run with ``teacher.dense_pretrained`` blank: crops, region embeddings and text use the
+    teacher's own tower, and stages before ``clipself`` must not look for the dense tower it writes
+    (seg and cam, which read that tower, are not wrapped)."""
 
     @functools.wraps(fn)
     def run(cfg: Config):
