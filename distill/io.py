@@ -232,6 +232,12 @@ def output_is_current(output: str | os.PathLike, manifest: str | os.PathLike, in
         return False
 
 
+def is_output_of(value: str | os.PathLike, output: str | os.PathLike) -> bool:
+    """True when a config value names the file a stage writes (``output``), not another one or
+    none: the pipeline then runs that stage first and keys downstream stages on its digest."""
+    return bool(value) and Path(value).resolve() == Path(output).resolve()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -53,6 +53,8 @@ class Stage:
     such as ``"det.backbone_pretrain"``) whose values change the output.
     ``outputs``: paths relative to work_dir that must exist after the stage (their sha256 goes into
     the manifest and into downstream keys). ``fn`` does the work given the resolved Config.
+    ``view``: the Config the stage reads, when not the pipeline's as is (e.g. a key blanked); the
+    stage runs on it AND is keyed on it, so a key it never reads cannot make it rerun.
     """
 
     name: str
@@ -61,6 +63,10 @@ class Stage:
     sections: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     description: str = ""
+    view: Callable[[Config], Config] | None = None
+
+    def config(self, cfg: Config) -> Config:
+        return self.view(cfg) if self.view else cfg
 
 
 @dataclass
@@ -151,6 +157,7 @@ class Pipeline:
     def stage_key(self, cfg: Config, name: str) -> str:
         s = self.stages[name]
         parts: dict[str, Any] = {"stage": name}
+        cfg = s.config(cfg)
         for sec in s.sections:
             val = section_value(cfg, sec)
             parts[sec] = to_dict(val) if dataclasses.is_dataclass(val) else val
@@ -183,7 +190,7 @@ class Pipeline:
             {
                 "stage": name,
                 "key": key,
-                "config_hash": {sec: config_hash(v) if dataclasses.is_dataclass(v := section_value(cfg, sec)) else str(v) for sec in s.sections},
+                "config_hash": {sec: config_hash(v) if dataclasses.is_dataclass(v := section_value(s.config(cfg), sec)) else str(v) for sec in s.sections},
                 "deps": {d: (self.read_manifest(cfg, d) or {}).get("key") for d in s.deps},
                 "outputs": outputs,
                 "versions": _versions(),
@@ -235,7 +242,7 @@ class Pipeline:
             t0 = time.perf_counter()
             token = _RESUMING.set(resume)
             try:
-                note = s.fn(cfg)
+                note = s.fn(s.config(cfg))
             except BaseException:
                 if on_event:
                     on_event(StageResult(name, "failed", time.perf_counter() - t0))

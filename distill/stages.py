@@ -9,7 +9,6 @@ the ensemble, LSeg base-only, LSeg + distillation) are derived from the one conf
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 
@@ -24,16 +23,12 @@ def _teacher(cfg: Config):
     return build_teacher(cfg.teacher, device=get_device(cfg.teacher.device))
 
 
-def _plain_teacher(fn):
-    """``fn`` run with ``teacher.dense_pretrained`` blank: crops, region embeddings and text use the
-    teacher's own tower, and stages before ``clipself`` must not look for the dense tower it writes
-    (seg and cam, which read that tower, are not wrapped)."""
-
-    @functools.wraps(fn)
-    def run(cfg: Config):
-        return fn(_with(cfg, "teacher", dense_pretrained="")) if cfg.teacher.dense_pretrained else fn(cfg)
-
-    return run
+def plain_teacher(cfg: Config) -> Config:
+    """The view of ``cfg`` with ``teacher.dense_pretrained`` blank (a :class:`Stage` ``view``): crops,
+    region embeddings and text use the teacher's own tower, stages before ``clipself`` must not
+    look for the dense tower it writes, and changing that tower's path reruns none of them (seg and
+    cam, which read the tower, read the config as is)."""
+    return _with(cfg, "teacher", dense_pretrained="") if cfg.teacher.dense_pretrained else cfg
 
 
 def _fresh(*dirs: Path) -> bool:
@@ -97,12 +92,13 @@ def st_clipself(cfg: Config):
 
 
 def st_backbone(cfg: Config):
-    """The detector's ResNet pretrained on crops of base boxes (the stand-in for ViLD's ImageNet
-    weights); runs only when ``det.pretrained_backbone`` is ``det.backbone_pretrain.out``."""
-    from distill.detection.backbone import pretrain_backbone, uses_pretrained_backbone
+    """The students' ResNet pretrained on crops of base boxes (the stand-in for the ImageNet weights
+    ViLD's detector and LSeg's image encoder start from); runs only when ``det.pretrained_backbone``
+    or ``seg.pretrained_backbone`` is ``det.backbone_pretrain.out``."""
+    from distill.detection.backbone import backbone_readers, pretrain_backbone
 
-    if not uses_pretrained_backbone(cfg):
-        return "skipped: det.pretrained_backbone is not det.backbone_pretrain.out"
+    if not backbone_readers(cfg):
+        return "skipped: neither det.pretrained_backbone nor seg.pretrained_backbone is det.backbone_pretrain.out"
     m = pretrain_backbone(cfg)
     return f"{m['steps']} steps, training accuracy {100 * m['train_acc_last100']:.1f}% -> {m['out']}"
 
@@ -251,18 +247,18 @@ def st_report(cfg: Config):
 
 STAGES = (
     Stage("world", st_world, (), ("world", "work_dir"), ("data/instances_val.json", "data/instances_train_base.json"), "procedural shapes world"),
-    Stage("teacher", _plain_teacher(st_teacher), ("world",), ("teacher", "pretrain"), ("teacher/teacher.safetensors", "teacher/metrics.json"), "pretrain + evaluate the tiny CLIP teacher"),
-    Stage("text", _plain_teacher(st_text), ("teacher",), ("teacher", "data"), (), "text embeddings of the vocabulary"),
+    Stage("teacher", st_teacher, ("world",), ("teacher", "pretrain"), ("teacher/teacher.safetensors", "teacher/metrics.json"), "pretrain + evaluate the tiny CLIP teacher", view=plain_teacher),
+    Stage("text", st_text, ("teacher",), ("teacher", "data"), (), "text embeddings of the vocabulary", view=plain_teacher),
     Stage("clipself", st_clipself, ("teacher",), ("clipself", "teacher"), (), "CLIPSelf dense tower of the teacher (MaskCLIP for segmentation)"),
-    Stage("backbone", st_backbone, ("world",), ("det.backbone", "det.pretrained_backbone", "det.backbone_pretrain", "data"), (), "detector ResNet pretrained on base-box crops"),
+    Stage("backbone", st_backbone, ("world",), ("det.backbone", "det.pretrained_backbone", "seg.pretrained_backbone", "det.backbone_pretrain", "data"), (), "detector ResNet pretrained on base-box crops"),
     Stage("propose", st_propose, ("world", "backbone"), ("proposals", "data", "det"), ("proposals/rpn/proposals_train.safetensors",), "class-agnostic RPN proposals"),
-    Stage("regions", _plain_teacher(st_regions), ("teacher", "propose"), ("regions", "teacher", "det"), (), "teacher embeddings of the proposals"),
-    Stage("det_text", _plain_teacher(st_det_text), ("text", "backbone"), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student"),
-    Stage("det", _plain_teacher(st_det), ("text", "regions", "backbone"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble"),
+    Stage("regions", st_regions, ("teacher", "propose"), ("regions", "teacher", "det"), (), "teacher embeddings of the proposals", view=plain_teacher),
+    Stage("det_text", st_det_text, ("text", "backbone"), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student", view=plain_teacher),
+    Stage("det", st_det, ("text", "regions", "backbone"), ("det", "data", "teacher", "regions"), ("det/vild/model_final.pt", "det/vild/metrics.json", "det/vild_ensemble/metrics.json"), "ViLD student + ensemble", view=plain_teacher),
     Stage("seg", st_seg, ("teacher", "clipself"), ("seg", "data", "teacher"), ("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"), "LSeg students (base only, + pixel distillation)"),
-    Stage("label", _plain_teacher(st_label), ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split"),
+    Stage("label", st_label, ("det",), ("label", "data"), ("labels/unlabeled/labels.json",), "pseudo-labels on the unlabeled split", view=plain_teacher),
     Stage("cam", st_cam, ("teacher", "clipself"), ("cam", "data", "teacher", "seg"), ("cam/metrics.json", "seg/lseg_cam/metrics.json"), "CLIP-ES ablation; LSeg trained on CAM masks"),
-    Stage("selftrain", _plain_teacher(st_selftrain), ("label",), ("det", "data", "label", "selftrain"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels"),
+    Stage("selftrain", st_selftrain, ("label",), ("det", "data", "label", "selftrain"), ("selftrain/metrics.json",), "one round of self-training on novel pseudo-labels", view=plain_teacher),
     Stage("report", st_report, ("det_text", "det", "seg", "label", "cam", "selftrain"), ("work_dir",), ("report.md",), "report.md + figures"),
 )
 
@@ -289,13 +285,15 @@ def build_pipeline(cfg: Config) -> Pipeline:
             dataclasses.replace(s, outputs=("teacher/metrics.json",), description="evaluate the external teacher (no pretraining)") if s.name == "teacher" else s
             for s in stages
         ]
-    from distill.detection.backbone import uses_pretrained_backbone
-
+    from distill.detection.backbone import backbone_readers
     from distill.teacher.clipself import uses_clipself
 
     work = Path(cfg.work_dir).resolve()
     # a stage's weights are its output when later stages use them: downstream keys carry their digest
-    for name, used, path in (("backbone", uses_pretrained_backbone(cfg), cfg.det.backbone_pretrain.out),
+    readers = backbone_readers(cfg)
+    if "seg" in readers and any(s.name == "backbone" for s in stages):  # LSeg's encoder starts from it
+        stages = [dataclasses.replace(s, deps=(*s.deps, "backbone")) if s.name == "seg" else s for s in stages]
+    for name, used, path in (("backbone", bool(readers), cfg.det.backbone_pretrain.out),
                              ("clipself", uses_clipself(cfg), cfg.clipself.out)):
         out = Path(path).resolve()
         if used and work in out.parents:

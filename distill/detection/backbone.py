@@ -88,12 +88,22 @@ def sample_crops(images, boxes, n: int, size: int, context: tuple[float, float],
     return (x - mean) / std, torch.tensor(labels)
 
 
+def backbone_readers(cfg) -> tuple[str, ...]:
+    """The students (``"det"``, ``"seg"``) whose ``pretrained_backbone`` is the file ``distill
+    train backbone`` writes (``det.backbone_pretrain.out``); the pipeline's backbone stage runs
+    for them, before them."""
+    from distill.io import is_output_of
+
+    out = cfg.det.backbone_pretrain.out
+    seg = cfg.seg.pretrained_backbone if (cfg.seg.arch, cfg.seg.backbone) == ("lseg", "resnet18") else ""  # other encoders ignore it
+    return tuple(s for s, v in (("det", cfg.det.pretrained_backbone), ("seg", seg)) if is_output_of(v, out))
+
+
 def uses_pretrained_backbone(cfg) -> bool:
     """True when the detector starts from ``distill train backbone``'s weights (the file the
     pipeline's backbone stage writes) rather than random init or an external file such as
     ImageNet's."""
-    bp = cfg.det.pretrained_backbone
-    return bool(bp) and Path(bp).resolve() == Path(cfg.det.backbone_pretrain.out).resolve()
+    return "det" in backbone_readers(cfg)
 
 
 def pretrain_backbone(cfg, progress: bool = True) -> dict:

@@ -61,7 +61,7 @@ class ResNetEncoder(nn.Module):
             from pathlib import Path
 
             if not Path(weights).is_file():
-                raise DistillError(f"seg.pretrained_backbone: {weights}: file not found (expected a resnet18 state dict)")
+                raise DistillError(f"seg.pretrained_backbone: {weights}: file not found (expected a resnet18 state dict, e.g. the one `distill train backbone` writes)")
             sd = torch.load(weights, map_location="cpu", weights_only=True)
             missing, unexpected = net.load_state_dict(sd, strict=False)
             if [k for k in missing if not k.startswith("fc.")]:

@@ -256,8 +256,9 @@ def manifest_path(out: Path) -> Path:
 def uses_clipself(cfg) -> bool:
     """True when the teacher's dense tower is the file ``distill teacher clipself`` writes
     (``teacher.dense_pretrained`` is ``clipself.out``): the pipeline's clipself stage makes it."""
-    dp = cfg.teacher.dense_pretrained
-    return bool(dp) and Path(dp).resolve() == Path(cfg.clipself.out).resolve()
+    from distill.io import is_output_of
+
+    return is_output_of(cfg.teacher.dense_pretrained, cfg.clipself.out)
 
 
 def clipself(cfg, teacher=None, force: bool = False) -> Path:

@@ -47,6 +47,7 @@ def world_overrides(root, data, **extra):
         "data.vocab": str(data / "vocab.json"),
         "teacher.templates": "",
         "seg.image_size": 32,
+        "seg.pretrained_backbone": "",  # resnet18 at random init (the backbone stage's file is not here)
         "seg.features": 16,
         "seg.clipseg_hidden": 32,
         "seg.clipseg_reduce_dim": 16,
