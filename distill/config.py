@@ -264,7 +264,7 @@ class SegConfig:
 
     name: str = "lseg"
     arch: str = "lseg"  # lseg | clipseg
-    backbone: str = "resnet18"  # lseg image encoder: resnet18 | teacher | teacher_dense (the CLIPSelf tower)
+    backbone: str = "resnet18"  # lseg image encoder: resnet18 | teacher | teacher_dense (the CLIPSelf tower); clipseg: teacher_dense = its frozen ViT is the CLIPSelf tower, else the teacher's own
     embed_dim: int = 0  # 0 = the teacher's text embedding size
     distill_weight: float = 0.0  # pixel distillation weight (0 = off)
     distill_loss: str = "cosine"  # cosine | l1

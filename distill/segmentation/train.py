@@ -189,13 +189,13 @@ def build_seg_model(cfg: Config, teacher) -> torch.nn.Module:
     dim = s.embed_dim or teacher.embed_dim
     if dim != teacher.embed_dim:
         raise DistillError(f"seg.embed_dim: {dim} differs from the teacher's text embedding size {teacher.embed_dim} (use 0)")
+    visual = teacher.model.visual
+    if s.backbone == "teacher_dense":  # the CLIPSelf tower, for LSeg's encoder or CLIPSeg's frozen ViT
+        if getattr(teacher, "dense_visual", None) is None:
+            raise DistillError("seg.backbone=teacher_dense: the teacher has no dense tower (set teacher.dense_pretrained "
+                               "to the file `distill teacher clipself` writes)")
+        visual = teacher.dense_visual
     if s.arch == "lseg":
-        visual = teacher.model.visual
-        if s.backbone == "teacher_dense":
-            if getattr(teacher, "dense_visual", None) is None:
-                raise DistillError("seg.backbone=teacher_dense: the teacher has no dense tower (set teacher.dense_pretrained "
-                                   "to the file `distill teacher clipself` writes)")
-            visual = teacher.dense_visual
         return build_lseg(
             dim,
             s.backbone,
@@ -212,7 +212,7 @@ def build_seg_model(cfg: Config, teacher) -> torch.nn.Module:
         if s.distill_weight > 0:
             raise DistillError("seg.distill_weight: pixel distillation applies to arch=lseg (CLIPSeg predicts masks, not embeddings)")
         return build_clipseg(
-            teacher.model.visual,
+            visual,
             teacher.mean,
             teacher.std,
             dim,

@@ -202,3 +202,27 @@ def test_teacher_dense_backbone_starts_from_a_copy_of_the_dense_tower(tiny_world
     trained = {k[len("encoder.visual."):]: v for k, v in sd.items() if k.startswith("encoder.visual.")}
     assert trained.keys() == dense0.keys()
     assert any(not torch.equal(trained[k].float(), dense0[k]) for k in dense0)
+
+
+def test_clipseg_reads_the_dense_tower_frozen_when_asked(tiny_world, overrides):
+    """CLIPSeg's frozen ViT is the CLIPSelf tower with seg.backbone=teacher_dense (the shapes
+    config; the same module, never trained), the teacher's own tower otherwise; without a dense
+    tower, a one-line error."""
+    from distill.segmentation.train import build_seg_model
+    from distill.teacher.clip import build_random_teacher
+
+    root, data = tiny_world
+    t = _with_dense_tower()
+    dense0 = _snapshot(t.dense_visual)
+    own = build_seg_model(load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})), t)
+    assert own.backbone.visual is t.model.visual
+    cfg = load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.name": "clipseg_dense"}))
+    assert cfg.seg.backbone == "teacher_dense"
+    m = build_seg_model(cfg, t)
+    assert m.backbone.visual is t.dense_visual
+    train_seg(cfg, teacher=t, progress=False)
+    assert _same(_snapshot(t.dense_visual), dense0)
+    plain = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
+    with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense") as e:
+        build_seg_model(cfg, plain)
+    assert "\n" not in str(e.value)
