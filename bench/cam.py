@@ -3,7 +3,8 @@
 Teacher: a random ViT with the shapes teacher's architecture (``distill-tiny-vit``: width 128,
 4 blocks, patch 8, class-token pooling) at the shapes CAM config's size, 256 px (32x32 tokens);
 images with 3 present classes each (the shapes world averages about 3.5), 15 background words;
-the image embedding is the model's own (``cam.pool=model``, as configs/shapes/pipeline.yaml).
+the image embedding is the model's own (``cam.pool=model``; configs/shapes/pipeline.yaml now reads the
+mean patch token of the dense tower, ``cam.pool=mean``, whose last block runs on every token).
 
 - ``ours``: blocks 1..L-1 once per batch of images (no grad), the last block once on a batch with
   one row per (image, class), at the class token only (all the pooled embedding reads), one
