@@ -179,6 +179,7 @@ class Pipeline:
 
     def _write_manifest(self, cfg: Config, name: str, key: str, seconds: float) -> None:
         s = self.stages[name]
+        seen = s.config(cfg)  # what the stage read (its view)
         outputs = {}
         for rel in s.outputs:
             p = Path(cfg.work_dir) / rel
@@ -190,7 +191,7 @@ class Pipeline:
             {
                 "stage": name,
                 "key": key,
-                "config_hash": {sec: config_hash(v) if dataclasses.is_dataclass(v := section_value(s.config(cfg), sec)) else str(v) for sec in s.sections},
+                "config_hash": {sec: config_hash(v) if dataclasses.is_dataclass(v := section_value(seen, sec)) else str(v) for sec in s.sections},
                 "deps": {d: (self.read_manifest(cfg, d) or {}).get("key") for d in s.deps},
                 "outputs": outputs,
                 "versions": _versions(),

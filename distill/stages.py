@@ -250,7 +250,7 @@ STAGES = (
     Stage("teacher", st_teacher, ("world",), ("teacher", "pretrain"), ("teacher/teacher.safetensors", "teacher/metrics.json"), "pretrain + evaluate the tiny CLIP teacher", view=plain_teacher),
     Stage("text", st_text, ("teacher",), ("teacher", "data"), (), "text embeddings of the vocabulary", view=plain_teacher),
     Stage("clipself", st_clipself, ("teacher",), ("clipself", "teacher"), (), "CLIPSelf dense tower of the teacher (MaskCLIP for segmentation)"),
-    Stage("backbone", st_backbone, ("world",), ("det.backbone", "det.pretrained_backbone", "seg.pretrained_backbone", "det.backbone_pretrain", "data"), (), "detector ResNet pretrained on base-box crops"),
+    Stage("backbone", st_backbone, ("world",), ("det.backbone", "det.pretrained_backbone", "seg.pretrained_backbone", "det.backbone_pretrain", "data"), (), "ResNet-18 pretrained on base-box crops (where the detector and LSeg start)"),
     Stage("propose", st_propose, ("world", "backbone"), ("proposals", "data", "det"), ("proposals/rpn/proposals_train.safetensors",), "class-agnostic RPN proposals"),
     Stage("regions", st_regions, ("teacher", "propose"), ("regions", "teacher", "det"), (), "teacher embeddings of the proposals", view=plain_teacher),
     Stage("det_text", st_det_text, ("text", "backbone"), ("det", "data", "teacher"), ("det/vild_text/metrics.json",), "ViLD-text student", view=plain_teacher),
