@@ -86,7 +86,7 @@ def st_clipself(cfg: Config):
 
     if not uses_clipself(cfg):
         return "skipped: teacher.dense_pretrained is not clipself.out"
-    clipself(cfg, teacher=_teacher(_with(cfg, "teacher", dense_pretrained="")))
+    clipself(cfg)  # builds the teacher without its dense tower, on teacher.device
     m = evaluate_teacher(cfg, out_dir=Path(cfg.work_dir) / "teacher" / "dense")
     return f"MaskCLIP on the dense tower: mIoU seen {100 * m.get('maskclip/miou_seen', float('nan')):.1f} / unseen {100 * m.get('maskclip/miou_unseen', float('nan')):.1f}"
 
