@@ -2,6 +2,7 @@
 
     python tools/ablate_vild.py [CONFIG] [key=value ...] [--variants vild_text,vild]
     python tools/ablate_vild.py configs/shapes/vild.yaml det.train.max_steps=150 world.seed=3
+    python tools/ablate_vild.py --seeds 0,1     # every row for both seeds; targets on the mean
 
 Trains a supervised Faster R-CNN on base boxes, ViLD-text, ViLD-image, ViLD, ViLD-ensemble (ViLD
 3.4: separate text / image heads, no teacher at test time) and an oracle on all classes, evaluates
@@ -20,16 +21,24 @@ from distill.detection.ablation import VARIANTS, check_targets, run_ablation, ta
 from distill.errors import DistillError  # noqa: E402
 
 
+def _seeds(text: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip()) or None
+    except ValueError:
+        raise DistillError(f"--seeds {text!r}: expected comma-separated integers such as 0,1") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", default="configs/shapes/vild.yaml")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument("--seeds", default="", help="comma-separated training seeds (default: det.train.seed); the table is their mean")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     a = ap.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
-        res = run_ablation(cfg, tuple(v.strip() for v in a.variants.split(",") if v.strip()), progress=a.progress)
+        res = run_ablation(cfg, tuple(v.strip() for v in a.variants.split(",") if v.strip()), progress=a.progress, seeds=_seeds(a.seeds))
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

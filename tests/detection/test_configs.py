@@ -253,3 +253,30 @@ def test_vild_ablation_pretrains_the_backbone_the_config_names(tmp_path):
     teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
     res = run_ablation(cfg, ("vild_text",), progress=False, teacher=teacher)
     assert (tmp_path / "run" / "backbone" / "base_crops.pth").is_file() and "vild_text" in res
+
+
+def test_vild_ablation_over_seeds_averages_each_row(tmp_path):
+    """--seeds 0,1: each seed trains its own run dir, the table is the mean of the two seeds' rows,
+    and metrics.json keeps each seed's rows and targets."""
+    from distill.detection.ablation import run_ablation
+
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue square", "split": "novel"}]
+    files = make_fixture(tmp_path / "d", cats, [1, 2])
+    cfg = load_config(REPO / "configs/shapes/vild.yaml", [
+        f"work_dir={tmp_path / 'run'}", f"data.image_root={tmp_path / 'd' / 'images'}", f"data.train_json={files['train']}",
+        f"data.train_full_json={files['train']}", f"data.val_json={files['val']}", *TINY])
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
+    res = run_ablation(cfg, ("vild_text",), progress=False, teacher=teacher, seeds=(0, 3))
+    det = tmp_path / "run" / "det"
+    assert (det / "ablation_vild_text" / "model_final.pt").is_file() and (det / "ablation_vild_text_s3" / "model_final.pt").is_file()
+    a = torch.load(det / "ablation_vild_text" / "model_final.pt", weights_only=True)
+    b = torch.load(det / "ablation_vild_text_s3" / "model_final.pt", weights_only=True)
+    a, b = a.get("model", a), b.get("model", b)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # the seeds differ
+    saved = json.loads((det / "ablation" / "metrics.json").read_text())
+    assert set(saved["seeds"]) == {"0", "3"} and saved["meta"]["seeds"] == [0, 3]
+    for c in ("bbox/AP50_base", "bbox/AP50"):
+        xs = [saved["seeds"][s]["rows"]["vild_text"][c] for s in ("0", "3")]
+        assert saved["rows"]["vild_text"][c] == pytest.approx(sum(xs) / 2)
+        assert res["vild_text"][c] == pytest.approx(sum(xs) / 2)
+    assert res["vild_text"]["n_seeds"] == 2 and "Seed 3" in (det / "ablation" / "ablation.md").read_text()
