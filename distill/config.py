@@ -333,6 +333,9 @@ class CamConfig:
     caa: bool = True
     caa_layers: int = 8  # CLIP-ES: attention of the last 8 blocks
     caa_box_thresh: float = 0.4
+    # the affinity's power: 2 = the repo (``trans_mat @ trans_mat`` once), 1 = the symmetrised
+    # Sinkhorn affinity itself (each extra factor is one more hop of propagation)
+    caa_power: int = 2
     bg_thresh: float = 0.0  # 0 = background = 1 - max class CAM; else a fixed threshold
     crf: bool = False
     conf_thresh: float = 0.95

@@ -3,6 +3,7 @@
     python tools/ablate_vild.py [CONFIG] [key=value ...] [--variants vild_text,vild]
     python tools/ablate_vild.py configs/shapes/vild.yaml det.train.max_steps=150 world.seed=3
     python tools/ablate_vild.py --seeds 0,1     # every row for both seeds; targets on the mean
+    python tools/ablate_vild.py --seeds 0,1 --reuse   # rows already trained here (same settings) are read
 
 Trains a supervised Faster R-CNN on base boxes, ViLD-text, ViLD-image, ViLD, ViLD-ensemble (ViLD
 3.4: separate text / image heads, no teacher at test time) and an oracle on all classes, evaluates
@@ -34,11 +35,12 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--seeds", default="", help="comma-separated training seeds (default: det.train.seed); the table is their mean")
+    ap.add_argument("--reuse", action="store_true", help="read rows already trained in this work dir with the same settings instead of training them again")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     a = ap.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
-        res = run_ablation(cfg, tuple(v.strip() for v in a.variants.split(",") if v.strip()), progress=a.progress, seeds=_seeds(a.seeds))
+        res = run_ablation(cfg, tuple(v.strip() for v in a.variants.split(",") if v.strip()), progress=a.progress, seeds=_seeds(a.seeds), reuse=a.reuse)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

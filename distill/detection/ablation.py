@@ -80,11 +80,13 @@ def train_supervised(cfg: Config, vocab, progress: bool = True) -> dict:
 
     save_config(cfg, out / "config.yaml")
     loader = make_loader(ds, cfg.det.train, collate_fn=collate, num_workers=cfg.data.num_workers)
-    return train(model, loader, cfg.det.train, out, eval_fn=eval_fn, progress=progress)
+    metrics = train(model, loader, cfg.det.train, out, eval_fn=eval_fn, progress=progress)
+    write_json(out / "metrics.json", metrics)  # as train_detector does (run_ablation(reuse=True) reads it)
+    return metrics
 
 
 def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bool = True, teacher=None,
-                 seeds: tuple[int, ...] | None = None) -> dict:
+                 seeds: tuple[int, ...] | None = None, reuse: bool = False) -> dict:
     """Train / evaluate every variant for each seed; returns ``{variant: metrics}`` (the mean over
     seeds of :data:`COLUMNS` when there are several, with each seed's rows under ``"_seeds"``) and
     writes the table.
@@ -93,6 +95,9 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
     seeds (it names novel classes by composing base attributes, which some seeds learn better), so
     the targets are checked on the mean over seeds when more than one is given. The config's own
     seed trains ``det/ablation_<variant>``; another seed ``s`` trains ``det/ablation_<variant>_s<s>``.
+    ``reuse``: a row whose directory already holds the metrics of a run with the same settings
+    (:func:`finished_run`) is read instead of trained again, so a stopped ablation, or rows trained
+    by separate processes in this work dir, can be completed and tabulated.
     """
     from distill.detection.proposals import proposals_dir, run_proposals
     from distill.detection.train import build_teacher_and_text, det_vocab
@@ -121,8 +126,13 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
         per_seed[s] = {}
         for v in variants:
             t1 = time.perf_counter()
-            m = _run_variant(cfg, v, s, vocab, teacher, progress)
-            m["variant_seconds"] = round(time.perf_counter() - t1, 1)
+            m = finished_run(_seed_cfg(cfg, v, s)) if reuse else None
+            if m is None:
+                m = _run_variant(cfg, v, s, vocab, teacher, progress)
+                m["variant_seconds"] = round(time.perf_counter() - t1, 1)
+            else:
+                m["variant_seconds"] = m.get("seconds") or m.get("train_time_s")
+                m["reused"] = True
             per_seed[s][v] = m
             results = _combine(per_seed)
             _write_table(out, cfg, results)
@@ -131,20 +141,65 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
     return results
 
 
-def _run_variant(cfg: Config, v: str, seed: int, vocab, teacher, progress: bool) -> dict:
-    from distill.detection.train import train_detector, with_det
+def _seed_cfg(cfg: Config, v: str, seed: int) -> Config:
+    """The config row ``v`` trains with for ``seed`` (the config's seed keeps the plain name)."""
+    from distill.detection.train import with_det
 
     suffix = "" if seed == cfg.det.train.seed else f"_s{seed}"
     vcfg = _variant_cfg(cfg, v)
     vcfg = with_det(vcfg, name=vcfg.det.name + suffix, train={"seed": seed})
+    if v == "vild_ensemble":
+        weights = Path(vcfg.work_dir) / "det" / vcfg.det.name / "model_final.pt"  # the vild row's model
+        vcfg = with_det(vcfg, name=f"ablation_vild_ensemble{suffix}", inference="ensemble", checkpoint=str(weights))
+    return vcfg
+
+
+# the sections that decide a row's result (the world is the work dir's data)
+_RUN_SECTIONS = ("data", "teacher", "regions", "proposals", "det")
+
+
+def _run_settings(d: dict, work_dir: str) -> str:
+    import json
+
+    text = json.dumps({k: d.get(k) for k in _RUN_SECTIONS}, sort_keys=True, default=str)
+    return text.replace(str(work_dir), "{work_dir}") if work_dir else text
+
+
+def finished_run(vcfg: Config) -> dict | None:
+    """The metrics in ``det/<name>/metrics.json`` when that directory's ``config.yaml`` has the same
+    data, teacher, regions, proposals and det settings as ``vcfg`` (paths compared relative to each
+    one's work dir) and the run reached its evaluation; else None."""
+    import yaml
+
+    from distill.config import to_dict
+    from distill.detection.train import det_dir
+    from distill.errors import DistillError
+    from distill.io import read_json
+
+    d = det_dir(vcfg)
+    if not ((d / "metrics.json").is_file() and (d / "config.yaml").is_file()):
+        return None
+    try:
+        saved = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        m = read_json(d / "metrics.json")
+    except (OSError, DistillError, yaml.YAMLError):  # unreadable: train the row again
+        return None
+    if _run_settings(saved, saved.get("work_dir", "")) != _run_settings(to_dict(vcfg), vcfg.work_dir):
+        return None
+    return m if isinstance(m, dict) and "bbox/AP50" in m else None
+
+
+def _run_variant(cfg: Config, v: str, seed: int, vocab, teacher, progress: bool) -> dict:
+    from distill.detection.train import train_detector, with_det
+
+    vcfg = _seed_cfg(cfg, v, seed)
     if v == "supervised":
         return train_supervised(vcfg, vocab, progress)
     if v == "vild_ensemble":
-        weights = Path(vcfg.work_dir) / "det" / vcfg.det.name / "model_final.pt"  # the vild row's model
+        weights = Path(vcfg.det.checkpoint)  # the vild row's model
         if not weights.is_file():
-            train_detector(vcfg, progress=progress, teacher=teacher)
-        ecfg = with_det(vcfg, name=f"ablation_vild_ensemble{suffix}", inference="ensemble", checkpoint=str(weights))
-        return train_detector(ecfg, eval_only=True, progress=progress, teacher=teacher)
+            train_detector(_seed_cfg(cfg, "vild", seed), progress=progress, teacher=teacher)
+        return train_detector(vcfg, eval_only=True, progress=progress, teacher=teacher)
     return train_detector(vcfg, progress=progress, teacher=teacher)
 
 

@@ -359,11 +359,12 @@ def box_mask(cam: np.ndarray, threshold: float = 0.4) -> np.ndarray:
     return m
 
 
-def attention_affinity(attn: Sequence[torch.Tensor] | torch.Tensor, layers: int = 8) -> torch.Tensor:
+def attention_affinity(attn: Sequence[torch.Tensor] | torch.Tensor, layers: int = 8, power: int = 2) -> torch.Tensor:
     """Affinity ``(N, N)`` from per-block attention ``(1 + N, 1 + N)`` (class token first).
 
     Patch-to-patch attention of the last ``layers`` blocks averaged; Sinkhorn-style normalisation
-    (column then row, three rounds), symmetrised, squared (repo: ``trans_mat @ trans_mat`` once).
+    (column then row, three rounds), symmetrised, raised to ``power`` (the repo squares it:
+    ``trans_mat @ trans_mat`` once; ``power=1`` keeps the symmetrised affinity).
     """
     a = torch.stack([x[1:, 1:].float() for x in list(attn)[-layers:]]).mean(0)
     t = a / a.sum(0, keepdim=True)
@@ -372,7 +373,7 @@ def attention_affinity(attn: Sequence[torch.Tensor] | torch.Tensor, layers: int 
         t = t / t.sum(0, keepdim=True)
         t = t / t.sum(1, keepdim=True)
     t = (t + t.T) / 2
-    return t @ t
+    return torch.linalg.matrix_power(t, power)
 
 
 def refine_cams(cams: torch.Tensor, affinity: torch.Tensor, box_thresh: float = 0.4) -> torch.Tensor:
@@ -511,6 +512,7 @@ def clip_es_cams(
     pool: str = "mean",
     caa: bool = True,
     caa_layers: int = 8,
+    caa_power: int = 2,
     box_thresh: float = 0.4,
     softmax: bool = True,
     with_plain: bool = False,
@@ -534,7 +536,7 @@ def clip_es_cams(
         refined = None
         if caa and n:
             per_block = [a[b] for a in attn] + [out.attn_last[j]]
-            aff = attention_affinity(per_block, caa_layers)
+            aff = attention_affinity(per_block, caa_layers, caa_power)
             refined = normalize_cam(refine_cams(cams, aff, box_thresh))
         elif caa:
             refined = cams.clone()
@@ -818,6 +820,8 @@ def _check_cfg(c) -> None:
         raise DistillError(f"cam.conf_thresh: expected a value in [0, 1], got {c.conf_thresh}")
     if c.caa_layers < 1:
         raise DistillError(f"cam.caa_layers: expected >= 1, got {c.caa_layers}")
+    if c.caa_power < 1:
+        raise DistillError(f"cam.caa_power: expected an integer >= 1, got {c.caa_power}")
     if c.conf_source not in ("prob", "score"):
         raise DistillError(f"cam.conf_source: {c.conf_source!r} is not one of prob, score")
     if c.batch_size < 1:
@@ -836,7 +840,7 @@ def _compute_batch(teacher, cfg, batch_imgs: list[np.ndarray], batch_labels: lis
     size = _image_size(cfg, teacher) if c.resize == "square" else c.image_size
     xs = [resize_for_teacher(im, size, ps, c.resize) for im in batch_imgs]
     kw = dict(logit_scale=logit_scale_of(cfg, teacher), pool=c.pool, caa=caa, caa_layers=c.caa_layers,
-              box_thresh=c.caa_box_thresh, with_plain=with_plain)
+              caa_power=c.caa_power, box_thresh=c.caa_box_thresh, with_plain=with_plain)
     if all(x.shape == xs[0].shape for x in xs):
         return clip_es_cams(teacher, torch.stack(xs), batch_labels, text, bg, **kw)
     out = []
@@ -1079,7 +1083,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
         "cam/final_step": final,
         "cam/ignored_fraction": ignored[final] / max(total, 1),
         "settings": {"logit_scale": logit_scale_of(cfg, teacher), "pool": c.pool, "conf_source": c.conf_source, "bg_power": c.bg_power, "bg_thresh": c.bg_thresh,
-                     "background_words": len(read_word_list(c.background)), "caa": c.caa, "caa_layers": c.caa_layers,
+                     "background_words": len(read_word_list(c.background)), "caa": c.caa, "caa_layers": c.caa_layers, "caa_power": c.caa_power,
                      "image_size": _image_size(cfg, teacher), "crf": has_crf},
         "wall_s": round(wall, 2),
         "table": ablation_table(rows),

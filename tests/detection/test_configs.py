@@ -280,3 +280,27 @@ def test_vild_ablation_over_seeds_averages_each_row(tmp_path):
         assert saved["rows"]["vild_text"][c] == pytest.approx(sum(xs) / 2)
         assert res["vild_text"][c] == pytest.approx(sum(xs) / 2)
     assert res["vild_text"]["n_seeds"] == 2 and "Seed 3" in (det / "ablation" / "ablation.md").read_text()
+
+
+def test_vild_ablation_reuse_reads_finished_rows_and_retrains_changed_ones(tmp_path, monkeypatch):
+    """--reuse: a row whose run dir holds metrics of the same settings is read, not trained; the
+    same row under other settings (more steps) trains again."""
+    from distill.detection import ablation as A
+
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue square", "split": "novel"}]
+    files = make_fixture(tmp_path / "d", cats, [1, 2])
+    args = [f"work_dir={tmp_path / 'run'}", f"data.image_root={tmp_path / 'd' / 'images'}", f"data.train_json={files['train']}",
+            f"data.train_full_json={files['train']}", f"data.val_json={files['val']}", *TINY]
+    cfg = load_config(REPO / "configs/shapes/vild.yaml", args)
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
+    first = A.run_ablation(cfg, ("supervised", "vild_text"), progress=False, teacher=teacher)
+    trained = []
+    real = A._run_variant
+    monkeypatch.setattr(A, "_run_variant", lambda c, v, *a, **k: trained.append(v) or real(c, v, *a, **k))
+    again = A.run_ablation(cfg, ("supervised", "vild_text"), progress=False, teacher=teacher, reuse=True)
+    assert trained == []
+    for v in ("supervised", "vild_text"):
+        assert again[v]["reused"] and again[v]["bbox/AP50"] == first[v]["bbox/AP50"]
+    longer = load_config(REPO / "configs/shapes/vild.yaml", [*args, f"det.train.max_steps={cfg.det.train.max_steps + 1}"])
+    A.run_ablation(longer, ("vild_text",), progress=False, teacher=teacher, reuse=True)
+    assert trained == ["vild_text"]

@@ -521,3 +521,20 @@ def test_run_cam_reads_the_tower_cam_tower_names(tmp_path):
     for d, r, o in zip(dense, seeds("ref", "teacher", ref), seeds("own", "teacher", t)):
         np.testing.assert_allclose(d, r, atol=2e-3)  # float16 seeds
         assert np.abs(d - o).max() > 0.05
+
+
+def test_caa_power_is_the_number_of_affinity_factors():
+    rng = np.random.default_rng(1)
+    N = 12
+    attn = [torch.from_numpy(rng.dirichlet(np.ones(N + 1), N + 1)) for _ in range(3)]
+    one = C.attention_affinity(attn, 8, power=1)
+    assert torch.allclose(one, one.T)
+    torch.testing.assert_close(C.attention_affinity(attn, 8), one @ one)  # the repo's default: squared
+    torch.testing.assert_close(C.attention_affinity(attn, 8, power=3), one @ one @ one)
+
+
+def test_caa_power_below_one_is_a_config_error():
+    from distill.config import CamConfig
+
+    with pytest.raises(DistillError, match="cam.caa_power"):
+        C._check_cfg(CamConfig(caa_power=0))
