@@ -1,6 +1,8 @@
 """Thin script: the ViLD ablation on the shapes world (logic in distill/detection/ablation.py).
 
     python tools/ablate_vild.py [CONFIG] [key=value ...] [--variants vild_text,vild]
+    python tools/ablate_vild.py                 # configs/shapes/vild_ablation.yaml: 600 steps a row
+    python tools/ablate_vild.py configs/shapes/vild.yaml   # the pipeline detector's 300 steps a row
     python tools/ablate_vild.py configs/shapes/vild.yaml det.train.max_steps=150 world.seed=3
     python tools/ablate_vild.py --seeds 0,1     # every row for both seeds; targets on the mean
     python tools/ablate_vild.py --seeds 0,1 --reuse   # rows already trained here (same settings) are read
@@ -31,7 +33,7 @@ def _seeds(text: str) -> tuple[int, ...] | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", nargs="?", default="configs/shapes/vild.yaml")
+    ap.add_argument("config", nargs="?", default="configs/shapes/vild_ablation.yaml")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--seeds", default="", help="comma-separated training seeds (default: det.train.seed); the table is their mean")

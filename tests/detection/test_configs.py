@@ -304,3 +304,17 @@ def test_vild_ablation_reuse_reads_finished_rows_and_retrains_changed_ones(tmp_p
     longer = load_config(REPO / "configs/shapes/vild.yaml", [*args, f"det.train.max_steps={cfg.det.train.max_steps + 1}"])
     A.run_ablation(longer, ("vild_text",), progress=False, teacher=teacher, reuse=True)
     assert trained == ["vild_text"]
+
+
+def test_vild_ablation_config_is_vild_yaml_at_600_steps():
+    """tools/ablate_vild.py's default config differs from the pipeline detector's only in the
+    training length, so its rows are the default detector trained longer."""
+    import dataclasses
+
+    from distill.config import to_dict
+
+    base = load_config(REPO / "configs/shapes/vild.yaml")
+    abl = load_config(REPO / "configs/shapes/vild_ablation.yaml")
+    assert abl.det.train.max_steps == 600 and base.det.train.max_steps == 300
+    same = dataclasses.replace(abl, det=dataclasses.replace(abl.det, train=base.det.train))
+    assert to_dict(same) == to_dict(base)
