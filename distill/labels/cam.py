@@ -16,7 +16,7 @@ Pipeline for one image with present classes ``k = 1..K`` (image-level labels):
    every class's gradient in its own row.
 3. Class-aware attention affinity (CLIP-ES 3.3): attention of the last 8 blocks (patch-to-patch,
    heads averaged) -> alternating column/row normalisation (Sinkhorn, 3 rounds) -> symmetrise ->
-   squared -> restricted to the boxes around the CAM above 0.4 of its max -> ``refined = A @ cam``.
+   raised to ``cam.caa_power`` (2, squared, in the repo) -> restricted to the boxes around the CAM above 0.4 of its max -> ``refined = A @ cam``.
 4. Masks (CLIP-ES 3.4 and eval_cam_with_crf.py): background = ``(1 - max_k cam_k) ** bg_power`` (or
    a fixed threshold), argmax, optional dense CRF, confidence-guided ignore: pixels whose
    confidence is below ``conf_thresh`` (0.95) become 255.
