@@ -190,7 +190,7 @@ def finished_run(vcfg: Config) -> dict | None:
 
 
 def _run_variant(cfg: Config, v: str, seed: int, vocab, teacher, progress: bool) -> dict:
-    from distill.detection.train import train_detector, with_det
+    from distill.detection.train import train_detector
 
     vcfg = _seed_cfg(cfg, v, seed)
     if v == "supervised":
