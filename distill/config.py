@@ -108,6 +108,11 @@ class PretrainConfig:
     warmup: int = 50
     logit_scale: float = 50.0
     whole_image_fraction: float = 0.05
+    # Stuff crops: this fraction of each batch are crops of what no caption names -- the background
+    # texture ("a photo of a striped background") and the clutter items ("a gray blob") -- from the
+    # world's captions.json "background" / "clutter" fields. Web CLIP has seen "grass", "wall" and
+    # "sky" as often as objects; CLIP-ES's background words (3.2) rely on it. 0 = off.
+    stuff_fraction: float = 0.0
     crop_scale_min: float = 0.9
     crop_scale_max: float = 1.6
     crop_shift: float = 0.1  # random crop-centre shift, as a fraction of the box side

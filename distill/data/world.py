@@ -298,23 +298,31 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     return img.astype(np.float32), kind
 
 
-def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray, count: int) -> None:
-    """Non-category items on the 2x canvas: thin lines, gray/brown blobs, elongated ellipses."""
+def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray, count: int) -> list[dict]:
+    """Non-category items on the 2x canvas: thin lines, gray/brown blobs, elongated ellipses.
+
+    Returns one ``{"name": "gray line" | "brown blob" | ..., "bbox": [x, y, w, h]}`` per item, the
+    box in 1x pixels, clipped to the image (objects drawn later may cover the item).
+    """
     s = canvas.shape[0]
+    items = []
     for _ in range(count):
         kind = rng.integers(3)
         if rng.random() < 0.5:  # gray
-            col = _hsv_to_rgb(0, 0, rng.uniform(0.15, 0.9))
+            col, tone = _hsv_to_rgb(0, 0, rng.uniform(0.15, 0.9)), "gray"
         else:  # brown
-            col = _hsv_to_rgb(rng.uniform(20, 40), rng.uniform(0.4, 0.65), rng.uniform(0.25, 0.45))
+            col, tone = _hsv_to_rgb(rng.uniform(20, 40), rng.uniform(0.4, 0.65), rng.uniform(0.25, 0.45)), "brown"
         col = tuple(float(x) for x in col)
         if kind == 0:
             p1 = rng.uniform(0, s, 2)
             ang = rng.uniform(0, 2 * np.pi)
             ln = rng.uniform(0.2, 0.7) * s
             p2 = p1 + ln * np.array([np.cos(ang), np.sin(ang)])
+            thick = int(rng.integers(2, 4))
             pts = np.round(np.stack([p1, p2]) * (1 << _SHIFT)).astype(np.int32)
-            cv2.line(canvas, tuple(pts[0]), tuple(pts[1]), col, int(rng.integers(2, 4)), cv2.LINE_AA, _SHIFT)
+            cv2.line(canvas, tuple(pts[0]), tuple(pts[1]), col, thick, cv2.LINE_AA, _SHIFT)
+            lo, hi = np.minimum(p1, p2) - thick, np.maximum(p1, p2) + thick
+            name = f"{tone} line"
         else:
             c = rng.uniform(0, s, 2)
             if kind == 1:  # small blob
@@ -322,13 +330,23 @@ def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray, count: int) -> N
             else:  # elongated ellipse (aspect <= 0.5: never a circle)
                 major = rng.uniform(6, 16) * s / 64
                 ax = major, major * rng.uniform(0.25, 0.5)
+            ang = float(rng.uniform(0, 180))
             center = tuple(int(round(v * (1 << _SHIFT))) for v in c)
             axes = tuple(int(round(v * (1 << _SHIFT))) for v in ax)
-            cv2.ellipse(canvas, center, axes, float(rng.uniform(0, 180)), 0, 360, col, -1, cv2.LINE_AA, _SHIFT)
+            cv2.ellipse(canvas, center, axes, ang, 0, 360, col, -1, cv2.LINE_AA, _SHIFT)
+            # the rotated ellipse's axis-aligned half extents
+            t = np.deg2rad(ang)
+            half = np.array([np.hypot(ax[0] * np.cos(t), ax[1] * np.sin(t)), np.hypot(ax[0] * np.sin(t), ax[1] * np.cos(t))])
+            lo, hi = c - half, c + half
+            name = f"{tone} {'blob' if kind == 1 else 'ellipse'}"
+        lo, hi = np.clip(lo, 0, s) / 2, np.clip(hi, 0, s) / 2  # 1x pixels
+        if (hi - lo).min() >= 1:
+            items.append({"name": name, "bbox": [round(float(lo[0]), 2), round(float(lo[1]), 2), round(float(hi[0] - lo[0]), 2), round(float(hi[1] - lo[1]), 2)]})
+    return items
 
 
-def _render(rng: np.random.Generator, wcfg: WorldConfig, classes: list[str]) -> tuple[np.ndarray, list[dict], str]:
-    """Draw one image. Returns (RGB uint8 (S, S, 3), objects, background word).
+def _render(rng: np.random.Generator, wcfg: WorldConfig, classes: list[str]) -> tuple[np.ndarray, list[dict], str, list[dict]]:
+    """Draw one image. Returns (RGB uint8 (S, S, 3), objects, background word, clutter items).
 
     Each object: ``{"class": index into classes, "mask": (S, S) bool visible mask, "center": (x, y)}``.
     """
@@ -336,7 +354,7 @@ def _render(rng: np.random.Generator, wcfg: WorldConfig, classes: list[str]) -> 
     big = 2 * size
     bg, bg_word = _background(rng, size)
     canvas = cv2.resize(bg, (big, big), interpolation=cv2.INTER_LINEAR)
-    _draw_clutter(rng, canvas, int(rng.integers(0, wcfg.clutter + 1)))
+    clutter = _draw_clutter(rng, canvas, int(rng.integers(0, wcfg.clutter + 1)))
 
     n_want = int(rng.integers(wcfg.min_objects, wcfg.max_objects + 1))
     owner = np.zeros((big, big), np.uint8)  # 0 = background, k = object k (1-based), 2x resolution
@@ -404,7 +422,7 @@ def _render(rng: np.random.Generator, wcfg: WorldConfig, classes: list[str]) -> 
         o["mask"] = m
         o["dropped"] = int(m.sum()) < MIN_VISIBLE_PIXELS or m.sum() < MIN_VISIBLE_FRACTION * full_area[k - 1] / 4
         keep.append(o)
-    return img, keep, bg_word
+    return img, keep, bg_word, clutter
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +576,7 @@ def make_world(cfg: Config) -> Path:
             for index in range(sizes[split]):
                 image_id += 1
                 rng = np.random.default_rng([wcfg.seed, _SPLIT_INDEX[split], index])
-                img, objs, bg_word = _render(rng, wcfg, names)
+                img, objs, bg_word, clutter = _render(rng, wcfg, names)
                 file_name = f"{split}/{image_id:06d}.png"
                 _write(stage / "images" / file_name, _png(img))
                 images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -606,6 +624,10 @@ def make_world(cfg: Config) -> Path:
                         "file_name": file_name,
                         "split": split,
                         "captions": _captions(rng, names, kept, bg_word, wcfg.num_captions_per_image) if kept else [f"{_article(bg_word)} {bg_word} background"],
+                        # what the captions leave out, for the teacher's stuff crops
+                        # (pretrain.stuff_fraction): the background texture and the clutter items
+                        "background": bg_word,
+                        "clutter": clutter,
                     }
                 )
             info = {"description": "distill shapes world", "version": "1", "split": split, "world_hash": whash, "seed": wcfg.seed}

@@ -211,10 +211,16 @@ def _pool_project(visual, x: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 def normalize_cam(cam: torch.Tensor) -> torch.Tensor:
-    """Per map min-max to [0, 1] over the last two dims (pytorch_grad_cam ``scale_cam_image``)."""
+    """Per map min-max to [0, 1] over the last two dims (pytorch_grad_cam ``scale_cam_image``).
+
+    scale_cam_image divides by ``1e-7 + max``, an absolute epsilon: a softmax Grad-CAM whose class
+    probability is close to 1 has gradients, hence a map, below 1e-7 (its shape intact), which that
+    leaves at ~1e-4 of full scale, so CAA's 0.4 box (an 8-bit threshold, as the repo's
+    scoremap2bbox) sees nothing and the class vanishes. Only an all-zero map stays zero here.
+    """
     flat = cam.flatten(-2)
     flat = flat - flat.min(-1, keepdim=True).values
-    flat = flat / (1e-7 + flat.max(-1, keepdim=True).values)
+    flat = flat / flat.max(-1, keepdim=True).values.clamp_min(torch.finfo(flat.dtype).tiny)
     return flat.reshape(cam.shape)
 
 
@@ -402,7 +408,7 @@ def upsample_cams(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out = np.zeros((len(cams), H, W), np.float32)
     for i, c in enumerate(cams):
         c = c.astype(np.float32) - c.min()
-        c = c / (1e-7 + c.max())
+        c = c / max(float(c.max()), float(np.finfo(np.float32).tiny))  # relative, as normalize_cam
         out[i] = cv2.resize(c, (W, H))
     return out
 

@@ -59,6 +59,62 @@ class PairData:
     captions: list[list[str]]
     image_key: torch.Tensor
     names: list[str]
+    # stuff crops (pretrain.stuff_fraction): boxes XYXY, their image row, index into stuff_names
+    stuff_boxes: torch.Tensor | None = None
+    stuff_image: torch.Tensor | None = None
+    stuff_class: torch.Tensor | None = None
+    stuff_names: tuple[str, ...] = ()
+
+
+def _free_boxes(rng: np.random.Generator, objects: list[list[float]], H: int, W: int, n: int, tries: int = 30) -> list[list[float]]:
+    """Up to ``n`` random square-ish boxes (side 12-40% of the image) that overlap no object box."""
+    out = []
+    for _ in range(tries):
+        if len(out) == n:
+            break
+        w, h = rng.uniform(0.12, 0.4) * W, rng.uniform(0.12, 0.4) * H
+        x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
+        if all(x >= o[2] or x + w <= o[0] or y >= o[3] or y + h <= o[1] for o in objects):
+            out.append([x, y, x + w, y + h])
+    return out
+
+
+def _overlap_frac(b: list[float], objects: list[list[float]]) -> float:
+    """The largest fraction of box ``b`` covered by one of ``objects`` (all XYXY)."""
+    area = max((b[2] - b[0]) * (b[3] - b[1]), 1e-6)
+    best = 0.0
+    for o in objects:
+        iw, ih = min(b[2], o[2]) - max(b[0], o[0]), min(b[3], o[3]) - max(b[1], o[1])
+        if iw > 0 and ih > 0:
+            best = max(best, iw * ih / area)
+    return best
+
+
+def stuff_regions(entries: list[dict], row: dict[int, int], objects: dict[int, list[list[float]]], H: int, W: int, seed: int = 0) -> tuple[list[list[float]], list[int], list[str]]:
+    """Boxes of what the captions do not name, from captions.json's ``background`` / ``clutter``.
+
+    Per image: up to 2 boxes of bare background (overlapping no object box), named
+    "<texture> background", and each clutter item at most 30% covered by an object box, named as
+    drawn ("gray line"). Returns (boxes XYXY, image rows, names)."""
+    rng = np.random.default_rng(seed)
+    boxes, rows, names = [], [], []
+    for e in entries:
+        r = row.get(int(e["image_id"]))
+        if r is None or "background" not in e:
+            continue
+        objs = objects.get(r, [])
+        for b in _free_boxes(rng, objs, H, W, 2):
+            boxes.append(b)
+            rows.append(r)
+            names.append(f"{e['background']} background")
+        for c in e.get("clutter", []):
+            x, y, w, h = (float(v) for v in c["bbox"])
+            b = [x, y, x + w, y + h]
+            if w >= 3 and h >= 3 and _overlap_frac(b, objs) <= 0.3:
+                boxes.append(b)
+                rows.append(r)
+                names.append(str(c["name"]))
+    return boxes, rows, names
 
 
 def load_pairs(cfg, json_path: str | None = None) -> PairData:
@@ -77,9 +133,12 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
     cid_to_idx = {c["id"]: i for i, c in enumerate(cats)}
     caps_by_id: dict[int, list[str]] = {}
     cap_path = Path(cfg.data.captions)
-    if cap_path.is_file():
-        for e in read_json(cap_path, "captions"):
+    cap_entries = read_json(cap_path, "captions") if cap_path.is_file() else []
+    try:
+        for e in cap_entries:
             caps_by_id[int(e["image_id"])] = [str(c) for c in e.get("captions", [])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DistillError(f"{cap_path}: expected a list of {{image_id, captions: [str, ...]}} entries") from None
     root = Path(cfg.data.image_root)
     row = {}
     arrs = []
@@ -95,6 +154,7 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
     H, W = imgs.shape[-2:]
     boxes, bimg, bcls = [], [], []
     objs: dict[int, list[int]] = {r: [] for r in row.values()}
+    obj_boxes: dict[int, list[list[float]]] = {r: [] for r in row.values()}
     for a in anns:
         if a.get("iscrowd", 0):
             continue
@@ -102,6 +162,7 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
         r = row[int(a["image_id"])]
         c = cid_to_idx[int(a["category_id"])]
         objs[r].append(c)
+        obj_boxes[r].append([x, y, x + w, y + h])
         boxes.append([x, y, x + w, y + h])
         bimg.append(r)
         bcls.append(c)
@@ -111,6 +172,25 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
     captions = [[] for _ in range(len(arrs))]
     for iid, r in row.items():
         captions[r] = caps_by_id.get(iid, [])
+    stuff = {}
+    if cfg.pretrain.stuff_fraction > 0:
+        try:
+            sb, sr, sn = stuff_regions(cap_entries, row, obj_boxes, H, W, cfg.pretrain.seed)
+        except (KeyError, TypeError, ValueError):
+            raise DistillError(f"{cap_path}: expected \"background\": str and \"clutter\": [{{name, bbox}}] in each entry (pretrain.stuff_fraction > 0)") from None
+        if not sb:
+            raise DistillError(
+                f"{cap_path}: no \"background\" / \"clutter\" fields for pretrain.stuff_fraction > 0 "
+                "(a world made before 2026-12-01: rebuild it with `distill world make`, or set pretrain.stuff_fraction=0)"
+            )
+        stuff_names = tuple(sorted(set(sn)))
+        sbox, sok = clip_boxes(torch.tensor(sb, dtype=torch.float32), H, W)
+        stuff = {
+            "stuff_boxes": sbox[sok],
+            "stuff_image": torch.tensor(sr, dtype=torch.long)[sok],
+            "stuff_class": torch.tensor([stuff_names.index(n) for n in sn], dtype=torch.long)[sok],
+            "stuff_names": stuff_names,
+        }
     return PairData(
         images=imgs,
         boxes=boxes_t[valid],
@@ -119,6 +199,7 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
         captions=captions,
         image_key=image_key,
         names=names,
+        **stuff,
     )
 
 
@@ -175,6 +256,10 @@ class BatchSampler:
             self.cap_index.append(list(range(k, k + len(caps))))
             k += len(caps)
         self.with_caps = [r for r, c in enumerate(self.cap_index) if c]
+        self.stuff_tokens = None
+        if pcfg.stuff_fraction > 0 and data.stuff_boxes is not None and len(data.stuff_boxes):
+            S = len(data.stuff_names)
+            self.stuff_tokens = tokenizer([t.format(n) for n in data.stuff_names for t in templates]).view(S, len(templates), -1)
 
     def dense_batch(self, n: int, size: int):
         """n whole images resized to ``size`` with their GT boxes (scaled) and labels."""
@@ -192,27 +277,34 @@ class BatchSampler:
             labels.append(d.box_class[sel])
         return x, boxes, torch.cat(labels)
 
-    def __call__(self, B: int):
+    def _crops(self, boxes: torch.Tensor, rows: torch.Tensor, scale_min: float, scale_max: float) -> torch.Tensor:
+        """Crops of ``boxes`` (n, 4) XYXY of image ``rows``: side x U(scale_min, scale_max) around a
+        centre shifted by up to ``crop_shift`` of the side, resized to the input size."""
         d, p, g = self.d, self.p, self.g
-        n_whole = int(round(B * p.whole_image_fraction)) if self.with_caps else 0
-        n_crop = B - n_whole
+        n = len(boxes)
         H, W = d.images.shape[-2:]
-        # crops
-        idx = torch.randint(len(d.boxes), (n_crop,), generator=g)
-        b = d.boxes[idx]
+        b = boxes
         cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
         bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-        s = p.crop_scale_min + (p.crop_scale_max - p.crop_scale_min) * torch.rand(n_crop, generator=g)
-        cx = cx + p.crop_shift * bw * (2 * torch.rand(n_crop, generator=g) - 1)
-        cy = cy + p.crop_shift * bh * (2 * torch.rand(n_crop, generator=g) - 1)
+        s = scale_min + (scale_max - scale_min) * torch.rand(n, generator=g)
+        cx = cx + p.crop_shift * bw * (2 * torch.rand(n, generator=g) - 1)
+        cy = cy + p.crop_shift * bh * (2 * torch.rand(n, generator=g) - 1)
         hw, hh = bw * s / 2, bh * s / 2
         crop_boxes, ok = clip_boxes(torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], 1), H, W)
         crop_boxes = torch.where(ok[:, None], crop_boxes, b)
-        src_rows = d.box_image[idx]
-        uniq, inv = torch.unique(src_rows, return_inverse=True)
+        uniq, inv = torch.unique(rows, return_inverse=True)
         src = d.images[uniq].float() / 255.0
         rois = torch.cat([inv.float()[:, None], crop_boxes], 1)
-        crops = crop_and_resize(src, rois, self.size)
+        return crop_and_resize(src, rois, self.size)
+
+    def __call__(self, B: int):
+        d, p, g = self.d, self.p, self.g
+        n_whole = int(round(B * p.whole_image_fraction)) if self.with_caps else 0
+        n_stuff = int(round(B * p.stuff_fraction)) if self.stuff_tokens is not None else 0
+        n_crop = B - n_whole - n_stuff
+        # crops
+        idx = torch.randint(len(d.boxes), (n_crop,), generator=g)
+        crops = self._crops(d.boxes[idx], d.box_image[idx], p.crop_scale_min, p.crop_scale_max)
         cls = d.box_class[idx]
         t = torch.randint(len(self.templates), (n_crop,), generator=g)
         tokens = [self.class_tokens[cls, t]]
@@ -224,6 +316,14 @@ class BatchSampler:
             ims.append(whole)
             tokens.append(self.cap_tokens[[self.rng.choice(self.cap_index[int(r)]) for r in rows]])
             keys.append(d.image_key[rows])
+        if n_stuff:
+            # stuff crops stay inside their box (scale <= 1): a background box borders objects
+            sidx = torch.randint(len(d.stuff_boxes), (n_stuff,), generator=g)
+            ims.append(self._crops(d.stuff_boxes[sidx], d.stuff_image[sidx], 0.8, 1.0))
+            scls = d.stuff_class[sidx]
+            st = torch.randint(len(self.templates), (n_stuff,), generator=g)
+            tokens.append(self.stuff_tokens[scls, st])
+            keys.append(-1 - scls)  # below every class / image key
         x = torch.cat(ims)
         flip = torch.rand(x.shape[0], generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -214,6 +214,31 @@ def test_captions_name_every_object(tiny):
     assert len(forms) >= 3  # varied sentence forms
 
 
+def test_captions_json_names_the_background_and_clutter_boxes(tiny):
+    """Each entry carries its background texture and clutter items; a clutter box holds pixels of
+    the clutter colour (gray or brown) that no object or the background explains."""
+    entries = json.loads((tiny / "captions.json").read_text())
+    n_items = 0
+    for e in entries:
+        assert e["background"] in ("plain", "gradient", "striped", "blotchy")
+        for c in e["clutter"]:
+            tone, kind = c["name"].split()
+            assert tone in ("gray", "brown") and kind in ("line", "blob", "ellipse")
+            x, y, w, h = c["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 128.01 and y + h <= 128.01 and w >= 1 and h >= 1
+            n_items += 1
+    assert n_items > 0
+    # re-render one image's clutter alone: every drawn pixel lies inside its box
+    canvas = np.zeros((256, 256, 3), np.float32)
+    items = W._draw_clutter(np.random.default_rng(5), canvas, 3)
+    drawn = canvas.max(-1) > 0
+    inside = np.zeros_like(drawn)
+    for c in items:
+        x, y, w, h = (2 * v for v in c["bbox"])
+        inside[int(y):int(np.ceil(y + h)) + 1, int(x):int(np.ceil(x + w)) + 1] = True
+    assert drawn.any() and not (drawn & ~inside).any()
+
+
 def test_background_colours_stay_far_from_category_colours():
     rng = np.random.default_rng(0)
     cats = np.array(list(W.COLORS.values()), np.float32)

@@ -207,6 +207,22 @@ def test_scoremap_boxes_by_hand():
     assert C.scoremap_boxes(np.zeros((4, 4), np.float32)) == [(0, 0, 0, 0)]
 
 
+def test_normalize_cam_is_scale_free():
+    # A saturated softmax (class probability ~1) gives Grad-CAM gradients, hence maps, far below
+    # pytorch_grad_cam's absolute 1e-7 epsilon; the map's shape must survive normalisation, or
+    # CAA's 0.4 box (an 8-bit threshold) is empty and the class disappears.
+    cam = torch.zeros(2, 6, 6)
+    cam[0, 1:3, 2:5] = 3e-11
+    cam[0, 4, 4] = 1e-11
+    cam[1, 2:4, 2:4] = 5.0
+    out = C.normalize_cam(cam)
+    torch.testing.assert_close(out, cam / cam.flatten(1).max(1).values[:, None, None])
+    assert C.scoremap_boxes(out[0].numpy(), 0.4) == [(2, 1, 5, 3)]
+    assert float(C.normalize_cam(torch.zeros(1, 3, 3)).abs().max()) == 0.0  # all-zero stays zero
+    up = C.upsample_cams(cam[:1].numpy(), (12, 12))
+    assert abs(float(up.max()) - 1.0) < 1e-6
+
+
 def test_cams_to_mask_numbers():
     cams = np.array([[[0.9, 0.1, 0.5, 0.02]], [[0.2, 0.7, 0.5, 0.01]]], np.float32)  # (2, 1, 4)
     mask, conf = C.cams_to_mask(cams, [7, 3])

@@ -76,6 +76,53 @@ def test_sampler_batches(tiny_world):
     assert torch.equal(x, x2) and torch.equal(k, k2)  # deterministic from the seed
 
 
+def test_stuff_crops_name_background_and_clutter(tiny_world):
+    """pretrain.stuff_fraction: that share of a batch are crops of bare background and clutter,
+    keyed below every class / image key, with their texts; bare-background boxes overlap no object."""
+    import dataclasses
+
+    _, cfg = tiny_world
+    cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, stuff_fraction=0.25))
+    data = load_pairs(cfg)
+    assert len(data.stuff_boxes) == len(data.stuff_class) == len(data.stuff_image) > 0
+    assert {n.split()[-1] for n in data.stuff_names} <= {"background", "line", "blob", "ellipse"}
+    assert any(n.endswith("background") for n in data.stuff_names)
+    for b, r, c in zip(data.stuff_boxes, data.stuff_image, data.stuff_class):
+        if data.stuff_names[c].endswith("background"):
+            objs = data.boxes[data.box_image == r]
+            iw = (torch.minimum(objs[:, 2], b[2]) - torch.maximum(objs[:, 0], b[0])).clamp(min=0)
+            ih = (torch.minimum(objs[:, 3], b[3]) - torch.maximum(objs[:, 1], b[1])).clamp(min=0)
+            assert float((iw * ih).max()) == 0.0
+    tok = open_clip.get_tokenizer("distill-tiny-vit")
+    templates = load_templates(cfg.teacher.templates)
+    x, t, k = BatchSampler(data, cfg.pretrain, templates, tok, 64, seed=0)(20)
+    assert x.shape == (20, 3, 64, 64) and int((k < 0).sum()) == 5  # 25% of 20
+    names = [data.stuff_names[-1 - int(v)] for v in k[k < 0]]
+    texts = {tuple(tok([tpl.format(n)])[0].tolist()): n for n in data.stuff_names for tpl in templates}
+    assert [texts[tuple(row.tolist())] for row in t[k < 0]] == names
+    # off (the default): the same batches as before the option existed
+    x0, _, k0 = BatchSampler(load_pairs(tiny_world[1]), tiny_world[1].pretrain, templates, tok, 64, seed=0)(20)
+    assert int((k0 < 0).sum()) == 0
+
+
+def test_stuff_crops_on_a_world_without_the_fields_is_a_clear_error(tiny_world, tmp_path):
+    import dataclasses
+    import shutil
+
+    from distill.errors import DistillError
+
+    _, cfg = tiny_world
+    caps = json.loads(open(cfg.data.captions).read())
+    for e in caps:
+        e.pop("background"), e.pop("clutter")
+    old = tmp_path / "captions.json"
+    old.write_text(json.dumps(caps))
+    cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, stuff_fraction=0.1), data=dataclasses.replace(cfg.data, captions=str(old)))
+    with pytest.raises(DistillError, match="captions.json.*background.*distill world make"):
+        load_pairs(cfg)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def test_pretrain_end_to_end_and_reuse(tiny_world):
     cfg_path, cfg = tiny_world
     assert main(["teacher", "pretrain", str(cfg_path)]) == 0
