@@ -855,6 +855,13 @@ def _compute_batch(teacher, cfg, batch_imgs: list[np.ndarray], batch_labels: lis
     return out
 
 
+def _bg_rule(c) -> str:
+    """The background score of :func:`cams_to_mask` in words (the panels' title)."""
+    if c.bg_thresh > 0:
+        return f"{c.bg_thresh:g}"
+    return "1 - max CAM" if c.bg_power == 1 else f"(1 - max CAM) ** {c.bg_power:g}"
+
+
 def logit_scale_of(cfg, teacher) -> float:
     """``cam.logit_scale``, or the teacher's learned ``exp(logit_scale)`` when it is <= 0 (CLIP-ES
     3.2 uses 100, which is OpenAI CLIP's learned scale)."""
@@ -968,7 +975,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
                            title=f"{e.file_name} (id {e.image_id})",
                            seed_mask=cams_to_mask(used, cat_ids, bg_thresh=cfg.cam.bg_thresh,
                                                   bg_power=cfg.cam.bg_power)[0],
-                           caa_used=cfg.cam.caa, crf=cfg.cam.crf)
+                           caa_used=cfg.cam.caa, crf=cfg.cam.crf, bg_rule=_bg_rule(cfg.cam))
                 n_panels += 1
             n_done += 1
     wall = time.time() - t0

@@ -40,6 +40,7 @@ def save_panel(
     seed_mask: np.ndarray | None = None,
     caa_used: bool = True,
     crf: bool = False,
+    bg_rule: str = "1 - max CAM",
 ) -> None:
     """Write one panel. image (H, W, 3) uint8; gradcam, refined (K, H, W) in [0, 1] (shown as the
     max over the present classes, overlaid on the image); mask (H, W) uint8; seed_mask: the argmax
@@ -67,7 +68,7 @@ def save_panel(
         ax.set_title(f"{label}\nmax over {len(cams)} class(es)", fontsize=8)
     if seed_mask is not None:
         axes[3].imshow(colorize_mask(seed_mask, category_ids))
-        axes[3].set_title(f"argmax of the {'refined' if caa_used else 'softmax Grad-CAM'} maps\n(bg = 1 - max CAM)", fontsize=8)
+        axes[3].set_title(f"argmax of the {'refined' if caa_used else 'softmax Grad-CAM'} maps\n(bg = {bg_rule})", fontsize=8)
     ign = float((mask == 255).mean())
     axes[-1].imshow(colorize_mask(mask, category_ids))
     axes[-1].set_title(f"final mask{' (CRF)' if crf else ''}\nwhite = ignore, {100 * ign:.0f}%", fontsize=8)
