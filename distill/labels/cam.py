@@ -10,7 +10,8 @@ Pipeline for one image with present classes ``k = 1..K`` (image-level labels):
    embeddings of background words (``cam.background``, one a line).
 2. Softmax Grad-CAM (CLIP-ES 3.2, eq. 2-4): ``logits = 100 * cos(image, [present classes, bg words])``,
    softmax across them; Grad-CAM of each present class's softmax score at the input norm of the
-   last block (``resblocks[-1].ln_1``) over patch tokens, ReLU, min-max normalisation.
+   last block (``resblocks[-1].ln_1``) over patch tokens, ReLU, min-max normalisation (relative:
+   the repo's absolute 1e-7 epsilon erases a saturated softmax's map, see :func:`normalize_cam`).
    Efficient: blocks ``1..L-1`` run once per image (no grad), the last block runs on a batch that
    holds one row per (image, present class); the per-row scores are summed so ONE backward gives
    every class's gradient in its own row.
