@@ -154,7 +154,6 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
     H, W = imgs.shape[-2:]
     boxes, bimg, bcls = [], [], []
     objs: dict[int, list[int]] = {r: [] for r in row.values()}
-    obj_boxes: dict[int, list[list[float]]] = {r: [] for r in row.values()}
     for a in anns:
         if a.get("iscrowd", 0):
             continue
@@ -162,7 +161,6 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
         r = row[int(a["image_id"])]
         c = cid_to_idx[int(a["category_id"])]
         objs[r].append(c)
-        obj_boxes[r].append([x, y, x + w, y + h])
         boxes.append([x, y, x + w, y + h])
         bimg.append(r)
         bcls.append(c)
@@ -174,6 +172,9 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
         captions[r] = caps_by_id.get(iid, [])
     stuff = {}
     if cfg.pretrain.stuff_fraction > 0:
+        obj_boxes: dict[int, list[list[float]]] = {r: [] for r in row.values()}
+        for b, r in zip(boxes, bimg):
+            obj_boxes[r].append(b)
         try:
             sb, sr, sn = stuff_regions(cap_entries, row, obj_boxes, H, W, cfg.pretrain.seed)
         except (KeyError, TypeError, ValueError):
