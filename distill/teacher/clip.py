@@ -1,8 +1,13 @@
-"""The frozen CLIP teacher: build an open_clip model from a :class:`TeacherConfig`, freeze it, and
-wrap it with its preprocessing, precision and a fingerprint that keys every embedding cache.
+"""The frozen CLIP teacher: load any CLIP checkpoint into an open_clip model, freeze it, and wrap
+it with its preprocessing, precision and a fingerprint that keys every embedding cache.
 
->>> teacher = build_teacher(cfg.teacher)            # open_clip name + tag / local file / local-dir:
+>>> t = load_teacher("ViT-B-32.pt")                 # OpenAI archive / state dict: QuickGELU inferred
+>>> t = load_teacher("clip-vit-base-patch32/")      # Hugging Face CLIPModel folder
+>>> t = load_teacher("w.safetensors", model="ViT-B-32")   # open_clip state dict: the name decides
+>>> t = load_teacher("runs/shapes/teacher")         # this project's teacher folder
+>>> teacher = build_teacher(cfg.teacher)            # the same, from teacher.model / teacher.pretrained
 >>> emb = teacher.encode_images(images)             # images (B, 3, H, W) in [0, 1] -> (B, D) unit rows
+>>> emb = t.encode_image(t.preprocess(pil)[None])   # the checkpoint's own resize / crop / mean / std
 """
 
 from __future__ import annotations
@@ -74,6 +79,26 @@ class Teacher:
     tokenizer: object = field(default=None, repr=False)
     dense_visual: torch.nn.Module | None = field(default=None, repr=False)
     dense_fingerprint: str = ""
+    _preprocess: object = field(default=None, repr=False)
+
+    @property
+    def preprocess(self):
+        """``PIL.Image -> (3, image_size, image_size)`` float tensor: the checkpoint's own eval
+        transform (open_clip ``image_transform``: bicubic resize of the short side, centre crop,
+        mean / std), for :meth:`encode_image`."""
+        if self._preprocess is None:
+            self._preprocess = open_clip.image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+        return self._preprocess
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) (:attr:`preprocess`'s output, already normalised) ->
+        (B, D) float32, L2-normalised. :meth:`encode_images` takes raw [0, 1] images instead."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise DistillError(f"encode_image: expected preprocessed images (B, 3, H, W), got shape {tuple(x.shape)}")
+        with self.autocast():
+            feats = self.model.encode_image(x.to(self.device, torch.float32))
+        return F.normalize(feats.float(), dim=-1)
 
     @property
     def dense_key(self) -> str:
@@ -178,13 +203,13 @@ def _square(v) -> int:
     return int(v)
 
 
-def _wrap(model, name: str, device: torch.device, precision: str, dense_image_size: int = 0, batch_size: int = 256, tokenizer=None, arch: dict | None = None) -> Teacher:
+def _wrap(model, name: str, device: torch.device, precision: str, dense_image_size: int = 0, batch_size: int = 256, tokenizer=None, arch: dict | None = None, mean=None, std=None) -> Teacher:
     visual = model.visual
     if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
         raise DistillError(f"teacher.model: {name!r} is not an open_clip ViT (dense paths need a ViT image tower)")
     pp = getattr(visual, "preprocess_cfg", {}) or {}
-    mean = tuple(float(v) for v in pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(float(v) for v in pp.get("std", open_clip.OPENAI_DATASET_STD))
+    mean = tuple(float(v) for v in (mean or pp.get("mean", open_clip.OPENAI_DATASET_MEAN)))
+    std = tuple(float(v) for v in (std or pp.get("std", open_clip.OPENAI_DATASET_STD)))
     image_size = _square(visual.image_size)
     patch = _square(visual.patch_size)
     embed_dim = int(visual.output_dim)
@@ -309,10 +334,11 @@ def build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
 def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
     """Build the frozen teacher described by ``tcfg`` (a :class:`distill.config.TeacherConfig`).
 
-    ``tcfg.model``: an open_clip model name (ours are registered on import), or ``local-dir:PATH``
-    (a folder with ``open_clip_config.json`` + weights). ``tcfg.pretrained``: an open_clip tag
-    (needs the network), a local ``.safetensors`` / ``.pt`` / ``.bin`` file, or empty (random
-    weights, logged loudly: only for experiments).
+    ``tcfg.pretrained``: a local checkpoint file or folder (read by :func:`load_teacher`, with
+    ``tcfg.model`` as the architecture name where the file does not say it), ``local-dir:PATH``,
+    an open_clip tag (needs the network), or empty (random weights, logged loudly: only for
+    experiments). ``tcfg.model``: an open_clip model name (ours are registered on import), or
+    ``local-dir:PATH``.
     """
     register_model_configs()
     dev = torch.device(device) if isinstance(device, str) else device
@@ -320,35 +346,26 @@ def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
     autocast_dtype(tcfg.precision)
     name = tcfg.model.strip()
     pretrained = (tcfg.pretrained or "").strip()
+    kw = dict(device=dev, precision=tcfg.precision, dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
     if pretrained.startswith("local-dir:"):
-        name, pretrained = pretrained, ""
-    kw = dict(dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
-
+        return load_teacher(pretrained[len("local-dir:") :], **kw)
     if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:") :])
-        if not (folder / "open_clip_config.json").is_file():
-            raise DistillError(f"teacher.model: {folder}/open_clip_config.json not found (local-dir: expects the config json and weights in that folder)")
-        try:
-            model = open_clip.create_model(name, device="cpu")
-        except Exception as e:
-            raise DistillError(f"teacher.model: cannot load {name!r} ({str(e).splitlines()[0]})") from None
-        tokenizer = open_clip.get_tokenizer(name)
-        arch = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg")
-        return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, arch=arch, **kw)
+        return load_teacher(name[len("local-dir:") :], **kw)
+    if pretrained and os.path.exists(pretrained):
+        return load_teacher(pretrained, model=name or None, **kw)
 
     if name not in open_clip.list_models():
         raise _unknown_model(name)
     tokenizer = open_clip.get_tokenizer(name)
-
-    if pretrained and not os.path.exists(pretrained) and (pretrained.endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in pretrained):
+    if pretrained and (pretrained.endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in pretrained):
         if name == "distill-tiny-vit":
             raise DistillError(
                 f"teacher.pretrained: {pretrained} not found; pretrain the tiny teacher first "
                 f"(`distill teacher pretrain CONFIG` writes it there) or point teacher.pretrained at a checkpoint"
             )
-        raise DistillError(f"teacher.pretrained: {pretrained} not found (expected a .safetensors / .pt file of {name!r} weights there)")
+        raise DistillError(f"teacher.pretrained: {pretrained} not found (expected a checkpoint of {name!r} there: an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face CLIPModel folder)")
 
-    if pretrained and not os.path.isfile(pretrained):
+    if pretrained:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise DistillError(
@@ -361,11 +378,196 @@ def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
             raise _tag_error(name, pretrained) from None
     else:
         model = create_model_quiet(name)
-        if not pretrained:
-            log.warning("teacher: %s has no pretrained weights (random init)", name)
-        else:
-            load_state_dict_checked(model, load_weights_file(pretrained), pretrained)
-    return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, arch=open_clip.get_model_config(name), **kw)
+        log.warning("teacher: %s has no pretrained weights (random init)", name)
+    return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, arch=open_clip.get_model_config(name), dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
+
+
+# ------------------------------------------------------------------------------ any checkpoint
+
+# open_clip model-config keys that change nothing we build (CLIP(**cfg) takes the rest)
+_IGNORED_CFG_KEYS = ("custom_text",)
+
+
+def _model_from_cfg(cfg: dict, source: str) -> torch.nn.Module:
+    cfg = {k: v for k, v in cfg.items() if k not in _IGNORED_CFG_KEYS}
+    text = cfg.get("text_cfg", {})
+    if "hf_model_name" in text or "timm_model_name" in cfg.get("vision_cfg", {}):
+        raise DistillError(f"{source}: towers from Hugging Face / timm models are not supported (the dense paths need open_clip's own ViT and text transformer)")
+    try:
+        return open_clip.CLIP(**cfg)
+    except TypeError as e:
+        raise DistillError(f"{source}: model config not understood by open_clip.CLIP ({e})") from None
+
+
+def _tokenizer(cfg: dict):
+    return open_clip.tokenizer.SimpleTokenizer(context_length=int(cfg.get("text_cfg", {}).get("context_length", 77)))
+
+
+def _registered_name(cfg: dict) -> str | None:
+    """The open_clip model whose config is ``cfg`` (``ViT-B-32-quickgelu`` ...), if any."""
+    want = json.dumps(_canonical(cfg), sort_keys=True)
+    for n in open_clip.list_models():
+        c = open_clip.get_model_config(n)
+        if c and json.dumps(_canonical(c), sort_keys=True) == want:
+            return n
+    return None
+
+
+_VISION_DEFAULTS = {"head_width": 64, "mlp_ratio": 4.0}
+_TEXT_DEFAULTS = {"heads": 8, "mlp_ratio": 4.0}
+
+
+def _canonical(cfg: dict) -> dict:
+    """The architecture part of an open_clip model config, open_clip's dataclass defaults filled in."""
+    v = _VISION_DEFAULTS | {k: cfg.get("vision_cfg", {}).get(k) for k in ("image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio") if k in cfg.get("vision_cfg", {})}
+    t = _TEXT_DEFAULTS | {k: cfg.get("text_cfg", {}).get(k) for k in ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio") if k in cfg.get("text_cfg", {})}
+    return {"embed_dim": cfg.get("embed_dim"), "quick_gelu": bool(cfg.get("quick_gelu", False)), "vision_cfg": v, "text_cfg": t}
+
+
+def _check_named(model: str, inferred: dict, source: str, what: str) -> None:
+    """A named architecture must not contradict what the checkpoint says (activation first)."""
+    named = open_clip.get_model_config(model)
+    if named is None:
+        raise _unknown_model(model)
+    if bool(named.get("quick_gelu", False)) != bool(inferred.get("quick_gelu", False)):
+        if inferred.get("quick_gelu"):
+            fix = f"{model}-quickgelu" if f"{model}-quickgelu" in open_clip.list_models() else (_registered_name(inferred) or "the matching -quickgelu model")
+            raise DistillError(f"{source}: {what} needs QuickGELU but teacher.model {model!r} uses GELU; set teacher.model={fix} (or leave it empty to infer it)")
+        fix = model[: -len("-quickgelu")] if model.endswith("-quickgelu") else (_registered_name(inferred) or "a GELU model")
+        raise DistillError(f"{source}: {what} uses GELU but teacher.model {model!r} uses QuickGELU; set teacher.model={fix} (or leave it empty to infer it)")
+    if _canonical(named) != _canonical(inferred):
+        found = _registered_name(inferred)
+        fix = f"set teacher.model={found}" if found else "leave teacher.model empty to read the architecture from the checkpoint"
+        raise DistillError(f"{source}: the checkpoint's architecture differs from teacher.model {model!r} ({_arch_diff(named, inferred)}); {fix}")
+
+
+def _arch_diff(named: dict, inferred: dict) -> str:
+    a, b = _canonical(named), _canonical(inferred)
+    diffs = []
+    for key in ("embed_dim", "quick_gelu"):
+        if a[key] != b[key]:
+            diffs.append(f"{key} {a[key]} vs {b[key]}")
+    for tower in ("vision_cfg", "text_cfg"):
+        for k in sorted(set(a[tower]) | set(b[tower])):
+            if a[tower].get(k) != b[tower].get(k):
+                diffs.append(f"{tower}.{k} {a[tower].get(k)} vs {b[tower].get(k)}")
+    return ", ".join(diffs[:4])
+
+
+def _weights_in(folder: Path, names: Sequence[str]) -> Path:
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if len(found) == 1:
+        return folder / found[0]
+    raise DistillError(f"{folder}: expected one weights file ({' or '.join(names)}), found {found or 'none'}")
+
+
+def load_teacher(
+    source: str | os.PathLike,
+    model: str | None = None,
+    *,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    dense_image_size: int = 0,
+    batch_size: int = 256,
+) -> Teacher:
+    """The frozen :class:`Teacher` of any local CLIP checkpoint; the file says what it is:
+
+    - an **OpenAI** TorchScript archive (``ViT-B-32.pt``; read without running it, see
+      :mod:`distill.teacher.formats`) or a state dict saved from one (it carries
+      ``input_resolution`` / ``context_length`` / ``vocab_size``): architecture read from the
+      shapes and QuickGELU, as open_clip's ``load_openai_model``;
+    - a **Hugging Face** ``CLIPModel`` folder (``config.json`` + ``model.safetensors`` or
+      ``pytorch_model.bin``): architecture and activation (``hidden_act``) from the config, mean /
+      std from ``preprocessor_config.json``;
+    - an **open_clip** folder (``open_clip_config.json`` + weights; what ``distill teacher
+      pretrain`` writes under ``{work_dir}/teacher``);
+    - an **open_clip** state dict (``.safetensors`` / ``.pt``): ``model`` (an open_clip name) decides.
+
+    ``model`` given with a file that says its architecture is checked against it: OpenAI weights
+    under a GELU name stop with one line naming the ``-quickgelu`` model. Every problem is a
+    one-line :class:`DistillError` naming the file."""
+    register_model_configs()
+    path = Path(source)
+    model = (model or "").strip() or None
+    dev = torch.device(device) if isinstance(device, str) else device
+    dev = dev or get_device("")
+    autocast_dtype(precision)
+    kw = dict(dense_image_size=dense_image_size, batch_size=batch_size)
+    if not path.exists():
+        raise DistillError(f"{path}: checkpoint not found (expected an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face / open_clip folder)")
+
+    if path.is_dir():
+        if (path / "open_clip_config.json").is_file():
+            try:
+                meta = json.loads((path / "open_clip_config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DistillError(f"{path / 'open_clip_config.json'}: not valid JSON ({e})") from None
+            cfg = meta.get("model_cfg") if isinstance(meta, dict) else None
+            if not isinstance(cfg, dict):
+                raise DistillError(f"{path / 'open_clip_config.json'}: expected a 'model_cfg' object (open_clip's local-dir layout)")
+            if model:
+                _check_named(model, cfg, str(path), "open_clip_config.json")
+            weights = _weights_in(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "teacher.safetensors"))
+            net = _model_from_cfg(cfg, str(path))
+            load_state_dict_checked(net, load_weights_file(weights), str(weights))
+            pp = meta.get("preprocess_cfg") or {}
+            name = _registered_name(cfg) or f"local-dir:{path}"
+            return _wrap(net, name, dev, precision, tokenizer=_tokenizer(cfg), arch=cfg, mean=pp.get("mean"), std=pp.get("std"), **kw)
+        if (path / "config.json").is_file():
+            from distill.teacher import formats
+
+            hf = formats.read_hf_config(path)
+            cfg = formats.hf_model_cfg(hf, str(path / "config.json"))
+            if model:
+                _check_named(model, cfg, str(path), "the Hugging Face config's hidden_act")
+            index = path / "model.safetensors.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+                sd = {}
+                for shard in shards:
+                    sd.update(load_weights_file(path / shard))
+            else:
+                sd = load_weights_file(_weights_in(path, formats.HF_WEIGHT_FILES))
+            net = _model_from_cfg(cfg, str(path))
+            load_state_dict_checked(net, formats.hf_to_open_clip(sd, str(path)), str(path))
+            mean, std = formats.hf_preprocess(path, cfg["vision_cfg"]["image_size"])
+            return _wrap(net, f"hf:{path.name}", dev, precision, tokenizer=_tokenizer(cfg), arch=cfg, mean=mean, std=std, **kw)
+        raise DistillError(f"{path}: a checkpoint folder needs open_clip_config.json (open_clip / this project's teacher) or config.json (Hugging Face CLIPModel)")
+
+    from distill.teacher import formats
+
+    archive = formats.is_torchscript_archive(path)
+    sd = formats.read_torchscript_state_dict(path) if archive else load_weights_file(path)
+    if archive or formats.is_openai_state_dict(sd):
+        what = "an OpenAI TorchScript archive" if archive else "an OpenAI state dict"
+        try:
+            cfg = formats.openai_model_cfg(sd)
+        except (KeyError, IndexError, DistillError):
+            raise DistillError(f"{path}: {what} without the keys of a CLIP ViT (visual.conv1.weight, visual.proj, ln_final.weight ...)") from None
+        if model:
+            _check_named(model, cfg, str(path), what)
+            cfg = open_clip.get_model_config(model)
+        net = _model_from_cfg(cfg, str(path))
+        own = net.state_dict()
+        sd = {k: v for k, v in sd.items() if k in own or k not in dict(net.named_buffers())}  # attn_mask: not persisted
+        sd = {k: v for k, v in sd.items() if k not in formats.OPENAI_EXTRA_KEYS}
+        load_state_dict_checked(net, sd, str(path))
+        name = model or _registered_name(cfg) or f"openai:{path.name}"
+        return _wrap(net, name, dev, precision, tokenizer=_tokenizer(cfg), arch=cfg, **kw)
+
+    if not model:
+        raise DistillError(
+            f"{path}: an open_clip state dict does not say its architecture or activation; name it "
+            f"(teacher.model / load_teacher(..., model=...)), e.g. ViT-B-32 for LAION weights or ViT-B-32-quickgelu for OpenAI's"
+        )
+    if model not in open_clip.list_models():
+        raise _unknown_model(model)
+    net = create_model_quiet(model)
+    load_state_dict_checked(net, sd, str(path))
+    return _wrap(net, model, dev, precision, tokenizer=open_clip.get_tokenizer(model), arch=open_clip.get_model_config(model), **kw)
 
 
 def build_random_teacher(
