@@ -40,22 +40,45 @@ _cam.register(app)
 _run.register(app)
 
 
+# typer >= 0.29 bundles its own click (``typer._click``): its usage errors are typer.TyperException
+# subclasses, not the separately installed click's. Both are caught, so either layout gives one line.
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
+_USAGE = (click.ClickException, typer.TyperException)
+
+
+def _usage_line(e: Exception) -> str:
+    """A click / typer usage error as one line, with the command to ask for help."""
+    ctx = getattr(e, "ctx", None)
+    fmt = getattr(e, "format_message", None)
+    msg = " ".join((fmt() if fmt else str(e)).split())
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {msg}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script: one-line errors, exit 2 for a user's mistake."""
+    """Entry point of the console script: one-line errors, exit 2 for a user's mistake, 130 for
+    Ctrl-C / end of input."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         rv = app(args=argv, standalone_mode=False)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         print("aborted", file=sys.stderr)
         return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
+    except _USAGE as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # `distill`, `distill train`: the help
+            print(ctx.get_help())
+            return 0
+        print(_usage_line(e), file=sys.stderr)
+        return 2
+    if rv == 130:  # typer turns Ctrl-C into Exit(130), which non-standalone mode returns
+        print("aborted", file=sys.stderr)
     return rv if isinstance(rv, int) else 0
 
 

@@ -365,7 +365,7 @@ def test_voc_config_wiring(tmp_path, teacher):
     """configs/voc/clip_es.yaml loads; with its paths pointed at a fixture it runs end to end
     (patch_multiple resize, VOC's 25 background words, the repo's single template)."""
     cfg = load_config("configs/voc/clip_es.yaml")
-    assert (cfg.teacher.model, cfg.cam.resize, cfg.cam.crf, cfg.cam.conf_thresh) == ("ViT-B-16", "patch_multiple", True, 0.95)
+    assert (cfg.teacher.model, cfg.cam.resize, cfg.cam.crf, cfg.cam.conf_thresh) == ("ViT-B-16-quickgelu", "patch_multiple", True, 0.95)
     assert len(C.read_word_list(cfg.cam.background)) == 25
     assert C.read_word_list(cfg.cam.background) == list(C.CLIP_ES_VOC_BACKGROUND)
     root = _tiny_world(tmp_path)
