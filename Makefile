@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# crf: pydensecrf2 (a C++ build) for CLIP-ES's dense CRF in the demo; the tests run without it
 	$(BIN)/pip install -q -e '.[dev,crf]' || { echo "pydensecrf2 did not build: installing without the crf extra (cam.crf=true will fail)"; $(BIN)/pip install -q -e '.[dev]'; }
+	$(BIN)/pip install -q --no-deps lvis==0.5.3
 	touch $(STAMP)
 
 demo: $(STAMP)

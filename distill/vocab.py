@@ -26,8 +26,10 @@ class Vocabulary:
     """An ordered list of classes. Index ``i`` is the contiguous label of ``names[i]``.
 
     ``ids`` are the dataset category ids (COCO ``category_id``), ``synonyms[i]`` the extra prompts
-    that name class ``i`` (the name itself is always the first prompt), ``split[i]`` in
-    ``{"base", "novel"}``.
+    that name class ``i``, ``split[i]`` in ``{"base", "novel"}``. ``prompt_names[i]`` is the text
+    that stands for the name in the prompts (the first prompt); it defaults to the name and
+    differs only for dataset names that are identifiers rather than text (LVIS ``roller_skate``
+    -> "roller skate"). Names, not prompt names, identify a class (``index``, files, metrics).
     """
 
     names: tuple[str, ...]
@@ -35,6 +37,7 @@ class Vocabulary:
     split: tuple[str, ...] = ()
     ids: tuple[int, ...] = ()
     source: str = field(default="", compare=False)
+    prompt_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -46,7 +49,9 @@ class Vocabulary:
             object.__setattr__(self, "split", tuple("base" for _ in range(n)))
         if not self.ids:
             object.__setattr__(self, "ids", tuple(range(1, n + 1)))
-        for what in ("synonyms", "split", "ids"):
+        if not self.prompt_names:
+            object.__setattr__(self, "prompt_names", tuple(self.names))
+        for what in ("synonyms", "split", "ids", "prompt_names"):
             if len(getattr(self, what)) != n:
                 raise DistillError(f"{self.source or 'vocabulary'}: {what} has {len(getattr(self, what))} entries for {n} classes")
         seen: dict[str, int] = {}
@@ -68,8 +73,8 @@ class Vocabulary:
 
     @property
     def prompts(self) -> tuple[tuple[str, ...], ...]:
-        """Per class: its name then its synonyms (what the text encoder embeds and averages)."""
-        return tuple((n,) + tuple(s for s in syn if s != n) for n, syn in zip(self.names, self.synonyms))
+        """Per class: its prompt name then its synonyms (what the text encoder embeds and averages)."""
+        return tuple((n,) + tuple(s for s in syn if s != n) for n, syn in zip(self.prompt_names, self.synonyms))
 
     @property
     def base_indices(self) -> list[int]:
@@ -100,6 +105,7 @@ class Vocabulary:
             tuple(self.split[i] for i in indices),
             tuple(self.ids[i] for i in indices),
             self.source,
+            tuple(self.prompt_names[i] for i in indices),
         )
 
     def with_split(self, novel: list[str] | set[str]) -> "Vocabulary":
@@ -108,7 +114,7 @@ class Vocabulary:
         if unknown:
             raise DistillError(f"split: unknown classes {sorted(unknown)} (valid: {', '.join(self.names)})")
         split = tuple("novel" if n.lower() in novel_l else "base" for n in self.names)
-        return Vocabulary(self.names, self.synonyms, split, self.ids, self.source)
+        return Vocabulary(self.names, self.synonyms, split, self.ids, self.source, self.prompt_names)
 
     def categories(self) -> list[dict]:
         """COCO ``categories`` entries, with our ``split`` field."""
@@ -122,8 +128,11 @@ class Vocabulary:
 
     @property
     def hash(self) -> str:
-        """Identifies names, synonyms and order (not the split: it does not change embeddings)."""
-        return sha256_json([self.names, self.synonyms])[:16]
+        """Identifies names, synonyms, prompt names and order (not the split: it does not change
+        embeddings). Prompt names enter only where they differ from the names, so the hash of
+        every other vocabulary is what it was before they existed."""
+        extra = [self.prompt_names] if self.prompt_names != self.names else []
+        return sha256_json([self.names, self.synonyms, *extra])[:16]
 
 
 def _parse_entries(entries: list[str], source: str) -> Vocabulary:
@@ -160,15 +169,31 @@ def _parse_entries(entries: list[str], source: str) -> Vocabulary:
     return Vocabulary(tuple(names), tuple(tuple(syns[n]) for n in names), source=source)
 
 
+def prompt_text(name: str) -> str:
+    """A dataset category name as prompt text: underscores become spaces (LVIS ``roller_skate``,
+    ``pin_(non_jewelry)`` -> "roller skate", "pin (non jewelry)"), blanks collapsed.
+
+    This follows ViLD's ``processed_name`` (its LVIS colab and ``vild/tools``: "_ for lvis",
+    ``name.replace('_', ' ')``) and Detic's ``tools/dump_clip_features.py --fix_space``. Like
+    ViLD, the parenthesised qualifier is kept: it is what tells LVIS's ``bow_(weapon)`` from
+    ``bow_(decorative_ribbons)``, which would otherwise get the same prompt. Hyphens stay
+    (``bow-tie``), as in both. ViLD's "/" -> " or " is for Objects365 names, not LVIS; not done."""
+    return " ".join(name.replace("_", " ").split())
+
+
 def vocab_from_categories(cats: list, source: str) -> Vocabulary:
-    """A vocabulary from COCO / LVIS ``categories`` (``split`` field, or LVIS ``frequency`` r = novel)."""
-    names, syns, split, ids = [], [], [], []
+    """A vocabulary from COCO / LVIS ``categories`` (``split`` field, or LVIS ``frequency`` r = novel).
+
+    Names stay as the file spells them (they identify the class); the prompts use
+    :func:`prompt_text` of the name and of each synonym."""
+    names, syns, split, ids, prompt_names = [], [], [], [], []
     for i, c in enumerate(cats):
         if not isinstance(c, dict) or "name" not in c:
             raise DistillError(f"{source}: categories[{i}] must be an object with 'name' (and 'id')")
         names.append(str(c["name"]))
-        syn = [s.replace("_", " ") for s in c.get("synonyms", []) if isinstance(s, str)]
-        syns.append(tuple(s for s in syn if s != c["name"]))
+        prompt_names.append(prompt_text(str(c["name"])) or str(c["name"]))
+        syn = [prompt_text(s) for s in c.get("synonyms", []) if isinstance(s, str) and prompt_text(s)]
+        syns.append(tuple(dict.fromkeys(s for s in syn if s != c["name"])))
         if "split" in c:
             split.append(str(c["split"]))
         elif "frequency" in c:  # LVIS: rare = novel
@@ -176,7 +201,7 @@ def vocab_from_categories(cats: list, source: str) -> Vocabulary:
         else:
             split.append("base")
         ids.append(int(c.get("id", i + 1)))
-    return Vocabulary(tuple(names), tuple(syns), tuple(split), tuple(ids), source)
+    return Vocabulary(tuple(names), tuple(syns), tuple(split), tuple(ids), source, tuple(prompt_names))
 
 
 def load_vocab(source: str | Path, split_file: str | Path | None = None) -> Vocabulary:

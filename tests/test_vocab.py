@@ -42,7 +42,40 @@ def test_coco_and_lvis_categories(tmp_path):
     p.write_text(json.dumps(lvis))
     v = load_vocab(p)
     assert v.split == ("base", "novel")
-    assert v.prompts[0] == ("aerosol_can", "aerosol can", "spray can")
+    assert v.names[0] == "aerosol_can" and v.prompts[0] == ("aerosol can", "spray can")
+
+
+def test_lvis_names_become_prompt_text(tmp_path):
+    """LVIS identifiers are embedded as text (ViLD's processed_name); names still identify classes."""
+    cats = [
+        {"id": 1, "name": "roller_skate", "frequency": "c", "synonyms": ["roller_skate"]},
+        {"id": 2, "name": "pin_(non_jewelry)", "frequency": "r", "synonyms": ["pin_(non_jewelry)"]},
+        {"id": 3, "name": "bow-tie", "frequency": "f", "synonyms": ["bow-tie", "bowtie"]},
+        {"id": 4, "name": "bottle_cap", "frequency": "c", "synonyms": ["bottle_cap", "cap_(bottle)"]},
+        {"id": 5, "name": "tux", "frequency": "r", "synonyms": ["tux", "tuxedo"]},
+        {"id": 6, "name": "bow_(weapon)", "frequency": "f"},
+        {"id": 7, "name": "bow_(decorative_ribbons)", "frequency": "f"},
+    ]
+    p = tmp_path / "lvis.json"
+    p.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    v = load_vocab(p)
+    assert v.names == tuple(c["name"] for c in cats)
+    assert [pr[0] for pr in v.prompts] == [
+        "roller skate", "pin (non jewelry)", "bow-tie", "bottle cap", "tux", "bow (weapon)", "bow (decorative ribbons)",
+    ]
+    assert v.prompts[3] == ("bottle cap", "cap (bottle)") and v.prompts[4] == ("tux", "tuxedo")
+    assert len({pr[0] for pr in v.prompts}) == len(v)  # qualifiers keep the two bows apart
+    assert v.index("roller_skate") == 0 and v.index("pin_(non_jewelry)") == 1
+    sub = v.subset([1, 0])
+    assert sub.names == ("pin_(non_jewelry)", "roller_skate") and sub.prompts[1][0] == "roller skate"
+    assert v.with_split(["tux"]).prompt_names == v.prompt_names
+    # plain names: prompt names are the names and the hash is the one without them
+    plain = load_vocab("red star, blue circle")
+    assert plain.prompt_names == plain.names and plain.prompts[0] == ("red star",)
+    from distill.io import sha256_json
+
+    assert plain.hash == sha256_json([plain.names, plain.synonyms])[:16]
+    assert v.hash != Vocabulary(v.names, v.synonyms, v.split, v.ids).hash  # the prompt text is part of it
 
 
 def test_split_file(tmp_path):

@@ -18,7 +18,7 @@ def det(
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for metrics.json.")] = None,
     iou: Annotated[str, typer.Option("--iou", help="Comma-separated: bbox, segm.")] = "bbox",
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary file overriding the GT's names/split.")] = None,
-    max_dets: Annotated[int, typer.Option("--max-dets", help="Detections kept per image.")] = 100,
+    max_dets: Annotated[Optional[int], typer.Option("--max-dets", help="Detections kept per image (default: 100 for COCO, 300 for LVIS).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto (boxes: stream, masks: faster), stream (flat memory), faster (faster-coco-eval) or pycocotools.")] = "auto",
 ) -> None:
     """Box (and mask) AP, AP50, AP75 over all, base and novel categories."""

@@ -24,6 +24,13 @@ split, as COCO reports it):
 
 At most ``max_dets`` detections per image are kept (the highest scores), as the COCO protocol
 asks; COCO area range "all" is used throughout.
+
+LVIS: when the ground truth is an LVIS file (its images carry ``neg_category_ids`` and
+``not_exhaustive_category_ids``, its categories a ``frequency``), :func:`evaluate_detection` and
+:class:`DetectionEvaluator` run LVIS's federated protocol instead (:mod:`distill.eval.lvis`,
+300 detections per image) and log which protocol ran; the keys add ``APs``, ``APm``, ``APl``,
+``AP_r``, ``AP_c``, ``AP_f`` (novel = the categories whose split is novel: LVIS rare unless the
+file or the vocabulary says otherwise).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import io
 import logging
 import math
 import os
+from array import array
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -47,6 +55,7 @@ log = logging.getLogger(__name__)
 IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("auto", "stream", "faster", "pycocotools")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "AP_base", "AP_novel", "AP50_base", "AP50_novel")
+LVIS_KEYS = ("APs", "APm", "APl", "AP_r", "AP_c", "AP_f")
 
 __all__ = [
     "evaluate_detection",
@@ -496,13 +505,138 @@ def _metrics_from_precision(prec: np.ndarray, iou_thrs: np.ndarray, names: list[
     return m
 
 
+# --------------------------------------------------------------------------------------------
+# LVIS (federated)
+
+
+def _lvis_gt(gt_json: str | os.PathLike | dict, iou_types: Sequence[str]):
+    """The ground truth as :class:`~distill.eval.lvis.LvisGT` when it is an LVIS file, else None."""
+    from distill.eval import lvis
+
+    if isinstance(gt_json, dict):
+        return lvis.LvisGT.from_dict(gt_json, "ground truth", iou_types) if lvis.is_lvis(gt_json) else None
+    if Path(gt_json).is_file() and lvis.sniff_lvis(gt_json):
+        return lvis.LvisGT.from_file(gt_json, iou_types)
+    return None
+
+
+def _lvis_max_dets(max_dets: int | None, name: str) -> int:
+    from distill.eval.lvis import MAX_DETS
+
+    if max_dets is not None and int(max_dets) != MAX_DETS:
+        log.warning("%s: LVIS protocol: %d detections per image (max_dets=%s not used)", name, MAX_DETS, max_dets)
+    log.info("%s: LVIS federated evaluation (%d detections per image)", name, MAX_DETS)
+    return MAX_DETS
+
+
+def _warn_frequency(categories: list, name: str) -> None:
+    if any(isinstance(c, dict) and "frequency" in c for c in categories):
+        log.warning("%s: categories carry 'frequency' but no image carries 'neg_category_ids' / "
+                    "'not_exhaustive_category_ids': evaluated as COCO, not with LVIS's federated protocol", name)
+
+
+def _lvis_metrics(lgt, precs: dict, vocab=None) -> dict[str, float]:
+    """Metrics of :func:`evaluate_detection` from LVIS precision arrays ``{iou type: [T, R, K, A]}``:
+    LVIS's summary, plus base / novel and per-class AP50 over area "all"."""
+    from distill.eval.coco_stream import IOU_THRS
+    from distill.eval.lvis import lvis_summary
+
+    if vocab is not None:
+        _, names, split = _categories_split({"categories": lgt.categories}, lgt.name, vocab)
+    else:  # the file's split, else LVIS frequency r = novel (as distill.vocab)
+        names = [str(c["name"]) for c in lgt.categories]
+        split = [c["split"] if c.get("split") in ("base", "novel") else ("novel" if c["frequency"] == "r" else "base")
+                 for c in lgt.categories]
+    m: dict[str, float] = {}
+    for t, prec in precs.items():
+        m.update(lvis_summary(prec, lgt.freq, t))
+        for k, v in _metrics_from_precision(prec[..., 0], IOU_THRS, names, split, t).items():
+            m.setdefault(k, v)
+    return m
+
+
+def _lvis_results(results, lgt, iou_types: Sequence[str]) -> tuple[tuple, list | None, str]:
+    """Results checked item by item (as :func:`load_results`) into flat arrays: image index,
+    category index, [x, y, w, h], score, area (box ``w * h``; the mask's when there is no box,
+    as ``LVISResults``). Masks are kept (compressed RLE) only for detections of an evaluated
+    (image, category) pair. Returns ``(arrays, rles or None, name)``."""
+    from pycocotools import mask as mask_utils
+
+    from distill.io import read_json_items
+
+    name, data = _results_source(results, read_json_items)
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        raise DistillError(f"{name}: expected a json list of COCO results [{{image_id, category_id, bbox, score}}, ...]")
+    need = _needed_keys(iou_types)
+    masks = "segm" in iou_types
+    eval_keys = set(lgt.eval_key.tolist()) if masks else set()
+    K = lgt.n_cats
+    img, cat, box, score, area = array("q"), array("q"), array("d"), array("d"), array("d")
+    rles: list | None = [] if masks else None
+    for i, r in enumerate(data):
+        s = _check_result(i, r, need, lgt.img_index, lgt.cat_index, iou_types, name, lgt.name)
+        k, c = lgt.img_index[r["image_id"]], lgt.cat_index[r["category_id"]]
+        rle = None
+        if masks:
+            seg = r["segmentation"]
+            counts = seg["counts"]
+            rle = {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        if "bbox" in r:
+            bb = [float(v) for v in r["bbox"]]
+            a = bb[2] * bb[3]
+        else:
+            bb = [float(v) for v in mask_utils.toBbox(rle)]
+            a = float(mask_utils.area(rle))
+        img.append(k)
+        cat.append(c)
+        box.extend(bb)
+        score.append(s)
+        area.append(a)
+        if masks:
+            rles.append(rle if k * K + c in eval_keys else None)
+    arrays = (_view(img, np.int64), _view(cat, np.int64), _view(box, np.float64).reshape(-1, 4), _view(score, np.float64),
+              _view(area, np.float64))
+    return arrays, rles, name
+
+
+def _evaluate_lvis(lgt, results, iou_types: Sequence[str], vocab, max_dets: int | None, img_ids) -> tuple[dict, int, str]:
+    """Federated LVIS metrics of a results file / list; returns ``(metrics, detections, results name)``."""
+    from distill.eval.coco_stream import top_per_image
+    from distill.eval.lvis import LvisEval
+
+    max_dets = _lvis_max_dets(max_dets, lgt.name)
+    (img, cat, box, score, area), rles, res_name = _lvis_results(results, lgt, iou_types)
+    images = np.ones(lgt.n_images, bool)
+    if img_ids is not None:
+        images[:] = False
+        images[[lgt.img_index[i] for i in img_ids if i in lgt.img_index]] = True
+    sel = np.flatnonzero(images[img])
+    keep = sel[top_per_image(img[sel], score[sel], max_dets)]  # by image, score desc, input order
+    if len(sel) > len(keep):
+        log.info("kept the top %d detections per image (%d dropped)", max_dets, len(sel) - len(keep))
+    evs = {t: LvisEval(lgt, t) for t in iou_types}
+    for ev in evs.values():
+        ev.seen[:] = images
+    ends = np.flatnonzero(np.r_[img[keep][1:] != img[keep][:-1], True]) + 1 if len(keep) else np.zeros(0, np.int64)
+    start = 0
+    while start < len(keep):  # whole images, some thousands of detections at a time
+        stop = int(ends[min(np.searchsorted(ends, start + 20000, "left"), len(ends) - 1)])
+        sl = keep[start:stop]
+        for t, ev in evs.items():
+            ev.add([], img[sl], sl, cat[sl], box[sl], score[sl], area[sl],
+                   [rles[j] for j in sl] if t == "segm" else None)
+        start = stop
+    precs = {t: ev.precision() for t, ev in evs.items()}
+    return _lvis_metrics(lgt, precs, vocab), len(sel), res_name
+
+
 def evaluate_detection(
     gt_json: str | os.PathLike | dict,
     results: str | os.PathLike | list[dict],
     out_dir: str | os.PathLike | None = None,
     iou_types: Sequence[str] = ("bbox",),
     vocab=None,
-    max_dets: int = 100,
+    max_dets: int | None = None,
     backend: str = "auto",
     img_ids: Iterable[int] | None = None,
 ) -> dict[str, float]:
@@ -516,14 +650,16 @@ def evaluate_detection(
         iou_types: any of ``("bbox", "segm")``.
         vocab: a :class:`~distill.vocab.Vocabulary` whose ``ids`` cover the GT categories; it
             overrides the names and the split of the GT file.
-        max_dets: detections kept per image (highest scores) and COCO's largest maxDets.
+        max_dets: detections kept per image (highest scores) and COCO's largest maxDets; default
+            100 (COCO). An LVIS ground truth always keeps 300 (the LVIS protocol).
         backend: ``"auto"`` (boxes: ``"stream"``, masks: ``"faster"``), ``"stream"`` (the
             streaming box evaluator, flat memory; masks still go to faster-coco-eval),
             ``"faster"`` (faster-coco-eval) or ``"pycocotools"`` (the reference).
         img_ids: evaluate only these images (default: every GT image).
 
     Returns:
-        ``{"bbox/AP": ..., "bbox/AP_novel": ..., "bbox/AP50/<name>": ..., ...}``.
+        ``{"bbox/AP": ..., "bbox/AP_novel": ..., "bbox/AP50/<name>": ..., ...}`` (LVIS: also
+        ``bbox/APs``, ``bbox/APm``, ``bbox/APl``, ``bbox/AP_r``, ``bbox/AP_c``, ``bbox/AP_f``).
     """
     iou_types = tuple(iou_types)
     bad = [t for t in iou_types if t not in IOU_TYPES]
@@ -531,16 +667,26 @@ def evaluate_detection(
         raise DistillError(f"iou types {list(iou_types)}: expected a non-empty subset of {list(IOU_TYPES)}")
     if backend not in BACKENDS:
         raise DistillError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
-    if int(max_dets) < 1:
+    if max_dets is not None and int(max_dets) < 1:
         raise DistillError(f"max_dets {max_dets}: expected a positive integer")
     if img_ids is not None:
         img_ids = sorted(set(img_ids))
+    lgt = _lvis_gt(gt_json, iou_types)
+    if lgt is not None:
+        metrics, n_dets, res_name = _evaluate_lvis(lgt, results, iou_types, vocab, max_dets, img_ids)
+        if not n_dets:
+            log.warning("%s: no predictions; every AP is 0", res_name)
+        if out_dir is not None:
+            write_json(Path(out_dir) / "metrics.json", metrics)
+        return metrics
+    max_dets = 100 if max_dets is None else int(max_dets)
     backends = {t: _backend_for(backend, t) for t in iou_types}
     metrics: dict[str, float] = {}
     if set(backends.values()) == {"stream"}:
         # boxes only, streaming: the GT as flat arrays, the results checked and packed one by one
         box_gt, categories, gt_name = _load_box_gt(gt_json)
         arrays, res_name = _box_results(results, box_gt, gt_name)
+        _warn_frequency(categories, gt_name)
         cat_ids, names, split = _categories_split({"categories": categories}, gt_name, vocab)
         images = _image_mask(box_gt, img_ids)
         n_dets = int(images[arrays[0]].sum())
@@ -553,6 +699,7 @@ def evaluate_detection(
     else:
         gt, gt_name = load_gt(gt_json, iou_types)
         dets, res_name = load_results(results, gt, iou_types, gt_name)
+        _warn_frequency(gt["categories"], gt_name)
         cat_ids, names, split = _categories_split(gt, gt_name, vocab)
         if img_ids is not None:
             keep_imgs = set(img_ids)
@@ -606,17 +753,27 @@ class DetectionEvaluator:
         gt_json: str | os.PathLike | dict,
         vocab=None,
         iou_types: Sequence[str] = ("bbox",),
-        max_dets: int = 100,
+        max_dets: int | None = None,
         backend: str = "auto",
         out_dir: str | os.PathLike | None = None,
     ) -> None:
         iou_types = tuple(iou_types)
         if backend not in BACKENDS:
             raise DistillError(f"backend {backend!r}: expected one of {list(BACKENDS)}")
-        if int(max_dets) < 1:
+        if max_dets is not None and int(max_dets) < 1:
             raise DistillError(f"max_dets {max_dets}: expected a positive integer")
+        self._lvis = _lvis_gt(gt_json, iou_types)
         self.streaming = {_backend_for(backend, t) for t in iou_types} == {"stream"}
-        if self.streaming:
+        if self._lvis is not None:
+            from distill.eval.lvis import LvisEval
+
+            self.streaming = False
+            self.gt, self.gt_name = None, self._lvis.name
+            categories = self._lvis.categories
+            self._valid_imgs = self._lvis.img_index
+            self._lvis_evs = {t: LvisEval(self._lvis, t) for t in iou_types}
+            max_dets = _lvis_max_dets(max_dets, self.gt_name)
+        elif self.streaming:
             from distill.eval.coco_stream import StreamingBoxEval
 
             # the GT as flat arrays; a file's GT is never held as dicts (``self.gt`` stays None)
@@ -636,12 +793,13 @@ class DetectionEvaluator:
         self.vocab = vocab
         self.label_to_cat = list(vocab.ids)
         self.iou_types = iou_types
-        self.max_dets = int(max_dets)
+        self.max_dets = 100 if max_dets is None else int(max_dets)
         self.backend = backend
         self.out_dir = out_dir
-        if self.streaming:
+        if self.streaming or self._lvis is not None:
             # label index -> GT category index (-1: the category is not in the ground truth)
-            self._label_to_k = np.array([self._box_gt.cat_index.get(c, -1) for c in self.label_to_cat], dtype=np.int64)
+            cat_index = self._lvis.cat_index if self._lvis is not None else self._box_gt.cat_index
+            self._label_to_k = np.array([cat_index.get(c, -1) for c in self.label_to_cat], dtype=np.int64)
         self.reset()
 
     def reset(self) -> None:
@@ -649,6 +807,8 @@ class DetectionEvaluator:
         self._img_ids: set[int] = set()
         if self.streaming:
             self._matcher.reset()
+        for ev in getattr(self, "_lvis_evs", {}).values():
+            ev.reset()
 
     def process(self, image_ids: Sequence[int], predictions: Sequence[dict]) -> None:
         """Add one batch.
@@ -681,7 +841,9 @@ class DetectionEvaluator:
             order = torch.argsort(scores, descending=True, stable=True)[: self.max_dets]
             xywh = boxes[order].clone()
             xywh[:, 2:] -= xywh[:, :2]
-            if self.streaming:
+            if self._lvis is not None:
+                self._add_lvis(img_id, pred, order, xywh, scores, labels)
+            elif self.streaming:
                 k = self._valid_imgs[img_id]
                 cats = self._label_to_k[labels[order].numpy()]
                 if (cats < 0).any():
@@ -698,6 +860,43 @@ class DetectionEvaluator:
         if self.streaming and batch_imgs:
             self._matcher.add(batch_imgs, np.concatenate(det_img), np.concatenate(det_cat), np.concatenate(det_box),
                               np.concatenate(det_score))
+
+    def _categories_of(self, img_id: int, labels: np.ndarray, gt_cats: np.ndarray) -> np.ndarray:
+        if (gt_cats < 0).any():
+            lab = int(labels[gt_cats < 0][0])
+            raise DistillError(f"image {img_id}: label {lab} is category_id {self.label_to_cat[lab]!r}, "
+                               f"which is not a category of {self.gt_name}")
+        return gt_cats
+
+    def _add_lvis(self, img_id: int, pred: dict, order, xywh, scores, labels) -> None:
+        """One image into the federated evaluators: only the detections of its evaluated
+        categories are kept (their masks encoded), in score order (``pos`` = rank)."""
+        import torch
+        from pycocotools import mask as mask_util
+
+        k = self._valid_imgs[img_id]
+        lab = labels[order].numpy()
+        cats = self._categories_of(img_id, lab, self._label_to_k[lab])
+        n = len(cats)
+        img = np.full(n, k, np.int64)
+        box = xywh.double().numpy()
+        score = scores[order].double().numpy()
+        area = box[:, 2] * box[:, 3]  # LVISResults: a result with a box has area w * h
+        ev0 = next(iter(self._lvis_evs.values()))
+        keep = np.flatnonzero(ev0.keep_mask(img, cats))
+        for t, ev in self._lvis_evs.items():
+            rles = None
+            if t == "segm":
+                m = torch.as_tensor(pred["masks"]).detach().cpu()
+                if m.dim() == 4:
+                    m = m[:, 0]
+                m = (m > 0.5) if m.is_floating_point() else m.bool()
+                m = m[order]
+                rles = [None] * n
+                for j in keep.tolist():
+                    rles[j] = mask_util.encode(np.asfortranarray(m[j].numpy().astype(np.uint8)))
+            ev.add([k], img[keep], keep, cats[keep], box[keep], score[keep], area[keep],
+                   [rles[j] for j in keep] if rles is not None else None)
 
     def _add_results(self, img_id: int, pred: dict, order, xywh, scores, labels) -> None:
         import torch
@@ -735,6 +934,8 @@ class DetectionEvaluator:
         return gathered if dist.get_rank() == 0 else None
 
     def evaluate(self) -> dict[str, float]:
+        if self._lvis is not None:
+            return self._evaluate_lvis()
         if self.streaming:
             return self._evaluate_stream()
         gathered = self._gather((self._results, sorted(self._img_ids)))
@@ -748,6 +949,23 @@ class DetectionEvaluator:
             self.gt, results, out_dir=self.out_dir, iou_types=self.iou_types, vocab=self.vocab,
             max_dets=self.max_dets, backend=self.backend, img_ids=img_ids,
         )
+
+    def _evaluate_lvis(self) -> dict[str, float]:
+        from distill.eval.lvis import LvisEval
+
+        states = self._gather({t: ev.state() for t, ev in self._lvis_evs.items()})
+        if states is None:
+            return {}
+        precs = {}
+        for t, ev in self._lvis_evs.items():
+            merged = ev if len(states) == 1 else LvisEval.merged(self._lvis, t, [s[t] for s in states])
+            if not merged.seen.any():
+                raise DistillError("DetectionEvaluator: no images were processed")
+            precs[t] = merged.precision()
+        metrics = _lvis_metrics(self._lvis, precs, self.vocab)
+        if self.out_dir is not None:
+            write_json(Path(self.out_dir) / "metrics.json", metrics)
+        return metrics
 
     def _evaluate_stream(self) -> dict[str, float]:
         from distill.eval.coco_stream import IOU_THRS, StreamingBoxEval
@@ -786,16 +1004,18 @@ def _fmt(v: float | None) -> str:
 def format_table(metrics: dict[str, float]) -> str:
     """A short markdown table (percent, one decimal; ``-`` = undefined) of the summary metrics.
 
-    Detection rows per iou type (AP, AP50, AP75, base/novel); a segmentation row when the
+    Detection rows per iou type (AP, AP50, AP75, base/novel; with LVIS's federated metrics also
+    APs/m/l and AP_r/c/f); a segmentation row when the
     ``miou/...`` keys are present.
     """
     lines: list[str] = []
     types = [t for t in IOU_TYPES if f"{t}/AP" in metrics]
     if types:
-        lines.append("| | " + " | ".join(SUMMARY_KEYS) + " |")
-        lines.append("|---" * (len(SUMMARY_KEYS) + 1) + "|")
+        keys = SUMMARY_KEYS + (LVIS_KEYS if any(f"{t}/AP_r" in metrics for t in types) else ())
+        lines.append("| | " + " | ".join(keys) + " |")
+        lines.append("|---" * (len(keys) + 1) + "|")
         for t in types:
-            lines.append(f"| {t} | " + " | ".join(_fmt(metrics.get(f"{t}/{k}")) for k in SUMMARY_KEYS) + " |")
+            lines.append(f"| {t} | " + " | ".join(_fmt(metrics.get(f"{t}/{k}")) for k in keys) + " |")
     seg_keys = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
     if any(k in metrics for k in seg_keys):
         if lines:
