@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -224,8 +224,17 @@ class DetConfig:
     # `distill train backbone`, whose statistics come from object crops)
     freeze_backbone: bool = True
     backbone_pretrain: BackbonePretrainConfig = field(default_factory=BackbonePretrainConfig)
+    # torchvision's resize of every image, train and eval: shorter side to min_size unless the
+    # longer side would pass max_size. With augment lsj, max_size is also the side of the square
+    # LSJ canvas and min_size must equal it, so the canvas reaches the model as it is and eval
+    # images get their longer side scaled to it (ViLD: 1024x1024 both ways)
     min_size: int = 128
     max_size: int = 128
+    # train-time augmentation (data/transforms.py; evaluation never augments): none | flip
+    # (horizontal) | flip_zoom (flip + zoom 0.8-1.25 about the centre, size unchanged) | lsj
+    # (ViLD: flip + large-scale jitter onto a max_size x max_size canvas)
+    augment: Literal["none", "flip", "flip_zoom", "lsj"] = "none"
+    lsj_scale: tuple[float, ...] = (0.1, 2.0)  # lsj: longer side = max_size x s, s ~ U(lo, hi)
     masks: bool = False
     temperature: float = 0.01  # ViLD section 3.2 (tau)
     text_weight: float = 1.0  # ViLD-text loss weight
@@ -261,6 +270,12 @@ class DetConfig:
     checkpoint: str = ""  # --eval-only / labeling: weights to load (default: det/<name>/model_final.pt)
     init: str = ""  # weights to start training from (self-training starts from the detector it improves)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.augment == "lsj" and self.min_size != self.max_size:
+            raise DistillError(f"det.augment: lsj needs det.min_size == det.max_size (the canvas side, kept as is by the detector), got {self.min_size} and {self.max_size}")
+        if len(self.lsj_scale) != 2 or not 0 < self.lsj_scale[0] <= self.lsj_scale[1]:
+            raise DistillError(f"det.lsj_scale: expected [lo, hi] with 0 < lo <= hi, got {list(self.lsj_scale)}")
 
 
 @dataclass(frozen=True)
@@ -431,6 +446,11 @@ def _valid_keys_msg(key: str, valid: list[str]) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Turn a YAML / override value into ``tp``; raise DistillError naming ``where``."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise DistillError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise DistillError(f"{where}: expected a mapping of {tp.__name__} keys, got {type(value).__name__}")

@@ -136,17 +136,15 @@ def load_coco(path: str | os.PathLike) -> dict:
 
 
 def vocab_from_coco(data: dict, source: str = "") -> Vocabulary:
-    """The vocabulary of a loaded COCO dict: categories sorted by id (``split`` field kept)."""
+    """The vocabulary of a loaded COCO / LVIS dict: categories sorted by id, read by
+    :func:`distill.vocab.vocab_from_categories` (``split``, or LVIS ``frequency`` r = novel;
+    prompt-ready names)."""
+    from distill.vocab import vocab_from_categories
+
     cats = sorted(data["categories"], key=lambda c: c["id"])
     if not cats:
         raise DistillError(f"{source or 'COCO file'}: categories: expected at least one category")
-    return Vocabulary(
-        names=tuple(c["name"] for c in cats),
-        synonyms=tuple(tuple(s for s in c.get("synonyms", []) if isinstance(s, str) and s != c["name"]) for c in cats),
-        split=tuple(c.get("split", "base") if c.get("split") in ("base", "novel") else "base" for c in cats),
-        ids=tuple(c["id"] for c in cats),
-        source=source,
-    )
+    return vocab_from_categories(cats, source)
 
 
 def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
@@ -259,7 +257,9 @@ class CocoDetection(torch.utils.data.Dataset):
             target["masks"] = np.stack(ms) if ms else np.zeros((0, height, width), np.uint8)
         return target
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def raw(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Image ``index`` as numpy, before any transform: ``(image (H, W, 3) uint8, target)``,
+        the target of :meth:`load_target` plus ``image_id``."""
         from distill.data.images import load_image
 
         info = self.images[index]
@@ -269,17 +269,36 @@ class CocoDetection(torch.utils.data.Dataset):
         if ("width" in info and info["width"] != w) or ("height" in info and info["height"] != h):
             raise DistillError(f"{path}: decoded size {w}x{h} differs from {self.json_path} (width {info.get('width')}, height {info.get('height')})")
         target = self.load_target(index, h, w)
+        target["image_id"] = int(info["id"])
+        return image, target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image, target = self.raw(index)
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        out: dict[str, Any] = {
-            "boxes": torch.as_tensor(np.asarray(target["boxes"], np.float32).reshape(-1, 4)),
-            "labels": torch.as_tensor(np.asarray(target["labels"], np.int64).reshape(-1)),
-            "image_id": int(info["id"]),
-        }
-        if self.masks:
-            out["masks"] = torch.as_tensor(np.ascontiguousarray(target["masks"], np.uint8))
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        return img, out
+            image, t = self.transforms(image, target)
+            target = {**t, "image_id": target["image_id"]}
+        return to_tensors(image, target)
+
+
+def to_tensors(image: np.ndarray, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """numpy ``(image (H, W, 3) uint8, target)`` -> ``(image (3, H, W) float in [0, 1], target)``
+    with ``boxes`` (N, 4) float32, ``labels`` (N,) int64, ``masks`` (N, H, W) uint8 when present,
+    ``image_id`` int; other array fields become tensors as they are."""
+    out: dict[str, Any] = {
+        "boxes": torch.as_tensor(np.asarray(target["boxes"], np.float32).reshape(-1, 4)),
+        "labels": torch.as_tensor(np.asarray(target["labels"], np.int64).reshape(-1)),
+    }
+    for k, v in target.items():
+        if k in out:
+            continue
+        if k == "masks":
+            out[k] = torch.as_tensor(np.ascontiguousarray(v, np.uint8))
+        elif k == "image_id":
+            out[k] = int(v)
+        else:
+            out[k] = torch.as_tensor(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return img, out
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:

@@ -85,12 +85,14 @@ def _agnostic_det(cfg: Config):
 
 
 def train_proposal_network(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
-    """Train the class-agnostic detector on base boxes (``data.train_json``); returns its weights."""
+    """Train the class-agnostic detector on base boxes (``data.train_json``), augmented like the
+    detector (``det.augment``; it has the detector's sizes); returns its weights."""
     from distill.data.coco import CocoDetection, collate
+    from distill.detection.train import train_transform
     from distill.engine.train import make_loader, train
 
     out = proposals_dir(cfg)
-    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, None)
+    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, None, transforms=train_transform(cfg.det))
     model = _agnostic_det(cfg)
     loader = make_loader(ds, cfg.proposals.train, collate_fn=collate, num_workers=cfg.data.num_workers)
     save_config(cfg, out / "config.yaml")

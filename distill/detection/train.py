@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from distill.config import Config, config_hash, save_config
@@ -60,10 +61,15 @@ def check_text_embeddings(emb: torch.Tensor, vocab) -> None:
 
 class DetTrainSet(torch.utils.data.Dataset):
     """A CocoDetection whose labels are remapped to the TRAINING vocabulary's indices (classes
-    outside it are dropped and counted), with proposals + teacher embeddings attached."""
+    outside it are dropped and counted), with proposals + teacher embeddings attached, then
+    augmented by ``transforms`` (:mod:`distill.data.transforms`, on numpy; the proposals move
+    with the image and keep their embeddings). ``base`` must have no transforms of its own."""
 
-    def __init__(self, base, label_map: dict[int, int], proposals: dict | None = None, cache=None, num: int = 0):
+    def __init__(self, base, label_map: dict[int, int], proposals: dict | None = None, cache=None, num: int = 0, transforms=None):
+        if getattr(base, "transforms", None) is not None:
+            raise DistillError("DetTrainSet: give the augmentation to DetTrainSet, not to its CocoDetection (the proposals must move with the image)")
         self.base = base
+        self.transforms = transforms
         self.image_ids = base.image_ids
         self.lut = torch.full((max(label_map) + 2 if label_map else 1,), -1, dtype=torch.int64)
         for k, v in label_map.items():
@@ -77,11 +83,12 @@ class DetTrainSet(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        img, t = self.base[i]
-        lab = self.lut[t["labels"].clamp(max=len(self.lut) - 1)]
+        from distill.data.coco import to_tensors
+
+        img, t = self.base.raw(i)
+        lab = self.lut.numpy()[np.minimum(t["labels"], len(self.lut) - 1)]
         keep = lab >= 0
         self.dropped += int((~keep).sum())
-        t = dict(t)
         t["boxes"], t["labels"] = t["boxes"][keep], lab[keep]
         if "masks" in t:
             t["masks"] = t["masks"][keep]
@@ -92,8 +99,12 @@ class DetTrainSet(torch.utils.data.Dataset):
             if emb.shape[0] != boxes.shape[0]:
                 raise DistillError(f"region cache: image {iid} has {emb.shape[0]} embeddings for {boxes.shape[0]} proposals (stale cache?)")
             ok = emb.norm(dim=1) > 0  # boxes the teacher skipped (zero rows)
-            t["proposals"], t["proposal_embeddings"] = boxes[ok], emb[ok]
-        return img, t
+            t["proposals"], t["proposal_embeddings"] = boxes[ok].float().numpy(), emb[ok].numpy()
+        if self.transforms is not None:
+            iid = t["image_id"]
+            img, t = self.transforms(img, t)
+            t["image_id"] = iid
+        return to_tensors(img, t)
 
 
 def _concat(datasets):
@@ -199,8 +210,17 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
     return eval_fn
 
 
+def train_transform(det):
+    """The training augmentation ``det.augment`` (None for ``none``); the LSJ canvas is
+    ``det.max_size`` (= ``det.min_size``, checked at load), which the detector then keeps as is."""
+    from distill.data.transforms import detection_train_transform
+
+    return detection_train_transform(det.augment, det.max_size, det.lsj_scale)
+
+
 def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
-    """Datasets of ``data.train_json`` (+ ``data.extra``), labels in the training vocabulary."""
+    """Datasets of ``data.train_json`` (+ ``data.extra``), labels in the training vocabulary,
+    augmented by ``det.augment``."""
     from distill.data.coco import CocoDetection
     from distill.detection.proposals import embed_proposals, load_proposals, proposals_dir
 
@@ -214,7 +234,7 @@ def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
         if det.use_image:
             proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
             cache = embed_proposals(cfg, teacher, proposals, phash, base)
-        sets.append(DetTrainSet(base, label_map, proposals, cache, det.num_image_distill))
+        sets.append(DetTrainSet(base, label_map, proposals, cache, det.num_image_distill, transforms=train_transform(det)))
     return _concat(sets)
 
 

@@ -101,18 +101,9 @@ class SemSegFolder(Dataset):
         self._aug = self._build_aug() if augment and size else None
 
     def _build_aug(self):
-        import albumentations as A
-        import cv2
+        from distill.data.transforms import segmentation_crop_transforms
 
-        s = self.size
-        return A.Compose(
-            [
-                A.SmallestMaxSize(max_size=s),
-                A.PadIfNeeded(min_height=s, min_width=s, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=255),
-                A.RandomCrop(height=s, width=s),
-                A.HorizontalFlip(p=0.5),
-            ]
-        )
+        return segmentation_crop_transforms(self.size, ignore_index=255)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -133,8 +124,7 @@ class SemSegFolder(Dataset):
             bad = sorted(set(np.unique(mask).tolist()) - set(np.flatnonzero(self.valid).tolist()))
             raise DistillError(f"{mp}: class ids {bad[:5]} are outside the vocabulary (expected 0 = background, 255 = ignore, or a category id)")
         if self._aug is not None:
-            out = self._aug(image=img, mask=mask.astype(np.uint8))
-            img, mask = out["image"], out["mask"]
+            img, mask = self._aug(img, mask.astype(np.uint8))
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
         return x, {"masks": torch.from_numpy(np.array(mask, dtype=np.int64)), "image_id": self.image_id(i)}
 

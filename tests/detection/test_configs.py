@@ -38,6 +38,7 @@ TINY = [
     "det.ensemble_candidates=5",
     "det.train.max_steps=2",
     "det.train.batch_size=2",
+    "det.train.lr=0.0025",  # the real configs' lr is for 256 images a step (linear scaling)
     "det.train.checkpoint_period=0",
     "det.train.log_period=1",
     "proposals.top_k=10",
