@@ -15,9 +15,23 @@ Jobs (sizes chosen so that a job holding everything in memory would exceed the t
 - ``cache``: :class:`distill.teacher.cache.EmbeddingCache` write then stream-read of N images x
   300 regions x 256 float32 (300 KB an image, shards of 32 images);
 - ``label``: ``distill label`` (teacher source, a tiny random teacher) on N 128x128 images, with
-  COCO + PNG outputs.
+  COCO + PNG outputs;
+- ``teacher_eval``: ``distill teacher evaluate`` (:func:`distill.teacher.evaluate.evaluate_teacher`,
+  a tiny random teacher) on N 640x480 images with 4 boxes each and semantic PNGs, so the crop
+  (1x, 1.5x), dense RoIAlign and MaskCLIP rows all run (a split held as float32 is 3.7 MB an
+  image); N is at least two evaluation batches of 16 images: the first batch alone peaks some
+  20-40 MB lower than any longer run (glibc reuses the heap from the second batch on), which
+  would read as growth between N = 16 and 4N;
+- ``cam``: ``distill cam`` (:func:`distill.labels.cam.run_cam`, CLIP-ES on a tiny random teacher)
+  on N 640x480 images with two image labels each, masks + seeds written, 2 panels. A run holding
+  its decoded images would add 0.9 MB an image: visible in the work columns rather than in the
+  ratio. Its work varies by some +-30 MB from run length to run length without a trend (16 to 512
+  images: 127, 144, 186, 162 MB), glibc's heap fragmentation; with ``MALLOC_MMAP_THRESHOLD_=131072``
+  it is flat (134 MB at 16 images, 141 MB at 256).
 
-    python bench/memory.py                 # N as below, prints the table and the ratios
+    python bench/memory.py                       # every job at the N below: the table and the ratios
+    python bench/memory.py teacher_eval cam      # only these jobs
+    python bench/memory.py teacher_eval=32       # a job at another N
 """
 
 from __future__ import annotations
@@ -35,7 +49,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SIZES = {"eval_semseg": 60, "eval_det": 500, "cache": 64, "label": 16}
+SIZES = {"eval_semseg": 60, "eval_det": 500, "cache": 64, "label": 16, "teacher_eval": 32, "cam": 32}
+EVAL_COLORS = {1: ("red square", (220, 30, 30)), 2: ("blue square", (30, 70, 225)), 3: ("green square", (30, 170, 40))}
 
 
 def _status_kb(key: str) -> int:
@@ -89,8 +104,48 @@ def _prepare(job: str, n: int, d: Path) -> None:
                 img[y : y + s, x : x + s] = cols[int(rng.integers(3))]
             Image.fromarray(img).save(d / "imgs" / f"{i:05d}.png")
         _teacher_dir(d / "teacher")
+    elif job in ("teacher_eval", "cam"):
+        _shapes_split(n, d, rng)
     else:
         raise ValueError(job)
+
+
+def _shapes_split(n: int, d: Path, rng: np.random.Generator, size: tuple[int, int] = (480, 640)) -> None:
+    """N 640x480 PNGs under ``images/val`` with 4 coloured squares each (clipped at the border
+    sometimes), their COCO json (category 3 novel), semantic PNGs under ``semantic/val`` and
+    image-level labels (the first two categories present)."""
+    from PIL import Image
+
+    H, W = size
+    (d / "images" / "val").mkdir(parents=True)
+    (d / "semantic" / "val").mkdir(parents=True)
+    images, anns, labels = [], [], []
+    for i in range(1, n + 1):
+        img = np.empty((H, W, 3), np.uint8)
+        img[:] = rng.integers(90, 150, size=3, dtype=np.uint8)
+        img[::7] = 60  # a striped background
+        sem = np.zeros((H, W), np.uint8)
+        present = []
+        for _ in range(4):
+            c = int(rng.integers(1, 4))
+            s = int(rng.integers(24, 200))
+            y, x = (int(v) for v in rng.integers(-s // 4, [H - s // 2, W - s // 2]))
+            y0, x0, y1, x1 = max(0, y), max(0, x), min(H, y + s), min(W, x + s)
+            img[y0:y1, x0:x1] = EVAL_COLORS[c][1]
+            sem[y0:y1, x0:x1] = c
+            sem[y0:y1, x0 : x0 + 2] = 255  # an ignored border column
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+            present.append(c)
+        name = f"{i:06d}.png"
+        Image.fromarray(img).save(d / "images" / "val" / name, compress_level=1)
+        Image.fromarray(sem).save(d / "semantic" / "val" / name, compress_level=1)
+        images.append({"id": i, "file_name": name, "width": W, "height": H})
+        labels.append({"image_id": i, "file_name": f"val/{name}", "category_ids": sorted(set(present))[:2]})
+    cats = [{"id": c, "name": name, "split": "novel" if c == 3 else "base"} for c, (name, _) in EVAL_COLORS.items()]
+    (d / "instances_val.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (d / "image_labels_val.json").write_text(json.dumps(labels))
+    (d / "vocab.json").write_text(json.dumps(cats))
 
 
 def _teacher_dir(folder: Path) -> None:
@@ -153,6 +208,32 @@ def _run(job: str, n: int, d: Path, device: str) -> dict:
         base = _status_kb("VmRSS")
         s = label(cfg)
         check = s["labels/annotations"]
+    elif job == "teacher_eval":
+        from distill.config import load_config
+        from distill.teacher import build_random_teacher
+        from distill.teacher.evaluate import evaluate_teacher
+
+        cfg = load_config(None, [
+            f"work_dir={d / 'run'}", f"data.image_root={d / 'images' / 'val'}", f"data.val_json={d / 'instances_val.json'}",
+            f"data.semantic_root={d / 'semantic'}", "teacher.templates=", "teacher.eval_dense_sizes=[64]",
+        ])
+        teacher = build_random_teacher(seed=0, dense_image_size=64, device=device)
+        base = _status_kb("VmRSS")
+        m = evaluate_teacher(cfg, teacher=teacher, out_dir=d / "out")
+        check = [m["zeroshot/num_objects"], m["zeroshot/top1_ens"], m["zeroshot/top1_dense"], m["maskclip/miou_all"]]
+    elif job == "cam":
+        from distill.config import load_config
+        from distill.labels.cam import run_cam
+        from distill.teacher import build_random_teacher
+
+        cfg = load_config(None, [
+            f"work_dir={d / 'run'}", f"data.image_root={d / 'images'}", f"data.image_labels={d / 'image_labels_{split}.json'}",
+            f"data.vocab={d / 'vocab.json'}", "teacher.templates=", "cam.image_size=64", "cam.num_panels=2", "cam.batch_size=16",
+        ])
+        teacher = build_random_teacher(seed=0, dense_image_size=64, device=device)
+        base = _status_kb("VmRSS")
+        s = run_cam(cfg, "val", teacher=teacher)
+        check = [s["processed"], s["ignored_fraction"]]
     else:
         raise ValueError(job)
     return {"job": job, "n": n, "peak_kb": _status_kb("VmHWM"), "baseline_kb": base, "check": check}
@@ -187,8 +268,22 @@ def compare(job: str, n: int, device: str = "cpu", factor: int = 4) -> dict:
     }
 
 
-def main(device: str = "cpu", sizes: dict[str, int] | None = None) -> dict:
-    sizes = dict(SIZES, **(sizes or {}))
+def _select(jobs: list[str]) -> dict[str, int]:
+    """``["cam", "teacher_eval=32"]`` -> ``{"cam": 32, "teacher_eval": 32}`` (N from SIZES unless given)."""
+    out = {}
+    for item in jobs:
+        name, _, n = item.partition("=")
+        if name not in SIZES:
+            raise SystemExit(f"bench/memory.py: unknown job {name!r}; jobs: {', '.join(SIZES)}")
+        if n and not n.isdigit():
+            raise SystemExit(f"bench/memory.py: {item!r}: expected JOB=N with N a positive integer")
+        out[name] = int(n) if n else SIZES[name]
+    return out
+
+
+def main(device: str = "cpu", sizes: dict[str, int] | None = None, jobs: list[str] | None = None) -> dict:
+    """Measure ``jobs`` (``JOB`` or ``JOB=N``; default all) or the ``sizes`` given, print the table."""
+    sizes = _select(jobs) if jobs else dict(SIZES, **(sizes or {}))
     out: dict = {}
     print(f"{'job':12s} {'N':>5s} {'4N':>5s} {'peak N MB':>10s} {'peak 4N MB':>11s} {'ratio':>6s} {'work N MB':>10s} {'work 4N MB':>11s}")
     for job, n in sizes.items():
@@ -208,8 +303,9 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("jobs", nargs="*", metavar="JOB[=N]", help=f"jobs to measure (default: all of {', '.join(SIZES)})")
     args = ap.parse_args()
     if args.run:
         print(json.dumps(_run(args.run, args.n, Path(args.dir), args.device)))
     else:
-        main(args.device)
+        main(args.device, jobs=args.jobs or None)

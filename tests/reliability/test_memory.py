@@ -44,3 +44,15 @@ def test_detection_evaluation_peak_rss_flat():
     r = _bench().compare("eval_det", 100)
     print("eval_det", r)
     _assert_flat(r)
+
+
+def test_teacher_evaluation_peak_rss_flat():
+    """``distill teacher evaluate`` streams its split: 32 then 128 images of 640x480 (3.7 MB each
+    as float32; the whole-split implementation held them all: +675 MB of work at 128), crops,
+    dense RoIAlign and MaskCLIP, two or more batches of 16 at both sizes."""
+    r = _bench().compare("teacher_eval", 32)
+    print("teacher_eval", r)
+    assert r["ratio"] <= 1.2, r
+    # the 96 extra images are 355 MB as float32; the allocator's own noise is a few tens of MB
+    # (measured +6 MB), so 100 MB catches a path that keeps more than a quarter of them
+    assert r["growth_big_mb"] <= r["growth_mb"] + 100.0, r
