@@ -33,42 +33,11 @@ from distill import load_teacher
 from distill.config import TeacherConfig
 from distill.errors import DistillError
 from distill.teacher import build_teacher
+from checkpoints import hf_folder as _hf_folder
+from checkpoints import VIT_B32, VIT_B32_TEXT, make_openai_archive, perturbed
 
 TOL = 1e-5
 TEXTS = ["a photo of a cat", "a dog on the grass", "x"]
-SMALL_VIT = dict(image_size=32, patch_size=8, width=128, layers=2)  # heads = width / 64, as OpenAI
-SMALL_TEXT = dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)
-
-
-def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def make_openai_archive(folder: Path, vision=SMALL_VIT, text=SMALL_TEXT, embed_dim=32, seed=0) -> tuple[Path, Path]:
-    """An OpenAI-style TorchScript archive of a random QuickGELU CLIP and the state dict saved
-    from it, shaped as OpenAI ships them: fp16 linear / conv / attention weights
-    (``convert_weights_to_fp16``), ``input_resolution`` / ``context_length`` / ``vocab_size``
-    buffers, the attention mask a plain attribute (not in the state dict)."""
-    from open_clip.model import CLIP, convert_weights_to_fp16
-
-    torch.manual_seed(seed)
-    m = _perturbed(CLIP(embed_dim, vision_cfg=dict(vision), text_cfg=dict(text), quick_gelu=True), seed + 1)
-    for key, value in (("input_resolution", vision["image_size"]), ("context_length", text["context_length"]), ("vocab_size", text["vocab_size"])):
-        m.__dict__.pop(key, None)
-        m.register_buffer(key, torch.tensor(value))
-    convert_weights_to_fp16(m)
-    object.__setattr__(m, "attn_mask", m._buffers.pop("attn_mask"))
-    size = vision["image_size"]
-    traced = torch.jit.trace_module(m, {"encode_image": (torch.ones(1, 3, size, size, dtype=torch.float16),)}, check_trace=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    archive, sd = folder / "ViT-openai.pt", folder / "openai_state_dict.pt"
-    traced.save(str(archive))
-    torch.save(traced.state_dict(), sd)
-    return archive, sd
 
 
 def _embeddings_close(t, ref_image, ref_text, x, tokens) -> tuple[float, float]:
@@ -152,18 +121,6 @@ def test_torchscript_archive_cannot_run_code(openai_files, tmp_path):
     assert not marker.exists()
 
 
-def _hf_folder(folder: Path, act: str, seed: int = 0, vision=None, text=None, projection_dim=32):
-    from transformers import CLIPConfig, CLIPModel
-
-    vision = vision or dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8)
-    text = text or dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77)
-    torch.manual_seed(seed)
-    cfg = CLIPConfig(text_config=dict(text, hidden_act=act), vision_config=dict(vision, hidden_act=act), projection_dim=projection_dim)
-    model = _perturbed(CLIPModel(cfg), seed + 1)
-    model.save_pretrained(folder)
-    return model
-
-
 def _hf_refs(model):
     def image(x):
         return model(input_ids=torch.zeros(1, 4, dtype=torch.long), pixel_values=x).image_embeds
@@ -192,7 +149,7 @@ def test_hugging_face_folder_matches_transformers_clipmodel(tmp_path, act):
 
 def test_open_clip_state_dict_the_name_decides(tmp_path):
     torch.manual_seed(0)
-    ref = _perturbed(open_clip.create_model("distill-tiny-vit"), 1)
+    ref = perturbed(open_clip.create_model("distill-tiny-vit"), 1)
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     t = load_teacher(path, model="distill-tiny-vit")
@@ -212,7 +169,7 @@ def test_project_teacher_folder_and_preprocess(tmp_path):
 
     register_model_configs()
     torch.manual_seed(0)
-    ref = _perturbed(open_clip.create_model("distill-tiny-vit"), 1)
+    ref = perturbed(open_clip.create_model("distill-tiny-vit"), 1)
     folder = tmp_path / "teacher"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(folder / "teacher.safetensors"))
@@ -296,9 +253,7 @@ def test_cli_names_the_checkpoint_problem_in_one_line(tmp_path, openai_files):
 def test_vit_b32_at_real_size_openai_and_hugging_face(tmp_path):
     """ViT-B/32 (88M parameters at 224 px): the OpenAI archive against load_openai_model, the
     Hugging Face folder (openai/clip-vit-base-patch32's config) against CLIPModel."""
-    vision = dict(image_size=224, patch_size=32, width=768, layers=12)
-    text = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
-    archive, _ = make_openai_archive(tmp_path / "openai", vision, text, embed_dim=512)
+    archive, _ = make_openai_archive(tmp_path / "openai", VIT_B32, VIT_B32_TEXT, embed_dim=512)
     ref = open_clip.load_openai_model(str(archive), precision="fp32", device="cpu")
     t = load_teacher(archive)
     assert t.name == "ViT-B-32-quickgelu" and t.embed_dim == 512 and t.patch_size == 32
