@@ -138,7 +138,10 @@ def test_batched_equals_per_image_loop(teacher):
         assert batched[b].labels == labels[b]
         for a, s in ((batched[b].gradcam, single.gradcam), (batched[b].refined, single.refined), (batched[b].plain, single.plain)):
             assert a.shape == (len(labels[b]), 8, 8)
-            torch.testing.assert_close(a, s, atol=1e-5, rtol=1e-4)
+            # CAMs are max-normalised to [0, 1]; a batch changes the GEMM blocking, and fp32
+            # rounding (~1e-7) passes through the logit scale 100 and the softmax, so ~1e-5 per
+            # element is expected (1.7e-5 seen on one CPU). 1e-4 is 1/40 of a saved 8-bit CAM step.
+            torch.testing.assert_close(a, s, atol=1e-4, rtol=0)
 
 
 def test_attention_recorder_matches_manual_softmax(teacher):
