@@ -102,7 +102,20 @@ def test_kill_training_then_resume_gives_identical_weights(tmp_path, teacher_mod
     last = (ck / "last_checkpoint").read_text().strip()
     assert Path(last).name in names
     print(f"train: killed after {names[-1]}")  # where the kill landed (shown with -s)
+    # steps up to the checkpoint are not executed again: their log rows, tagged here, survive the
+    # resume (a rerun from scratch, which training's determinism would otherwise hide, rewrites them)
+    k = int(Path(last).stem.split("_")[-1])
+    log = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    log.write_text("".join(json.dumps(dict(r, run="killed")) + "\n" for r in rows))
     run_ok(runs["killed"] + ["--resume"], tmp_path / "resume.log")
+    assert f"at step {k}" in (tmp_path / "resume.log").read_text()
+    resumed = [json.loads(x) for x in log.read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in resumed if r.get("run") == "killed"] == list(range(1, k + 1))
+    assert [r["step"] for r in resumed if "run" not in r] == list(range(k + 1, 21))
+    for r in resumed:
+        r.pop("run", None)
+    log.write_text("".join(json.dumps(r) + "\n" for r in resumed))
 
     ref_out = tmp_path / "ref" / "seg" / "lseg"
     a = torch.load(ref_out / "model_final.pt", weights_only=True)

@@ -35,7 +35,7 @@ def test_exploding_training_stops_naming_step_and_images_and_keeps_last_good_che
     state = torch.load(ck / good, weights_only=True)
     assert state["step"] == step - 1
     flat = torch.cat([v.float().flatten() for v in state["model"].values() if torch.is_tensor(v)])
-    assert flat.numel() > 0
+    assert flat.numel() > 0 and bool(torch.isfinite(flat).all()), f"{good}: {int((~torch.isfinite(flat)).sum())} non-finite values"
     assert not (w / "seg" / "lseg" / "model_final.pt").exists()
     # a checkpoint of the bad step was not written
     assert not (ck / f"ckpt_{step:07d}.pt").exists()

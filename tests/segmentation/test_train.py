@@ -45,14 +45,25 @@ def test_train_eval_reload(config, extra, tiny_world, tiny_teacher, overrides):
     assert predict_logits(model, torch.rand(1, 3, 48, 48), text).shape == (1, 7, 48, 48)
 
 
-def test_resume_continues(tiny_world, tiny_teacher, overrides):
+def test_resume_continues(tiny_world, tiny_teacher, overrides, capsys):
+    """A resumed run restarts from the 2-step checkpoint and executes step 3 only (training is
+    deterministic, so a silent rerun from scratch would give the same losses: the engine's
+    resume line and the step-1/2 log rows kept from the first run tell the two apart)."""
     root, data = tiny_world
     cfg = load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.max_eval_images": 1}))
     train_seg(cfg, teacher=tiny_teacher, progress=False)
+    log = root / "seg" / "clipseg" / "metrics.jsonl"
+    first = [x for x in log.read_text().splitlines() if '"loss"' in x]
+    assert [json.loads(x)["step"] for x in first] == [1, 2]
+    tagged = [json.dumps(dict(json.loads(x), run="first")) for x in first]  # a scratch run would rewrite these rows
+    log.write_text("".join(t + "\n" for t in tagged))
+    capsys.readouterr()
     cfg3 = load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.max_eval_images": 1, "seg.train.max_steps": 3}))
     m = train_seg(cfg3, teacher=tiny_teacher, resume=True, progress=False)
-    steps = [json.loads(x)["step"] for x in (root / "seg" / "clipseg" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert m["step"] == 3 and steps == [1, 2, 3]
+    assert "at step 2" in capsys.readouterr().out
+    rows = [json.loads(x) for x in log.read_text().splitlines() if '"loss"' in x]
+    assert m["step"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    assert [r.get("run") for r in rows] == ["first", "first", None]  # steps 1-2 not executed again
 
 
 def test_data_masks_override_and_bad_masks(tiny_world, tiny_teacher, overrides):
