@@ -117,7 +117,12 @@ def _concat(datasets):
 
 @torch.no_grad()
 def predict(model, dataset, batch_size: int = 8, device=None, vocab_ids=None) -> list[dict]:
-    """COCO results (``image_id``, ``category_id`` = ``vocab_ids[label]``, ``bbox`` XYWH, ``score``)."""
+    """COCO results (``image_id``, ``category_id`` = ``vocab_ids[label]``, ``bbox`` XYWH, ``score``;
+    ``segmentation`` as compressed RLE, the mask head's probabilities at 0.5, when the model
+    predicts masks)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
     from distill.data.coco import collate
 
     device = device or next(model.parameters()).device
@@ -130,8 +135,15 @@ def predict(model, dataset, batch_size: int = 8, device=None, vocab_ids=None) ->
         for t, o in zip(targets, out):
             b = o["boxes"].cpu()
             b[:, 2:] -= b[:, :2]
-            for box, s, lab in zip(b.tolist(), o["scores"].cpu().tolist(), o["labels"].cpu().tolist()):
-                res.append({"image_id": int(t["image_id"]), "category_id": int(vocab_ids[lab]) if vocab_ids else int(lab), "bbox": [round(x, 2) for x in box], "score": round(float(s), 5)})
+            rles = [None] * len(b)
+            if "masks" in o and len(b):  # (N, 1, H, W) probabilities pasted at the image's size
+                m = (o["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+                rles = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0)))
+            for box, s, lab, rle in zip(b.tolist(), o["scores"].cpu().tolist(), o["labels"].cpu().tolist(), rles):
+                r = {"image_id": int(t["image_id"]), "category_id": int(vocab_ids[lab]) if vocab_ids else int(lab), "bbox": [round(x, 2) for x in box], "score": round(float(s), 5)}
+                if rle is not None:
+                    r["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+                res.append(r)
     model.train(was)
     return res
 
@@ -201,7 +213,8 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
             if saved is not None:
                 heads.text_embeddings, heads.novel_mask, heads.inference = saved
         wj(out_dir / "results_val.json", results)
-        metrics = evaluate_detection(cfg.data.val_json, results, None, vocab=vocab, max_dets=cfg.det.detections_per_img)
+        iou_types = ("bbox", "segm") if cfg.det.masks else ("bbox",)
+        metrics = evaluate_detection(cfg.data.val_json, results, None, iou_types=iou_types, vocab=vocab, max_dets=cfg.det.detections_per_img)
         if hasattr(model, "region_embeddings"):  # the ViLD student (not the plain baseline)
             metrics.update(region_top1(model, val, text_all, novel, cfg.det.train.batch_size))
         wj(out_dir / "metrics.json", metrics)

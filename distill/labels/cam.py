@@ -768,6 +768,9 @@ def _resolve_inputs(cfg, images: str | None, labels: str | None) -> tuple[Path, 
         labels = labels or cfg.data.image_labels.replace("{split}", split)
     elif p.is_dir():
         root, split = p, p.name
+    elif "/" not in images and labels and Path(cfg.data.image_root).is_dir():
+        # a flat image folder (VOC: JPEGImages/): the split is the set of images the labels json lists
+        root, split = Path(cfg.data.image_root), images
     else:
         raise DistillError(f"cam.images: {images!r} is neither an image folder nor a split under {cfg.data.image_root}")
     if not labels:
@@ -795,6 +798,17 @@ def _rel_stem(file_name: str, split: str) -> Path:
     if len(parts) >= 2:
         return Path(*parts[:-1]) / fn.stem
     return Path(split) / fn.stem
+
+
+def _gt_path(sem_root: Path, file_name: str, split: str) -> Path:
+    """The semantic PNG of an image: ``{semantic_root}/{split}/{stem}.png`` (the world's layout),
+    else the flat ``{semantic_root}/{stem}.png`` (VOC's SegmentationClass(Aug)/)."""
+    nested = Path(sem_root) / _rel_stem(file_name, split).with_suffix(".png")
+    if not nested.is_file():
+        flat = Path(sem_root) / f"{Path(file_name).stem}.png"
+        if flat.is_file():
+            return flat
+    return nested
 
 
 def _write_png(path: Path, mask: np.ndarray) -> None:
@@ -1047,7 +1061,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
         res = _compute_batch(teacher, cfg, imgs, [e.labels for e in batch], text, bg, with_plain=True)
         for e, im, r in zip(batch, imgs, res):
             H, W = im.shape[:2]
-            gt = _read_gt(sem_root / _rel_stem(e.file_name, split).with_suffix(".png"))
+            gt = _read_gt(_gt_path(sem_root, e.file_name, split))
             ids = [int(vocab.ids[k]) for k in r.labels]
             kw = dict(bg_thresh=c.bg_thresh, bg_power=c.bg_power, image=im)
             maps = {

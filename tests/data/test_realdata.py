@@ -352,18 +352,18 @@ def test_voc_segmentation_folder_reader(built):
     assert tuple(x.shape) == (3, 320, 320) and set(t["masks"].unique().tolist()) == {0, 15, 255}
 
 
-@pytest.mark.xfail(strict=True, reason="CLIP-ES ablation (distill.labels.cam.cam_ablation) only knows the world layout: "
-                   "a split must be a folder under data.image_root and its GT is data.semantic_root/{split}/{stem}.png; "
-                   "VOC (configs/voc/clip_es.yaml) is flat JPEGImages/ + SegmentationClass(Aug)/{stem}.png")
 def test_cam_ablation_finds_voc_ground_truth(built):
-    from distill.labels.cam import _rel_stem, _resolve_inputs
+    """VOC is flat (JPEGImages/ + SegmentationClass(Aug)/{stem}.png): the split is the one the labels
+    json (cam.labels) lists, and the ground truth is found without a {split}/ folder."""
+    from distill.labels.cam import _gt_path, _resolve_inputs
 
     voc = built["voc"]
     cfg = load_config(REPO / "configs/voc/clip_es.yaml", [
         f"data.image_root={voc['images']}", f"data.semantic_root={voc['masks']}", f"cam.labels={voc['val_labels']}"])
     root, labels, split = _resolve_inputs(cfg, "val", None)  # what cam_ablation(cfg, split="val") does first
-    gt = Path(cfg.data.semantic_root) / _rel_stem("2012_000001.jpg", split).with_suffix(".png")
-    assert gt.is_file()
+    assert root == Path(voc["images"]) and labels == Path(voc["val_labels"]) and split == "val"
+    gt = _gt_path(Path(cfg.data.semantic_root), "2012_000001.jpg", split)
+    assert gt.is_file() and gt == Path(voc["masks"]) / "2012_000001.png"
 
 
 # --------------------------------------------------------------------------------------------
