@@ -1,17 +1,33 @@
 """Vocabularies: class names, synonyms, and a base/novel split.
 
 Sources (see :func:`load_vocab`):
-- a ``.txt`` file, one class a line, optionally ``name: synonym, synonym``; ``#`` comments;
+- a ``.txt`` file (or any other text file), one class a line, optionally
+  ``name: synonym, synonym``; ``#`` comment lines and blank lines are ignored. A file whose only
+  class line holds commas (``cat, dog, bird``) is a comma-separated list instead, unless a colon
+  comes before its first comma (``red star: scarlet star, ruby star`` is one class with
+  synonyms). In a file of several lines a comma is part of the line's class name
+  (``building, edifice``; trailing commas are dropped); synonyms are written
+  ``name: synonym, synonym``;
 - a ``.json`` list of names, or of ``{"name", "synonyms", "split", "id"}`` objects;
 - a COCO or LVIS annotation json (its ``categories``; a per-category ``split`` field is used, and
   LVIS frequency ``r`` means novel);
-- an inline comma-separated string: ``"red star, blue circle"``. Inline and txt entries may map a
-  prompt onto a class: ``"crimson star=red star"`` adds "crimson star" as a synonym of "red star".
+- an inline string of names separated by commas and / or newlines: ``"red star, blue circle"``.
+  Inline and txt entries may map a prompt onto a class: ``"crimson star=red star"`` adds
+  "crimson star" as a synonym of "red star" (and makes the class if it is not listed).
+
+Names from txt, inline and json-list sources are normalised: a UTF-8 byte-order mark is dropped,
+unicode is NFC-normalised, runs of whitespace become one space, ends are stripped. A name
+written twice the same way is one class; two spellings that are equal after that, ignoring case
+(``red star`` / ``red  star`` / ``Red Star``), are an error naming both entries; so is a source
+with no class at all. COCO / LVIS names are kept as the file spells them (they identify
+the categories of that file), but compared the same way.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +35,17 @@ from distill.errors import DistillError
 from distill.io import sha256_json
 
 SPLITS = ("base", "novel")
+
+
+def normalize_name(text: str) -> str:
+    """A class name or prompt as the user meant it: byte-order marks dropped, NFC unicode, runs of
+    whitespace (tabs, newlines, no-break spaces) collapsed to one space, ends stripped."""
+    return " ".join(unicodedata.normalize("NFC", str(text).replace("\ufeff", "")).split())
+
+
+def name_key(text: str) -> str:
+    """What makes two names the same class: the normalised name, ignoring case."""
+    return normalize_name(text).lower()
 
 
 @dataclass(frozen=True)
@@ -58,9 +85,11 @@ class Vocabulary:
         for i, name in enumerate(self.names):
             if not isinstance(name, str) or not name.strip():
                 raise DistillError(f"{self.source or 'vocabulary'}: class {i} has an empty name")
-            key = name.strip().lower()
+            key = name_key(name)
             if key in seen:
-                raise DistillError(f"{self.source or 'vocabulary'}: duplicate class {name!r} (entries {seen[key]} and {i})")
+                j = seen[key]
+                raise DistillError(f"{self.source or 'vocabulary'}: duplicate class {name!r} (class {i}) is the same as {self.names[j]!r} "
+                                   f"(class {j}) once case and spaces are ignored; keep one")
             seen[key] = i
         bad = [s for s in self.split if s not in SPLITS]
         if bad:
@@ -89,9 +118,9 @@ class Vocabulary:
         return [s == "novel" for s in self.split]
 
     def index(self, name: str) -> int:
-        key = name.strip().lower()
+        key = name_key(name)
         for i, (n, syn) in enumerate(zip(self.names, self.synonyms)):
-            if n.lower() == key or key in (s.lower() for s in syn):
+            if name_key(n) == key or key in (name_key(s) for s in syn):
                 return i
         raise DistillError(f"class {name!r} is not in the vocabulary ({', '.join(self.names[:20])}{' ...' if len(self) > 20 else ''})")
 
@@ -109,11 +138,11 @@ class Vocabulary:
         )
 
     def with_split(self, novel: list[str] | set[str]) -> "Vocabulary":
-        novel_l = {n.strip().lower() for n in novel}
-        unknown = novel_l - {n.lower() for n in self.names}
+        novel_l = {name_key(n) for n in novel}
+        unknown = novel_l - {name_key(n) for n in self.names}
         if unknown:
             raise DistillError(f"split: unknown classes {sorted(unknown)} (valid: {', '.join(self.names)})")
-        split = tuple("novel" if n.lower() in novel_l else "base" for n in self.names)
+        split = tuple("novel" if name_key(n) in novel_l else "base" for n in self.names)
         return Vocabulary(self.names, self.synonyms, split, self.ids, self.source, self.prompt_names)
 
     def categories(self) -> list[dict]:
@@ -135,38 +164,75 @@ class Vocabulary:
         return sha256_json([self.names, self.synonyms, *extra])[:16]
 
 
-def _parse_entries(entries: list[str], source: str) -> Vocabulary:
-    """Entries like ``"red star"``, ``"red star: scarlet star, ruby star"`` or ``"crimson star=red star"``."""
+def _parse_entries(entries: list[tuple[str, str]], source: str) -> Vocabulary:
+    """``(entry, where)`` pairs, entries like ``"red star"``, ``"red star: scarlet star, ruby star"``
+    or ``"crimson star=red star"``; ``where`` says where the entry is ("line 3", "entry 2") for
+    errors. Names are normalised (:func:`normalize_name`). The same name written twice is one
+    class (its synonyms merged); two spellings of one name (case, spaces) are an error."""
     names: list[str] = []
-    syns: dict[str, list[str]] = {}
+    syns: dict[str, list[str]] = {}  # name_key -> synonyms
+    defined: dict[str, tuple[str, str]] = {}  # name_key -> (name as first written, where)
     aliases: list[tuple[str, str]] = []
-    for raw in entries:
-        e = raw.strip()
+    for raw, where in entries:
+        e = normalize_name(raw)
         if not e or e.startswith("#"):
             continue
         if "=" in e:
-            prompt, cls = (p.strip() for p in e.split("=", 1))
+            prompt, cls = (normalize_name(p) for p in e.split("=", 1))
             if not prompt or not cls:
-                raise DistillError(f"{source}: entry {raw!r}: expected 'prompt=class'")
+                raise DistillError(f"{source}: {where}: entry {raw.strip()!r}: expected 'prompt=class'")
             aliases.append((prompt, cls))
             continue
+        written = raw.split(":", 1)[0] if ":" in raw else raw
+        written = unicodedata.normalize("NFC", written.replace("\ufeff", "")).strip()
         if ":" in e:
             name, rest = e.split(":", 1)
-            name = name.strip()
-            extra = [s.strip() for s in rest.split(",") if s.strip()]
+            name = normalize_name(name)
+            extra = [normalize_name(x) for x in rest.split(",") if normalize_name(x)]
+            if not name:
+                raise DistillError(f"{source}: {where}: entry {raw.strip()!r}: expected 'name: synonym, synonym'")
         else:
             name, extra = e, []
-        if name not in syns:
+        key = name_key(name)
+        if key in defined:
+            first, w0 = defined[key]
+            if written != first:
+                raise DistillError(f"{source}: duplicate class {written!r} ({where}) is the same as {first!r} ({w0}) "
+                                   "once case and spaces are ignored; keep one")
+        else:
+            defined[key] = (written, where)
             names.append(name)
-            syns[name] = []
-        syns[name].extend(x for x in extra if x not in syns[name])
+            syns[key] = []
+        for x in extra:
+            if name_key(x) != key and name_key(x) not in (name_key(y) for y in syns[key]):
+                syns[key].append(x)
     for prompt, cls in aliases:
-        if cls not in syns:  # "crimson star=red star" with no separate "red star" entry: make the class
+        key = name_key(cls)
+        if key not in syns:  # "crimson star=red star" with no separate "red star" entry: make the class
             names.append(cls)
-            syns[cls] = []
-        if prompt != cls and prompt not in syns[cls]:
-            syns[cls].append(prompt)
-    return Vocabulary(tuple(names), tuple(tuple(syns[n]) for n in names), source=source)
+            syns[key] = []
+        if name_key(prompt) != key and name_key(prompt) not in (name_key(y) for y in syns[key]):
+            syns[key].append(prompt)
+    if not names:
+        raise DistillError(f"{source}: empty vocabulary (no class names, only blank entries or # comments)")
+    return Vocabulary(tuple(names), tuple(tuple(syns[name_key(n)]) for n in names), source=source)
+
+
+def _text_entries(text: str) -> list[tuple[str, str]]:
+    """A vocabulary text file's entries: one class a line, or, when the only class line holds
+    commas and no colon comes before its first comma, the comma-separated names of that line.
+    One class a line, commas inside a line belong to the name, except trailing ones (``cat,``:
+    a list copied from code), which are dropped."""
+    lines = [(ln, f"line {i}") for i, ln in enumerate(text.splitlines(), 1) if normalize_name(ln) and not normalize_name(ln).startswith("#")]
+    if len(lines) == 1 and "," in lines[0][0] and ":" not in lines[0][0].split(",", 1)[0]:
+        line, where = lines[0]
+        return [(x, f"{where} entry {k}") for k, x in enumerate(line.split(","), 1)]
+    return [(re.sub(r"[\s,]+$", "", ln), where) for ln, where in lines]
+
+
+def _inline_entries(text: str) -> list[tuple[str, str]]:
+    """An inline vocabulary's entries: names separated by commas and / or newlines."""
+    return [(x, f"entry {k}") for k, x in enumerate(re.split(r"[,\r\n]", text), 1)]
 
 
 def prompt_text(name: str) -> str:
@@ -205,37 +271,38 @@ def vocab_from_categories(cats: list, source: str) -> Vocabulary:
 
 
 def load_vocab(source: str | Path, split_file: str | Path | None = None) -> Vocabulary:
-    """Load a vocabulary from a file (txt, json list, COCO/LVIS json) or an inline string."""
+    """Load a vocabulary from a file (txt, json list, COCO/LVIS json) or an inline string (the
+    formats are in this module's docstring)."""
     text = str(source)
     path = Path(text)
-    try:
-        looks_like_file = path.suffix.lower() in (".txt", ".json") or path.is_file()
-    except OSError:  # e.g. an inline vocabulary longer than a file name may be
+    try:  # a newline never belongs to a file name: such a string is an inline list
+        looks_like_file = "\n" not in text and "\r" not in text and (path.suffix.lower() in (".txt", ".json") or path.is_file())
+    except (OSError, ValueError):  # e.g. an inline vocabulary longer than a file name may be
         looks_like_file = False
     if looks_like_file:
         if not path.is_file():
             raise DistillError(f"{path}: vocabulary file not found")
         if path.suffix.lower() == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(path.read_text(encoding="utf-8-sig"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DistillError(f"{path}: not valid json ({e}); expected a vocabulary or COCO file") from None
             if isinstance(data, dict) and "categories" in data:
                 vocab = vocab_from_categories(data["categories"], str(path))
             elif isinstance(data, list) and all(isinstance(x, str) for x in data):
-                vocab = _parse_entries(data, str(path))
+                vocab = _parse_entries([(x, f"entry {k}") for k, x in enumerate(data, 1)], str(path))
             elif isinstance(data, list) and all(isinstance(x, dict) for x in data):
                 vocab = vocab_from_categories(data, str(path))
             else:
                 raise DistillError(f"{path}: expected a list of names, a list of category objects, or a COCO file with 'categories'")
         else:
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                content = path.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError:
                 raise DistillError(f"{path}: not UTF-8 text; expected one class a line") from None
-            vocab = _parse_entries(lines, str(path))
+            vocab = _parse_entries(_text_entries(content), str(path))
     else:
-        vocab = _parse_entries(text.split(","), "inline vocabulary")
+        vocab = _parse_entries(_inline_entries(text), "inline vocabulary")
     if split_file:
         vocab = apply_split_file(vocab, split_file)
     return vocab
@@ -248,14 +315,14 @@ def apply_split_file(vocab: Vocabulary, split_file: str | Path) -> Vocabulary:
         raise DistillError(f"{p}: split file not found")
     if p.suffix.lower() == ".json":
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(p.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise DistillError(f"{p}: not valid json ({e}); expected {{'novel': [names or ids]}}") from None
         if not isinstance(data, dict) or "novel" not in data:
             raise DistillError(f"{p}: expected an object with key 'novel'")
         novel = data["novel"]
     else:
-        novel = [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
+        novel = [normalize_name(l) for l in p.read_text(encoding="utf-8-sig").splitlines() if normalize_name(l) and not normalize_name(l).startswith("#")]
     by_id = {cid: n for cid, n in zip(vocab.ids, vocab.names)}
     names = []
     for x in novel:

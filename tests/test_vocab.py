@@ -1,6 +1,9 @@
 import json
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from distill.errors import DistillError
 from distill.vocab import Vocabulary, load_vocab
@@ -130,3 +133,170 @@ def test_ovcoco_split_file_if_present():
     v = load_vocab(p)
     assert len(v.base_indices) == 48 and len(v.novel_indices) == 17
     assert {"airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard", "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors"} == {v.names[i] for i in v.novel_indices}
+
+
+# ------------------------------------------------------------------ vocabularies read as meant
+
+
+def test_inline_names_split_on_newlines_as_well_as_commas():
+    assert load_vocab("cat\ndog\nbird").names == ("cat", "dog", "bird")
+    assert load_vocab("cat\r\ndog, bird\n\n").names == ("cat", "dog", "bird")
+    v = load_vocab("red star\ncrimson star=red star\nblue circle.txt")  # a newline is never a file name
+    assert v.names == ("red star", "blue circle.txt") and v.prompts[0] == ("red star", "crimson star")
+
+
+def test_txt_single_comma_line_is_a_list_several_lines_are_one_class_each(tmp_path):
+    p = tmp_path / "v.txt"
+    p.write_text("# my classes\n\ncat, dog,bird , kitty=cat\n", encoding="utf-8")
+    v = load_vocab(p)
+    assert v.names == ("cat", "dog", "bird") and v.prompts[0] == ("cat", "kitty")
+    # a colon before the first comma: the one line is a class with synonyms, as before
+    p.write_text("red star: scarlet star, ruby star\n", encoding="utf-8")
+    v = load_vocab(p)
+    assert v.names == ("red star",) and v.prompts[0] == ("red star", "scarlet star", "ruby star")
+    # several lines: one class a line, a comma is part of the name; synonyms as 'a: b' and 'a=b'
+    p.write_text("building, edifice\nsky\nred star: scarlet star, ruby star\ncrimson star=red star\n", encoding="utf-8")
+    v = load_vocab(p)
+    assert v.names == ("building, edifice", "sky", "red star")
+    assert v.prompts[2] == ("red star", "scarlet star", "ruby star", "crimson star")
+    p.write_text("cat,\ndog , ,\n", encoding="utf-8")  # a list copied from code: trailing commas dropped
+    assert load_vocab(p).names == ("cat", "dog")
+
+
+def test_bom_is_dropped_from_txt_json_and_split_files(tmp_path):
+    p = tmp_path / "v.txt"
+    p.write_bytes("\ufeff# written by Notepad\ncat\ndog\n".encode("utf-8"))
+    assert load_vocab(p).names == ("cat", "dog")
+    p.write_bytes("\ufeffcat,dog\n".encode("utf-8"))
+    assert load_vocab(p).names == ("cat", "dog")
+    j = tmp_path / "v.json"
+    j.write_bytes("\ufeff".encode("utf-8") + json.dumps(["cat", "dog"]).encode("utf-8"))
+    assert load_vocab(j).names == ("cat", "dog")
+    s = tmp_path / "split.txt"
+    s.write_bytes("\ufeffdog\n".encode("utf-8"))
+    assert load_vocab("cat, dog", split_file=s).split == ("base", "novel")
+
+
+def test_whitespace_collapsed_and_unicode_nfc():
+    v = load_vocab("  red \t  star ,blue\u00a0circle, cafe\u0301 cre\u0300me")
+    assert v.names == ("red star", "blue circle", "caf\u00e9 cr\u00e8me")
+    assert v.index("Red   Star") == 0 and v.index("caf\u00e9 cr\u00e8me") == 2
+    v = load_vocab("crimson   star = red   star, red star")
+    assert v.names == ("red star",) and v.prompts[0] == ("red star", "crimson star")
+
+
+def test_same_name_twice_is_one_class_but_two_spellings_are_an_error(tmp_path):
+    v = load_vocab("red square, blue circle, red square")  # the same text twice: one class
+    assert v.names == ("red square", "blue circle")
+    with pytest.raises(DistillError) as e:
+        load_vocab("red star, blue circle, red  star")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("inline vocabulary: duplicate class 'red  star' (entry 3)")
+    assert "'red star' (entry 1)" in msg
+    p = tmp_path / "v.txt"
+    p.write_text("red star\n# a comment\nblue circle\nRed Star\n", encoding="utf-8")
+    with pytest.raises(DistillError) as e:
+        load_vocab(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "'Red Star' (line 4)" in msg and "'red star' (line 1)" in msg
+    # COCO names stay as spelled but are compared the same way
+    c = tmp_path / "coco.json"
+    c.write_text(json.dumps({"categories": [{"id": 1, "name": "red star"}, {"id": 2, "name": "red  star"}]}))
+    with pytest.raises(DistillError, match=r"duplicate class 'red  star' \(class 1\) is the same as 'red star' \(class 0\)"):
+        load_vocab(c)
+
+
+def test_nothing_left_is_an_empty_vocabulary(tmp_path):
+    p = tmp_path / "v.txt"
+    p.write_bytes("\ufeff# only comments\n\n   \n\t\n".encode("utf-8"))
+    with pytest.raises(DistillError, match=f"{p}: empty vocabulary") as e:
+        load_vocab(p)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DistillError, match="inline vocabulary: empty vocabulary"):
+        load_vocab(" ,\n, \r\n")
+
+
+# -------------------------------------------------- more than 254 classes: PNG only when asked
+
+
+def _big_vocab_file(tmp_path, n):
+    p = tmp_path / f"big{n}.txt"
+    p.write_text("".join(f"thing {i}\n" for i in range(n)), encoding="utf-8")
+    return p
+
+
+class _BoxSource:
+    """Two boxes per image, of the last class and of class 254 (whose PNG value is 255)."""
+
+    fingerprint = "fake"
+
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, images):
+        return [{"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0], [16.0, 16.0, 30.0, 30.0]]),
+                 "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([self.n - 1, 254])} for _ in images]
+
+
+def _label_cfg(tmp_path, vocab, fmt):
+    from distill.config import load_config
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir(exist_ok=True)
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 100 + i, np.uint8)).save(imgs / f"{i}.png")
+    out = tmp_path / f"out_{fmt.strip('[]').replace(', ', '_')}"
+    return load_config(None, [f"label.images={imgs}", f"label.out={out}", f"label.vocab={vocab}", "label.source=teacher",
+                              "label.score_thresh=0.0", "label.min_area=0", f"label.format={fmt}", "teacher.templates="]), out
+
+
+def test_lvis_sized_vocabulary_labels_to_coco_and_yolo(tmp_path):
+    from distill.labels.pseudo import label
+
+    cfg, out = _label_cfg(tmp_path, _big_vocab_file(tmp_path, 1203), "[coco, yolo]")
+    summary = label(cfg, source=_BoxSource(1203))
+    assert summary["labels/images"] == 2
+    coco = json.loads((out / "labels.json").read_text())
+    assert len(coco["categories"]) == 1203 and {a["category_id"] for a in coco["annotations"]} == {1203, 255}
+    assert (out / "yolo" / "labels" / "0.txt").read_text().splitlines()[0].startswith("1202 ")
+    assert not (out / "semantic").exists()
+
+
+def test_png_above_254_classes_is_16_bit_and_reads_back(tmp_path):
+    from distill.eval.segmentation import evaluate_semseg_dirs, read_label_png
+    from distill.labels import formats
+    from distill.labels.pseudo import label
+
+    vocab_file = _big_vocab_file(tmp_path, 300)
+    cfg, out = _label_cfg(tmp_path, vocab_file, "[coco, png]")
+    label(cfg, source=_BoxSource(300))
+    with Image.open(out / "semantic" / "0.png") as im:
+        assert im.mode == "I;16"
+    sem = read_label_png(out / "semantic" / "0.png")
+    assert sem[5, 5] == 300 and sem[20, 20] == 255 and sem[0, 0] == 0
+    legend = json.loads((out / "semantic" / "legend.json").read_text())
+    assert len(legend) == 301 and legend[-1]["value"] == 300
+    # read back as ground truth: 255 is a class there (65535 is the ignore value of 16-bit PNGs)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for name in ("0.png", "1.png"):
+        (gt / name).write_bytes((out / "semantic" / name).read_bytes())
+    m = evaluate_semseg_dirs(gt, out / "semantic", vocab=load_vocab(vocab_file))
+    assert m["iou/thing 254"] == 1.0 and m["iou/thing 299"] == 1.0 and m["pixel_acc"] == 1.0
+    assert formats.ignore_value(formats.semantic_values(load_vocab(vocab_file))) == 65535
+    # up to 254 classes: the 8-bit palette PNGs as before
+    small = load_vocab(", ".join(f"t{i}" for i in range(254)))
+    assert formats.semantic_values(small) == list(range(1, 255)) and formats.ignore_value(formats.semantic_values(small)) == 255
+
+
+def test_too_many_classes_for_png_is_refused_only_when_png_is_asked(tmp_path):
+    from distill.labels.pseudo import make_job
+
+    big = _big_vocab_file(tmp_path, 65535)
+    vocab = load_vocab(big)
+    cfg, _ = _label_cfg(tmp_path, big, "[coco]")
+    make_job(cfg, vocab)  # fine without PNGs
+    cfg, out = _label_cfg(tmp_path, big, "[coco, png]")
+    with pytest.raises(DistillError, match=r"65535 classes do not fit a 16-bit label PNG \(at most 65534\); label to coco or yolo instead \(--format coco,yolo\)") as e:
+        make_job(cfg, vocab)
+    assert "\n" not in str(e.value) and not out.exists()

@@ -13,7 +13,7 @@ def _opt(flag: str, help: str):
 
 def label_command(
     images: Annotated[Optional[str], _opt("--images", "Image folder (recursive) or a list file.")] = None,
-    vocab: Annotated[Optional[str], _opt("--vocab", "Vocabulary file, or inline 'red star,crimson star=red star'.")] = None,
+    vocab: Annotated[Optional[str], _opt("--vocab", "Vocabulary: a .txt (one class a line, or one comma-separated line), .json or COCO/LVIS file, or inline names separated by commas or newlines; 'crimson star=red star' adds a synonym.")] = None,
     model: Annotated[Optional[str], _opt("--model", "A checkpoint (vild / seg), or 'teacher'.")] = None,
     out: Annotated[Optional[str], _opt("--out", "Output folder.")] = None,
     source: Annotated[Optional[str], _opt("--source", "vild | seg | teacher.")] = None,

@@ -76,7 +76,7 @@ def evaluate_cmd(
 def embed_text_cmd(
     config: ConfigArg,
     overrides: Overrides = None,
-    vocab: Annotated[str, typer.Option("--vocab", help="A vocabulary file (txt/json/COCO) or inline 'red star, blue circle'.")] = "",
+    vocab: Annotated[str, typer.Option("--vocab", help="Vocabulary: a .txt (one class a line, or one comma-separated line), .json or COCO/LVIS file, or inline names separated by commas or newlines; 'crimson star=red star' adds a synonym.")] = "",
     templates: Annotated[str, typer.Option("--templates", help="Prompt template file (default teacher.templates).")] = "",
     out: Annotated[str, typer.Option("--out", help="Cache folder (default {work_dir}/embeddings/text).")] = "",
 ) -> None:

@@ -209,6 +209,8 @@ def evaluate_semseg_dirs(
     elif not isinstance(vocab, Vocabulary):
         vocab = load_vocab(vocab)
     C, seen, names = semseg_classes(vocab)
+    if ignore_index == 255 and len(vocab) > 254:  # 16-bit label PNGs (distill label): 255 is a class, 65535 = ignore
+        ignore_index = 65535
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     for d, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
         if not d.is_dir():

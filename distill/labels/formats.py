@@ -4,8 +4,11 @@ Shapes and formats:
 - boxes: (N, 4) float XYXY absolute pixels in, COCO ``bbox`` XYWH out, YOLO ``cx cy w h``
   normalised by the image width / height;
 - masks: (N, H, W) bool in, COCO RLE (``{"size": [H, W], "counts": str}``, pycocotools) out;
-- semantic PNG: (H, W) uint8, value = category id (0 = background), saved as a palette PNG so it
-  is viewable; ``legend.json`` / ``legend.png`` say which colour and value is which class.
+- semantic PNG: (H, W), value = category id (0 = background). Up to 254 classes an 8-bit palette
+  PNG, so it is viewable (255 = ignore); above 254 classes a 16-bit grayscale PNG (PIL mode
+  ``I;16``, 65535 = ignore; 255 is then a class), which :func:`distill.eval.segmentation.read_label_png`
+  reads back. The labeler writes no ignore pixels. ``legend.json`` / ``legend.png`` say which
+  colour and value is which class.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from distill.errors import DistillError
 from distill.io import safe_join, write_bytes, write_json, write_text
 from distill.vocab import Vocabulary
+
+PNG8_MAX = 254  # class values of an 8-bit label PNG: 1..254 (0 = background, 255 = ignore)
+PNG16_MAX = 65534  # of a 16-bit one: 1..65534 (65535 = ignore)
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
@@ -90,14 +97,29 @@ def palette(n: int) -> list[tuple[int, int, int]]:
 
 def semantic_values(vocab: Vocabulary) -> list[int]:
     """PNG value per vocabulary index: the category id when every id fits in 1..254 (as in the
-    shapes world's semantic PNGs), else index + 1."""
-    if all(1 <= i <= 254 for i in vocab.ids):
+    shapes world's semantic PNGs), else index + 1 (8-bit PNGs). Above 254 classes the PNGs are
+    16-bit: the category id when every id fits in 1..65534, else index + 1. Called only when
+    PNG output is asked for; more than 65534 classes is an error then."""
+    if all(1 <= i <= PNG8_MAX for i in vocab.ids):
         return list(vocab.ids)
-    if len(vocab) > 254:
-        from distill.errors import DistillError
-
-        raise DistillError(f"{vocab.source or 'vocabulary'}: {len(vocab)} classes do not fit a uint8 PNG (at most 254)")
+    if len(vocab) <= PNG8_MAX:
+        return list(range(1, len(vocab) + 1))
+    if len(vocab) > PNG16_MAX:
+        raise DistillError(f"{vocab.source or 'vocabulary'}: {len(vocab)} classes do not fit a 16-bit label PNG (at most {PNG16_MAX}); "
+                           "label to coco or yolo instead (--format coco,yolo)")
+    if all(1 <= i <= PNG16_MAX for i in vocab.ids):
+        return list(vocab.ids)
     return list(range(1, len(vocab) + 1))
+
+
+def is_16bit(values: list[int]) -> bool:
+    """Whether class values this large need a 16-bit PNG."""
+    return max(values, default=0) > PNG8_MAX
+
+
+def ignore_value(values: list[int]) -> int:
+    """The ignore value of the label PNGs holding these class values: 255, or 65535 in 16-bit."""
+    return 65535 if is_16bit(values) else 255
 
 
 def _palette_bytes(values: list[int]) -> list[int]:
@@ -110,9 +132,13 @@ def _palette_bytes(values: list[int]) -> list[int]:
 
 
 def write_semantic_png(path: Path, sem: np.ndarray, values: list[int]) -> None:
-    """(H, W) uint8 class values -> palette PNG (values kept as the pixel indices)."""
-    im = Image.fromarray(sem.astype(np.uint8), "P")
-    im.putpalette(_palette_bytes(values))
+    """(H, W) class values -> a palette PNG (values kept as the pixel indices), or a 16-bit
+    grayscale PNG (mode ``I;16``) when the values do not fit 8 bits."""
+    if is_16bit(values):
+        im = Image.fromarray(np.ascontiguousarray(sem, dtype=np.uint16))
+    else:
+        im = Image.fromarray(sem.astype(np.uint8), "P")
+        im.putpalette(_palette_bytes(values))
     buf = _io.BytesIO()
     im.save(buf, "PNG")
     write_bytes(path, buf.getvalue())
@@ -138,8 +164,9 @@ def write_legend(out: Path, vocab: Vocabulary) -> None:
 
 
 def paint_semantic(masks: np.ndarray, labels: np.ndarray, scores: np.ndarray, values: list[int], shape: tuple[int, int]) -> np.ndarray:
-    """Instance masks -> (H, W) uint8 semantic map; higher scores paint last (win overlaps)."""
-    sem = np.zeros(shape, np.uint8)
+    """Instance masks -> (H, W) semantic map (uint8, or uint16 for 16-bit values); higher scores
+    paint last (win overlaps)."""
+    sem = np.zeros(shape, np.uint16 if is_16bit(values) else np.uint8)
     for i in np.argsort(scores, kind="stable"):
         sem[masks[i]] = values[int(labels[i])]
     return sem
