@@ -29,9 +29,19 @@ Jobs (sizes chosen so that a job holding everything in memory would exceed the t
   images: 127, 144, 186, 162 MB), glibc's heap fragmentation; with ``MALLOC_MMAP_THRESHOLD_=131072``
   it is flat (134 MB at 16 images, 141 MB at 256).
 
+One more job measures size, not count:
+- ``label_big``: ``distill label`` (teacher source, default settings: components, ``label.max_side``,
+  COCO + PNG; the tiny random teacher) on ONE generated photo-like JPEG (smooth colour gradients,
+  noise and a few saturated shapes, so colour components are many) of 1, 12 and 64 megapixels;
+  prints the peak per size. Its N is the megapixels of one size (``label_big=12``). The image is
+  written by the parent in strips of rows (the 64 MP array is 192 MB). Target: < 1.5 GB at 64 MP
+  (full-size candidate masks needed > 5.7 GB at 12 MP and were killed at 21 GB at 64 MP).
+
     python bench/memory.py                       # every job at the N below: the table and the ratios
     python bench/memory.py teacher_eval cam      # only these jobs
     python bench/memory.py teacher_eval=32       # a job at another N
+    python bench/memory.py label_big             # one image of 1, 12 and 64 MP
+    python bench/memory.py label_big=12 --limit-mb 6000   # one size, the job's address space capped
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SIZES = {"eval_semseg": 60, "eval_det": 500, "cache": 64, "label": 16, "teacher_eval": 32, "cam": 32}
+BIG_MP = (1, 12, 64)  # label_big: megapixels of the one image
 EVAL_COLORS = {1: ("red square", (220, 30, 30)), 2: ("blue square", (30, 70, 225)), 3: ("green square", (30, 170, 40))}
 
 
@@ -106,8 +117,48 @@ def _prepare(job: str, n: int, d: Path) -> None:
         _teacher_dir(d / "teacher")
     elif job in ("teacher_eval", "cam"):
         _shapes_split(n, d, rng)
+    elif job == "label_big":
+        (d / "imgs").mkdir()
+        photo_jpeg(d / "imgs" / "photo.jpg", n)
+        _teacher_dir(d / "teacher")
     else:
         raise ValueError(job)
+
+
+def photo_jpeg(path: Path, megapixels: float, seed: int = 0, strip: int = 256) -> tuple[int, int]:
+    """A 4:3 photo-like JPEG of ``megapixels``: slowly varying colour gradients (hue and saturation
+    drift across the frame, so much of it is near the labeler's saturation threshold), pixel noise
+    and a few saturated discs and rectangles. Rows are made in strips (float32 work per strip
+    only); returns (width, height)."""
+    from PIL import Image
+
+    W = max(8, int(round((megapixels * 1e6 * 4 / 3) ** 0.5)))
+    H = max(6, int(round(W * 3 / 4)))
+    rng = np.random.default_rng(seed)
+    shapes = []
+    cols = [(220, 30, 30), (30, 70, 225), (30, 170, 40), (230, 200, 20), (200, 40, 200), (20, 200, 210)]
+    for k in range(12):
+        cx, cy = rng.uniform(0, W), rng.uniform(0, H)
+        r = rng.uniform(0.02, 0.12) * min(W, H)
+        shapes.append((k % 2, cx, cy, r, cols[k % len(cols)]))
+    img = np.empty((H, W, 3), np.uint8)
+    x = np.arange(W, dtype=np.float32)[None, :] / W
+    for y0 in range(0, H, strip):
+        y1 = min(H, y0 + strip)
+        y = np.arange(y0, y1, dtype=np.float32)[:, None] / H
+        f = np.empty((y1 - y0, W, 3), np.float32)
+        f[..., 0] = 128 + 90 * np.sin(6.3 * x + 2.0 * y)
+        f[..., 1] = 120 + 80 * np.sin(4.1 * y - 3.0 * x + 1.0)
+        f[..., 2] = 110 + 70 * np.sin(5.2 * (x + y) + 2.0)
+        for kind, cx, cy, r, col in shapes:
+            yy = np.arange(y0, y1, dtype=np.float32)[:, None]
+            xx = np.arange(W, dtype=np.float32)[None, :]
+            inside = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) if kind == 0 else ((np.abs(xx - cx) < r) & (np.abs(yy - cy) < 0.6 * r))
+            f[inside] = col
+        f += np.random.default_rng(seed * 100003 + y0).normal(0, 10, f.shape).astype(np.float32)
+        img[y0:y1] = np.clip(f, 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, quality=90)
+    return W, H
 
 
 def _shapes_split(n: int, d: Path, rng: np.random.Generator, size: tuple[int, int] = (480, 640)) -> None:
@@ -208,6 +259,19 @@ def _run(job: str, n: int, d: Path, device: str) -> dict:
         base = _status_kb("VmRSS")
         s = label(cfg)
         check = s["labels/annotations"]
+    elif job == "label_big":
+        from distill.config import load_config
+        from distill.labels.pseudo import label
+
+        cfg = load_config(None, [
+            f"label.images={d / 'imgs'}", f"label.out={d / 'out'}", "label.vocab=red disc, blue square, green disc, yellow square",
+            "label.source=teacher", f"teacher.model=local-dir:{d / 'teacher'}", "teacher.pretrained=", "teacher.templates=",
+            f"teacher.device={device}", "teacher.dense_image_size=32",
+        ])
+        base = _status_kb("VmRSS")
+        s = label(cfg)
+        im = json.loads((d / "out" / "labels.json").read_text())["images"][0]
+        check = [s["labels/annotations"], s["labels/failures"], im["width"], im["height"]]
     elif job == "teacher_eval":
         from distill.config import load_config
         from distill.teacher import build_random_teacher
@@ -239,17 +303,27 @@ def _run(job: str, n: int, d: Path, device: str) -> dict:
     return {"job": job, "n": n, "peak_kb": _status_kb("VmHWM"), "baseline_kb": base, "check": check}
 
 
-def measure(job: str, n: int, device: str = "cpu", root: Path | None = None) -> dict:
-    """Prepare inputs for ``n`` images, then measure ``job`` in a fresh subprocess."""
+def measure(job: str, n: int, device: str = "cpu", root: Path | None = None, limit_mb: int = 0) -> dict:
+    """Prepare inputs for ``n`` images (``label_big``: megapixels), then measure ``job`` in a fresh
+    subprocess; ``limit_mb`` > 0 caps its address space (RLIMIT_AS), so a job that would eat the
+    machine fails instead (a RuntimeError naming the limit)."""
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         d = Path(tmp) / f"{job}_{n}"
         _prepare(job, n, d)
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+        def cap() -> None:
+            if limit_mb > 0:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, limit_mb << 20))
+
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run", job, "--n", str(n), "--dir", str(d), "--device", device],
-                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900, preexec_fn=cap if limit_mb > 0 else None)
         if r.returncode != 0:
-            raise RuntimeError(f"memory job {job} n={n} failed:\n{r.stderr[-3000:]}")
+            lim = f" (address space capped at {limit_mb} MB)" if limit_mb > 0 else ""
+            raise RuntimeError(f"memory job {job} n={n} failed{lim}:\n{r.stderr[-3000:]}")
         out = json.loads(r.stdout.strip().splitlines()[-1])
         out["seconds"] = round(time.perf_counter() - t0, 1)
         return out
@@ -268,32 +342,65 @@ def compare(job: str, n: int, device: str = "cpu", factor: int = 4) -> dict:
     }
 
 
+def big(megapixels=BIG_MP, device: str = "cpu", limit_mb: int = 0) -> dict:
+    """``label_big`` at each size: {megapixels: measure's result (``peak_mb`` added), or
+    ``{"failed": reason}`` when the job fails (e.g. under ``limit_mb``)}; prints a table."""
+    out: dict = {}
+    print(f"{'label_big':12s} {'MP':>5s} {'size':>11s} {'peak MB':>9s} {'work MB':>9s} {'seconds':>8s}", flush=True)
+    for mp in megapixels:
+        try:
+            r = measure("label_big", int(mp), device, limit_mb=limit_mb)
+        except RuntimeError as e:
+            last = str(e).strip().splitlines()[-1][:120]
+            out[mp] = {"failed": last}
+            print(f"{'label_big':12s} {mp:5d} {'':>11s} {'failed':>9s}  {last}", flush=True)
+            continue
+        r["peak_mb"] = round(r["peak_kb"] / 1024, 1)
+        r["work_mb"] = round((r["peak_kb"] - r["baseline_kb"]) / 1024, 1)
+        out[mp] = r
+        size = f"{r['check'][2]}x{r['check'][3]}"
+        print(f"{'label_big':12s} {mp:5d} {size:>11s} {r['peak_mb']:9.1f} {r['work_mb']:9.1f} {r['seconds']:8.1f}", flush=True)
+    return out
+
+
 def _select(jobs: list[str]) -> dict[str, int]:
     """``["cam", "teacher_eval=32"]`` -> ``{"cam": 32, "teacher_eval": 32}`` (N from SIZES unless given)."""
     out = {}
     for item in jobs:
         name, _, n = item.partition("=")
+        if name == "label_big":
+            if n and not n.isdigit():
+                raise SystemExit(f"bench/memory.py: {item!r}: expected label_big=MEGAPIXELS")
+            out.setdefault(name, [])
+            out[name] += [int(n)] if n else list(BIG_MP)
+            continue
         if name not in SIZES:
-            raise SystemExit(f"bench/memory.py: unknown job {name!r}; jobs: {', '.join(SIZES)}")
+            raise SystemExit(f"bench/memory.py: unknown job {name!r}; jobs: {', '.join(SIZES)}, label_big")
         if n and not n.isdigit():
             raise SystemExit(f"bench/memory.py: {item!r}: expected JOB=N with N a positive integer")
         out[name] = int(n) if n else SIZES[name]
     return out
 
 
-def main(device: str = "cpu", sizes: dict[str, int] | None = None, jobs: list[str] | None = None) -> dict:
+def main(device: str = "cpu", sizes: dict[str, int] | None = None, jobs: list[str] | None = None, limit_mb: int = 0) -> dict:
     """Measure ``jobs`` (``JOB`` or ``JOB=N``; default all) or the ``sizes`` given, print the table."""
-    sizes = _select(jobs) if jobs else dict(SIZES, **(sizes or {}))
+    sizes = _select(jobs) if jobs else dict(SIZES, **(sizes or {}), label_big=list(BIG_MP))
     out: dict = {}
+    mps = sizes.pop("label_big", None)
+    if mps:
+        out["label_big"] = big(mps, device, limit_mb)
+    if not sizes:
+        return out
     print(f"{'job':12s} {'N':>5s} {'4N':>5s} {'peak N MB':>10s} {'peak 4N MB':>11s} {'ratio':>6s} {'work N MB':>10s} {'work 4N MB':>11s}")
     for job, n in sizes.items():
         r = compare(job, n, device)
         out[job] = r
         print(f"{job:12s} {r['n']:5d} {r['n_big']:5d} {r['peak_mb']:10.1f} {r['peak_big_mb']:11.1f} {r['ratio']:6.3f} {r['growth_mb']:10.1f} {r['growth_big_mb']:11.1f}", flush=True)
-    worst = max(out.values(), key=lambda r: r["ratio"])
+    ratios = {k: v for k, v in out.items() if k != "label_big"}
+    worst = max(ratios.values(), key=lambda r: r["ratio"])
     out["max_ratio"] = worst["ratio"]
     print(f"peak RSS ratio 4N/N: max {out['max_ratio']:.3f} (target <= 1.2): "
-          + ", ".join(f"{k} {v['ratio']:.3f}" for k, v in out.items() if isinstance(v, dict)))
+          + ", ".join(f"{k} {v['ratio']:.3f}" for k, v in ratios.items()))
     return out
 
 
@@ -303,9 +410,10 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("jobs", nargs="*", metavar="JOB[=N]", help=f"jobs to measure (default: all of {', '.join(SIZES)})")
+    ap.add_argument("--limit-mb", type=int, default=0, help="cap each measured job's address space (MB; 0 = none)")
+    ap.add_argument("jobs", nargs="*", metavar="JOB[=N]", help=f"jobs to measure (default: all of {', '.join(SIZES)}, label_big)")
     args = ap.parse_args()
     if args.run:
         print(json.dumps(_run(args.run, args.n, Path(args.dir), args.device)))
     else:
-        main(args.device, jobs=args.jobs or None)
+        main(args.device, jobs=args.jobs or None, limit_mb=args.limit_mb)

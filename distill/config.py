@@ -335,6 +335,9 @@ class LabelConfig:
     # (sliding windows) | components+windows | rpn (the ViLD checkpoint's RPN, given as --model)
     proposals: str = "components"
     max_proposals: int = 100
+    # teacher source: images are decoded with their longer side at most max_side px (0 = full size) for
+    # candidates and crops; labels are written in full-image pixels (memory bounded by this size)
+    max_side: int = 1024
     background: tuple[str, ...] = ("background",)  # teacher source: extra prompts whose wins are dropped (or a .txt)
     gt: str = ""  # a COCO json with hidden ground truth: write quality metrics to <out>/metrics.json
 

@@ -13,6 +13,9 @@
 - zero-byte files, truncated files and files that are not images (a text file named ``.jpg``) are
   errors naming the file.
 
+:func:`load_image_scaled` decodes at a working size (longer side at most ``max_side``) without
+ever holding the full-size RGB array (JPEG: DCT-domain downscale), and says the full size.
+
 :func:`list_images` lists a folder recursively (or reads a list file) in a deterministic order.
 """
 
@@ -71,6 +74,31 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
     Raises :class:`DistillError` ``"<path>: <why>"`` for a missing, empty, truncated, corrupt,
     non-image or oversized (decompression bomb) file.
     """
+    return _decode(path, max_pixels, 0)[0]
+
+
+def load_image_scaled(path: str | os.PathLike, max_side: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``path`` at a working size: ``(array (h, w, 3) uint8 RGB upright, (H, W) of the
+    full upright image)``. An image whose longer side exceeds ``max_side`` (> 0) is scaled so that
+    it is ``max_side`` (aspect kept, each side ``round(side * scale)``); others are decoded exactly
+    as :func:`load_image` does. The full-size RGB array is never made: a JPEG is decoded at the
+    smallest 1/2, 1/4 or 1/8 DCT scale still at least the working size (Pillow's ``draft``), any
+    other format is resized (antialiased bilinear) before the RGB conversion and EXIF rotation.
+    Errors as :func:`load_image`."""
+    return _decode(path, max_pixels, max_side)
+
+
+def working_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(w, h) of a ``width`` x ``height`` image with its longer side limited to ``max_side``
+    (0 = no limit); the image's own size when it is small enough."""
+    side = max(width, height)
+    if max_side <= 0 or side <= max_side:
+        return width, height
+    s = max_side / side
+    return max(1, int(round(width * s))), max(1, int(round(height * s)))
+
+
+def _decode(path: str | os.PathLike, max_pixels: int, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -94,11 +122,24 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
                         f"{p}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                         "(possible decompression bomb)"
                     )
-                im.load()
+                target = working_size(w, h, max_side)  # in the stored orientation (the limit is symmetric)
+                if target != (w, h):
+                    if im.format == "JPEG":
+                        im.draft("RGB", target)  # DCT-domain downscale: at least target, decoded small
+                    im.load()
+                    if im.mode not in ("RGB", "L"):
+                        im = Image.fromarray(_to_rgb(im))  # modes resize cannot handle (P, I;16, RGBA...)
+                    if im.size != target:
+                        im = im.resize(target, Image.Resampling.BILINEAR)
+                else:
+                    im.load()
+                stored = im
                 try:
-                    im = ImageOps.exif_transpose(im)
+                    im = ImageOps.exif_transpose(stored)
+                    swapped = stored.getexif().get(0x0112, 1) in (5, 6, 7, 8) or im.size != stored.size
                 except Exception:  # a corrupt EXIF block: keep the stored orientation
-                    pass
+                    im, swapped = stored, False
+                full = (h, w) if swapped else (w, h)  # (width, height) of the full image, upright
                 arr = _to_rgb(im)
     except DistillError:
         raise
@@ -114,7 +155,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
     if arr.ndim != 3 or arr.shape[2] != 3:  # defensive: _to_rgb always returns RGB
         raise DistillError(f"{p}: decoded to shape {arr.shape}, expected (H, W, 3)")
     arr = np.ascontiguousarray(arr)
-    return arr if arr.flags.writeable else arr.copy()
+    arr = arr if arr.flags.writeable else arr.copy()
+    return arr, (int(full[1]), int(full[0]))
 
 
 def is_image_name(name: str | os.PathLike) -> bool:

@@ -17,6 +17,16 @@ Sources (``cfg.label.source``), each a callable ``source(images) -> list[dict]``
   use ``proposals=rpn`` with a ViLD checkpoint, or windows;
 - ``vild`` and ``seg``: the students (see :func:`build_source`).
 
+Working resolution (teacher source): an image whose longer side exceeds ``label.max_side`` is
+decoded at that size (:func:`~distill.data.images.load_image_scaled`; a JPEG is never decoded at
+full size); candidates (kept as boxes + box-limited masks, :class:`BoxMasks`, the top
+``max_proposals`` chosen before any mask is cut out) and the teacher's crops come from it, and
+:func:`to_full_size` maps boxes and masks to the full image, so COCO / YOLO / PNG outputs are in
+full-image pixels and peak memory is bounded by the working size, not the photo's (full-size
+arrays: the semantic PNG and one mask at a time while it is RLE-encoded or painted). Candidate
+``min_area`` is in working pixels; the filter's ``min_area`` in full-image pixels. Images within
+``max_side`` take exactly the full-size path.
+
 Work is split into shards of ``shard_size`` consecutive images of the sorted list; under torchrun
 rank ``r`` of ``W`` takes shards ``r, r + W, ...`` (rank-strided shards rather than strided
 images, so a rerun with a different world size reuses every finished shard). Each shard is written
@@ -32,7 +42,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -45,9 +54,9 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from distill.data.images import list_images, load_image, relative_names
+from distill.data.images import list_images, load_image, load_image_scaled, relative_names
 from distill.errors import DistillError
-from distill.io import atomic_path, read_json, safe_join, sha256_json, write_json, write_text
+from distill.io import atomic_path, safe_join, sha256_json, write_json, write_text
 from distill.labels import formats
 from distill.vocab import Vocabulary, load_vocab
 
@@ -119,7 +128,7 @@ def filter_predictions(pred: dict, opts: FilterOptions, num_classes: int) -> dic
     """Thresholds (global / per class), minimum area, class-wise NMS, top-k; sorted by score.
 
     ``pred``: ``boxes`` (N, 4) XYXY, ``scores`` (N,), ``labels`` (N,) int64, optional ``masks``
-    (N, H, W) bool. One boolean keep-mask is applied to every field (SAM's ``MaskData.filter``).
+    (N, H, W) bool (or :class:`BoxMasks`). One boolean keep-mask is applied to every field (SAM's ``MaskData.filter``).
     """
     boxes = pred["boxes"].float().reshape(-1, 4)
     scores = pred["scores"].float().reshape(-1)
@@ -130,7 +139,9 @@ def filter_predictions(pred: dict, opts: FilterOptions, num_classes: int) -> dic
         thr[i] = t
     keep = scores >= thr[labels] if n else torch.zeros(0, dtype=torch.bool)
     masks = pred.get("masks")
-    if masks is not None:
+    if isinstance(masks, BoxMasks):
+        area = masks.areas() if n else torch.zeros(0)
+    elif masks is not None:
         area = masks.reshape(n, -1).sum(1).float() if n else torch.zeros(0)
     else:
         area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
@@ -153,6 +164,201 @@ def filter_predictions(pred: dict, opts: FilterOptions, num_classes: int) -> dic
 # ------------------------------------------------------------------------------------ proposals
 
 
+class BoxMasks:
+    """Instance masks kept box-limited: mask ``i`` is ``parts[i]``, a ``(y1 - y0, x1 - x0)`` bool
+    array at the integer box ``boxes[i]`` of an image of ``size`` (h, w) (where it was made), read
+    at ``out_size`` (H, W; default ``size``): an output pixel takes the value of the pixel its centre
+    falls in (nearest neighbour). A full (H, W) mask is only made on request, one at a time
+    (``masks[i]``, :meth:`rle`); areas are exact in output pixels without making it.
+
+    Behaves like an (N, H, W) bool array where the labeler needs one: ``masks[i]`` (an int) is
+    mask ``i`` as an (H, W) numpy array, ``masks[idx]`` (indices) a subset, ``.numpy()`` itself."""
+
+    def __init__(self, boxes, parts: list[np.ndarray], size: tuple[int, int], out_size: tuple[int, int] | None = None) -> None:
+        self.boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        self.parts = list(parts)
+        self.size = (int(size[0]), int(size[1]))
+        self.out_size = (int(out_size[0]), int(out_size[1])) if out_size is not None else self.size
+
+    @classmethod
+    def from_dense(cls, masks) -> "BoxMasks":
+        """(N, H, W) bool -> box-limited (each part cut to its mask's bounding box)."""
+        m = np.asarray(masks, dtype=bool)
+        boxes, parts = [], []
+        for x in m:
+            ys, xs = np.nonzero(x.any(1))[0], np.nonzero(x.any(0))[0]
+            if len(ys) == 0:
+                boxes.append([0, 0, 0, 0])
+                parts.append(np.zeros((0, 0), bool))
+                continue
+            y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+            boxes.append([x0, y0, x1, y1])
+            parts.append(x[y0:y1, x0:x1].copy())
+        return cls(np.asarray(boxes).reshape(-1, 4), parts, m.shape[1:3])
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self), *self.out_size)
+
+    def numpy(self) -> "BoxMasks":
+        return self
+
+    def at(self, out_size: tuple[int, int]) -> "BoxMasks":
+        """The same masks read at another output size (the full image's)."""
+        return BoxMasks(self.boxes, self.parts, self.size, out_size)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, np.integer)) or (isinstance(idx, torch.Tensor) and idx.ndim == 0):
+            return self.full(int(idx))
+        if isinstance(idx, slice):
+            sel = list(range(len(self)))[idx]
+        else:
+            sel = [int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx)]
+        return BoxMasks(self.boxes[sel] if sel else np.zeros((0, 4), np.int64), [self.parts[i] for i in sel], self.size, self.out_size)
+
+    @staticmethod
+    def _axis(a0: int, a1: int, n: int, N: int) -> tuple[int, int, np.ndarray]:
+        """Output range [A0, A1) whose pixel centres fall in input [a0, a1) (n -> N pixels) and
+        the input index (relative to a0) of each."""
+        if n == N:
+            return a0, a1, np.arange(a1 - a0)
+        # centre (A + 0.5) * n / N in [a0, a1)  <=>  (2A + 1) n >= 2 a0 N  and  < 2 a1 N
+        A0 = -((n - 2 * a0 * N) // (2 * n))
+        A1 = -((n - 2 * a1 * N) // (2 * n))
+        A0, A1 = max(0, min(N, A0)), max(0, min(N, A1))
+        src = ((2 * np.arange(A0, A1, dtype=np.int64) + 1) * n) // (2 * N) - a0
+        return A0, A1, np.clip(src, 0, max(0, a1 - a0 - 1))
+
+    def _mapped(self, i: int) -> tuple[int, int, int, int, np.ndarray]:
+        x0, y0, x1, y1 = (int(v) for v in self.boxes[i])
+        (h, w), (H, W) = self.size, self.out_size
+        Y0, Y1, ry = self._axis(y0, y1, h, H)
+        X0, X1, rx = self._axis(x0, x1, w, W)
+        part = self.parts[i]
+        if part.size and (len(ry) != part.shape[0] or len(rx) != part.shape[1] or self.size != self.out_size):
+            part = part[np.ix_(ry, rx)]
+        return Y0, Y1, X0, X1, part
+
+    def area(self, i: int) -> int:
+        """Pixels of mask ``i`` at the output size."""
+        x0, y0, x1, y1 = (int(v) for v in self.boxes[i])
+        part = self.parts[i]
+        if self.size == self.out_size or not part.size:
+            return int(part.sum())
+        (h, w), (H, W) = self.size, self.out_size
+        _, _, ry = self._axis(y0, y1, h, H)
+        _, _, rx = self._axis(x0, x1, w, W)
+        rows = np.bincount(ry, minlength=part.shape[0]).astype(np.int64)  # output rows per input row
+        cols = np.bincount(rx, minlength=part.shape[1]).astype(np.int64)
+        return int(rows @ part.astype(np.int64) @ cols)
+
+    def areas(self) -> torch.Tensor:
+        return torch.tensor([float(self.area(i)) for i in range(len(self))], dtype=torch.float32)
+
+    def full(self, i: int, dtype=bool, order: str = "C") -> np.ndarray:
+        """Mask ``i`` as an (H, W) array at the output size."""
+        m = np.zeros(self.out_size, dtype, order=order)
+        Y0, Y1, X0, X1, part = self._mapped(i)
+        if part.size:
+            m[Y0:Y1, X0:X1] = part
+        return m
+
+    def rle(self, i: int) -> dict:
+        """COCO RLE of mask ``i`` at the output size (as :func:`formats.mask_to_rle`)."""
+        from pycocotools import mask as mask_utils
+
+        r = mask_utils.encode(self.full(i, np.uint8, "F"))
+        return {"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"].decode("ascii")}
+
+
+def component_candidates(
+    image: np.ndarray,
+    *,
+    min_area: float = 16.0,
+    max_boxes: int = 100,
+    sat_min: float = 0.4,
+    val_min: float = 0.45,
+    hue_bin: float = 20.0,
+    windows: bool = False,
+) -> tuple[np.ndarray, BoxMasks]:
+    """:func:`component_proposals` with box-limited masks (:class:`BoxMasks`): every component is
+    first kept as its box, area and where it came from; the ``max_boxes`` kept after the
+    duplicate removal are the only masks ever cut out (one pass over their hue bins again), so
+    memory is the image's own (a few arrays of its size) whatever the number of components."""
+    h, w = image.shape[:2]
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)  # H, S, V in 0..255
+    hue = hsv[..., 0].astype(np.float32) * (360.0 / 256.0)
+    chroma = (hsv[..., 1] >= sat_min * 255) & (hsv[..., 2] >= val_min * 255)
+    del hsv
+    kernel = np.ones((3, 3), np.uint8)
+    nbins = max(1, int(round(360.0 / hue_bin)))
+    offsets = (0.0, hue_bin / 2)
+
+    def labels_of(o: int, b: int, bins: np.ndarray | None = None):
+        if bins is None:
+            bins = (((hue + offsets[o]) % 360.0) // hue_bin).astype(np.int32) % nbins
+        m = (chroma & (bins == b)).astype(np.uint8)
+        if int(m.sum()) < min_area:
+            return None
+        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel)
+        return cv2.connectedComponentsWithStats(m, connectivity=8)
+
+    boxes: list[list[float]] = []
+    areas: list[float] = []
+    origin: list[tuple[int, int, int]] = []  # (offset, bin, component) or (-1, 0, 0) for a window
+    for o in range(len(offsets)):
+        bins = (((hue + offsets[o]) % 360.0) // hue_bin).astype(np.int32) % nbins
+        for b in range(nbins):
+            res = labels_of(o, b, bins)
+            if res is None:
+                continue
+            n, _, stats, _ = res
+            for k in range(1, n):
+                x, y, bw, bh, area = (int(v) for v in stats[k])
+                if area < min_area:
+                    continue
+                boxes.append([x, y, x + bw, y + bh])
+                areas.append(float(area))
+                origin.append((o, b, k))
+        del bins
+    if windows:
+        for frac in (0.25, 0.5):
+            sw, sh = max(1, int(round(w * frac))), max(1, int(round(h * frac)))
+            for y in range(0, max(1, h - sh + 1), max(1, sh // 2)):
+                for x in range(0, max(1, w - sw + 1), max(1, sw // 2)):
+                    boxes.append([x, y, x + sw, y + sh])
+                    # the window's mask is its box, clipped to the image (as the full mask was)
+                    areas.append(float((min(h, y + sh) - y) * (min(w, x + sw) - x)))
+                    origin.append((-1, 0, 0))
+    if not boxes:
+        return np.zeros((0, 4), np.float32), BoxMasks(np.zeros((0, 4)), [], (h, w))
+    bt = torch.tensor(boxes, dtype=torch.float32)
+    keep = torchvision.ops.nms(bt, torch.tensor(areas), 0.9)  # larger first, near-duplicates dropped
+    keep = keep[:max_boxes].tolist()
+    parts: dict[int, np.ndarray] = {}
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for i in keep:
+        o, b, _ = origin[i]
+        if o < 0:
+            x0, y0, x1, y1 = boxes[i]
+            parts[i] = np.ones((min(h, y1) - y0, min(w, x1) - x0), bool)
+        else:
+            wanted.setdefault((o, b), []).append(i)
+    for (o, b), idx in sorted(wanted.items()):
+        _, lab, _, _ = labels_of(o, b)
+        for i in idx:
+            x0, y0, x1, y1 = boxes[i]
+            parts[i] = lab[y0:y1, x0:x1] == origin[i][2]
+        del lab
+    kept_boxes = np.asarray([boxes[i] for i in keep], np.int64)
+    for i, kb in zip(keep, kept_boxes):  # a window clipped at the image edge: its part is the clipped box
+        kb[2], kb[3] = kb[0] + parts[i].shape[1], kb[1] + parts[i].shape[0]
+    return bt[keep].numpy(), BoxMasks(kept_boxes, [parts[i] for i in keep], (h, w))
+
+
 def component_proposals(
     image: np.ndarray,
     *,
@@ -173,46 +379,15 @@ def component_proposals(
     its mask. ``windows`` adds sliding windows (sides 1/4, 1/2 of the image, stride half a side;
     mask = the box). Duplicates (IoU > 0.9) are dropped; the ``max_boxes`` largest are kept.
 
-    Returns ``boxes`` (N, 4) float32 XYXY absolute pixels and ``masks`` (N, H, W) bool.
+    Returns ``boxes`` (N, 4) float32 XYXY absolute pixels and ``masks`` (N, H, W) bool (the
+    labeler uses :func:`component_candidates`, which never makes these full-size masks).
     """
     h, w = image.shape[:2]
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)  # H, S, V in 0..255
-    hue = hsv[..., 0] * (360.0 / 256.0)
-    chroma = (hsv[..., 1] >= sat_min * 255) & (hsv[..., 2] >= val_min * 255)
-    kernel = np.ones((3, 3), np.uint8)
-    boxes: list[list[float]] = []
-    masks: list[np.ndarray] = []
-    nbins = max(1, int(round(360.0 / hue_bin)))
-    for offset in (0.0, hue_bin / 2):
-        bins = (((hue + offset) % 360.0) // hue_bin).astype(np.int32) % nbins
-        for b in range(nbins):
-            m = (chroma & (bins == b)).astype(np.uint8)
-            if int(m.sum()) < min_area:
-                continue
-            m = cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel)
-            n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-            for k in range(1, n):
-                x, y, bw, bh, area = (int(v) for v in stats[k])
-                if area < min_area:
-                    continue
-                boxes.append([x, y, x + bw, y + bh])
-                masks.append(lab == k)
-    if windows:
-        for frac in (0.25, 0.5):
-            sw, sh = max(1, int(round(w * frac))), max(1, int(round(h * frac)))
-            for y in range(0, max(1, h - sh + 1), max(1, sh // 2)):
-                for x in range(0, max(1, w - sw + 1), max(1, sw // 2)):
-                    boxes.append([x, y, x + sw, y + sh])
-                    mm = np.zeros((h, w), bool)
-                    mm[y : y + sh, x : x + sw] = True
-                    masks.append(mm)
-    if not boxes:
-        return np.zeros((0, 4), np.float32), np.zeros((0, h, w), bool)
-    bt = torch.tensor(boxes, dtype=torch.float32)
-    area = torch.tensor([float(m.sum()) for m in masks])
-    keep = torchvision.ops.nms(bt, area, 0.9)  # larger first, near-duplicates dropped
-    keep = keep[:max_boxes].tolist()
-    return bt[keep].numpy(), np.stack([masks[i] for i in keep])
+    boxes, bm = component_candidates(image, min_area=min_area, max_boxes=max_boxes, sat_min=sat_min, val_min=val_min,
+                                     hue_bin=hue_bin, windows=windows)
+    if not len(bm):
+        return boxes, np.zeros((0, h, w), bool)
+    return boxes, np.stack([bm.full(i) for i in range(len(bm))])
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -238,6 +413,7 @@ class TeacherSource:
         max_proposals: int = 100,
         min_area: float = 16.0,
         proposer: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] | None = None,
+        max_side: int = 1024,
     ) -> None:
         from distill.teacher.text import load_templates, text_embeddings
 
@@ -256,17 +432,20 @@ class TeacherSource:
         self.max_proposals = max_proposals
         self.min_area = min_area
         self.proposer = proposer
+        # Images are decoded with their longer side at most max_side (0 = full size): candidates,
+        # crops and masks are made there; the labeler maps them back to the full image.
+        self.max_side = int(max_side)
         # Run per image inside the DataLoader workers (decoding + proposals overlap the teacher).
         self.prepare = None
         if proposer is None:
             wins = proposals == "windows" or "windows" in proposals
             self.prepare = functools.partial(
-                component_proposals, min_area=min_area, max_boxes=max_proposals, windows=wins,
+                component_candidates, min_area=min_area, max_boxes=max_proposals, windows=wins,
                 **({"sat_min": 2.0} if proposals == "windows" else {}),  # windows only: no colour pixels
             )
         self.fingerprint = sha256_json(
             {"teacher": teacher.fingerprint, "background": list(background), "templates": list(load_templates(templates)), "proposals": proposals,
-             "max": max_proposals, "proposer": getattr(proposer, "fingerprint", None)}
+             "max": max_proposals, "proposer": getattr(proposer, "fingerprint", None), "max_side": self.max_side}
         )[:16]
 
     def _propose(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -292,7 +471,9 @@ class TeacherSource:
                 prob = (self.scale * e.float() @ self.text.T).softmax(dim=-1)[:, : self.num_classes]
                 scores, labels = prob.max(dim=1)
             d = {"boxes": torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), "scores": scores.cpu(), "labels": labels.cpu()}
-            if m is not None:
+            if isinstance(m, BoxMasks):
+                d["masks"] = m
+            elif m is not None:
                 d["masks"] = torch.from_numpy(np.asarray(m, dtype=bool))
             out.append(d)
         return out
@@ -330,6 +511,7 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
         src = TeacherSource(
             teacher, vocab, templates=cfg.teacher.templates or None, background=read_background(lcfg.background),
             proposals=lcfg.proposals, max_proposals=lcfg.max_proposals, min_area=lcfg.min_area, proposer=proposer,
+            max_side=lcfg.max_side,
         )
         return src, src.fingerprint
     if lcfg.source == "vild":
@@ -505,25 +687,50 @@ def _seg_source(cfg, vocab, device):
 
 
 class _Images(Dataset):
-    """Global index -> (index, (3, H, W) uint8 tensor or None, error message or None, extra).
+    """Global index -> (index, (3, h, w) uint8 tensor or None, error message or None, extra,
+    (H, W) of the full image or None).
 
-    ``prepare(array (H, W, 3) uint8)`` (a source's per-image CPU work, e.g. proposals) runs here,
+    With ``max_side`` > 0 an image is decoded with its longer side at most ``max_side``
+    (:func:`~distill.data.images.load_image_scaled`; h, w <= H, W), else at full size.
+    ``prepare(array (h, w, 3) uint8)`` (a source's per-image CPU work, e.g. proposals) runs here,
     so it runs in the decoding workers."""
 
-    def __init__(self, paths: Sequence[Path], prepare: Callable | None = None):
+    def __init__(self, paths: Sequence[Path], prepare: Callable | None = None, max_side: int = 0):
         self.paths = list(paths)
         self.prepare = prepare
+        self.max_side = int(max_side)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            arr = load_image(self.paths[i])
+            if self.max_side > 0:
+                arr, full = load_image_scaled(self.paths[i], self.max_side)
+            else:
+                arr = load_image(self.paths[i])
+                full = arr.shape[:2]
         except DistillError as e:
-            return i, None, str(e), None
+            return i, None, str(e), None, None
         extra = self.prepare(arr) if self.prepare is not None else None
-        return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), None, extra
+        return i, torch.from_numpy(arr).permute(2, 0, 1).contiguous(), None, extra, (int(full[0]), int(full[1]))
+
+
+def to_full_size(pred: dict, size: tuple[int, int], full: tuple[int, int]) -> dict:
+    """A source's prediction on an image decoded at ``size`` (h, w) -> the full image's (H, W)
+    pixels: boxes scaled, masks read at the full size (box-limited, :class:`BoxMasks`), a
+    ``semantic`` map resized (nearest). Unchanged when the sizes are equal."""
+    if tuple(size) == tuple(full):
+        return pred
+    (h, w), (H, W) = size, full
+    out = dict(pred)
+    out["boxes"] = pred["boxes"].float().reshape(-1, 4) * torch.tensor([W / w, H / h, W / w, H / h])
+    masks = pred.get("masks")
+    if masks is not None:
+        out["masks"] = (masks if isinstance(masks, BoxMasks) else BoxMasks.from_dense(np.asarray(masks))).at((H, W))
+    if "semantic" in pred:
+        out["semantic"] = cv2.resize(np.asarray(pred["semantic"], np.uint8), (W, H), interpolation=cv2.INTER_NEAREST)
+    return out
 
 
 
@@ -609,7 +816,10 @@ def _annotations(pred: dict, vocab: Vocabulary, with_masks: bool) -> list[dict]:
     for j, (b, s, l) in enumerate(zip(boxes, scores, labels)):
         xywh = [round(v, 2) for v in formats.xyxy_to_xywh(b)]
         a = {"category_id": int(vocab.ids[l]), "bbox": xywh, "score": round(float(s), 5), "iscrowd": 0}
-        if masks is not None and with_masks:
+        if isinstance(masks, BoxMasks) and with_masks:  # full-size RLE, one mask at a time
+            a["segmentation"] = masks.rle(j)
+            a["area"] = masks.area(j)
+        elif masks is not None and with_masks:
             m = masks[j].numpy()
             a["segmentation"] = formats.mask_to_rle(m)
             a["area"] = int(m.sum())
@@ -636,14 +846,15 @@ def run_labeling(
 
     mine = rank_shards(len(ranges), rank, world_size)
     pending = [k for k in mine if not job.shard_done(k, ranges[k])]
-    values = formats.semantic_values(job.vocab)
+    values = formats.semantic_values(job.vocab) if "png" in job.formats else []  # only PNGs have a class-count limit
     batches = [list(ranges[k])[i : i + job.batch_size] for k in pending for i in range(0, len(ranges[k]), job.batch_size)]
     stats = {"shards_total": len(mine), "shards_skipped": len(mine) - len(pending), "images": 0, "failures": 0, "annotations": 0}
     if not batches:
         return stats
     prepare = getattr(source, "prepare", None)
+    max_side = int(getattr(source, "max_side", 0) or 0)  # the teacher source works at a bounded size
     loader = DataLoader(
-        _Images(job.paths, prepare), batch_sampler=batches, num_workers=job.num_workers, collate_fn=_collate_list,
+        _Images(job.paths, prepare, max_side), batch_sampler=batches, num_workers=job.num_workers, collate_fn=_collate_list,
         persistent_workers=False, prefetch_factor=2 if job.num_workers > 0 else None,
     )
     shard_of = {i: k for k in pending for i in ranges[k]}
@@ -651,16 +862,17 @@ def run_labeling(
     want_png = "png" in job.formats
     with torch.inference_mode():
         for batch in loader:
-            ok = [(i, im, ex) for i, im, err, ex in batch if im is not None]
+            ok = [(i, im, ex, full) for i, im, err, ex, full in batch if im is not None]
             if not ok:
                 preds = []
             elif prepare is not None:
-                preds = source([im for _, im, _ in ok], [ex for _, _, ex in ok])
+                preds = source([im for _, im, _, _ in ok], [ex for _, _, ex, _ in ok])
             else:
-                preds = source([im for _, im, _ in ok])
-            for (i, im, _), pred in zip(ok, preds):
+                preds = source([im for _, im, _, _ in ok])
+            for (i, im, _, full), pred in zip(ok, preds):
+                pred = to_full_size(pred, (int(im.shape[1]), int(im.shape[2])), full)  # outputs in full-image pixels
                 pred = filter_predictions(pred, job.opts, len(job.vocab))
-                h, w = int(im.shape[1]), int(im.shape[2])
+                h, w = full
                 rec = {"index": i, "file_name": job.names[i], "width": w, "height": h,
                        "annotations": _annotations(pred, job.vocab, True)}
                 if want_png:
@@ -677,7 +889,7 @@ def run_labeling(
                 records.setdefault(shard_of[i], {})[i] = rec
                 stats["images"] += 1
                 stats["annotations"] += len(rec["annotations"])
-            for i, im, err, _ in batch:
+            for i, im, err, *_ in batch:
                 if im is None:
                     records.setdefault(shard_of[i], {})[i] = {"index": i, "file_name": job.names[i], "error": err}
                     stats["failures"] += 1
@@ -751,6 +963,8 @@ def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
     bad = [f for f in fmts if f not in FORMATS]
     if bad or not fmts:
         raise DistillError(f"label.format: {bad[0] if bad else 'empty'!r} is not one of {', '.join(FORMATS)}")
+    if "png" in fmts:
+        formats.semantic_values(vocab)  # refuses, before anything is written, a vocabulary too large for a PNG
     for key in ("batch_size", "shard_size"):
         if getattr(lcfg, key) < 1:
             raise DistillError(f"label.{key}: expected a positive integer, got {getattr(lcfg, key)}")

@@ -474,3 +474,144 @@ def test_same_stem_different_extension_do_not_collide(tmp_path, teacher):
     assert sorted(p.relative_to(out / "semantic").as_posix() for p in (out / "semantic").rglob("*.png") if p.name != "legend.png") == [
         "a.jpg.png", "a.png.png", "b.png"]
     assert sorted(p.name for p in (out / "yolo" / "labels").rglob("*.txt")) == ["a.jpg.txt", "a.png.txt", "b.txt"]
+
+
+# ------------------------------------------------------------------------------ working resolution
+
+
+def _photo(h, w, seed):
+    """A small photo-like image: colour gradients, noise, five saturated discs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([120 + 60 * np.sin(x / 37.0), 110 + 50 * np.cos(y / 23.0), 100 + 40 * np.sin((x + y) / 51.0)], -1)
+    img += rng.normal(0, 6, img.shape)
+    for k in range(5):
+        cy, cx = rng.integers(0, h), rng.integers(0, w)
+        r = int(rng.integers(6, 30))
+        col = [(220, 30, 30), (30, 70, 225), (30, 170, 40), (230, 200, 20), (200, 40, 200)][k]
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = col
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# Computed by the labeler before the working-resolution change (full-size masks per candidate):
+# [image_id, category_id, bbox, score, area] of every annotation, and digests of the RLE counts,
+# the semantic PNGs' pixels and the YOLO files.
+_SMALL_REFERENCE = [
+    [1, 2, [15.0, 59.0, 6.0, 8.0], 0.52094, 32], [1, 2, [5.0, 66.0, 7.0, 4.0], 0.52034, 21],
+    [1, 2, [10.0, 60.0, 8.0, 5.0], 0.51859, 29], [1, 2, [22.0, 52.0, 3.0, 4.0], 0.51727, 12],
+    [1, 2, [7.0, 72.0, 11.0, 11.0], 0.51713, 72], [1, 2, [173.0, 11.0, 27.0, 39.0], 0.517, 913],
+    [1, 2, [42.0, 59.0, 4.0, 4.0], 0.51486, 15], [1, 2, [13.0, 47.0, 21.0, 46.0], 0.5133, 420],
+    [1, 2, [7.0, 84.0, 10.0, 7.0], 0.51167, 45], [1, 2, [0.0, 60.0, 11.0, 31.0], 0.51035, 198],
+    [2, 2, [92.0, 34.0, 10.0, 16.0], 0.53051, 79], [2, 2, [96.0, 24.0, 10.0, 7.0], 0.52567, 49],
+    [2, 2, [109.0, 25.0, 4.0, 5.0], 0.52516, 17], [2, 2, [105.0, 24.0, 5.0, 4.0], 0.52496, 18],
+    [2, 2, [104.0, 49.0, 4.0, 3.0], 0.5244, 12], [2, 2, [114.0, 30.0, 4.0, 10.0], 0.5239, 38],
+    [2, 2, [95.0, 30.0, 23.0, 20.0], 0.51619, 276], [2, 2, [111.0, 45.0, 7.0, 5.0], 0.51202, 32],
+    [2, 2, [0.0, 50.0, 15.0, 46.0], 0.5118, 551], [2, 2, [0.0, 52.0, 6.0, 42.0], 0.50987, 216],
+]
+_SMALL_DIGESTS = {"rle": "c9a7262e108f0695", "a.png": "36700a2dddb236f4", "b.png": "70127107775dd508", "yolo": "87cef1712df83cdd"}
+
+
+def test_small_image_labels_unchanged(tmp_path):
+    """Images within label.max_side are labeled exactly as before the working-resolution path."""
+    import hashlib
+
+    from distill.teacher.clip import build_random_teacher
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(_photo(150, 200, 0)).save(root / "a.png")
+    Image.fromarray(_photo(96, 128, 1)).save(root / "b.jpg", quality=90)
+    teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, heads=2, text_width=32, text_layers=1, seed=3)
+    out = tmp_path / "o"
+    cfg = load_config(None, [f"label.images={root}", f"label.out={out}", f"label.vocab={VOCAB}", "label.source=teacher",
+                             "label.score_thresh=0.0", "label.min_area=10", "label.top_k=10", "teacher.templates=",
+                             "label.format=[coco, yolo, png]"])
+    label(cfg, source=TeacherSource(teacher, load_vocab(VOCAB), background=("background",), min_area=10))
+    coco = json.loads((out / "labels.json").read_text())
+    assert [(im["width"], im["height"]) for im in coco["images"]] == [(200, 150), (128, 96)]
+    rows = [[a["image_id"], a["category_id"], a["bbox"], a["score"], a["area"]] for a in coco["annotations"]]
+    assert [r[:3] + r[4:] for r in rows] == [r[:3] + r[4:] for r in _SMALL_REFERENCE]
+    np.testing.assert_allclose([r[3] for r in rows], [r[3] for r in _SMALL_REFERENCE], atol=2e-5)
+    digest = lambda b: hashlib.sha256(b).hexdigest()[:16]  # noqa: E731
+    assert digest(json.dumps([a["segmentation"]["counts"] for a in coco["annotations"]]).encode()) == _SMALL_DIGESTS["rle"]
+    for n in ("a.png", "b.png"):
+        assert digest(np.asarray(Image.open(out / "semantic" / n)).tobytes()) == _SMALL_DIGESTS[n]
+    assert digest(b"".join((out / "yolo" / "labels" / n).read_bytes() for n in ("a.txt", "b.txt"))) == _SMALL_DIGESTS["yolo"]
+
+
+def test_box_masks_nearest_mapping_matches_bruteforce():
+    from distill.labels.pseudo import BoxMasks
+
+    rng = np.random.default_rng(2)
+    h, w = 13, 17
+    dense = rng.random((4, h, w)) < 0.4
+    dense[3] = False
+    bm = BoxMasks.from_dense(dense)
+    for i in range(4):
+        np.testing.assert_array_equal(bm[i], dense[i])  # at its own size: the mask itself
+    for H, W in ((13, 17), (40, 51), (29, 100), (7, 9)):
+        big = bm.at((H, W))
+        ys = ((2 * np.arange(H) + 1) * h) // (2 * H)  # the source pixel of each output pixel's centre
+        xs = ((2 * np.arange(W) + 1) * w) // (2 * W)
+        for i in range(4):
+            ref = dense[i][np.ix_(ys, xs)]
+            np.testing.assert_array_equal(big[i], ref)
+            assert big.area(i) == int(ref.sum())
+            np.testing.assert_array_equal(formats.rle_to_mask(big.rle(i)), ref)
+            assert big.rle(i) == formats.mask_to_rle(ref)
+        sub = big[torch.tensor([2, 0])]
+        assert len(sub) == 2 and sub.shape == (2, H, W)
+        np.testing.assert_array_equal(sub[1], big[0])
+
+
+def test_large_image_labeled_at_working_size_in_full_pixels(tmp_path, teacher):
+    """An image over label.max_side: candidates and crops at the working size, labels in the full
+    image's pixels. At an exact factor 2 they equal the working image's own labels scaled by 2
+    (boxes x 2, areas x 4, every mask pixel a 2 x 2 block), with the same scores."""
+    from distill.data.images import load_image_scaled
+
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(_photo(150, 200, 4)).save(big / "p.png")
+    work, full = load_image_scaled(big / "p.png", 100)
+    assert work.shape == (75, 100, 3) and full == (150, 200)
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(work).save(small / "p.png")
+    vocab = load_vocab(VOCAB)
+    coco = {}
+    for name, root in (("big", big), ("small", small)):
+        src = TeacherSource(teacher, vocab, min_area=10, max_side=100)
+        label(_cfg(root, tmp_path / f"o_{name}", min_area=0, format="coco,png,yolo"), source=src)
+        coco[name] = json.loads((tmp_path / f"o_{name}" / "labels.json").read_text())
+    assert [(i["width"], i["height"]) for i in coco["big"]["images"]] == [(200, 150)]
+    A, B = coco["small"]["annotations"], coco["big"]["annotations"]
+    assert len(A) == len(B) > 0
+    for a, b in zip(A, B):
+        assert b["category_id"] == a["category_id"] and b["score"] == pytest.approx(a["score"], abs=2e-5)
+        assert b["bbox"] == [2 * v for v in a["bbox"]] and b["area"] == 4 * a["area"]
+        assert b["segmentation"]["size"] == [150, 200]
+        ma = formats.rle_to_mask(a["segmentation"])
+        np.testing.assert_array_equal(formats.rle_to_mask(b["segmentation"]), np.kron(ma, np.ones((2, 2), bool)))
+    sa = np.asarray(Image.open(tmp_path / "o_small" / "semantic" / "p.png"))
+    sb = np.asarray(Image.open(tmp_path / "o_big" / "semantic" / "p.png"))
+    np.testing.assert_array_equal(sb, np.kron(sa, np.ones((2, 2), np.uint8)))
+    assert (tmp_path / "o_big" / "yolo" / "labels" / "p.txt").read_text() == (tmp_path / "o_small" / "yolo" / "labels" / "p.txt").read_text()
+
+
+def test_decompression_bomb_header_is_a_counted_failure(tmp_path, teacher):
+    """A PNG whose header declares 20000 x 9000 (180 MP, over the pixel limit) is one failure line,
+    never decoded."""
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    root = _folder(tmp_path, n=1, bad=False)
+    ihdr = struct.pack(">IIBBBBB", 20000, 9000, 8, 2, 0, 0, 0)
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    summary = label(_cfg(root, tmp_path / "o"), source=TeacherSource(teacher, load_vocab(VOCAB), min_area=10))
+    assert summary["labels/failures"] == 1 and summary["labels/images"] == 1
+    (line,) = (tmp_path / "o" / "failures.txt").read_text().splitlines()
+    assert line.startswith("bomb.png\t") and "decompression bomb" in line

@@ -56,3 +56,17 @@ def test_teacher_evaluation_peak_rss_flat():
     # the 96 extra images are 355 MB as float32; the allocator's own noise is a few tens of MB
     # (measured +6 MB), so 100 MB catches a path that keeps more than a quarter of them
     assert r["growth_big_mb"] <= r["growth_mb"] + 100.0, r
+
+
+def test_teacher_labeling_memory_bounded_by_working_size():
+    """``distill label --model teacher`` on ONE 12 MP photo-like JPEG (4000 x 3000) with default
+    settings: candidates, crops and masks at ``label.max_side`` (1024), labels in full-image
+    pixels. Peak RSS 1.09 GB (the process's imports are ~0.89 GB of it) where full-size candidate
+    masks needed more than 5.7 GB (here: MemoryError under the 6 GB address-space cap, so the old
+    path fails this test without eating the machine); about 20 s including the image."""
+    r = _bench().measure("label_big", 12, limit_mb=6000)
+    print("label_big 12 MP", r)
+    annotations, failures, width, height = r["check"]
+    assert failures == 0 and annotations > 0 and (width, height) == (4000, 3000), r
+    assert r["peak_kb"] / 1024 < 1536, r
+    assert r["seconds"] < 60, r
