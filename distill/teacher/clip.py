@@ -158,13 +158,17 @@ class Teacher:
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str] | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Strings (or tokens (N, L)) -> (N, D) float32, L2-normalised."""
+        """Strings (or tokens (N, L)) -> (N, D) float32, L2-normalised. The causal text tower runs
+        up to the batch's longest prompt only (:func:`distill.teacher.text.encode_text_trimmed`:
+        the same embeddings, ~8x faster for ViT-B/32 prompts of ~10 of 77 tokens)."""
+        from distill.teacher.text import encode_text_trimmed
+
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         bs = batch_size or self.batch_size
         out = []
         for i in range(0, tokens.shape[0], bs):
             with self.autocast():
-                feats = self.model.encode_text(tokens[i : i + bs].to(self.device))
+                feats = encode_text_trimmed(self.model, tokens[i : i + bs].to(self.device))
             out.append(F.normalize(feats.float(), dim=-1))
         if not out:
             return torch.zeros(0, self.embed_dim, device=self.device)

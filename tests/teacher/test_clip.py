@@ -123,3 +123,20 @@ def test_precision_amp_bf16_close_to_fp32_and_bad_precision():
     assert (got - ref).abs().max() < 5e-2 and not torch.equal(got, ref)
     with pytest.raises(DistillError, match="precision"):
         build_teacher(TeacherConfig(precision="fp8"))
+
+
+def test_encode_text_cut_at_the_last_end_token_equals_open_clip():
+    """Teacher.encode_text runs the causal text tower only up to the batch's last end-of-text
+    token; open_clip's encode_text over the full context is the reference (mixed lengths, one
+    prompt that fills the context, one empty)."""
+    t = build_random_teacher(seed=3, context_length=16)
+    texts = ["a red star", "a photo of a very very large blue circle on a striped ground with", "", "x"]
+    tokens = t.tokenize(texts)
+    assert int(tokens.argmax(-1).max()) == 15  # the long prompt fills the context
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(t.model.encode_text(tokens), dim=-1)
+        short = torch.nn.functional.normalize(t.model.encode_text(t.tokenize(texts[:1] + texts[2:])), dim=-1)
+    assert (t.encode_text(texts) - ref).abs().max().item() < 1e-6
+    # a batch of short prompts only (the cut is at 4 tokens, not 16)
+    assert int(t.tokenize(texts[:1] + texts[2:]).argmax(-1).max()) < 6
+    assert (t.encode_text(texts[:1] + texts[2:]) - short).abs().max().item() < 1e-6
