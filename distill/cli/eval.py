@@ -17,7 +17,7 @@ def det(
     pred: Annotated[str, typer.Option("--pred", help="COCO results json: [{image_id, category_id, bbox, score, segmentation?}].")],
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for metrics.json.")] = None,
     iou: Annotated[str, typer.Option("--iou", help="Comma-separated: bbox, segm.")] = "bbox",
-    vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary file overriding the GT's names/split.")] = None,
+    vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary file giving the base/novel split of the GT's categories, matched by name; every GT category must be in it.")] = None,
     max_dets: Annotated[Optional[int], typer.Option("--max-dets", help="Detections kept per image (default: 100 for COCO, 300 for LVIS).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto (boxes: stream, masks: faster), stream (flat memory), faster (faster-coco-eval) or pycocotools.")] = "auto",
 ) -> None:
@@ -37,8 +37,8 @@ def det(
 
 @app.command("seg")
 def seg(
-    gt: Annotated[str, typer.Option("--gt", help="Folder of ground-truth label PNGs (0 = background, 255 = ignore).")],
-    pred: Annotated[str, typer.Option("--pred", help="Folder of predicted label PNGs, same file names.")],
+    gt: Annotated[str, typer.Option("--gt", help="Folder of ground-truth label PNGs, sub-folders too (0 = background, 255 = ignore; 16-bit PNGs: 65535).")],
+    pred: Annotated[str, typer.Option("--pred", help="Folder of predicted label PNGs, same relative names (the semantic/ folder of distill label as it is: its legend.json is followed).")],
     gt_json: Annotated[Optional[str], typer.Option("--gt-json", help="COCO json giving class names and the base/novel split.")] = None,
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary file instead of --gt-json.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for metrics.json and confusion.npy.")] = None,

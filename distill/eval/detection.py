@@ -25,6 +25,11 @@ split, as COCO reports it):
 At most ``max_dets`` detections per image are kept (the highest scores), as the COCO protocol
 asks; COCO area range "all" is used throughout.
 
+Ground truth is checked before anything is computed (:func:`load_gt`): ids are integers (a string
+id is an error saying so: pycocotools and faster-coco-eval disagree on them), and boxes of zero
+width or height or outside their image are kept, as the reference scores them, with one warning
+line per file (:func:`warn_odd_boxes`).
+
 LVIS: when the ground truth is an LVIS file (its images carry ``neg_category_ids`` and
 ``not_exhaustive_category_ids``, its categories a ``frequency``), :func:`evaluate_detection` and
 :class:`DetectionEvaluator` run LVIS's federated protocol instead (:mod:`distill.eval.lvis`,
@@ -88,28 +93,35 @@ def load_gt(gt_json: str | os.PathLike | dict, iou_types: Sequence[str] = ("bbox
     if not gt["categories"]:
         raise DistillError(f"{name}: 'categories' is empty (expected at least one category)")
     img_ids = set()
+    sizes: dict = {}
     for i, im in enumerate(gt["images"]):
         if not isinstance(im, dict) or "id" not in im:
             raise DistillError(f"{name}: images[{i}] must be an object with 'id'")
+        check_id(im["id"], name, f"images[{i}].id")
         if "segm" in iou_types and ("height" not in im or "width" not in im):
             raise DistillError(f"{name}: images[{i}]: missing 'height'/'width' (needed for segm evaluation)")
         if im["id"] in img_ids:
             raise DistillError(f"{name}: images[{i}]: duplicate image id {im['id']}")
         img_ids.add(im["id"])
+        sizes[im["id"]] = _image_size(im)
     cat_ids = set()
     for i, c in enumerate(gt["categories"]):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DistillError(f"{name}: categories[{i}] must be an object with 'id' and 'name'")
+        check_id(c["id"], name, f"categories[{i}].id")
         if c["id"] in cat_ids:
             raise DistillError(f"{name}: categories[{i}]: duplicate category id {c['id']}")
         cat_ids.add(c["id"])
     ann_ids = set()
+    boxes, box_wh = [], []
     for i, a in enumerate(gt["annotations"]):
         if not isinstance(a, dict):
             raise DistillError(f"{name}: annotations[{i}] must be an object")
         for key in ("id", "image_id", "category_id", "bbox"):
             if key not in a:
                 raise DistillError(f"{name}: annotations[{i}]: missing key '{key}'")
+        for key, what in (("id", None), ("image_id", "images"), ("category_id", "categories")):
+            check_id(a[key], name, f"annotations[{i}].{key}", what)
         if a["id"] in ann_ids:
             raise DistillError(f"{name}: annotations[{i}]: duplicate annotation id {a['id']}")
         ann_ids.add(a["id"])
@@ -118,9 +130,61 @@ def load_gt(gt_json: str | os.PathLike | dict, iou_types: Sequence[str] = ("bbox
         if a["category_id"] not in cat_ids:
             raise DistillError(f"{name}: annotations[{i}]: category_id {a['category_id']} is not in 'categories'")
         _check_box(a["bbox"], name, f"annotations[{i}].bbox")
+        boxes.append([float(v) for v in a["bbox"]])
+        box_wh.append(sizes[a["image_id"]])
         if "segm" in iou_types and "segmentation" not in a:
             raise DistillError(f"{name}: annotations[{i}]: missing key 'segmentation' (needed for segm evaluation)")
+    warn_odd_boxes(name, np.array(boxes, np.float64).reshape(-1, 4), np.array(box_wh, np.float64).reshape(-1, 2))
     return gt, name
+
+
+def check_id(v: Any, name: str, where: str, ids_of: str | None = None) -> None:
+    """A COCO id must be an integer (the format's type, and the only one both COCO evaluators
+    agree on: pycocotools takes string ids as dict keys, and a string ``image_id`` beside integer
+    image ids silently loses its boxes; faster-coco-eval refuses consistent string ids)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return
+    like = f" like the ids in '{ids_of}'" if ids_of else " (COCO ids are integers)"
+    if isinstance(v, str):
+        raise DistillError(f"{name}: {where}: {v!r} is a string, expected an integer{like}")
+    raise DistillError(f"{name}: {where}: expected an integer{like}, got {v!r}")
+
+
+def _image_size(im: dict) -> tuple[float, float]:
+    """(width, height) of a COCO image entry; NaN where it has no usable size."""
+    try:
+        w, h = float(im["width"]), float(im["height"])
+    except (KeyError, TypeError, ValueError):
+        return math.nan, math.nan
+    return (w, h) if w > 0 and h > 0 else (math.nan, math.nan)
+
+
+def warn_odd_boxes(name: str, box: np.ndarray, wh: np.ndarray, reference: str = "pycocotools", index=None) -> None:
+    """One warning line for the ground-truth boxes ([x, y, w, h], (N, 4)) of zero width or height,
+    or reaching more than a pixel outside their image (``wh``: (N, 2) its width and height, NaN
+    where unknown). ``index``: the annotation index of each box (default: its row).
+
+    They are kept: pycocotools (and faster-coco-eval, and the streaming evaluator, which follow
+    it) score them without complaint, so the numbers stay the reference's. But nothing matches a
+    zero-size box (its IoU is 0 whatever the detection), and a detection clipped to the image
+    matches a box outside it poorly or not at all: they lower recall, which is why they are
+    reported."""
+    box = np.asarray(box, np.float64).reshape(-1, 4)
+    if not len(box):
+        return
+    wh = np.asarray(wh, np.float64).reshape(-1, 2)
+    x, y, w, h = box.T
+    zero = (w == 0) | (h == 0)
+    with np.errstate(invalid="ignore"):
+        outside = ~zero & ((x < -1) | (y < -1) | (x + w > wh[:, 0] + 1) | (y + h > wh[:, 1] + 1))
+    n_zero, n_out = int(zero.sum()), int(outside.sum())
+    if not (n_zero or n_out):
+        return
+    rows = np.flatnonzero(zero | outside)
+    first = int(rows[0] if index is None else np.asarray(index)[rows].min())
+    what = ", ".join(f"{n} {s}" for n, s in ((n_zero, "of zero width or height"), (n_out, "outside its image")) if n)
+    log.warning("%s: %d ground-truth box(es) that no detection can match well (%s; first: annotations[%d]) are "
+                "kept and scored as %s scores them", name, n_zero + n_out, what, first, reference)
 
 
 def _load_box_gt(gt_json: str | os.PathLike | dict) -> tuple[Any, list[dict], str]:
@@ -156,6 +220,7 @@ def _stream_box_gt(path: Path):
         return None
     seen: set[str] = set()
     img_ids: list[int] = []
+    img_wh = array("d")  # width, height per image (NaN: unknown)
     cats: list | None = None
     aid, aimg, acat, box, crowd, area = array("q"), array("q"), array("q"), array("d"), array("b"), array("d")
     with JsonStream(path, "COCO ground-truth") as js:
@@ -172,6 +237,7 @@ def _stream_box_gt(path: Path):
                     if not isinstance(im, dict) or type(im.get("id")) is not int:
                         return None
                     img_ids.append(im["id"])
+                    img_wh.extend(_image_size(im))
             elif key == "annotations":
                 if js.peek() != "[":
                     return None
@@ -209,9 +275,13 @@ def _stream_box_gt(path: Path):
     aid_a, aimg_a, acat_a = (_view(x, np.int64) for x in (aid, aimg, acat))
     if len(np.unique(aid_a)) != len(aid_a) or not np.isin(aimg_a, img_sorted).all() or not np.isin(acat_a, cat_arr).all():
         return None
+    img_k = np.searchsorted(img_sorted, aimg_a)
+    box_a = _view(box, np.float64).reshape(-1, 4)
+    wh = _view(img_wh, np.float64).reshape(-1, 2)[np.argsort(np.array(img_ids, dtype=np.int64), kind="stable")]
+    warn_odd_boxes(str(path), box_a, wh[img_k])
     gt = BoxGT.from_arrays(
-        img_sorted.tolist(), cat_ids, np.searchsorted(img_sorted, aimg_a), np.searchsorted(cat_arr, acat_a),
-        _view(box, np.float64).reshape(-1, 4), _view(crowd, np.int8).astype(bool), _view(area, np.float64),
+        img_sorted.tolist(), cat_ids, img_k, np.searchsorted(cat_arr, acat_a),
+        box_a, _view(crowd, np.int8).astype(bool), _view(area, np.float64),
     )
     return gt, cats
 
@@ -264,10 +334,16 @@ def _check_result(i: int, r: Any, need: list[str], img_ids, cat_ids, iou_types: 
     for key in need:
         if key not in r:
             raise DistillError(f"{name}: [{i}]: missing key '{key}' (each result needs {need})")
-    if r["image_id"] not in img_ids:
-        raise DistillError(f"{name}: [{i}]: image_id {r['image_id']!r} is not an image of {gt_name}")
-    if r["category_id"] not in cat_ids:
-        raise DistillError(f"{name}: [{i}]: category_id {r['category_id']!r} is not a category of {gt_name}")
+    for key, ids, what in (("image_id", img_ids, "an image"), ("category_id", cat_ids, "a category")):
+        v = r[key]
+        try:
+            known = v in ids
+        except TypeError:  # unhashable (a list, an object)
+            known = False
+        if not known:
+            if isinstance(v, str):
+                raise DistillError(f"{name}: [{i}]: {key} {v!r} is a string, expected an integer like the ids of {gt_name}")
+            raise DistillError(f"{name}: [{i}]: {key} {v!r} is not {what} of {gt_name}")
     try:
         s = float(r["score"])
     except (TypeError, ValueError):
@@ -362,11 +438,8 @@ def _categories_split(gt: dict, gt_name: str, vocab=None) -> tuple[list[int], li
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     ids = [c["id"] for c in cats]
     if vocab is not None:
-        by_id = {cid: (n, sp) for cid, n, sp in zip(vocab.ids, vocab.names, vocab.split)}
-        missing = [cid for cid in ids if cid not in by_id]
-        if missing:
-            raise DistillError(f"{gt_name}: category ids {missing[:10]} are not in the vocabulary ({vocab.source or 'given'})")
-        return ids, [by_id[c][0] for c in ids], [by_id[c][1] for c in ids]
+        idx = _vocab_classes(cats, gt_name, vocab)
+        return ids, [vocab.names[i] for i in idx], [vocab.split[i] for i in idx]
     split = []
     for c in cats:
         sp = c.get("split", "base")
@@ -374,6 +447,45 @@ def _categories_split(gt: dict, gt_name: str, vocab=None) -> tuple[list[int], li
             raise DistillError(f"{gt_name}: category {c['id']} ({c['name']}): split {sp!r} is not 'base' or 'novel'")
         split.append(sp)
     return ids, [str(c["name"]) for c in cats], split
+
+
+def _vocab_classes(cats: list[dict], gt_name: str, vocab) -> list[int]:
+    """Per ground-truth category, the index of the vocabulary class of the same name (or
+    synonym; case and blanks, and LVIS's underscores, aside).
+
+    Classes are matched by name, not by id: a vocabulary from a list numbers its classes by
+    position, so matching ids would give a category the name and split of another class. A
+    category the vocabulary does not name is an error naming both files (with the class that
+    has its id there, if any); vocabulary classes that are not categories of the ground truth
+    are not evaluated, which a one-line note says."""
+    from distill.vocab import name_key, prompt_text
+
+    src = vocab.source or "the given vocabulary"
+    keys: dict[str, int] = {}
+    for i, n in enumerate(vocab.names):  # names first, then synonyms
+        keys.setdefault(name_key(prompt_text(n)), i)
+    for i, syn in enumerate(vocab.synonyms):
+        for s_ in syn:
+            keys.setdefault(name_key(prompt_text(s_)), i)
+    by_id = dict(zip(vocab.ids, vocab.names))
+    out: list[int] = []
+    taken: dict[int, dict] = {}
+    for c in cats:
+        i = keys.get(name_key(prompt_text(str(c["name"]))))
+        if i is None:
+            there = f" (id {c['id']} there is {by_id[c['id']]!r})" if c["id"] in by_id else ""
+            raise DistillError(f"{gt_name}: category {c['name']!r} (id {c['id']}) is not a class of {src}{there}: "
+                               "expected a vocabulary naming every ground-truth category")
+        if i in taken:
+            raise DistillError(f"{src}: class {vocab.names[i]!r} names two categories of {gt_name}: "
+                               f"{taken[i]['name']!r} (id {taken[i]['id']}) and {c['name']!r} (id {c['id']})")
+        taken[i] = c
+        out.append(i)
+    extra = [vocab.names[i] for i in range(len(vocab)) if i not in taken]
+    if extra:
+        log.warning("%s: %d class(es) are not categories of %s and are not evaluated: %s", src, len(extra), gt_name,
+                    ", ".join(map(repr, extra[:10])) + (" ..." if len(extra) > 10 else ""))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,8 +760,10 @@ def evaluate_detection(
             score, segmentation?: RLE}``.
         out_dir: when given, ``metrics.json`` is written there (atomically).
         iou_types: any of ``("bbox", "segm")``.
-        vocab: a :class:`~distill.vocab.Vocabulary` whose ``ids`` cover the GT categories; it
-            overrides the names and the split of the GT file.
+        vocab: a :class:`~distill.vocab.Vocabulary` naming every GT category (matched by name or
+            synonym, not by id: see :func:`_vocab_classes`); it gives their split (and names). A
+            GT category it lacks is an error naming both; its classes that are not GT
+            categories are not evaluated (a one-line note).
         max_dets: detections kept per image (highest scores) and COCO's largest maxDets; default
             100 (COCO). An LVIS ground truth always keeps 300 (the LVIS protocol).
         backend: ``"auto"`` (boxes: ``"stream"``, masks: ``"faster"``), ``"stream"`` (the

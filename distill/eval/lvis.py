@@ -205,12 +205,12 @@ class _Builder:
         self.lists: list[tuple[list, list]] = []
         self.ann_ids: set = set()
         self.a_img, self.a_cat = [], []
-        self.a_box, self.a_area, self.a_ig = array("d"), array("d"), array("b")
+        self.a_box, self.a_area, self.a_ig, self.a_idx = array("d"), array("d"), array("b"), array("q")
         self.a_seg: list = []
         self.categories: Any = None
-        from distill.eval.detection import _check_box  # detection imports this module lazily
+        from distill.eval.detection import _check_box, check_id  # detection imports this module lazily
 
-        self._check_box = _check_box
+        self._check_box, self._check_id = _check_box, check_id
 
     def image(self, im: Any, i: int) -> None:
         n = self.name
@@ -223,6 +223,7 @@ class _Builder:
                 raise DistillError(f"{n}: images[{i}].{f}: expected a list of category ids")
         if self.masks and ("height" not in im or "width" not in im):
             raise DistillError(f"{n}: images[{i}]: missing 'height'/'width' (needed for segm evaluation)")
+        self._check_id(im["id"], n, f"images[{i}].id")
         self.img_ids.append(im["id"])
         self.hw.append((int(im.get("height", 0)), int(im.get("width", 0))))
         self.lists.append((im["neg_category_ids"], im["not_exhaustive_category_ids"]))
@@ -234,6 +235,8 @@ class _Builder:
         for key in ("id", "image_id", "category_id", "bbox") + (("segmentation",) if self.masks else ()):
             if key not in a:
                 raise DistillError(f"{n}: annotations[{i}]: missing key '{key}'")
+        for key, what in (("id", None), ("image_id", "images"), ("category_id", "categories")):
+            self._check_id(a[key], n, f"annotations[{i}].{key}", what)
         if a["id"] in self.ann_ids:
             raise DistillError(f"{n}: annotations[{i}]: duplicate annotation id {a['id']}")
         self.ann_ids.add(a["id"])
@@ -248,6 +251,7 @@ class _Builder:
         self.a_box.extend(bb)
         self.a_area.append(area)
         self.a_ig.append(bool(a.get("ignore", 0)))
+        self.a_idx.append(i)
         if self.masks:
             self.a_seg.append(_compact_segm(a["segmentation"], n, f"annotations[{i}].segmentation"))
 
@@ -259,6 +263,7 @@ class _Builder:
         for i, c in enumerate(cats):
             if not isinstance(c, dict) or "id" not in c or "name" not in c:
                 raise DistillError(f"{n}: categories[{i}] must be an object with 'id' and 'name'")
+            self._check_id(c["id"], n, f"categories[{i}].id")
             _check_frequency(c, i, n)
         cat_ids = sorted(c["id"] for c in cats)
         if len(set(cat_ids)) != len(cat_ids):
@@ -292,6 +297,11 @@ class _Builder:
         g.ann_box = np.ascontiguousarray(box[srt])
         g.ann_area = (np.frombuffer(self.a_area, np.float64) if len(self.a_area) else np.zeros(0))[srt]
         g.ann_ig = (np.frombuffer(self.a_ig, np.int8).astype(bool) if len(self.a_ig) else np.zeros(0, bool))[srt]
+        from distill.eval.detection import warn_odd_boxes
+
+        hw = g.hw.astype(np.float64)
+        hw[(hw <= 0).any(axis=1)] = np.nan  # no size given
+        warn_odd_boxes(n, box, hw[img][:, ::-1], reference="the LVIS API", index=np.frombuffer(self.a_idx, np.int64) if len(self.a_idx) else None)
         g.rle = None
         if self.masks:
             g.rle = [_to_rle(self.a_seg[k], *g.hw[img[k]]) for k in srt]

@@ -27,8 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from distill.data.semseg import read_label_png
 from distill.errors import DistillError
-from distill.io import atomic_path, write_json
+from distill.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +172,69 @@ def semseg_classes(vocab) -> tuple[int, list[int], list[str]]:
     return C, seen, names
 
 
-def read_label_png(path: Path) -> np.ndarray:
-    """A single-channel label PNG as (H, W) integers (palette PNGs give their indices)."""
-    from PIL import Image
+LEGEND_JSON, LEGEND_PNG = "legend.json", "legend.png"  # what `distill label --format png` writes beside its PNGs
 
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16", "1"):
-                raise DistillError(f"{path}: mode {im.mode}: expected a single-channel label PNG (class ids)")
-            return np.asarray(im).astype(np.int64)
-    except DistillError:
-        raise
-    except (OSError, ValueError) as e:
-        raise DistillError(f"{path}: cannot read label PNG ({e})") from None
+
+def _label_pngs(folder: Path) -> dict[str, Path]:
+    """The label PNGs under ``folder`` (sub-folders too; the extension in any case), by their
+    path relative to ``folder`` without the extension. A ``legend.png`` beside a ``legend.json``
+    is the labeler's colour legend, not a label map, and is left out."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() != ".png" or not p.is_file():
+            continue
+        if p.name == LEGEND_PNG and (p.parent / LEGEND_JSON).is_file():
+            continue
+        key = p.relative_to(folder).with_suffix("").as_posix()
+        if key in out:
+            raise DistillError(f"{p}: two label PNGs for one image ({out[key].name} and {p.name}; expected one)")
+        out[key] = p
+    return out
+
+
+def _legend_lut(folder: Path, vocab, C: int, role: str) -> np.ndarray | None:
+    """The labeler's ``legend.json`` in ``folder`` (``[{"value", "name"}, ...]``, 0 = background)
+    as a lookup table from the PNG values to this evaluation's classes (category ids), matched by
+    class name: a labeler run whose vocabulary numbered its classes otherwise is read as it meant.
+    None without a legend, or where every value already is its class's id.
+
+    A value not in the legend stays as it is. A legend class that is not one of the evaluation's
+    classes is an error in the ground truth; in the predictions its pixels are "no class" (misses
+    of the true class), with a one-line note."""
+    path = folder / LEGEND_JSON
+    if not path.is_file():
+        return None
+    data = read_json(path, "label legend")
+    if not isinstance(data, list) or not all(isinstance(e, dict) and isinstance(e.get("value"), int) and not isinstance(e.get("value"), bool)
+                                             and isinstance(e.get("name"), str) for e in data):
+        raise DistillError(f"{path}: expected a list of {{'value': int, 'name': str}} (the legend distill label writes)")
+    mapping: dict[int, int] = {}
+    unknown: list[str] = []
+    for e in data:
+        v, n = e["value"], e["name"]
+        if not 0 <= v < 65535:
+            raise DistillError(f"{path}: value {v} ({n!r}): expected 0..65534")
+        if v == 0:  # background
+            mapping[v] = 0
+            continue
+        try:
+            mapping[v] = vocab.ids[vocab.index(n)]
+        except DistillError:
+            if role == "ground-truth":
+                raise DistillError(f"{path}: class {n!r} (value {v}) is not a class of {vocab.source or 'the vocabulary'} "
+                                   "(expected the ground truth's classes)") from None
+            mapping[v] = C  # "no class": a miss of the ground-truth class
+            unknown.append(n)
+    if unknown:
+        log.warning("%s: %d class(es) are not classes of %s, their pixels count as misses: %s", path, len(unknown),
+                    vocab.source or "the vocabulary", ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+    if all(k == v for k, v in mapping.items()):
+        return None
+    lut = np.arange(65536, dtype=np.int64)
+    for k, v in mapping.items():
+        lut[k] = v
+    log.info("%s: %s PNG values read as the category ids of the same class names", path, role)
+    return lut
 
 
 def evaluate_semseg_dirs(
@@ -194,7 +245,13 @@ def evaluate_semseg_dirs(
     out_dir: str | os.PathLike | None = None,
     ignore_index: int = 255,
 ) -> dict[str, float]:
-    """Evaluate every ``gt_dir/<stem>.png`` against ``pred_dir/<stem>.png``.
+    """Evaluate every ``gt_dir/<name>.png`` against ``pred_dir/<name>.png``.
+
+    ``<name>`` is a path relative to the folder (sub-folders are searched, as ``distill label``
+    mirrors its input folders), the extension in any case (``a.PNG`` pairs with ``a.png``). The
+    labeler's ``legend.png`` is not a label map; its ``legend.json`` says which class each PNG
+    value is, and values are read through it by class name (see :func:`_legend_lut`), so the
+    ``semantic/`` folder of ``distill label --format png`` evaluates as it is.
 
     Classes, names and the seen/unseen split come from ``vocab`` (a Vocabulary or a vocabulary
     file) or from ``gt_json`` (a COCO file whose categories carry ``split``). Writes
@@ -215,16 +272,24 @@ def evaluate_semseg_dirs(
     for d, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
         if not d.is_dir():
             raise DistillError(f"{d}: {what} folder not found")
-    gts = sorted(gt_dir.glob("*.png"))
+    gts = _label_pngs(gt_dir)
     if not gts:
-        raise DistillError(f"{gt_dir}: no .png ground-truth masks in this folder")
+        raise DistillError(f"{gt_dir}: no .png ground-truth masks in this folder (looked in sub-folders too, any case of .png)")
+    preds = _label_pngs(pred_dir)
+    gt_lut = _legend_lut(gt_dir, vocab, C, "ground-truth")
+    pred_lut = _legend_lut(pred_dir, vocab, C, "prediction")
     ev = SemSegEvaluator(C, seen, ignore_index=ignore_index, names=names)
-    for g in gts:
-        p = pred_dir / g.name
-        if not p.is_file():
-            raise DistillError(f"{p}: prediction missing (expected one PNG per ground-truth mask {g.name})")
+    for key, g in gts.items():
+        p = preds.get(key)
+        if p is None:
+            rel = g.relative_to(gt_dir).with_suffix(".png")
+            raise DistillError(f"{pred_dir / rel}: prediction missing (expected one PNG per ground-truth mask {g.relative_to(gt_dir)})")
         gt = read_label_png(g)
         pred = read_label_png(p)
+        if gt_lut is not None:
+            gt = np.where(gt == ignore_index, gt, gt_lut[gt.clip(0, 65535)])
+        if pred_lut is not None:
+            pred = pred_lut[pred.clip(0, 65535)]
         if pred.shape != gt.shape:
             raise DistillError(f"{p}: size {pred.shape[1]}x{pred.shape[0]} (WxH), expected {gt.shape[1]}x{gt.shape[0]} like {g}")
         try:

@@ -80,3 +80,33 @@ def test_segmentation_transform_flips_and_fills_ignore(world):
     _, m2 = shrink[0]
     # zooming out by 2 leaves a border of about 32 px that is ignore (255)
     assert (m2[:30] == 255).all() and (m2[-30:] == 255).all() and (m2[40:88, 40:88] != 255).all()
+
+
+def test_16_bit_label_pngs_read_as_the_labeler_writes_them(world, tmp_path):
+    """Above 254 classes the labeler writes 16-bit PNGs (mode I;16): 255 is a class there and
+    65535 the ignore value. The dataset reads them with the evaluation's reader."""
+    from distill.data.semseg import read_mask
+    from distill.eval.segmentation import read_label_png
+
+    names = ["val/000005.png"]
+    d = tmp_path / "masks16" / "val"
+    d.mkdir(parents=True)
+    m = np.zeros((128, 128), np.uint16)
+    m[:10], m[10:20], m[20:30] = 300, 255, 65535
+    Image.fromarray(m).save(d / "000005.png")
+    with Image.open(d / "000005.png") as im:
+        assert im.mode == "I;16"
+    raw = read_mask(d / "000005.png")
+    assert raw.dtype == np.uint16 and np.array_equal(raw, m)
+    assert np.array_equal(read_label_png(d / "000005.png"), m.astype(np.int64))
+    _, mask = SemSegDataset(world / "images", names, tmp_path / "masks16", num_classes=301, ignore_index=65535)[0]
+    assert torch.equal(mask, torch.from_numpy(m.astype(np.int64)))
+    with pytest.raises(DistillError, match=r"000005.png: mask values \[300\] outside 0..299 \(and 65535 = ignore\)"):
+        SemSegDataset(world / "images", names, tmp_path / "masks16", num_classes=300, ignore_index=65535)[0]
+    # the dataset's ignore index stands for the file's (65535); a class equal to it is an error
+    with pytest.raises(DistillError, match=r"000005.png: 16-bit mask holds class 255, the ignore_index"):
+        SemSegDataset(world / "images", names, tmp_path / "masks16", num_classes=301)[0]
+    m[10:20] = 7
+    Image.fromarray(m).save(d / "000005.png")
+    _, mask = SemSegDataset(world / "images", names, tmp_path / "masks16", num_classes=301)[0]
+    assert set(mask.unique().tolist()) == {0, 7, 300, 255} and (mask[20:30] == 255).all()

@@ -264,3 +264,22 @@ def test_errors_name_file_and_field(lvis_case, tmp_path):
     p = tmp_path / "badneg.json"
     p.write_text(json.dumps(bad))
     _one_line_error(p, res, "neg_category_ids.*99999")
+
+
+def test_string_ids_and_odd_boxes_in_an_lvis_file(lvis_case, tmp_path, caplog):
+    gt, res, _ = lvis_case
+    bad = copy.deepcopy(gt)
+    bad["annotations"][3]["image_id"] = str(bad["annotations"][3]["image_id"])
+    p = tmp_path / "strid.json"
+    p.write_text(json.dumps(bad))
+    msg = _one_line_error(p, res, r"annotations\[3\].image_id: '\d+' is a string, expected an integer like the ids in 'images'")
+    assert str(p) in msg
+    odd = copy.deepcopy(gt)
+    odd["annotations"][5]["bbox"] = [W + 10.0, 5.0, 20.0, 20.0]  # right of the image; its mask area is kept
+    p = tmp_path / "odd.json"
+    p.write_text(json.dumps(odd))
+    with caplog.at_level(logging.WARNING, logger="distill.eval.detection"):
+        evaluate_detection(p, res)
+    lines = [r.getMessage() for r in caplog.records if "ground-truth box" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"{p}: 1 ground-truth box") and "1 outside its image" in lines[0], lines
+    assert "first: annotations[5]" in lines[0] and "the LVIS API" in lines[0]

@@ -172,7 +172,7 @@ def test_evaluate_dirs_bad_input(tmp_path):
     with pytest.raises(DistillError, match="000002.png: prediction missing"):
         evaluate_semseg_dirs(gdir, pdir, gt_json=gt_json)
     Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(pdir / "000002.png")
-    with pytest.raises(DistillError, match="000002.png: mode RGB"):
+    with pytest.raises(DistillError, match="000002.png: label PNG has mode RGB"):
         evaluate_semseg_dirs(gdir, pdir, gt_json=gt_json)
     with pytest.raises(DistillError, match="nothere.*not found"):
         evaluate_semseg_dirs(tmp_path / "nothere", pdir, gt_json=gt_json)

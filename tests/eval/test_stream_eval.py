@@ -403,7 +403,8 @@ def test_invalid_json_and_unusual_ids_fall_back(tmp_path):
     p.write_text(json.dumps(gt)[:-40])
     with pytest.raises(DistillError, match="gt.json: not valid json"):
         evaluate_detection(p, dets)
-    # string image ids: valid COCO for the loaders, read through load_gt
+    # string image ids: not for the fast path; load_gt refuses them in one line (COCO ids are
+    # integers; faster-coco-eval refuses string ids where pycocotools takes them as dict keys)
     g2 = copy.deepcopy(gt)
     for im in g2["images"]:
         im["id"] = f"img{im['id']:05d}"
@@ -413,8 +414,15 @@ def test_invalid_json_and_unusual_ids_fall_back(tmp_path):
     import distill.eval.detection as det
 
     assert det._stream_box_gt(p) is None
+    with pytest.raises(DistillError, match=r"gt.json: images\[0\].id: 'img\d+' is a string, expected an integer"):
+        det._load_box_gt(p)
+    # integer ids beyond int64 do not fit the fast path's arrays: read through load_gt
+    g3 = copy.deepcopy(gt)
+    for a in g3["annotations"]:
+        a["id"] += 2**70
+    p.write_text(json.dumps(g3))
     box_gt, _, _ = det._load_box_gt(p)
-    _same_box_gt(box_gt, BoxGT(g2))
+    _same_box_gt(box_gt, BoxGT(g3))
 
 
 def test_small_chunks_give_the_same_precision(monkeypatch):
