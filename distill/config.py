@@ -85,11 +85,11 @@ class TeacherConfig:
     pretrained: str = "{work_dir}/teacher/teacher.safetensors"  # tag, local file, or local-dir:...
     precision: str = "fp32"  # fp32 | amp_bf16 | amp_fp16
     dense_image_size: int = 128  # input size for dense paths (MaskCLIP pixels, dense RoIAlign, CAM)
-    templates: str = "configs/prompts/shapes.txt"
+    templates: str = "shapes.txt"  # prompt templates: a file (one a line, {} = class name; a bare name may be one shipped in distill/prompts/) or the templates themselves
     cache_dtype: str = "fp16"  # fp16 | fp32 storage in the embedding cache
     batch_size: int = 256
     device: str = ""  # "" = cuda when available else cpu
-    background: str = "configs/prompts/background_shapes.txt"  # background words (teacher evaluate: MaskCLIP mIoU)
+    background: str = "background_shapes.txt"  # background words (teacher evaluate: MaskCLIP mIoU): a file, one a line, or the words themselves
     eval_dense_sizes: tuple[int, ...] = (64, 128)  # MaskCLIP mIoU measured at each dense input size
     # CLIPSelf image tower (``distill teacher clipself`` writes {work_dir}/teacher/teacher_dense.safetensors):
     # when set, the dense paths (MaskCLIP pixels, dense RoIAlign, seg pixel distillation) use it;
@@ -331,9 +331,11 @@ class LabelConfig:
     batch_size: int = 8
     num_workers: int = 0
     shard_size: int = 64  # images per output shard (the unit of resume)
-    # teacher source: class-agnostic boxes = components (colour connected components) | windows
-    # (sliding windows) | components+windows | rpn (the ViLD checkpoint's RPN, given as --model)
-    proposals: str = "components"
+    # teacher source: class-agnostic boxes = components (colour connected components: the shapes
+    # world's flat-coloured objects) | windows (multi-scale sliding windows: photos) |
+    # components+windows | rpn (a ViLD checkpoint's RPN, given as --model) | auto (components for
+    # the embedded teacher distill-tiny-vit, windows for any other teacher)
+    proposals: str = "auto"
     max_proposals: int = 100
     # teacher source: images are decoded with their longer side at most max_side px (0 = full size) for
     # candidates and crops; labels are written in full-image pixels (memory bounded by this size)
@@ -349,7 +351,7 @@ class CamConfig:
     images: str = ""
     labels: str = ""
     out: str = "{work_dir}/cam"
-    background: str = "configs/prompts/background_shapes.txt"
+    background: str = "background_shapes.txt"  # CLIP-ES 3.2 background words: a file (one a line) or the words themselves
     logit_scale: float = 100.0  # CLIP-ES section 3.2: 100 x cosine; <= 0: the teacher's learned scale
     # CLIP-ES 3.3 class-aware attention affinity; false = masks from the softmax Grad-CAM (the
     # ablation still measures CAA). The shapes world's 4-block teacher turns it off (see its config).
@@ -598,7 +600,49 @@ def config_from_dict(values: dict, cls: type = Config) -> Any:
     cfg = _build(cls, values)
     if hasattr(cfg, "work_dir"):
         cfg = _expand(cfg, cfg.work_dir)
+    if cls is Config:
+        cfg = _read_word_lists(cfg)
     return cfg
+
+
+TEMPLATES_EXPECTED = "prompt templates, one a line, each with {} for the class name"
+WORDS_EXPECTED = "background words, one a line"
+
+
+def read_templates_value(value: str, key: str) -> str:
+    """A templates setting as the templates themselves (one a line): a value with ``{}`` or a
+    newline is the templates, anything else names a file (``distill.io.read_lines``)."""
+    from distill.io import as_lines_value, read_lines
+
+    if not value:
+        return ""
+    lines = tuple(ln.strip() for ln in value.splitlines() if ln.strip() and not ln.strip().startswith("#")) if "{}" in value else read_lines(value, key, TEMPLATES_EXPECTED)
+    if not lines:
+        raise DistillError(f"{key}: {value.strip()}: no prompt templates (expected {TEMPLATES_EXPECTED})")
+    bad = [t for t in lines if t.count("{}") != 1]
+    if bad:
+        raise DistillError(f"{key}: template {bad[0]!r} must contain exactly one '{{}}' for the class name")
+    return as_lines_value(lines)
+
+
+def _read_word_lists(cfg: "Config") -> "Config":
+    """Settings that name word-list files (templates, background words) hold the words
+    themselves from here on: read once, relative to the working directory or among the prompt
+    files shipped with distill, so a saved config.yaml (beside a run, in a checkpoint) means the
+    same anywhere and the stage keys follow the words, not a path."""
+    from distill.io import as_lines_value, read_lines, read_word_items
+
+    def words(value: str, key: str) -> str:
+        return as_lines_value(read_lines(value, key, WORDS_EXPECTED)) if value else ""
+
+    return dataclasses.replace(
+        cfg,
+        teacher=dataclasses.replace(cfg.teacher, templates=read_templates_value(cfg.teacher.templates, "teacher.templates"),
+                                    background=words(cfg.teacher.background, "teacher.background")),
+        cam=dataclasses.replace(cfg.cam, templates=read_templates_value(cfg.cam.templates, "cam.templates"),
+                                background=words(cfg.cam.background, "cam.background")),
+        label=dataclasses.replace(cfg.label, background=read_word_items(cfg.label.background, "label.background", WORDS_EXPECTED)),
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:

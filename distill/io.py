@@ -259,3 +259,54 @@ def safe_join(root: str | os.PathLike, name: str) -> Path:
     if p != root and root not in p.parents:
         raise DistillError(f"{name!r}: path escapes {root} (expected a path inside it)")
     return p
+
+
+# ------------------------------------------------------------------------------- word lists
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"  # the prompt files shipped with distill
+
+
+def shipped_prompt_files() -> list[str]:
+    return sorted(p.name for p in PROMPTS_DIR.glob("*.txt"))
+
+
+def find_text_file(value: str | os.PathLike, key: str, expected: str) -> Path:
+    """The file a config value names: a path (relative to the working directory), else, for a
+    bare name, one of the prompt files shipped with distill (``distill/prompts/``), so the
+    bundled configs mean the same from any folder. One-line error naming ``key`` otherwise."""
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    shipped = PROMPTS_DIR / p.name
+    if len(p.parts) == 1 and shipped.is_file():
+        return shipped
+    if p.exists():
+        raise DistillError(f"{key}: {value}: not a file (expected {expected})")
+    raise DistillError(f"{key}: {value}: file not found (expected {expected}; shipped with distill: {', '.join(shipped_prompt_files())})")
+
+
+def read_lines(value: str | os.PathLike, key: str, expected: str = "one entry a line") -> tuple[str, ...]:
+    """The entries of a word-list setting (prompt templates, background words): a value holding a
+    newline is the list itself, anything else names a file (:func:`find_text_file`). One entry a
+    line; blank lines and lines starting with ``#`` are skipped; a UTF-8 BOM is dropped."""
+    text = str(value)
+    if "\n" not in text:
+        path = find_text_file(text, key, expected)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise DistillError(f"{key}: {value}: not UTF-8 text (expected {expected})") from None
+    lines = (ln.strip() for ln in text.splitlines())
+    return tuple(ln for ln in lines if ln and not ln.startswith("#"))
+
+
+def read_word_items(items, key: str, expected: str = "one entry a line") -> tuple[str, ...]:
+    """A list setting whose items are entries, or ``.txt`` files of entries (:func:`read_lines`)."""
+    out: list[str] = []
+    for s in (str(s).strip() for s in items if s and str(s).strip()):
+        out.extend(read_lines(s, key, expected) if s.lower().endswith(".txt") else [s])
+    return tuple(out)
+
+
+def as_lines_value(entries) -> str:
+    """The config value that holds ``entries`` themselves (see :func:`read_lines`)."""
+    return "".join(f"{e}\n" for e in entries)

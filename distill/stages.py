@@ -306,8 +306,8 @@ def build_pipeline(cfg: Config) -> Pipeline:
 # Config values each stage reads from outside the run (files and folders). Checked before anything
 # runs, so a missing COCO folder stops the run at once, not after days of training.
 STAGE_INPUTS = {
-    "teacher": ("data.val_json", "data.image_root", "data.vocab", "teacher.model", "teacher.pretrained", "teacher.templates"),
-    "text": ("data.vocab", "teacher.model", "teacher.pretrained", "teacher.templates"),
+    "teacher": ("data.val_json", "data.image_root", "data.vocab", "teacher.model", "teacher.pretrained"),
+    "text": ("data.vocab", "teacher.model", "teacher.pretrained"),
     "backbone": ("data.train_json", "data.image_root", "data.vocab"),
     "propose": ("data.train_json", "data.val_json", "data.image_root", "det.pretrained_backbone"),
     "regions": ("data.train_json", "data.image_root", "data.vocab", "teacher.model", "teacher.pretrained"),
@@ -315,8 +315,10 @@ STAGE_INPUTS = {
     "det": ("data.train_json", "data.val_json", "data.image_root", "data.vocab", "data.extra", "det.pretrained_backbone"),
     "label": ("label.images", "label.gt", "label.model", "label.vocab"),
     "seg": ("seg.train_images", "seg.train_masks", "seg.val_images", "seg.val_masks", "seg.pretrained_backbone"),
-    "cam": ("cam.images", "cam.labels", "cam.background"),
+    "cam": ("cam.images", "cam.labels"),
 }
+# (Templates and background words are not among them: the config holds their words, read when it
+# is loaded -- see distill/config.py -- so a stage's key follows the words themselves.)
 
 _FILE_SUFFIXES = (".json", ".txt", ".safetensors", ".pt", ".pth", ".bin", ".yaml")
 

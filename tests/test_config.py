@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,37 @@ def test_shipped_configs_load():
     for f in files:
         cfg = load_config(f)
         assert isinstance(cfg, Config), f
+
+
+def test_word_list_settings_hold_their_words_from_any_folder(tmp_path, monkeypatch):
+    """Templates and background words are read once, when the config is loaded: a bundled config
+    means the same from any folder (shipped prompt files are found by name), a saved config.yaml
+    reloads to the same config elsewhere, and a missing file names its key."""
+    from distill.config import load_config, save_config
+    from distill.errors import DistillError
+    from distill.io import PROMPTS_DIR
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    here = load_config("configs/shapes/pipeline.yaml")
+    monkeypatch.chdir(tmp_path)
+    there = load_config(repo / "configs/shapes/pipeline.yaml")
+    assert here == there
+    shipped = [ln.strip() for ln in (PROMPTS_DIR / "shapes.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert there.teacher.templates.splitlines() == shipped and len(shipped) > 3
+    assert "plain background" in there.cam.background.splitlines()
+    save_config(there, tmp_path / "saved.yaml")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert load_config(tmp_path / "saved.yaml") == there
+    # a user's file relative to the working directory wins over a shipped name; literal templates
+    (tmp_path / "sub" / "shapes.txt").write_text("\ufeff# mine\na drawing of a {}.\n", encoding="utf-8")
+    assert load_config(None, ["teacher.templates=shapes.txt"]).teacher.templates == "a drawing of a {}.\n"
+    assert load_config(None, ["teacher.templates=a sketch of a {}."]).teacher.templates == "a sketch of a {}.\n"
+    for bad, words in (("teacher.templates=nosuch.txt", ["teacher.templates", "nosuch.txt", "not found", "shapes.txt"]),
+                       ("cam.background=gone/words.txt", ["cam.background", "gone/words.txt"]),
+                       ("label.background=[sky, gone.txt]", ["label.background", "gone.txt"]),
+                       ("teacher.templates=a {} and a {}.", ["teacher.templates", "exactly one"])):
+        with pytest.raises(DistillError) as e:
+            load_config(None, [bad])
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), (bad, str(e.value))

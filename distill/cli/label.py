@@ -17,6 +17,7 @@ def label_command(
     model: Annotated[Optional[str], _opt("--model", "A checkpoint (vild / seg), or 'teacher'.")] = None,
     out: Annotated[Optional[str], _opt("--out", "Output folder.")] = None,
     source: Annotated[Optional[str], _opt("--source", "vild | seg | teacher.")] = None,
+    proposals: Annotated[Optional[str], _opt("--proposals", "Teacher source boxes: auto (components for the embedded teacher, windows for any other) | windows (photos) | components (flat-coloured objects) | components+windows | rpn (with --model a ViLD checkpoint).")] = None,
     format: Annotated[Optional[str], _opt("--format", "Comma-separated: coco, yolo, png.")] = None,
     score_thresh: Annotated[Optional[float], _opt("--score-thresh", "Global score threshold.")] = None,
     class_thresh: Annotated[Optional[list[str]], _opt("--class-thresh", "Per-class threshold 'red star=0.5' (repeatable).")] = None,
@@ -31,14 +32,21 @@ def label_command(
 ) -> None:
     """Label images with boxes, masks and scores: COCO json, YOLO txt, semantic PNGs.
 
-    Example: distill label --images photos/ --vocab "red star,crimson star=red star" --model teacher
-    --source teacher --out runs/labels --format coco,yolo,png --class-thresh "red star=0.5"
+    Sources: a trained student (--model det/vild/model_final.pt: its detections, masks with
+    det.masks; --model seg/<name>/model_final.pt: semantic masks), or the frozen teacher itself
+    (--model teacher: crops scored against your words; give your CLIP as teacher.pretrained=FILE).
+    For photos with the teacher, boxes come from sliding windows (--proposals auto picks them for
+    any teacher but the embedded one), or better from a ViLD checkpoint's RPN (--proposals rpn).
+    A checkpoint carries its training config and teacher identity: copy model_final.pt alone.
+
+    Example: distill label --images photos/ --vocab "cat, dog, bicycle" --model teacher
+    --out labels/ --format coco,yolo,png --class-thresh "cat=0.5" teacher.model= teacher.pretrained=ViT-B-32.pt
     """
     from distill.cli.common import load
     from distill.labels.pseudo import label
 
     flags = {
-        "images": images, "vocab": vocab, "model": model, "out": out, "source": source, "format": format,
+        "images": images, "vocab": vocab, "model": model, "out": out, "source": source, "proposals": proposals, "format": format,
         "score_thresh": score_thresh, "top_k": top_k, "nms": nms, "min_area": min_area,
         "batch_size": batch_size, "num_workers": num_workers, "gt": gt,
     }

@@ -167,54 +167,119 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def list_images(source: str | os.PathLike) -> list[Path]:
-    """Images under a folder (recursive) or named by a list file, as absolute paths.
+SKIP_HIDDEN = "hidden"
+SKIP_FOLDER_LINK = "folder_link"
+SKIP_UNSUPPORTED = "unsupported"
 
-    - a folder: every file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case), hidden
-      files and folders (``.name``, e.g. temporary files) skipped, sorted by relative POSIX path;
-    - a single image file: ``[that file]``;
-    - a list file (``.txt`` / ``.lst``): one path a line (relative to the list file's folder, or
-      absolute); ``#`` comments and blank lines skipped; order kept, duplicates dropped.
 
-    A folder without images, a missing source or an empty list is a :class:`DistillError`.
-    """
+def _short(text: str, limit: int = 80) -> str:
+    """``repr`` of a piece of a user's file, cut to ``limit`` characters (never echo a whole file)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _is_json(text: str) -> bool:
+    import json
+
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def scan_images(source: str | os.PathLike) -> tuple[list[Path], list[tuple[str, str, str]]]:
+    """:func:`list_images` and what a folder walk left out: ``(paths, skipped)``, ``skipped`` a
+    sorted list of ``(relative POSIX name, kind, why)`` with ``kind`` one of
+
+    - ``hidden``: a file or folder whose name starts with ``.`` (a hidden folder is one entry,
+      not searched);
+    - ``folder_link``: a symbolic link to a folder (not followed: it could loop or list the same
+      images twice; links to files are followed);
+    - ``unsupported``: any other file that is not one of :data:`IMAGE_EXTENSIONS`, a GIF
+      included (animated or not, it is not labeled: convert it to PNG).
+
+    A single image or a list file skips nothing (a list file's non-image line is an error)."""
     src = Path(source)
     if src.is_dir():
         root = src.resolve()
-        found = []
+        found: list[Path] = []
+        skipped: list[tuple[str, str, str]] = []
+
+        def rel(dirpath: str, name: str) -> str:
+            return Path(dirpath, name).relative_to(root).as_posix()
+
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    skipped.append((rel(dirpath, d) + "/", SKIP_HIDDEN, "hidden folder (name starts with '.'), not searched"))
+                elif os.path.islink(os.path.join(dirpath, d)):
+                    skipped.append((rel(dirpath, d) + "/", SKIP_FOLDER_LINK, "link to a folder, not followed"))
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
             for f in filenames:
-                if not f.startswith(".") and is_image_name(f):
+                if f.startswith("."):
+                    skipped.append((rel(dirpath, f), SKIP_HIDDEN, "hidden file (name starts with '.')"))
+                elif is_image_name(f):
                     found.append(Path(dirpath, f))
+                elif f.lower().endswith(".gif"):
+                    skipped.append((rel(dirpath, f), SKIP_UNSUPPORTED, "GIF is not labeled (convert it to PNG to label it)"))
+                else:
+                    skipped.append((rel(dirpath, f), SKIP_UNSUPPORTED, f"not an image type ({Path(f).suffix or 'no extension'})"))
+        skipped.sort()
         if not found:
-            raise DistillError(f"{src}: no images found (looked recursively for {', '.join(IMAGE_EXTENSIONS)})")
+            extra = f"; skipped {len(skipped)} other entries, e.g. {skipped[0][0]!r}: {skipped[0][2]}" if skipped else ""
+            raise DistillError(f"{src}: no images found (looked recursively for {', '.join(IMAGE_EXTENSIONS)}){extra}")
         found.sort(key=lambda q: q.relative_to(root).as_posix())
-        return found
+        return found, skipped
     if src.is_file():
         if is_image_name(src):
-            return [src.resolve()]
+            return [src.resolve()], []
+        expected = "expected an image folder, or a list file (.txt) with one image path a line"
+        if src.suffix.lower() == ".json":
+            raise DistillError(f"{src}: a json file is not an image source ({expected})")
         try:
-            lines = src.read_text(encoding="utf-8").splitlines()
+            text = src.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise DistillError(f"{src}: not a UTF-8 list file (expected one image path a line)") from None
+            raise DistillError(f"{src}: not a UTF-8 list file ({expected})") from None
+        if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "[") and _is_json(text.lstrip("\ufeff")):  # not '[2020] a.png'
+            raise DistillError(f"{src}: holds json, not a list of image paths ({expected})")
         out: list[Path] = []
         seen: set[Path] = set()
-        for i, line in enumerate(lines, 1):
+        for i, line in enumerate(text.splitlines(), 1):
             s = line.strip()
             if not s or s.startswith("#"):
                 continue
+            if "\x00" in s:
+                raise DistillError(f"{src}:{i}: not a text list file ({expected})")
             q = Path(s)
             q = (q if q.is_absolute() else src.parent / q).resolve()
             if not is_image_name(q):
-                raise DistillError(f"{src}:{i}: {s!r} is not an image name (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+                raise DistillError(f"{src}:{i}: {_short(s)} is not an image name (expected one of {', '.join(IMAGE_EXTENSIONS)})")
             if q not in seen:
                 seen.add(q)
                 out.append(q)
         if not out:
             raise DistillError(f"{src}: list file names no images")
-        return out
+        return out, []
     raise DistillError(f"{src}: not found (expected an image folder or a list file)")
+
+
+def list_images(source: str | os.PathLike) -> list[Path]:
+    """Images under a folder (recursive) or named by a list file, as absolute paths.
+
+    - a folder: every file whose extension is one of :data:`IMAGE_EXTENSIONS` (any case), hidden
+      files and folders (``.name``, e.g. temporary files) and links to folders skipped, sorted by
+      relative POSIX path (:func:`scan_images` also says what was skipped and why);
+    - a single image file: ``[that file]``;
+    - a list file (``.txt`` / ``.lst``): one path a line (relative to the list file's folder, or
+      absolute); ``#`` comments and blank lines skipped; order kept, duplicates dropped. A json
+      file (a COCO annotation file given by mistake) is refused without echoing its content.
+
+    A folder without images, a missing source or an empty list is a :class:`DistillError`.
+    """
+    return scan_images(source)[0]
 
 
 def image_root(source: str | os.PathLike, paths: list[Path]) -> Path:

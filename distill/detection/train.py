@@ -292,7 +292,10 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
             load(det.init, model)
         ds = build_training_set(cfg, vocab, teacher, train_idx)
         loader = make_loader(ds, det.train, collate_fn=collate, num_workers=cfg.data.num_workers)
-        metrics = train(model, loader, det.train, out, eval_fn=eval_fn, resume=resume, progress=progress, extra={"config_hash": config_hash(det)})
+        from distill.teacher.clip import student_meta
+
+        meta = student_meta(cfg, teacher, trained_classes=[vocab.names[i] for i in train_idx])
+        metrics = train(model, loader, det.train, out, eval_fn=eval_fn, resume=resume, progress=progress, extra={"config_hash": config_hash(det)}, meta=meta)
         metrics["skipped_boxes"] = model.skipped_boxes
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "metrics.json", metrics)

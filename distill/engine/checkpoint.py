@@ -19,6 +19,7 @@ from distill.errors import DistillError
 from distill.io import atomic_path, write_text
 
 FORMAT = "distill-ckpt-1"
+MODEL_FORMAT = "distill-model-1"  # model_final.pt: the weights + what is needed to use them (``meta``)
 POINTER = "last_checkpoint"
 
 
@@ -101,7 +102,9 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise DistillError(f"{path}: not a readable checkpoint ({msg})") from None
     if not isinstance(obj, dict):
         raise DistillError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
-    if obj.get("format") != FORMAT:  # a bare state_dict (e.g. model_final.pt)
+    if obj.get("format") == MODEL_FORMAT:
+        obj = {"format": MODEL_FORMAT, "model": obj["model"], "step": 0, "meta": obj.get("meta") or {}}
+    elif obj.get("format") != FORMAT:  # a bare state_dict
         obj = {"format": None, "model": obj, "step": 0}
     return obj
 
@@ -151,10 +154,14 @@ def load(
     return ckpt
 
 
-def save_model(path: str | Path, model: torch.nn.Module) -> Path:
-    """Only the model's state_dict (e.g. ``model_final.pt``), atomically."""
+def save_model(path: str | Path, model: torch.nn.Module, meta: dict | None = None) -> Path:
+    """The model's state_dict (e.g. ``model_final.pt``), atomically; with ``meta`` (plain
+    strings / numbers: the training config, the teacher's identity) the file is
+    ``{"format": MODEL_FORMAT, "model": state_dict, "meta": meta}``, so a copied checkpoint
+    carries what it needs to be used (:func:`read` returns it as ``ckpt["meta"]``)."""
     buf = io.BytesIO()
-    torch.save(unwrap(model).state_dict(), buf)
+    state = unwrap(model).state_dict()
+    torch.save({"format": MODEL_FORMAT, "model": state, "meta": meta} if meta else state, buf)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
     return Path(path)

@@ -60,7 +60,7 @@ from distill.teacher.dense import embed_tokens
 CRF_PARAMS = dict(iter_max=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=67.0, bi_rgb_std=3.0)
 
 # The 25 background words of the repo for VOC (clip_text.py: BACKGROUND_CATEGORY), for reference;
-# configs/prompts/background_voc.txt holds the same list.
+# distill/prompts/background_voc.txt holds the same list.
 CLIP_ES_VOC_BACKGROUND = (
     "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
     "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road",
@@ -628,31 +628,18 @@ def pytorch_gradcam(teacher, image: torch.Tensor, text: torch.Tensor, targets: S
 
 
 def read_word_list(source: str, what: str = "cam.background") -> list[str]:
-    """One word or phrase a line (``#`` comments); an empty source means no words."""
-    if not source:
-        return []
-    p = Path(source)
-    if not p.is_file():
-        raise DistillError(f"{what}: {source}: file not found (expected one background word a line)")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DistillError(f"{what}: {source}: not UTF-8 text (expected one background word a line)") from None
-    words = [ln.split("#", 1)[0].strip() for ln in lines]
-    return [w for w in words if w]
+    """Background words: a file (one a line, ``#`` comments) or the words themselves; "" = none."""
+    from distill.config import WORDS_EXPECTED
+    from distill.io import read_lines
+
+    return list(read_lines(source, what, WORDS_EXPECTED)) if source else []
 
 
 def read_templates(source: str) -> list[str] | None:
-    """A template file (one a line, with ``{}``) or one literal template containing ``{}``."""
-    if not source:
-        return None
-    if "{}" in source and not Path(source).is_file():
-        return [source]
-    words = read_word_list(source, "cam.templates")
-    bad = [t for t in words if "{}" not in t]
-    if bad or not words:
-        raise DistillError(f"cam.templates: {source}: expected templates containing {{}} (got {bad[:1] or 'none'})")
-    return words
+    """``cam.templates``: a template file (one a line, with ``{}``) or the templates themselves."""
+    from distill.teacher.text import load_templates
+
+    return list(load_templates(source, "cam.templates")) if source else None
 
 
 @dataclass
@@ -751,7 +738,7 @@ def _text_features(teacher, cfg, vocab) -> tuple[torch.Tensor, torch.Tensor | No
     words = read_word_list(cfg.cam.background)
     bg = None
     if words:
-        bvocab = Vocabulary(names=tuple(dict.fromkeys(words)), source=cfg.cam.background)
+        bvocab = Vocabulary(names=tuple(dict.fromkeys(words)), source="cam.background")
         bg = text_embeddings(teacher, bvocab, templates)
     return text.float(), None if bg is None else bg.float()
 

@@ -34,7 +34,14 @@ atomically to ``<out>/shards/shard-NNNNN.json`` with a key of everything that de
 rerun skips shards whose key matches, so a killed run resumes and the merged result equals an
 uninterrupted run's (batches never cross shard boundaries, so each shard sees the same batches).
 Rank 0 then streams the shards into ``<out>/labels.json`` (COCO), ``<out>/yolo/`` and
-``<out>/failures.txt``; semantic PNGs are written per image with the shard.
+``<out>/failures.txt``; semantic PNGs are written per image with the shard (a shard whose PNGs were
+deleted is labeled again on rerun). ``<out>/skipped.txt`` names what the folder listing left out
+(hidden entries, links to folders, GIFs and other non-images), counted in the summary.
+
+The output folder is the labeler's (:func:`check_output`): it must not nest with the image folder,
+a non-empty folder it did not write is refused, and ``<out>/manifest.json`` lists what the last
+complete run wrote; files of an earlier run that this one does not write (another image folder's
+PNG / YOLO files, another format) are removed when the run completes.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -54,7 +61,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from distill.data.images import list_images, load_image, load_image_scaled, relative_names
+from distill.data.images import SKIP_FOLDER_LINK, SKIP_HIDDEN, SKIP_UNSUPPORTED, load_image, load_image_scaled, relative_names, scan_images
 from distill.errors import DistillError
 from distill.io import atomic_path, safe_join, sha256_json, write_json, write_text
 from distill.labels import formats
@@ -64,9 +71,15 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("coco", "yolo", "png")
 SOURCES = ("vild", "seg", "teacher")
-PROPOSALS = ("components", "windows", "components+windows", "rpn")
+PROPOSALS = ("auto", "components", "windows", "components+windows", "rpn")
 LABELS_JSON = "labels.json"
 SHARD_VERSION = 1
+# The output folder is the labeler's (see :func:`check_output`): what a run writes there, by name.
+MANIFEST = "manifest.json"
+SKIPPED_TXT = "skipped.txt"
+OUTPUT_FILES = (LABELS_JSON, "failures.txt", SKIPPED_TXT, "summary.json", "metrics.json", "config.yaml", MANIFEST)
+OUTPUT_DIRS = ("shards", "semantic", "yolo")
+MANIFEST_TOOL = "distill label"
 
 
 # ------------------------------------------------------------------------------------ filtering
@@ -480,14 +493,11 @@ class TeacherSource:
 
 
 def read_background(items: Sequence[str]) -> tuple[str, ...]:
-    """Background prompts: inline strings, or one ``.txt`` file of prompts (one a line)."""
-    items = tuple(s.strip() for s in items if s and s.strip())
-    if len(items) == 1 and items[0].lower().endswith(".txt"):
-        p = Path(items[0])
-        if not p.is_file():
-            raise DistillError(f"label.background: {p}: file not found (expected background prompts, one a line)")
-        return tuple(l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#"))
-    return items
+    """Background prompts: inline strings, or ``.txt`` files of prompts (one a line)."""
+    from distill.config import WORDS_EXPECTED
+    from distill.io import read_word_items
+
+    return read_word_items(items, "label.background", WORDS_EXPECTED)
 
 
 def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
@@ -500,11 +510,15 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
     if lcfg.proposals not in PROPOSALS:
         raise DistillError(f"label.proposals: {lcfg.proposals!r} is not one of {', '.join(PROPOSALS)}")
     if lcfg.source == "teacher":
+        import dataclasses
+
         from distill.teacher.clip import build_teacher
 
         if lcfg.model not in ("", "teacher") and lcfg.proposals != "rpn":
             raise DistillError(f"label.model: {lcfg.model!r}: the teacher source uses cfg.teacher (give --model teacher), or proposals=rpn with a ViLD checkpoint")
         teacher = build_teacher(cfg.teacher, device=device)
+        if lcfg.proposals == "auto":  # colour components suit the shapes world's teacher only; photos: windows
+            lcfg = dataclasses.replace(lcfg, proposals="components" if teacher.name == "distill-tiny-vit" else "windows")
         proposer = None
         if lcfg.proposals == "rpn":
             proposer = _rpn_proposer(cfg, vocab, device)
@@ -542,11 +556,15 @@ class ViLDSource:
         return out
 
 
-def _novel_mask(vocab: Vocabulary, mcfg) -> list[bool]:
+def _novel_mask(vocab: Vocabulary, mcfg, trained_classes: Sequence[str] | None = None) -> list[bool]:
     """Which classes the ViLD ensemble treats as novel: the vocabulary's own split when it has
-    novel classes, else every class that was not a training (base) class of the checkpoint."""
+    novel classes, else every class that was not a training (base) class of the checkpoint (as
+    the checkpoint records them; an older one: its training vocabulary)."""
     if vocab.novel_indices:
         return vocab.is_novel
+    if trained_classes is not None:
+        trained = {n.lower() for n in trained_classes}
+        return [n.lower() not in trained for n in vocab.names]
     try:
         from distill.detection.train import det_vocab
 
@@ -559,22 +577,19 @@ def _novel_mask(vocab: Vocabulary, mcfg) -> list[bool]:
 
 def load_vild(cfg, vocab: Vocabulary, device: torch.device | None = None):
     """(model, teacher, fingerprint) of the ViLD checkpoint ``cfg.label.model``, set to ``vocab``."""
-    import dataclasses
-
     from distill.detection.build import build_vild_detector
     from distill.engine.checkpoint import load as load_ckpt
     from distill.io import sha256_file
-    from distill.teacher.clip import build_teacher
     from distill.teacher.text import text_embeddings
 
     ckpt = cfg.label.model
-    mcfg = _model_config(cfg, ckpt)
-    teacher = build_teacher(dataclasses.replace(mcfg.teacher, device=cfg.teacher.device or mcfg.teacher.device), device=device)
-    tpl = mcfg.teacher.templates if mcfg.teacher.templates and Path(mcfg.teacher.templates).is_file() else None
+    mcfg, meta = _model_config(cfg, ckpt)
+    teacher = _student_teacher(mcfg, meta, ckpt, device)
+    tpl = mcfg.teacher.templates or None
     text = text_embeddings(teacher, vocab, tpl).float().cpu()
     model = build_vild_detector(mcfg.det, teacher.embed_dim, None, teacher=teacher, region_mode=mcfg.regions.mode, load_weights=False)
     load_ckpt(ckpt, model)
-    model.set_vocabulary(text, torch.tensor(_novel_mask(vocab, mcfg)), list(vocab.names))
+    model.set_vocabulary(text, torch.tensor(_novel_mask(vocab, mcfg, meta.get("trained_classes"))), list(vocab.names))
     model.to(teacher.device).eval()
     fp = sha256_json({"ckpt": sha256_file(ckpt), "teacher": teacher.fingerprint, "det": str(mcfg.det), "tpl": str(tpl)})[:16]
     return model, teacher, fp
@@ -657,26 +672,64 @@ def instances_from_semantic(prob: torch.Tensor) -> dict:
 
 
 def _model_config(cfg, ckpt: str):
-    """The config a student was trained with: ``config.yaml`` beside the checkpoint, else ``cfg``."""
-    from distill.config import load_config
+    """(config, meta) of a student checkpoint: the training config it carries
+    (:func:`distill.teacher.clip.student_meta`; an older checkpoint: ``config.yaml`` beside it),
+    its teacher located (the recorded absolute path, else ``cfg.teacher.pretrained``) on
+    ``cfg.teacher.device``. Anything missing is a one-line error saying how to supply it."""
+    import dataclasses
+
+    import yaml
+
+    from distill.config import config_from_dict, load_config
+    from distill.engine.checkpoint import read
 
     p = Path(ckpt)
     if not p.is_file():
         raise DistillError(f"label.model: {p}: checkpoint not found (expected a model_final.pt from distill train)")
-    side = p.parent / "config.yaml"
-    return load_config(side) if side.is_file() else cfg
+    meta = read(p).get("meta") or {}
+    if meta.get("config"):
+        mcfg = config_from_dict(yaml.safe_load(meta["config"]))
+    elif (p.parent / "config.yaml").is_file():
+        mcfg = load_config(p.parent / "config.yaml")
+    else:
+        raise DistillError(f"label.model: {p}: carries no training config and no config.yaml is beside it "
+                           f"(a model_final.pt of an older distill: copy its training run's config.yaml beside it)")
+    rec = meta.get("teacher") or {}
+    tc = mcfg.teacher
+
+    def locate(recorded: str, given: str, key: str, fp: str) -> str:
+        if not recorded or recorded.startswith("local-dir:") or os.path.exists(recorded) or not ("/" in recorded or Path(recorded).suffix):
+            return recorded
+        if given and os.path.exists(given):
+            return given
+        raise DistillError(f"label.model: {p} was trained with the teacher {recorded}, which is not there; "
+                           f"give its location with {key}=PATH" + (f" (its fingerprint {fp} is checked)" if fp else ""))
+
+    pre = locate(rec.get("pretrained") or tc.pretrained, cfg.teacher.pretrained, "teacher.pretrained", rec.get("fingerprint", ""))
+    dense = locate(rec.get("dense_pretrained", tc.dense_pretrained), cfg.teacher.dense_pretrained, "teacher.dense_pretrained", rec.get("dense_fingerprint", ""))
+    mcfg = dataclasses.replace(mcfg, teacher=dataclasses.replace(tc, pretrained=pre, dense_pretrained=dense, device=cfg.teacher.device or tc.device))
+    return mcfg, meta
+
+
+def _student_teacher(mcfg, meta: dict, ckpt: str, device):
+    """The teacher of a student checkpoint, checked against the fingerprint it recorded."""
+    from distill.teacher.clip import build_teacher
+
+    teacher = build_teacher(mcfg.teacher, device=device)
+    want = (meta.get("teacher") or {}).get("fingerprint")
+    if want and teacher.fingerprint != want:
+        raise DistillError(f"teacher.pretrained: {mcfg.teacher.pretrained}: not the teacher {ckpt} was trained with "
+                           f"(fingerprint {teacher.fingerprint}, the checkpoint's {want})")
+    return teacher
 
 
 def _seg_source(cfg, vocab, device):
-    """The segmentation student of ``cfg.label.model`` (its folder's config.yaml rebuilds it)."""
-    import dataclasses
-
+    """The segmentation student of ``cfg.label.model`` (the config it carries rebuilds it)."""
     from distill.io import sha256_file
     from distill.segmentation.train import load_seg_model, text_for
-    from distill.teacher.clip import build_teacher
 
-    mcfg = _model_config(cfg, cfg.label.model)
-    teacher = build_teacher(dataclasses.replace(mcfg.teacher, device=cfg.teacher.device), device=device)
+    mcfg, meta = _model_config(cfg, cfg.label.model)
+    teacher = _student_teacher(mcfg, meta, cfg.label.model, device)
     model = load_seg_model(mcfg, teacher, cfg.label.model).to(teacher.device)
     text = text_for(teacher, vocab, mcfg).to(teacher.device)
     fp = sha256_json({"ckpt": sha256_file(cfg.label.model), "teacher": teacher.fingerprint, "window": mcfg.seg.window})[:16]
@@ -773,6 +826,7 @@ class LabelJob:
     model_hash: str = ""
     source_name: str = "teacher"
     model: str = ""
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (name, kind, why) the listing left out
 
     @functools.cached_property
     def stems(self) -> list[str]:
@@ -795,16 +849,46 @@ class LabelJob:
     def shard_path(self, k: int) -> Path:
         return self.out / "shards" / f"shard-{k:05d}.json"
 
-    def shard_done(self, k: int, r: range) -> bool:
+    def _read_shard(self, k: int, r: range) -> dict | None:
+        """Shard ``k`` when it is written with the current key, else None."""
         p = self.shard_path(k)
         if not p.is_file():
-            return False
+            return None
         try:
             with open(p, "rb") as f:
                 head = json.loads(f.read())
         except (OSError, json.JSONDecodeError):
+            return None
+        return head if isinstance(head, dict) and head.get("key") == self.shard_key(k, r) else None
+
+    def shard_done(self, k: int, r: range) -> bool:
+        return self._read_shard(k, r) is not None
+
+    def png_path(self, i: int) -> Path:
+        return safe_join(self.out / "semantic", self.stems[i] + ".png")
+
+    def shard_outputs_done(self, k: int, r: range) -> bool:
+        """Shard ``k`` is written with the current key and, with PNG output, every image it labeled
+        has its semantic PNG (a deleted one makes the shard run again; YOLO files and labels.json
+        are rewritten from the shards by every merge)."""
+        head = self._read_shard(k, r)
+        if head is None:
             return False
-        return head.get("key") == self.shard_key(k, r)
+        if "png" not in self.formats:
+            return True
+        return all("error" in rec or self.png_path(int(rec["index"])).is_file() for rec in head.get("records", []))
+
+    def job_key(self) -> dict:
+        """What the output folder holds the labels of (recorded in ``manifest.json``)."""
+        return {
+            "images": str(self.root),
+            "names": sha256_json(self.names)[:16],
+            "vocab": self.vocab.hash,
+            "formats": list(self.formats),
+            "source": self.source_name,
+            "model": self.model_hash,
+            "filter": sha256_json(self.opts.info(self.vocab))[:16],
+        }
 
 
 def _annotations(pred: dict, vocab: Vocabulary, with_masks: bool) -> list[dict]:
@@ -845,7 +929,7 @@ def run_labeling(
     from distill.engine.distributed import rank_shards
 
     mine = rank_shards(len(ranges), rank, world_size)
-    pending = [k for k in mine if not job.shard_done(k, ranges[k])]
+    pending = [k for k in mine if not job.shard_outputs_done(k, ranges[k])]  # missing PNGs are redone
     values = formats.semantic_values(job.vocab) if "png" in job.formats else []  # only PNGs have a class-count limit
     batches = [list(ranges[k])[i : i + job.batch_size] for k in pending for i in range(0, len(ranges[k]), job.batch_size)]
     stats = {"shards_total": len(mine), "shards_skipped": len(mine) - len(pending), "images": 0, "failures": 0, "annotations": 0}
@@ -885,7 +969,7 @@ def run_labeling(
                         for j, (x0, y0, x1, y1) in enumerate(pred["boxes"].round().long().tolist()):
                             bm[j, max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
                         sem = formats.paint_semantic(bm, pred["labels"].numpy(), pred["scores"].numpy(), values, (h, w))
-                    formats.write_semantic_png(safe_join(job.out / "semantic", job.stems[i] + ".png"), np.asarray(sem), values)
+                    formats.write_semantic_png(job.png_path(i), np.asarray(sem), values)
                 records.setdefault(shard_of[i], {})[i] = rec
                 stats["images"] += 1
                 stats["annotations"] += len(rec["annotations"])
@@ -921,6 +1005,7 @@ def merge_shards(job: LabelJob, info: dict) -> dict:
     cat_to_index = {cid: i for i, cid in enumerate(job.vocab.ids)}
     n_img = n_ann = 0
     failures: list[str] = []
+    ok: list[int] = []  # indices of the labeled images (their PNG / YOLO outputs exist)
     with atomic_path(out / LABELS_JSON) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write('{"info": ' + json.dumps(info) + ',\n"licenses": [],\n"categories": ' + json.dumps(job.vocab.categories()) + ',\n"images": [')
@@ -938,6 +1023,7 @@ def merge_shards(job: LabelJob, info: dict) -> dict:
                     failures.append(f"{rec['file_name']}\t{rec['error']}")
                     continue
                 n_img += 1
+                ok.append(int(rec["index"]))
                 for a in rec["annotations"]:
                     n_ann += 1
                     a = {"id": n_ann, "image_id": rec["index"] + 1, **a}
@@ -950,7 +1036,133 @@ def merge_shards(job: LabelJob, info: dict) -> dict:
     write_text(out / "failures.txt", "".join(line + "\n" for line in failures))
     if "yolo" in job.formats:
         formats.write_classes(out / "yolo", job.vocab)
-    return {"images": n_img, "annotations": n_ann, "failures": len(failures)}
+    return {"images": n_img, "annotations": n_ann, "failures": len(failures), "ok": ok}
+
+
+# ------------------------------------------------------------------------------------ output folder
+#
+# The labeler owns its output folder. ``<out>/manifest.json`` ({"tool": "distill label", "state":
+# "running" | "complete", "key": job_key(), "files": [...]}) is written first (state running) and,
+# when the run is complete, lists every file the run wrote (paths relative to --out, itself left
+# out). A folder is the labeler's when it is new or empty (hidden entries such as .DS_Store aside),
+# when it holds its manifest, or (an output of a distill without manifests) when it holds shards/
+# and nothing but the labeler's names (OUTPUT_FILES, OUTPUT_DIRS). Anything else is refused before
+# anything is written. At the end of a run, files under shards/, semantic/ and yolo/ and the
+# top-level OUTPUT_FILES that this run did not write (another image folder's PNGs / YOLO files,
+# shards past the end, a format no longer asked for, temporary files of a killed run) are removed;
+# other entries (a user's notes beside the labels) are left alone.
+
+
+def _is_tmp_of(name: str) -> bool:
+    """A temporary file of :func:`~distill.io.atomic_path` for one of the labeler's files."""
+    return name.startswith(".") and ".tmp" in name and any(name.startswith(f".{n}.") for n in OUTPUT_FILES)
+
+
+def read_manifest(out: Path) -> dict | None:
+    """``<out>/manifest.json`` when it is this labeler's, else None."""
+    try:
+        m = json.loads((Path(out) / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("tool") == MANIFEST_TOOL else None
+
+
+def check_output(job: LabelJob) -> None:
+    """Refuse, before anything is written, an ``--out`` that is not the labeler's (see above)."""
+    out = job.out
+    if not out.is_dir():
+        return  # new (a file in the way is reported when the folder is created)
+    try:
+        names = sorted(e.name for e in out.iterdir())
+    except OSError as e:
+        raise DistillError(f"label.out: cannot read {out} ({e.strerror})") from None
+    visible = [n for n in names if not n.startswith(".")]
+    if not visible:
+        return
+    if read_manifest(out) is not None:
+        return
+    if MANIFEST in visible:
+        raise DistillError(f"label.out: {out / MANIFEST} is not a manifest of distill label; give an empty or new --out")
+    foreign = [n for n in visible if n not in OUTPUT_FILES and n not in OUTPUT_DIRS]
+
+    def shown(ns: list[str]) -> str:
+        return ", ".join(repr(n) for n in ns[:3]) + (f" and {len(ns) - 3} more" if len(ns) > 3 else "")
+
+    if foreign:
+        raise DistillError(f"label.out: {out} is not empty and holds files distill label did not write ({shown(foreign)}); "
+                           "give an empty or new --out (the labeler owns its output folder)")
+    if not (out / "shards").is_dir():
+        raise DistillError(f"label.out: {out} is not empty ({shown(visible)}) and holds no {MANIFEST} of a labeling run; "
+                           "give an empty or new --out (the labeler owns its output folder)")
+
+
+def claim_output(job: LabelJob) -> None:
+    """Create ``--out`` and mark it as this run's (manifest, state running). When the previous run
+    there labeled something else, its final files go now, so a killed run leaves no stale labels.json."""
+    out = job.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DistillError(f"label.out: cannot create {out} ({e.strerror}: {e.filename})") from None
+    old, key = read_manifest(out), job.job_key()
+    if old is not None and old.get("key") != key:
+        for n in OUTPUT_FILES:
+            if n not in (MANIFEST, "config.yaml"):
+                _remove(out / n)
+    write_json(out / MANIFEST, {"tool": MANIFEST_TOOL, "version": 1, "state": "running", "key": key, "files": []})
+
+
+def _remove(p: Path) -> None:
+    try:
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+    except OSError as e:
+        raise DistillError(f"label.out: cannot remove {p} ({e.strerror})") from None
+
+
+def written_files(job: LabelJob, ok: Sequence[int], extra: Sequence[str] = ()) -> set[str]:
+    """Paths (relative to --out) of every file a complete run writes; ``ok``: the labeled images."""
+    files = {LABELS_JSON, "failures.txt", SKIPPED_TXT, "summary.json", "config.yaml", *extra}
+    files |= {f"shards/shard-{k:05d}.json" for k in range(len(_shard_ranges(len(job.paths), job.shard_size)))}
+    if "png" in job.formats:
+        files |= {"semantic/legend.json", "semantic/legend.png", *(f"semantic/{job.stems[i]}.png" for i in ok)}
+    if "yolo" in job.formats:
+        files |= {"yolo/classes.txt", *(f"yolo/labels/{job.stems[i]}.txt" for i in ok)}
+    return files
+
+
+def finalize_output(job: LabelJob, written: set[str]) -> None:
+    """Remove the labeler's files that this run did not write; then the manifest (state complete)
+    lists what it wrote."""
+    root = job.out.resolve()
+    for d in OUTPUT_DIRS:
+        base = root / d
+        if base.is_symlink() or not base.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(base, topdown=False):
+            for f in filenames:
+                p = Path(dirpath, f)
+                if p.relative_to(root).as_posix() not in written:
+                    _remove(p)
+            for dn in dirnames:
+                q = Path(dirpath, dn)
+                if q.is_symlink():
+                    _remove(q)
+                else:
+                    try:
+                        q.rmdir()  # only when empty
+                    except OSError:
+                        pass
+        if not any(w.startswith(d + "/") for w in written):
+            try:
+                base.rmdir()
+            except OSError:
+                pass
+    for name in sorted(os.listdir(root)):
+        if (name in OUTPUT_FILES and name != MANIFEST and name not in written) or _is_tmp_of(name):
+            _remove(root / name)
+    write_json(job.out / MANIFEST, {"tool": MANIFEST_TOOL, "version": 1, "state": "complete", "key": job.job_key(),
+                                    "files": sorted(written)})
 
 
 def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
@@ -974,13 +1186,29 @@ def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
         raise DistillError(f"label.score_thresh: expected a value in [0, 1], got {lcfg.score_thresh}")
     if lcfg.top_k < 0 or lcfg.min_area < 0:
         raise DistillError("label.top_k / label.min_area: expected >= 0")
-    paths = list_images(lcfg.images)
+    # --out and the image folder must not nest: an --out inside the images would be labeled by the
+    # next run (its PNGs are images); images inside --out lie in a folder the labeler owns.
+    src, out = Path(lcfg.images), Path(lcfg.out)
+    out_r = out.resolve()
+    if src.is_dir():
+        img_r = src.resolve()
+        if out_r == img_r or img_r in out_r.parents:
+            raise DistillError(f"label.out: {out} is {'the image folder' if out_r == img_r else 'inside the image folder'} "
+                               f"label.images {src}: the next run would label its own outputs; give an --out outside the image folder")
+        if out_r in img_r.parents:
+            raise DistillError(f"label.images: {src} is inside label.out {out}: the labeler owns its output folder and "
+                               "would read its own outputs; give an --out outside the image folder")
+    paths, skipped = scan_images(lcfg.images)
+    inside = next((p for p in paths if out_r in p.parents), None)
+    if inside is not None:
+        raise DistillError(f"label.images: {src} names {inside}, inside label.out {out}: the labeler owns its output folder "
+                           "and would read its own outputs; give an --out that holds none of the images")
     names = relative_names(lcfg.images, paths)
     from distill.data.images import image_root
 
     opts = FilterOptions(lcfg.score_thresh, parse_class_thresh(lcfg.class_thresh, vocab), lcfg.top_k, lcfg.nms, lcfg.min_area)
-    return LabelJob(paths, names, image_root(lcfg.images, paths), vocab, Path(lcfg.out), opts, fmts, lcfg.batch_size,
-                    lcfg.num_workers, lcfg.shard_size, model_hash, lcfg.source, lcfg.model)
+    return LabelJob(paths, names, image_root(lcfg.images, paths), vocab, out, opts, fmts, lcfg.batch_size,
+                    lcfg.num_workers, lcfg.shard_size, model_hash, lcfg.source, lcfg.model, skipped)
 
 
 def label_vocab(cfg) -> Vocabulary:
@@ -996,7 +1224,8 @@ def label_vocab(cfg) -> Vocabulary:
 
 def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) -> dict:
     """Label ``cfg.label.images`` with ``cfg.label.vocab``; write ``<out>/labels.json`` (+ yolo,
-    semantic PNGs, failures.txt, summary.json, and metrics.json when ``cfg.label.gt`` is set).
+    semantic PNGs, failures.txt, skipped.txt, summary.json, manifest.json, and metrics.json when
+    ``cfg.label.gt`` is set).
 
     ``source`` overrides :func:`build_source` (tests pass a random teacher's source)."""
     from distill.config import save_config
@@ -1004,12 +1233,14 @@ def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) ->
 
     t0 = time.time()
     vocab = label_vocab(cfg)
+    job = make_job(cfg, vocab)  # the images, --out and options are checked before the model loads
+    check_output(job)  # on every rank, before any rank writes (init_distributed below waits for all)
     if source is None:
         device = get_device(cfg.teacher.device)
         source, model_hash = build_source(cfg, vocab, device)
     else:
         model_hash = getattr(source, "fingerprint", "custom")
-    job = make_job(cfg, vocab, model_hash)
+    job.model_hash = model_hash
     try:
         from distill.engine.distributed import barrier, init_distributed
 
@@ -1018,10 +1249,7 @@ def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) ->
         barrier = lambda: None  # noqa: E731
     rank, world = _rank_world()
     if rank == 0:
-        try:
-            job.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DistillError(f"label.out: cannot create {job.out} ({e.strerror}: {e.filename})") from None
+        claim_output(job)
         if "png" in job.formats:
             formats.write_legend(job.out / "semantic", vocab)
     stats = run_labeling(job, source, rank=rank, world_size=world, on_shard=on_shard)
@@ -1040,12 +1268,18 @@ def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) ->
         "formats": list(job.formats),
     }
     merged = merge_shards(job, info)
+    write_text(job.out / SKIPPED_TXT, "".join(f"{name}\t{why}\n" for name, _, why in job.skipped))
     save_config(cfg, job.out / "config.yaml")
     seconds = time.time() - t0
+    kinds = [kind for _, kind, _ in job.skipped]
     summary = {
         "labels/images": merged["images"],
         "labels/annotations": merged["annotations"],
         "labels/failures": merged["failures"],
+        # left out by the listing, named with the reason in skipped.txt
+        "labels/skipped_hidden": kinds.count(SKIP_HIDDEN),
+        "labels/skipped_folder_links": kinds.count(SKIP_FOLDER_LINK),
+        "labels/skipped_unsupported": kinds.count(SKIP_UNSUPPORTED),
         "labels/shards_skipped": stats["shards_skipped"],
         "labels/seconds": round(seconds, 3),
         "labels/images_per_s": round(stats["images"] / seconds, 3) if seconds > 0 else 0.0,
@@ -1057,4 +1291,5 @@ def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) ->
         metrics = label_quality(job.out / LABELS_JSON, cfg.label.gt)
         write_json(job.out / "metrics.json", metrics)
         summary.update(metrics)
+    finalize_output(job, written_files(job, merged["ok"], ["metrics.json"] if cfg.label.gt else []))
     return summary

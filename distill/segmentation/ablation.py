@@ -31,7 +31,7 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0, batch_
     vocab = seg_vocab(cfg)
     text = text_for(teacher, vocab, cfg).float()
     bg_words = []
-    if cfg.cam.background and Path(cfg.cam.background).is_file():
+    if cfg.cam.background:
         from distill.labels.cam import read_word_list
 
         bg_words = list(dict.fromkeys(read_word_list(cfg.cam.background)))
@@ -40,7 +40,7 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0, batch_
     C, seen, names = semseg_classes(vocab)
     ev = SemSegEvaluator(C, seen, names=names)
     if bg_words:
-        bg = text_for(teacher, Vocabulary(tuple(bg_words), source=cfg.cam.background), cfg).float()
+        bg = text_for(teacher, Vocabulary(tuple(bg_words), source="cam.background"), cfg).float()
         allt = torch.cat([text, bg])
     else:
         allt = text

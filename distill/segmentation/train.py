@@ -243,8 +243,7 @@ def text_for(teacher, vocab, cfg: Config) -> torch.Tensor:
     """(C, D) text embeddings of ``vocab`` with the config's templates, cached under the run."""
     from distill.teacher.text import text_embeddings
 
-    tpl = cfg.teacher.templates if cfg.teacher.templates and Path(cfg.teacher.templates).is_file() else None
-    return text_embeddings(teacher, vocab, tpl, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
+    return text_embeddings(teacher, vocab, cfg.teacher.templates or None, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +294,10 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
         return evaluate_model(m, val, text, vocab.ids, C, seen, names, s.window, s.window_stride, s.eval_batch_size, s.max_eval_images)
 
     save_config(cfg, out / "config.yaml")
-    final = train(model, loader, s.train, out, eval_fn=eval_fn if val is not None else None, resume=resume, device=dev, progress=progress)
+    from distill.teacher.clip import student_meta
+
+    meta = student_meta(cfg, teacher, trained_classes=[vocab.names[i] for i in base])
+    final = train(model, loader, s.train, out, eval_fn=eval_fn if val is not None else None, resume=resume, device=dev, progress=progress, meta=meta)
     metrics = {k: v for k, v in final.items()}
     write_json(out / "metrics.json", metrics)
     return metrics

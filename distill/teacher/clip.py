@@ -327,6 +327,21 @@ def attach_dense_tower(teacher: Teacher, path: str) -> Teacher:
     return teacher
 
 
+def student_meta(cfg, teacher: "Teacher", **more) -> dict:
+    """What a student's ``model_final.pt`` carries so it can be used from any folder, copied
+    alone: its training config (word lists inline, see distill/config.py) and the teacher it was
+    trained with (the file's absolute path and its fingerprint); ``more``: e.g. the trained classes."""
+    from distill.config import dump_config
+
+    def where(v: str) -> str:
+        v = (v or "").strip()
+        return str(Path(v).resolve()) if v and os.path.exists(v) else v
+
+    tc = cfg.teacher
+    return {"config": dump_config(cfg), "teacher": {"pretrained": where(tc.pretrained), "dense_pretrained": where(tc.dense_pretrained),
+            "fingerprint": teacher.fingerprint, "dense_fingerprint": teacher.dense_fingerprint}, **more}
+
+
 def build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
     """Build the frozen teacher of ``tcfg``; with ``tcfg.dense_pretrained`` set, its dense paths
     run on that CLIPSelf tower (:func:`attach_dense_tower`)."""

@@ -276,7 +276,7 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
         bg_text = None
         if cfg.teacher.background:
             bg_words = load_templates_words(cfg.teacher.background)
-            bg_text = text_embeddings(teacher, Vocabulary(tuple(bg_words), source=cfg.teacher.background), templates, cache_dir=cache_dir)
+            bg_text = text_embeddings(teacher, Vocabulary(tuple(bg_words), source="teacher.background"), templates, cache_dir=cache_dir)
         gt_paths = _semantic_paths(index, Path(cfg.data.semantic_root) / split)
         pixels = {s: MaskClipPixels(teacher, vocab, text, bg_text, s) for s in sorted(set(cfg.teacher.eval_dense_sizes) | {teacher.dense_image_size})}
     done = 0
@@ -299,15 +299,14 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
     return res
 
 
-def load_templates_words(path: str) -> list[str]:
-    """Background words: one a line, ``#`` comments."""
-    p = Path(path)
-    if not p.is_file():
-        raise DistillError(f"{p}: background word file not found (teacher.background; one word or phrase a line)")
-    words = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    words = [w for w in words if w and not w.startswith("#")]
+def load_templates_words(value: str) -> list[str]:
+    """``teacher.background``: a file of background words (one a line, ``#`` comments) or the words themselves."""
+    from distill.config import WORDS_EXPECTED
+    from distill.io import read_lines
+
+    words = list(read_lines(value, "teacher.background", WORDS_EXPECTED))
     if not words:
-        raise DistillError(f"{p}: no background words")
+        raise DistillError(f"teacher.background: {value.strip()}: no background words (expected {WORDS_EXPECTED})")
     return words
 
 

@@ -1,7 +1,7 @@
 """Class text embeddings: a prompt-template ensemble (CLIP, Radford et al. 2021, section 3.1.4)
 averaged over every template and every synonym of a class, then L2-normalised.
 
->>> emb = text_embeddings(teacher, vocab, "configs/prompts/shapes.txt", cache_dir="runs/x/embeddings/text")
+>>> emb = text_embeddings(teacher, vocab, "shapes.txt", cache_dir="runs/x/embeddings/text")
 >>> emb.shape   # (C, D), row i = class vocab.names[i]
 """
 
@@ -31,27 +31,21 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def load_templates(source: str | os.PathLike | Sequence[str] | None) -> tuple[str, ...]:
-    """Templates from a file (one a line, each with ``{}``; ``#`` comments, blank lines skipped),
-    a list of strings, or None (:data:`DEFAULT_TEMPLATES`)."""
+def load_templates(source: str | os.PathLike | Sequence[str] | None, key: str = "teacher.templates") -> tuple[str, ...]:
+    """Templates from a setting (a file, one a line with ``{}``, or the templates themselves: see
+    :func:`distill.config.read_templates_value`), a list of strings, or None / "" (:data:`DEFAULT_TEMPLATES`)."""
+    from distill.config import read_templates_value
+
     if source is None or source == "":
         return DEFAULT_TEMPLATES
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise DistillError(f"{path}: prompt template file not found (expected one template a line with {{}})")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-        templates = tuple(ln for ln in lines if ln and not ln.startswith("#"))
-        where = str(path)
+        value = read_templates_value(str(source), key)
     else:
-        templates = tuple(str(t).strip() for t in source if str(t).strip())
-        where = "templates"
-    if not templates:
-        raise DistillError(f"{where}: no prompt templates (expected one template a line with {{}})")
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise DistillError(f"{where}: template {bad[0]!r} must contain exactly one '{{}}' for the class name")
-    return templates
+        value = "\n".join(str(t).strip() for t in source if str(t).strip()) + "\n"
+        if not value.strip():
+            raise DistillError(f"{key}: no prompt templates (expected one template a line with {{}})")
+        value = read_templates_value(value, key)
+    return tuple(value.splitlines())
 
 
 def cache_key(teacher, vocab, templates: Sequence[str]) -> dict:

@@ -48,7 +48,7 @@ TINY = [
     "proposals.train.checkpoint_period=0",
     "data.num_workers=0",
     "teacher.precision=fp32",
-    f"teacher.templates={REPO / 'configs/prompts/default.txt'}",
+    f"teacher.templates={REPO / 'distill/prompts/default.txt'}",
 ]
 
 

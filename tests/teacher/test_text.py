@@ -66,7 +66,7 @@ def test_template_file_and_errors(tmp_path):
 def test_repo_prompt_files_are_valid():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "configs" / "prompts"
+    root = Path(__file__).resolve().parents[2] / "distill" / "prompts"
     for name in ("shapes.txt", "default.txt"):
         assert len(load_templates(root / name)) >= 5
 
