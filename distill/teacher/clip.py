@@ -163,13 +163,19 @@ class Teacher:
         the same embeddings, ~8x faster for ViT-B/32 prompts of ~10 of 77 tokens)."""
         from distill.teacher.text import encode_text_trimmed
 
+        from tqdm.auto import tqdm
+
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         bs = batch_size or self.batch_size
         out = []
+        # a bar on a terminal for long prompt sets (an LVIS vocabulary x 20 templates: 24k prompts)
+        bar = tqdm(total=tokens.shape[0], desc="text prompts", unit="prompt", disable=True if tokens.shape[0] < 2000 else None, leave=False)
         for i in range(0, tokens.shape[0], bs):
             with self.autocast():
                 feats = encode_text_trimmed(self.model, tokens[i : i + bs].to(self.device))
             out.append(F.normalize(feats.float(), dim=-1))
+            bar.update(min(bs, tokens.shape[0] - i))
+        bar.close()
         if not out:
             return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.cat(out)
