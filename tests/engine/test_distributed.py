@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -39,14 +38,17 @@ class Lin(torch.nn.Module):
         return {"loss_a": ((self.l(x.flatten(1)) - y) ** 2).mean()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def host_store() -> torch.distributed.TCPStore:
+    """The rendezvous store, served by THIS process on a port the OS picks when binding it (port 0):
+    no window in which another program can take the port (a "find a free port, close it, hand it
+    on" helper has one). The workers join it as torchrun's workers join their agent's store:
+    ``TORCHELASTIC_USE_AGENT_STORE=True`` makes every rank a client of MASTER_ADDR:MASTER_PORT."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, q) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
     from distill.config import TrainConfig
     from distill.engine import distributed as dl
@@ -86,7 +88,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    store = host_store()  # held (bound) until the test ends
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path / "ddp"), q)) for r in range(2)]
     for p in procs:
         p.start()

@@ -173,3 +173,165 @@ def test_grad_accumulation_matches_big_batch(tmp_path):
         train(m, make_loader(Toy(), cfg, collate), cfg, tmp_path / str(accum), progress=False)
         outs.append(m.l.weight.detach().clone())
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- clip_grad
+
+
+class Lin(torch.nn.Module):
+    """One linear layer, no randomness: its gradient is a function of the batch alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(48, 2)
+
+    def forward(self, x, targets):
+        y = torch.stack([t["y"] for t in targets])
+        return {"loss_a": ((self.l(x.flatten(1)) - y) ** 2).mean()}
+
+
+def _plain(**kw):
+    """SGD without momentum or weight decay at a constant lr: one step is w - lr * g exactly."""
+    return _cfg(**{"max_steps": 1, "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0, "warmup": 0, "schedule": "constant",
+                   "checkpoint_period": 0, **kw})
+
+
+def _first_grad(model, cfg):
+    """The gradient of the first training batch (shuffle=False: images 0..3) at ``model``'s weights."""
+    x, targets = collate([Toy()[i] for i in range(cfg.batch_size)])
+    model.zero_grad()
+    model(x, targets)["loss_a"].backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fraction", [0.25, 4.0])
+def test_clip_grad_scales_the_step_to_the_total_norm(tmp_path, fraction):
+    """clip_grad = c: the step is -lr * g * min(1, c / ||g||) with ||g|| the norm over ALL
+    parameters (torch's clip_grad_norm_, eps 1e-6). Clipping to a quarter of the norm moves the
+    weights a quarter as far as the plain step; a threshold above the norm changes nothing."""
+    torch.manual_seed(0)
+    m = Lin()
+    init = {k: v.clone() for k, v in m.state_dict().items()}
+    ref = Lin()
+    ref.load_state_dict(init)
+    g = _first_grad(ref, _plain())
+    norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in g.values())))
+    clip = fraction * norm
+    cfg = _plain(clip_grad=clip)
+    train(m, make_loader(Toy(), cfg, collate, shuffle=False), cfg, tmp_path, progress=False)
+    coef = min(1.0, clip / (norm + 1e-6))
+    names = dict(m.named_parameters())
+    for n, p in names.items():
+        expect = init[n] - cfg.lr * coef * g[n]
+        # float32 rounding of w - lr * coef * g: a few ulps of |w| + |lr g| (~1e-7 relative);
+        # without clipping (fraction 0.25) the step would be 4x longer: off by 0.75 lr |g|
+        tol = 1e-6 * float((init[n].abs() + cfg.lr * g[n].abs()).max())
+        torch.testing.assert_close(p.detach(), expect, rtol=0, atol=tol)
+    moved = float(torch.sqrt(sum(((names[n].detach() - init[n]).double() ** 2).sum() for n in names)))
+    assert moved == pytest.approx(cfg.lr * min(clip, norm), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- eval_period
+
+
+class Probe(ToyModel):
+    """ToyModel that records whether each training forward ran in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def forward(self, x, targets):
+        self.modes.append(self.training)
+        return super().forward(x, targets)
+
+
+def test_eval_period_evaluates_during_training(tmp_path):
+    """eval_period = 3 over 7 steps (as the COCO / LVIS configs evaluate every 10k / 20k steps):
+    eval_fn runs after steps 3 and 6 and at the end, on the weights of that step, its metrics are
+    logged with the step, and training goes on in train mode with unchanged losses."""
+    cfg = _cfg(max_steps=7, eval_period=3, checkpoint_period=0, schedule="constant", warmup=0)
+    seen = []
+
+    def eval_fn(model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        model.eval()  # as the real evaluators do; the engine must put the model back in train mode
+        return {"wsum": float(sum(v.double().sum() for v in model.state_dict().values()))}
+
+    torch.manual_seed(0)
+    m = Probe()
+    init = {k: v.clone() for k, v in m.state_dict().items()}
+    train(m, make_loader(Toy(), cfg, collate), cfg, tmp_path / "eval", eval_fn=eval_fn, progress=False)
+    assert len(seen) == 3
+    assert m.modes == [True] * 7  # every training forward after an evaluation ran in train mode
+    rows = [json.loads(l) for l in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval"]["wsum"]) for r in rows if "eval" in r]
+    assert [s for s, _ in evals] == [3, 6, 7]
+
+    # the weights each evaluation saw are those of an uninterrupted run stopped at that step
+    # (constant lr: a 3-step run is the first 3 steps of the 7-step one); evaluating changed nothing
+    for k, steps in enumerate((3, 6, 7)):
+        c = _cfg(max_steps=steps, checkpoint_period=0, schedule="constant", warmup=0)
+        torch.manual_seed(0)
+        ref = Probe()
+        ref.load_state_dict(init)
+        train(ref, make_loader(Toy(), c, collate), c, tmp_path / f"ref{steps}", progress=False)
+        for name, v in ref.state_dict().items():
+            assert torch.equal(seen[k][name], v), (steps, name)
+    assert _losses(tmp_path / "eval") == _losses(tmp_path / "ref7")
+
+
+# --------------------------------------------------------------------------- fp16 AMP
+
+
+class Overflow(torch.nn.Module):
+    """A linear layer whose fp16 weight gradient is exactly 1.5 x the GradScaler's scale.
+
+    Inputs are 32 everywhere, batch 3, loss = sum(out) / 64: d loss / d W = 3 * 32 / 64 = 1.5 per
+    entry, exact in fp16. Scaled by the initial 65536 it is 98304 > 65504 (fp16 max): inf, so the
+    first step must be skipped and the scale halved; at 32768 it is 49152, finite and exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Linear(4, 2)
+
+    def forward(self, x, targets):
+        return {"loss": self.l(x.flatten(1)).float().sum() / 64}
+
+
+class Const(torch.utils.data.Dataset):
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return torch.full((4,), 32.0), {"image_id": i}
+
+
+@pytest.mark.gpu
+def test_amp_fp16_grad_scaler_skips_an_overflowing_step_and_resumes_its_scale(tmp_path):
+    """precision=amp_fp16 on CUDA: the GradScaler (not a plain backward) sees the inf gradient of
+    step 1, skips it (weights unchanged, scale 65536 -> 32768), then steps; the scale is saved in
+    the checkpoint and restored by --resume (a fresh scaler would overflow and skip again)."""
+    kw = dict(batch_size=3, lr=0.5, momentum=0.0, weight_decay=0.0, warmup=0, schedule="constant", optimizer="sgd",
+              precision="amp_fp16", device="cuda", checkpoint_period=0, log_period=1, seed=0)
+    torch.manual_seed(0)
+    m = Overflow()
+    init = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg1 = TrainConfig(max_steps=1, **kw)
+    r1 = train(m, make_loader(Const(), cfg1, collate, shuffle=False), cfg1, tmp_path, progress=False)
+    assert math.isfinite(r1["loss"])
+    ck = ckpt_lib.read(tmp_path / "checkpoints" / "ckpt_0000001.pt")
+    assert ck["scaler"].get("scale") == 32768.0  # one backoff (x0.5) for one overflow
+    for k, v in ckpt_lib.read(tmp_path / "model_final.pt")["model"].items():
+        assert torch.equal(v.cpu(), init[k]), k  # the overflowing step was skipped
+
+    cfg3 = TrainConfig(max_steps=3, **kw)
+    m2 = Overflow()  # fresh weights: everything comes from the checkpoint
+    train(m2, make_loader(Const(), cfg3, collate, shuffle=False), cfg3, tmp_path, resume=True, progress=False)
+    ck = ckpt_lib.read(tmp_path / "checkpoints" / "ckpt_0000003.pt")
+    assert ck["scaler"].get("scale") == 32768.0  # no more overflows, far from the 2000-step growth interval
+    # steps 2 and 3 both applied the exact unscaled gradient: W - 2 * lr * 1.5, b - 2 * lr * 3/64
+    w = m2.l.weight.detach().cpu()
+    b = m2.l.bias.detach().cpu()
+    torch.testing.assert_close(w, init["l.weight"] - 2 * 0.5 * 1.5, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b, init["l.bias"] - 2 * 0.5 * 3 / 64, rtol=0, atol=1e-6)

@@ -31,9 +31,22 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill.cli", *args]
 
 
-def run_ok(cmd: list[str], timeout: float = 400) -> str:
+def torchrun_env() -> dict:
+    """The environment for :func:`torchrun` with no port chosen in advance. ``--standalone``
+    rendezvouses on localhost:0 and its agent serves the workers' store on a port it binds as 0
+    (``TORCHELASTIC_USE_AGENT_STORE``: the workers join it, none binds one of its own), so the OS
+    picks every port at bind time and no other program can take one in between. That holds
+    unless the store sharing is switched off or a port is forced, hence these are removed."""
     e = env()
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_USE_AGENT_STORE",
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "PET_MASTER_PORT", "PET_MASTER_ADDR", "PET_RDZV_ENDPOINT"):
+        e.pop(k, None)
     e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def run_ok(cmd: list[str], timeout: float = 400) -> str:
+    e = torchrun_env()
     r = subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r.stdout + r.stderr

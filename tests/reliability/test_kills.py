@@ -1,11 +1,13 @@
-"""Faults: ``kill -9`` at a seeded random point of training, region-embedding caching, labeling
-and the pipeline runner; the rerun (``--resume`` for training) ends with the same outputs as an
+"""Faults: ``kill -9`` in the middle of training, region-embedding caching, labeling and the
+pipeline runner; the rerun (``--resume`` for training) ends with the same outputs as an
 uninterrupted run, and nothing half-written is ever read as complete. A read-only output folder
 and a full disk (ENOSPC injected on the write path) give one-line errors.
 
-Each kill waits until the run has written its first unit of work (a checkpoint, a shard, the
-world's staging folder), then a seeded random delay, then SIGKILL; the test asserts the process
-really was killed mid-run, so it cannot pass vacuously.
+Each kill lands at a point the test chooses, not at a wall-clock moment: the run is started under
+``_kill_at.py``, which SIGKILLs the process at the N-th atomic rename onto a given file name (after
+the 3rd checkpoint pointer, before the 3rd checkpoint's rename, after the 5th cache shard, ...).
+So the test neither depends on the machine's speed nor can pass vacuously: it asserts the process
+died of SIGKILL and exactly which files the kill left behind.
 """
 
 from __future__ import annotations
@@ -13,11 +15,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,29 +29,21 @@ from distill.cli import main
 
 from ._fixtures import REPO, cli_cmd, cli_error, env, make_teacher_dir, make_tiny_world, seg_overrides, teacher_overrides, world_overrides
 
-def run_and_kill(cmd: list[str], ready, rng: random.Random, max_delay: float, log: Path, timeout: float = 240) -> str:
-    """Start ``cmd``; once ``ready()`` is true wait U(0, max_delay) s and SIGKILL it.
-    Returns "killed" or "finished" (the run ended before the kill)."""
+KILL_AT = Path(__file__).resolve().parent / "_kill_at.py"
+
+
+def killed_at(cmd: list[str], pattern: str, nth: int, when: str = "after") -> list[str]:
+    """``cmd`` (``[python, -m, module, ...]`` or ``[python, script, ...]``) run under _kill_at.py:
+    SIGKILLed at the ``nth`` rename onto a file named like ``pattern``, ``when`` = before / after it."""
+    assert cmd[0] == sys.executable
+    return [sys.executable, str(KILL_AT), pattern, str(nth), when, *cmd[1:]]
+
+
+def run_killed(cmd: list[str], log: Path, timeout: float = 240) -> None:
+    """Run a :func:`killed_at` command; assert it died of SIGKILL (it reached the chosen write)."""
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        t0 = time.time()
-        try:
-            while p.poll() is None and not ready():
-                if time.time() - t0 > timeout:
-                    raise AssertionError(f"never became ready: {' '.join(cmd)}")
-                time.sleep(0.02)
-            if p.poll() is None:
-                time.sleep(rng.uniform(0, max_delay))
-            if p.poll() is not None:
-                return "finished"
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            assert p.returncode == -signal.SIGKILL
-            return "killed"
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        r = subprocess.run(cmd, env=env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    assert r.returncode == -signal.SIGKILL, f"exit {r.returncode}, not killed at the chosen write:\n" + log.read_text()[-3000:]
 
 
 def run_ok(cmd: list[str], log: Path, timeout: float = 300) -> None:
@@ -79,54 +71,68 @@ def _step_losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+STEPS, PERIOD = 10, 2  # checkpoints at steps 2, 4, 6, 8 and the final one at 10
+
+
+@pytest.fixture(scope="module")
+def seg_reference(tmp_path_factory, teacher_model):
+    """The uninterrupted run the killed + resumed ones must reproduce."""
+    root = tmp_path_factory.mktemp("ref")
+    make_tiny_world(root)
+    run_ok(_seg_cmd(root, teacher_model), root / "ref.log")
+    return root / "seg" / "lseg"
+
+
+def _seg_cmd(work: Path, teacher_model: str) -> list[str]:
+    return cli_cmd("train", "seg", str(REPO / "configs/shapes/lseg.yaml"),
+                   *seg_overrides(work, teacher_model, **{"seg.train.max_steps": STEPS, "seg.train.checkpoint_period": PERIOD}))
+
+
 @pytest.mark.slow
-def test_kill_training_then_resume_gives_identical_weights(tmp_path, teacher_model):
-    rng = random.Random(1234)
-    seg_cfg = str(REPO / "configs/shapes/lseg.yaml")
-    runs = {}
-    for name in ("ref", "killed"):
-        w = tmp_path / name
-        make_tiny_world(w)
-        runs[name] = cli_cmd("train", "seg", seg_cfg, *seg_overrides(w, teacher_model, **{"seg.train.max_steps": 20, "seg.train.checkpoint_period": 2}))
-    run_ok(runs["ref"], tmp_path / "ref.log")
-    out = tmp_path / "killed" / "seg" / "lseg"
+@pytest.mark.parametrize("pattern, when, resumed_at", [
+    ("last_checkpoint", "after", 6),  # after the 3rd checkpoint (step 6) and its pointer are in place
+    ("ckpt_*.pt", "before", 4),  # the 3rd checkpoint fully written to its temporary name, not renamed
+])
+def test_kill_training_then_resume_gives_identical_weights(tmp_path, teacher_model, seg_reference, pattern, when, resumed_at):
+    make_tiny_world(tmp_path)
+    cmd = _seg_cmd(tmp_path, teacher_model)
+    out = tmp_path / "seg" / "lseg"
     ck = out / "checkpoints"
-    status = run_and_kill(runs["killed"], lambda: (ck / "last_checkpoint").is_file(), rng, 0.8, tmp_path / "k.log")
-    assert status == "killed", (tmp_path / "k.log").read_text()[-2000:]
+    run_killed(killed_at(cmd, pattern, 3, when), tmp_path / "k.log")
     # nothing half-written looks complete: every visible checkpoint loads, the pointer names one
     assert not (out / "model_final.pt").exists()
     names = sorted(p.name for p in ck.glob("ckpt_*.pt"))
-    assert names, "no checkpoint before the kill"
+    assert names == [f"ckpt_{s:07d}.pt" for s in range(PERIOD, resumed_at + 1, PERIOD)], names
     for n in names:
         torch.load(ck / n, weights_only=True, map_location="cpu")
-    last = (ck / "last_checkpoint").read_text().strip()
-    assert Path(last).name in names
-    print(f"train: killed after {names[-1]}")  # where the kill landed (shown with -s)
+    assert (ck / "last_checkpoint").read_text().strip() == f"ckpt_{resumed_at:07d}.pt"
+    hidden = [p.name for p in ck.iterdir() if p.name.startswith(".")]
+    assert (hidden != []) == (when == "before"), hidden  # the killed write's temporary file, never read
     # steps up to the checkpoint are not executed again: their log rows, tagged here, survive the
     # resume (a rerun from scratch, which training's determinism would otherwise hide, rewrites them)
-    k = int(Path(last).stem.split("_")[-1])
     log = out / "metrics.jsonl"
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+    assert max(r["step"] for r in rows) >= resumed_at  # the kill came after these steps were logged
     log.write_text("".join(json.dumps(dict(r, run="killed")) + "\n" for r in rows))
-    run_ok(runs["killed"] + ["--resume"], tmp_path / "resume.log")
-    assert f"at step {k}" in (tmp_path / "resume.log").read_text()
+    run_ok(cmd + ["--resume"], tmp_path / "resume.log")
+    assert f"at step {resumed_at}" in (tmp_path / "resume.log").read_text()
     resumed = [json.loads(x) for x in log.read_text().splitlines() if '"loss"' in x]
-    assert [r["step"] for r in resumed if r.get("run") == "killed"] == list(range(1, k + 1))
-    assert [r["step"] for r in resumed if "run" not in r] == list(range(k + 1, 21))
+    assert [r["step"] for r in resumed if r.get("run") == "killed"] == list(range(1, resumed_at + 1))
+    assert [r["step"] for r in resumed if "run" not in r] == list(range(resumed_at + 1, STEPS + 1))
     for r in resumed:
         r.pop("run", None)
     log.write_text("".join(json.dumps(r) + "\n" for r in resumed))
 
-    ref_out = tmp_path / "ref" / "seg" / "lseg"
-    a = torch.load(ref_out / "model_final.pt", weights_only=True)
-    b = torch.load(out / "model_final.pt", weights_only=True)
+    from distill.engine.checkpoint import read
+
+    a, b = read(seg_reference / "model_final.pt")["model"], read(out / "model_final.pt")["model"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k  # identical on CPU in deterministic mode
-    la, lb = _step_losses(ref_out / "metrics.jsonl"), _step_losses(out / "metrics.jsonl")
-    assert sorted(la) == sorted(lb) == list(range(1, 21))
+    la, lb = _step_losses(seg_reference / "metrics.jsonl"), _step_losses(out / "metrics.jsonl")
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
     assert la == lb
-    ma, mb = json.loads((ref_out / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
+    ma, mb = json.loads((seg_reference / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
     keys = [k for k in ma if k.startswith(("miou", "pixel_acc"))]
     assert keys and {k: ma[k] for k in keys} == {k: mb[k] for k in keys}
 
@@ -144,7 +150,7 @@ t = build_teacher(cfg.teacher)
 torch.manual_seed(0)
 g = torch.Generator().manual_seed(5)
 items = []
-for i in range(96):
+for i in range(24):
     img = torch.rand(3, 48, 56, generator=g)
     xy = torch.randint(0, 24, (6, 2), generator=g).float()
     wh = torch.randint(8, 24, (6, 2), generator=g).float()
@@ -155,37 +161,36 @@ print(embed_regions_to_cache(t, items, cache, images_per_batch=2))
 
 
 @pytest.mark.slow
-def test_kill_embedding_cache_then_rerun_is_byte_identical(tmp_path, teacher_model):
+@pytest.mark.parametrize("when, listed_before_kill", [
+    ("after", 4),  # shard 4 renamed into place, the index not yet rewritten: a finished, unlisted shard
+    ("before", 4),  # shard 4 whole under its temporary name, never renamed
+])
+def test_kill_embedding_cache_then_rerun_is_byte_identical(tmp_path, teacher_model, when, listed_before_kill):
+    from safetensors.torch import load_file
+
     from distill.teacher.cache import EmbeddingCache
 
-    rng = random.Random(99)
     script = tmp_path / "fill.py"
     script.write_text(CACHE_SCRIPT)
     cmd = lambda root: [sys.executable, str(script), str(root), *teacher_overrides(teacher_model)]  # noqa: E731
     run_ok(cmd(tmp_path / "ref"), tmp_path / "ref.log")
     root = tmp_path / "run"
-    status = run_and_kill(cmd(root), lambda: (root / "index.json").is_file(), rng, 0.3, tmp_path / "k.log")
-    assert status == "killed"
+    run_killed(killed_at(cmd(root), "shard-*.safetensors", 5, when), tmp_path / "k.log")
     idx = json.loads((root / "index.json").read_text())
-    assert not idx["complete"] and 0 < len(idx["shards"]) < 48
+    assert not idx["complete"] and [s["file"] for s in idx["shards"]] == [f"shard-{k:05d}.safetensors" for k in range(listed_before_kill)]
     key = idx["key"]
     partial = EmbeddingCache(root, {k: v for k, v in key.items() if k != "dtype"}, readonly=True)
     partial.verify()  # every shard listed is complete (sha256 matches); a half-written one is not listed
-    listed = {s["file"] for s in idx["shards"]}
-    on_disk = {p.name for p in root.glob("shard-*.safetensors")}
-    assert listed <= on_disk
-    # a kill between a shard's rename and the index rewrite leaves finished shards that no index
-    # lists yet (the rerun's shard_done takes them over): they are numbered after the listed ones
-    # and complete (renamed only once written)
-    from safetensors.torch import load_file
-
-    for name in on_disk - listed:
-        assert int(name[len("shard-") : -len(".safetensors")]) >= len(listed), name
+    on_disk = sorted(p.name for p in root.glob("shard-*.safetensors"))
+    # killed after the rename: the 5th shard is finished but no index lists it yet (the rerun's
+    # shard_done takes it over); killed before: only its hidden temporary file exists
+    assert on_disk == [f"shard-{k:05d}.safetensors" for k in range(5 if when == "after" else 4)]
+    for name in on_disk:
         assert load_file(root / name), name
-    print(f"cache: killed with {len(listed)}/48 shards written")  # where the kill landed (shown with -s)
+    assert bool([p for p in root.iterdir() if p.name.startswith(".shard-")]) == (when == "before")
     run_ok(cmd(root), tmp_path / "rerun.log")
     ref, got = _visible(tmp_path / "ref"), _visible(root)
-    assert sorted(ref) == sorted(got) and len(ref) == 49
+    assert sorted(ref) == sorted(got) and len(ref) == 13  # 12 shards of 2 images + the index
     assert all(ref[k] == got[k] for k in ref)
 
 
@@ -212,23 +217,21 @@ def _label_cmd(images, out, teacher_model):
 
 @pytest.mark.slow
 def test_kill_labeling_then_rerun_is_byte_identical(tmp_path, teacher_model):
-    rng = random.Random(7)
-    n = 160  # enough shards that the kill lands mid-run even on an idle machine (~100 images/s)
+    n = 12
     imgs = _image_folder(tmp_path / "imgs", n)
     run_ok(_label_cmd(imgs, tmp_path / "ref", teacher_model), tmp_path / "ref.log")
     out = tmp_path / "run"
     shards = out / "shards"
-    status = run_and_kill(_label_cmd(imgs, out, teacher_model), lambda: shards.is_dir() and any(shards.glob("shard-*.json")), rng, 0.1, tmp_path / "k.log")
-    assert status == "killed"
+    # killed right after the 5th shard (of n + 1: one image each, broken.png included) is in place
+    run_killed(killed_at(_label_cmd(imgs, out, teacher_model), "shard-*.json", 5), tmp_path / "k.log")
     assert not (out / "labels.json").exists()
     done = sorted(shards.glob("shard-*.json"))
     for p in done:
         json.loads(p.read_text())  # every visible shard is whole
-    assert 0 < len(done) < n + 1, f"{len(done)} of {n + 1} shards written before the kill"
-    print(f"label: killed with {len(done)}/{n + 1} shards written")  # where the kill landed (shown with -s)
+    assert [p.name for p in done] == [f"shard-{k:05d}.json" for k in range(5)]
     run_ok(_label_cmd(imgs, out, teacher_model), tmp_path / "rerun.log")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["labels/shards_skipped"] >= len(done)
+    assert summary["labels/shards_skipped"] == 5
     ref, got = _visible(tmp_path / "ref"), _visible(out)
     skip = {"summary.json", "config.yaml"}  # wall time / the out path itself
     assert sorted(k for k in ref if k not in skip) == sorted(k for k in got if k not in skip)
@@ -244,28 +247,31 @@ def test_kill_labeling_then_rerun_is_byte_identical(tmp_path, teacher_model):
 
 @pytest.mark.slow
 def test_kill_pipeline_then_rerun_gives_identical_world(tmp_path):
-    rng = random.Random(3)
-    big = {"world.num_train": 240, "world.num_val": 40, "world.image_size": 96}
     cfg = str(REPO / "configs/shapes/pipeline.yaml")
     stages = "pipeline.stages=[world, report]"  # the stages a kill test can afford; the runner is the same
-    run_ok(cli_cmd("run", cfg, *world_overrides(tmp_path / "ref", **big), stages), tmp_path / "ref.log")
+    run_ok(cli_cmd("run", cfg, *world_overrides(tmp_path / "ref"), stages), tmp_path / "ref.log")
     w = tmp_path / "run"
-    cmd = cli_cmd("run", cfg, *world_overrides(w, **big), stages)
-    status = run_and_kill(cmd, lambda: w.is_dir() and any(w.rglob("*.png")), rng, 0.25, tmp_path / "k.log")
-    assert status == "killed"
+    cmd = cli_cmd("run", cfg, *world_overrides(w), stages)
+    # killed inside the world stage: its images and first split's COCO json are written (in the
+    # staging folder), the other splits and the rename into place are not
+    run_killed(killed_at(cmd, "instances_*.json", 1), tmp_path / "k.log")
+    staged = [p for p in w.iterdir() if p.name.startswith(".data.tmp-")]
+    assert len(staged) == 1 and list(staged[0].rglob("*.png")), sorted(p.name for p in w.iterdir())
     # the world is staged and renamed into place: a killed build leaves no data/ that looks done
     assert not (w / "data" / "manifest.json").exists()
     assert not (w / "manifests" / "world.json").exists()
-    print("pipeline: killed inside the world stage")  # where the kill landed (shown with -s)
     run_ok(cmd, tmp_path / "rerun.log")
     ref, got = _visible(tmp_path / "ref" / "data"), _visible(w / "data")
-    assert len(ref) > 400 and sorted(ref) == sorted(got)
+    assert len(ref) > 20 and sorted(ref) == sorted(got)
     volatile = {"manifest.json", "world.yaml"}
     assert [k for k in ref if k not in volatile and ref[k] != got[k]] == []
     assert (w / "report.md").is_file()
-    # a second rerun skips everything
+    # a second rerun reruns no stage: every manifest is the same file, every stage "skipped"
+    manifests = {p.name: p.read_bytes() for p in (w / "manifests").glob("*.json")}
+    assert sorted(manifests) == ["report.json", "world.json"]
     r = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "up to date, skipped" in r.stderr + r.stdout
+    assert {p.name: p.read_bytes() for p in (w / "manifests").glob("*.json")} == manifests
 
 
 # ------------------------------------------------------------------------------------ unwritable output

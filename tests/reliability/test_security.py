@@ -20,40 +20,85 @@ from ._fixtures import REPO, cli_error, make_teacher_dir, make_tiny_world, teach
 # ------------------------------------------------------------------------------------ static scan
 
 UNSAFE_CALLS = {
-    ("pickle", "load"), ("pickle", "loads"), ("cPickle", "load"), ("dill", "load"), ("joblib", "load"),
-    ("yaml", "load"), ("yaml", "load_all"), ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "unsafe_load_all"),
-    ("marshal", "loads"), ("shelve", "open"),
+    "pickle.load", "pickle.loads", "cPickle.load", "dill.load", "dill.loads", "joblib.load", "_pickle.load", "_pickle.loads",
+    "yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all", "yaml.full_load_all",
+    "marshal.loads", "marshal.load", "shelve.open", "pickle.Unpickler", "_pickle.Unpickler",
 }
+TORCH_LOADS = {"torch.load", "torch.serialization.load"}
+NUMPY_LOADS = {"numpy.load"}
+UNSAFE_YAML_LOADERS = {"yaml.Loader", "yaml.UnsafeLoader", "yaml.FullLoader"}
+
+
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Every name an import binds -> the dotted name it stands for, wherever the import is:
+    ``import torch as T`` -> {T: torch}, ``from torch import load as L`` -> {L: torch.load},
+    ``import torch.serialization`` -> {torch: torch}. Module-wide, so an alias made inside a
+    function is seen too (a false positive is an edit away; a miss is a hole)."""
+    names: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname:
+                    names[a.asname] = a.name
+                else:
+                    top = a.name.split(".")[0]
+                    names[top] = top
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                names[a.asname or a.name] = f"{node.module}.{a.name}"
+    return names
+
+
+def _dotted(node: ast.AST, names: dict[str, str]) -> str | None:
+    """``T.serialization.load`` -> ``torch.serialization.load`` (through the import aliases)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    base = names.get(node.id, node.id)
+    base = {"np": "numpy"}.get(base, base)
+    return ".".join([base, *reversed(parts)])
 
 
 def scan_source(text: str, where: str) -> tuple[list[str], int]:
-    """Problems found in one Python source, and how many torch.load calls it has."""
+    """Problems found in one Python source, and how many torch.load calls it has. Calls are
+    matched by what they resolve to through the file's imports (``from torch import load as L``;
+    ``import torch as T; T.load(...)``); a torch.load that is named but not called (``f = torch.load``,
+    ``partial(torch.load, ...)``) is a problem too, since the call it ends in cannot be checked."""
+    tree = ast.parse(text)
+    names = _aliases(tree)
     problems: list[str] = []
     n_torch_load = 0
-    for node in ast.walk(ast.parse(text)):
+    called = set()
+    for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
-        f = node.func
-        name = f.id if isinstance(f, ast.Name) else None
-        mod = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else None
-        attr = f.attr if isinstance(f, ast.Attribute) else None
+        called.add(id(node.func))
+        q = _dotted(node.func, names)
         kw = {k.arg: k.value for k in node.keywords}
         at = f"{where}:{node.lineno}"
-        if mod == "torch" and attr == "load":
+        if q in TORCH_LOADS:
             n_torch_load += 1
             v = kw.get("weights_only")
             if not (isinstance(v, ast.Constant) and v.value is True):
                 problems.append(f"{at}: torch.load without weights_only=True")
-        elif (mod, attr) in UNSAFE_CALLS:
-            problems.append(f"{at}: {mod}.{attr}")
-        elif attr == "load" and mod in ("np", "numpy"):
+        elif q in UNSAFE_CALLS:
+            problems.append(f"{at}: {q}")
+        elif q in NUMPY_LOADS:
             v = kw.get("allow_pickle")
             if v is not None and not (isinstance(v, ast.Constant) and v.value is False):
                 problems.append(f"{at}: numpy load with allow_pickle")
-        elif name in ("eval", "exec"):
-            problems.append(f"{at}: {name}()")
-        elif mod == "yaml" and attr in ("Loader", "UnsafeLoader", "FullLoader"):
-            problems.append(f"{at}: yaml.{attr}")
+        elif q in ("eval", "exec", "builtins.eval", "builtins.exec"):
+            problems.append(f"{at}: {q.split('.')[-1]}()")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Attribute, ast.Name)) and id(node) not in called and isinstance(getattr(node, "ctx", None), ast.Load):
+            q = _dotted(node, names)
+            if q in TORCH_LOADS:
+                problems.append(f"{where}:{node.lineno}: {q} referenced without a call (weights_only cannot be checked)")
+            elif q in UNSAFE_YAML_LOADERS:
+                problems.append(f"{where}:{node.lineno}: {q}")
     return problems, n_torch_load
 
 
@@ -78,6 +123,42 @@ def test_scanner_catches_unsafe_code():
         "pickle.loads", "numpy load with allow_pickle", "eval()",
     ]
     assert [int(p.split(":")[1]) for p in problems] == [2, 3, 5, 7, 8, 10]
+
+
+def test_scanner_sees_through_import_aliases():
+    """The unsafe calls under other names: an aliased module, a function imported by (another)
+    name, a submodule path, a torch.load handed on uncalled. Each line is one problem."""
+    bad = (
+        "import torch as T, yaml as Y, numpy\n"  # 1
+        "from torch import load as L\n"  # 2
+        "from torch import load\n"  # 3
+        "from pickle import loads as pl\n"  # 4
+        "import torch.serialization\n"  # 5
+        "from functools import partial\n"  # 6
+        "T.load('a.pt')\n"  # 7
+        "L('a.pt', map_location='cpu')\n"  # 8
+        "load('a.pt', weights_only=False)\n"  # 9
+        "torch.serialization.load('a.pt')\n"  # 10
+        "T.load('a.pt', weights_only=True)\n"  # 11: fine
+        "L('a.pt', weights_only=True)\n"  # 12: fine
+        "f = T.load\n"  # 13
+        "g = partial(L, weights_only=False)\n"  # 14
+        "Y.load(open('c.yaml'), Loader=Y.FullLoader)\n"  # 15: both
+        "pl(b'')\n"  # 16
+        "numpy.load('x.npy', allow_pickle=True)\n"  # 17
+    )
+    problems, n = scan_source(bad, "x.py")
+    assert n == 6
+    lines = sorted(int(p.split(":")[1]) for p in problems)
+    assert lines == [7, 8, 9, 10, 13, 14, 15, 15, 16, 17], problems
+    assert [int(p.split(":")[1]) for p in problems if p.endswith("torch.load without weights_only=True")] == [7, 8, 9, 10]
+    assert [p for p in problems if ":13:" in p or ":14:" in p] == [
+        "x.py:13: torch.load referenced without a call (weights_only cannot be checked)",
+        "x.py:14: torch.load referenced without a call (weights_only cannot be checked)",
+    ]
+    # a module that only shares the names is not flagged
+    ok = "from distill.engine.checkpoint import load\nload('a.pt')\nimport json as yaml\nyaml.loads('{}')\n"
+    assert scan_source(ok, "y.py") == ([], 0)
 
 
 def test_package_and_tools_load_only_safely():
