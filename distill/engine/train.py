@@ -206,6 +206,7 @@ def train(
     find_unused_parameters: bool = True,
     progress: bool = True,
     extra: dict | None = None,
+    meta: dict | None = None,
 ) -> dict:
     """Train ``model`` for ``tcfg.max_steps`` optimizer steps; return the final metrics dict.
 
@@ -222,10 +223,13 @@ def train(
             scheduler, scaler, step and RNG states); an uninterrupted run and a killed + resumed
             one give the same losses and weights on CPU with ``num_workers=0``.
         extra: stored in every checkpoint (e.g. the config hash).
+        meta: stored in ``model_final.pt`` (:func:`distill.engine.checkpoint.save_model`).
 
     Raises:
         DistillError: a non-finite loss (naming the step, the loss and the batch's image ids;
-            the last good checkpoint is kept), a bad optimizer / schedule name.
+            the last good checkpoint is kept: the newest one whose weights gave a finite loss; a
+            newer one, whose weights gave this loss, becomes ``*.pt.nonfinite``), a bad
+            optimizer / schedule name.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -256,10 +260,12 @@ def train(
             seed_everything(tcfg.seed + 1000 * start_step + rank)
         if main:
             print(f"resuming from {last_good} at step {start_step}")
+        # not known good until a step's loss on its weights is finite (see `unverified` below)
+        unverified, last_good = last_good, _previous_checkpoint(ckpt_dir, last_good)
     else:
         if resume and main:
             print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-        last_good = None
+        last_good = unverified = None
         seed_everything(tcfg.seed + rank)
 
     metrics_path = out_dir / "metrics.jsonl"
@@ -323,10 +329,13 @@ def train(
                     bad = not bool(torch.isfinite(total.detach()))
                     if dist_lib.any_true(bad, device):
                         vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+                        aside = ""
+                        if unverified is not None:  # this loss came from its weights: not a good checkpoint
+                            aside = f" ({unverified.name}, whose weights gave this loss, moved to {_set_aside(ckpt_dir, unverified, last_good, main).name})"
                         where = last_good if last_good is not None else "none saved yet"
                         raise DistillError(
                             f"step {step + 1}: non-finite loss ({vals}) on image ids {batch_image_ids(batch)}; "
-                            f"training stopped, last good checkpoint: {where}"
+                            f"training stopped, last good checkpoint: {where}{aside}"
                         )
                     loss = total / accum
                     if scaler is not None:
@@ -336,6 +345,8 @@ def train(
                 for k, v in losses.items():
                     step_losses[k] = step_losses.get(k, 0.0) + float(v.detach()) / accum
                 step_losses["loss"] = step_losses.get("loss", 0.0) + float(total.detach()) / accum
+            if unverified is not None:  # its weights gave a finite loss
+                last_good, unverified = unverified, None
             if tcfg.clip_grad > 0:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -364,7 +375,7 @@ def train(
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in step_losses.items()}, refresh=False)
             if tcfg.checkpoint_period and step % tcfg.checkpoint_period == 0 and step < tcfg.max_steps:
-                last_good = _checkpoint(ckpt_dir, net, optimizer, scheduler, scaler, step, extra, main)
+                unverified = _checkpoint(ckpt_dir, net, optimizer, scheduler, scaler, step, extra, main)
             if eval_fn is not None and tcfg.eval_period and step % tcfg.eval_period == 0 and step < tcfg.max_steps:
                 eval_res = run_eval(step)
     finally:
@@ -374,7 +385,7 @@ def train(
     train_time = time.perf_counter() - t0
     last_good = _checkpoint(ckpt_dir, net, optimizer, scheduler, scaler, step, extra, main)
     if main:
-        ckpt_lib.save_model(out_dir / "model_final.pt", net)
+        ckpt_lib.save_model(out_dir / "model_final.pt", net, meta)
     if eval_fn is not None:
         eval_res = run_eval(step)
     final = {
@@ -395,6 +406,26 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def _previous_checkpoint(ckpt_dir: Path, path: Path) -> Path | None:
+    """The newest checkpoint older than ``path`` (the steps after it ran with finite losses)."""
+    older = [p for p in sorted(ckpt_dir.glob("ckpt_*.pt")) if p.name < path.name]
+    return older[-1] if older else None
+
+
+def _set_aside(ckpt_dir: Path, bad: Path, good: Path | None, main: bool) -> Path:
+    """A checkpoint whose weights gave a non-finite loss: ``last_checkpoint`` goes back to ``good``
+    (or away) so ``--resume`` does not restart from it, and the file becomes ``*.nonfinite``."""
+    aside = bad.with_name(bad.name + ".nonfinite")
+    if main:
+        if good is not None:
+            ckpt_lib.set_last(ckpt_dir, good)
+        else:
+            (ckpt_dir / ckpt_lib.POINTER).unlink(missing_ok=True)
+        if bad.is_file():
+            bad.replace(aside)
+    return aside
 
 
 def _checkpoint(ckpt_dir: Path, net, optimizer, scheduler, scaler, step: int, extra: dict | None, main: bool) -> Path:
