@@ -62,6 +62,57 @@ def make_gt(seed=0, n_images=24, H=48, W=64, n_cats=6):
     return {"images": images, "annotations": anns, "categories": cats}, masks
 
 
+def _crowd_mask(rng, height: int, width: int) -> np.ndarray:
+    """A crowd region: 1-3 overlapping ellipses / rectangles."""
+    m = np.zeros((height, width), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        w, h = (int(v) for v in rng.integers(6, 40, 2))
+        x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+        if rng.random() < 0.5:
+            m[y0 : y0 + h, x0 : x0 + w] = 1
+        else:
+            yy, xx = np.mgrid[:height, :width]
+            m[((yy - y0 - h / 2) / (h / 2)) ** 2 + ((xx - x0 - w / 2) / (w / 2)) ** 2 <= 1] = 1
+    return m
+
+
+def _crowd_annotation(m: np.ndarray, compressed: bool = False) -> dict:
+    """``bbox``, ``area`` and ``segmentation`` of a crowd mask as COCO stores them: RLE with an
+    uncompressed ``counts`` list (instances_*.json's crowds) or a compressed string."""
+    rle = mask_util.encode(np.asfortranarray(m))
+    box, area = [float(v) for v in mask_util.toBbox(rle)], float(mask_util.area(rle))
+    if compressed:
+        seg = {"counts": rle["counts"].decode("ascii"), "size": list(m.shape)}
+    else:  # column-major runs, starting with a run of zeros
+        flat = m.flatten(order="F")
+        change = np.flatnonzero(np.diff(flat)) + 1
+        runs = np.diff(np.concatenate([[0], change, [flat.size]]))
+        seg = {"counts": ([0] if flat[0] else []) + [int(c) for c in runs], "size": list(m.shape)}
+    return {"bbox": box, "area": area, "segmentation": seg}
+
+
+def add_crowds(gt: dict, res: list[dict], seed: int) -> None:
+    """Crowd regions (iscrowd=1, uncompressed RLE as in COCO) on every third image, each with a
+    few detections (box + mask) inside it: a detection on a crowd is ignored, not a false positive."""
+    rng = np.random.default_rng(seed + 500)
+    cats = [c["id"] for c in gt["categories"]]
+    for im in gt["images"][::3]:
+        m = _crowd_mask(rng, im["height"], im["width"])
+        c = _crowd_annotation(m)
+        cat = int(rng.choice(cats))
+        gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": im["id"], "category_id": cat, "iscrowd": 1, **c})
+        ys, xs = np.nonzero(m)
+        for _ in range(int(rng.integers(1, 4))):
+            k = int(rng.integers(len(ys)))
+            y0, x0 = int(ys[k]), int(xs[k])
+            part = np.zeros_like(m)
+            part[y0 : y0 + 6, x0 : x0 + 6] = 1
+            part &= m
+            rle = mask_util.encode(np.asfortranarray(part))
+            res.append({"image_id": im["id"], "category_id": cat, "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                        "score": float(rng.uniform(0.2, 0.9)), "segmentation": {"size": list(m.shape), "counts": rle["counts"].decode("ascii")}})
+
+
 def gt_as_results(gt, keep=lambda a: True):
     return [
         {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 1.0,
@@ -127,8 +178,14 @@ def _pycocotools_stats(gt, res, iou_type, cat_ids=None):
     return ev.stats
 
 
-def test_faster_equals_pycocotools_and_split_averages(world, tmp_path):
+@pytest.mark.parametrize("crowds", [False, True], ids=["no_crowd", "crowd_rle"])
+def test_faster_equals_pycocotools_and_split_averages(world, tmp_path, crowds):
     gt, gt_path, res, res_path = world
+    if crowds:  # COCO's crowd regions: iscrowd=1 with uncompressed RLE masks, detections on them
+        gt, res = copy.deepcopy(gt), list(res)
+        add_crowds(gt, res, 0)
+        gt_path.write_text(json.dumps(gt))
+        res_path.write_text(json.dumps(res))
     gt_before = json.dumps(gt)
     fast = evaluate_detection(gt_path, res_path, out_dir=tmp_path / "out", iou_types=("bbox", "segm"))
     ref = evaluate_detection(gt_path, res_path, iou_types=("bbox", "segm"), backend="pycocotools")

@@ -5,6 +5,14 @@ random inputs made to hit COCOeval's corner cases: crowd boxes, tiny and huge bo
 the 1e10 of area range "all"), GT areas that differ from w*h, duplicate GT boxes (equal IoU),
 IoU exactly at a threshold, tied scores (within and across images), more than maxDets
 detections per image, empty images, images with detections but no GT, categories without GT.
+Crowd regions carry RLE masks as COCO ships them (uncompressed ``counts`` lists, and compressed
+strings), their box and area read from the mask.
+
+``max_dets`` is a per-image limit (COCO's 100 detections per image; detectron2's
+``DETECTIONS_PER_IMAGE`` and LVIS's ``limit_dets_per_image`` apply the same rule), which
+pycocotools' ``maxDets`` alone does not enforce: it keeps maxDets per image *and category*. The
+references therefore get the untruncated detection lists with that rule applied by LVIS's own
+``LVISResults.limit_dets_per_image``, never by our code.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from distill.errors import DistillError
 from distill.eval.coco_stream import IOU_THRS, REC_THRS, BoxGT, StreamingBoxEval
 from distill.eval.detection import DetectionEvaluator, _run_coco, _run_stream, evaluate_detection
 
-from .test_detection import make_gt, noisy_results
+from .test_detection import _crowd_annotation, _crowd_mask, add_crowds, make_gt, noisy_results
 
 
 def _box(rng, kind: str) -> list[float]:
@@ -33,9 +41,16 @@ def _box(rng, kind: str) -> list[float]:
     return [float(rng.uniform(0, 60)), float(rng.uniform(0, 60)), float(w), float(h)]
 
 
+def _crowd_region(rng, height: int, width: int) -> dict:
+    """A crowd annotation's box, area and RLE (uncompressed 70% of the time, as COCO's)."""
+    m = _crowd_mask(rng, height, width)
+    return _crowd_annotation(m, compressed=rng.random() >= 0.7)
+
+
 def random_world(seed: int, n_images: int = 40, n_cats: int = 7, max_dets_per_img: int = 40):
     """GT + detections with every corner case above (categories 6 and 7 never have GT)."""
     rng = np.random.default_rng(seed)
+    crowd_rng = np.random.default_rng(seed + 1000)  # the crowd masks: the other draws stay as they were
     images = [{"id": int(i), "file_name": f"{i}.png", "height": 100, "width": 100} for i in rng.permutation(np.arange(1, 3 * n_images, 3))[:n_images]]
     gt_cats = list(range(1, n_cats - 1))
     anns, dets = [], []
@@ -51,6 +66,8 @@ def random_world(seed: int, n_images: int = 40, n_cats: int = 7, max_dets_per_im
             r = rng.random()
             if r < 0.15:
                 a["iscrowd"] = 1
+                crowd = _crowd_region(crowd_rng, im["height"], im["width"])
+                a.update(crowd)
             elif r < 0.25:
                 pass  # no iscrowd / area keys
             else:
@@ -61,6 +78,8 @@ def random_world(seed: int, n_images: int = 40, n_cats: int = 7, max_dets_per_im
                 a["area"] = float(bb[2] * bb[3] * rng.uniform(0.3, 1.0))  # e.g. a mask area
             else:
                 a["area"] = float(bb[2] * bb[3])
+            if r < 0.15:
+                a["area"] = crowd["area"]  # a crowd region's area is its mask's (the draws above kept the other boxes as they were)
             anns.append(a)
             img_gt.append(a)
             if rng.random() < 0.1:  # an exact duplicate GT box (equal IoU for every detection)
@@ -93,16 +112,26 @@ def random_world(seed: int, n_images: int = 40, n_cats: int = 7, max_dets_per_im
     return {"images": images, "annotations": anns, "categories": cats}, dets
 
 
+def per_image_limit(dets: list[dict], max_dets: int) -> list[dict]:
+    """The per-image rule by a third party: LVIS's ``LVISResults.limit_dets_per_image`` (the top
+    ``max_dets`` scores of each image, ties in list order; it does not use ``self``)."""
+    from lvis.results import LVISResults
+
+    return LVISResults.limit_dets_per_image(None, copy.deepcopy(dets), max_dets)
+
+
 def _prec_all(gt, dets, max_dets=100, img_ids=None):
+    """Precision [T, R, K] of our evaluators and of the references, all given the untruncated
+    ``dets``: ``stream`` (the streaming evaluator, which applies the per-image limit itself),
+    ``pycocotools_backend`` (our pycocotools path: ``_top_per_image`` + COCOeval), and the
+    references ``faster`` / ``pycocotools`` on the list limited by LVIS's code."""
     from distill.eval.detection import _top_per_image
 
-    if img_ids is not None:
-        keep = set(img_ids)
-        dets = [d for d in dets if d["image_id"] in keep]
-    kept = _top_per_image(copy.deepcopy(dets), max_dets)
-    out = {"stream": _run_stream(copy.deepcopy(gt), dets, max_dets, img_ids)[0]}
+    limited = per_image_limit(dets, max_dets)
+    out = {"stream": _run_stream(copy.deepcopy(gt), copy.deepcopy(dets), max_dets, img_ids)[0]}
+    out["pycocotools_backend"] = _run_coco(copy.deepcopy(gt), _top_per_image(copy.deepcopy(dets), max_dets), "bbox", max_dets, "pycocotools", img_ids)[0]
     for b in ("faster", "pycocotools"):
-        out[b] = _run_coco(copy.deepcopy(gt), copy.deepcopy(kept), "bbox", max_dets, b, img_ids)[0]
+        out[b] = _run_coco(copy.deepcopy(gt), copy.deepcopy(limited), "bbox", max_dets, b, img_ids)[0]
     return out
 
 
@@ -120,10 +149,18 @@ def test_precision_equals_faster_and_pycocotools_on_corner_cases(seed):
     max_dets = [100, 10, 20, 7][seed % 4]
     img_ids = None if seed % 3 else sorted(im["id"] for im in gt["images"])[::2]
     p = _prec_all(gt, dets, max_dets, img_ids)
-    assert p["stream"].shape == p["faster"].shape == p["pycocotools"].shape
+    assert p["stream"].shape == p["faster"].shape == p["pycocotools"].shape == p["pycocotools_backend"].shape
     # bit-identical to the reference implementation, 1e-6 to faster-coco-eval
     np.testing.assert_array_equal(p["stream"], p["pycocotools"])
+    np.testing.assert_array_equal(p["pycocotools_backend"], p["pycocotools"])
     np.testing.assert_allclose(p["stream"], p["faster"], atol=1e-6, rtol=0)
+    per_img = {}
+    for d in dets:
+        per_img[d["image_id"]] = per_img.get(d["image_id"], 0) + 1
+    if max_dets < 100:  # the limit bites: images beyond it, and it changes the numbers
+        assert max(per_img.values()) > max_dets
+        untruncated = _run_coco(copy.deepcopy(gt), copy.deepcopy(dets), "bbox", max_dets, "pycocotools", img_ids)[0]
+        assert not np.array_equal(untruncated, p["pycocotools"])  # pycocotools' own maxDets is per image and category
     # the fixture is not trivial: categories without GT (-1), imperfect and perfect matches
     assert (p["stream"][0, 0] == -1).sum() >= 2
     valid = p["stream"][p["stream"] > -1]
@@ -131,9 +168,19 @@ def test_precision_equals_faster_and_pycocotools_on_corner_cases(seed):
 
 
 def test_fixture_has_the_corner_cases():
+    from pycocotools import mask as mask_util
+
     gt, dets = random_world(0)
     a = gt["annotations"]
     assert any(x.get("iscrowd") for x in a) and any("iscrowd" not in x for x in a)
+    crowds = [x for x in a if x.get("iscrowd")]
+    assert all(isinstance(x["segmentation"], dict) for x in crowds)  # RLE masks
+    assert {type(x["segmentation"]["counts"]) for x in crowds} == {list, str}  # uncompressed (COCO's) and compressed
+    for x in crowds:  # box and area are the mask's
+        seg = x["segmentation"]
+        rle = mask_util.frPyObjects(seg, *seg["size"]) if isinstance(seg["counts"], list) else dict(seg, counts=seg["counts"].encode())
+        assert float(mask_util.area(rle)) == x["area"] > 0
+        assert [float(v) for v in mask_util.toBbox(rle)] == x["bbox"]
     assert any(x["bbox"][2] * x["bbox"][3] > 1e10 for x in a) and any(x["bbox"][2] < 0.01 for x in a)
     scores = [d["score"] for d in dets]
     assert len(set(scores)) < len(scores)  # ties
@@ -150,6 +197,8 @@ def test_fixture_has_the_corner_cases():
 def test_metrics_equal_on_the_shapes_fixture(tmp_path, seed):
     gt, masks = make_gt(seed=seed)
     res = noisy_results(gt, masks, seed=seed + 1)
+    add_crowds(gt, res, seed)
+    assert sum(a["iscrowd"] for a in gt["annotations"]) == 8
     gt_path, res_path = tmp_path / "gt.json", tmp_path / "res.json"
     gt_path.write_text(json.dumps(gt))
     res_path.write_text(json.dumps(res))
@@ -161,12 +210,19 @@ def test_metrics_equal_on_the_shapes_fixture(tmp_path, seed):
             assert ms["stream"][k] == pytest.approx(ms[b][k], abs=1e-6), (b, k)
     # in memory (list of results) == from the file, item by item
     assert evaluate_detection(gt, res) == ms["stream"]
-    # with masks: boxes by the streaming evaluator, masks by faster-coco-eval
+    # with masks: boxes by the streaming evaluator, masks by faster-coco-eval, against pycocotools
     both = evaluate_detection(gt_path, res_path, iou_types=("bbox", "segm"))
-    ref = evaluate_detection(gt_path, res_path, iou_types=("bbox", "segm"), backend="faster")
-    assert both.keys() == ref.keys()
-    for k in ref:
-        assert both[k] == pytest.approx(ref[k], abs=1e-6), k
+    for b in ("faster", "pycocotools"):
+        ref = evaluate_detection(gt_path, res_path, iou_types=("bbox", "segm"), backend=b)
+        assert both.keys() == ref.keys()
+        for k in ref:
+            assert both[k] == pytest.approx(ref[k], abs=1e-6), (b, k)
+    # and pycocotools' own summary on the raw files (no limit needed: < 100 detections an image)
+    from .test_detection import _pycocotools_stats
+
+    for t in ("bbox", "segm"):
+        st = _pycocotools_stats(gt, res, t)
+        assert (both[f"{t}/AP"], both[f"{t}/AP50"], both[f"{t}/AP75"]) == pytest.approx(tuple(st[:3]), abs=1e-6), t
 
 
 def test_results_file_forms(tmp_path):

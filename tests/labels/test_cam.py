@@ -89,6 +89,70 @@ def test_batched_gradcam_equals_pytorch_grad_cam(teacher, softmax):
         r += len(ks)
 
 
+class _RawGradCAM:
+    """pytorch_grad_cam's GradCAM that also keeps each map as the library computes it, ReLU'd on the
+    token grid, before its ``scale_cam_image`` (whose absolute 1e-7 epsilon flattens tiny maps)."""
+
+    def __new__(cls, **kw):
+        from pytorch_grad_cam import GradCAM
+
+        class Raw(GradCAM):
+            def get_cam_image(self, *a, **k):
+                cam = super().get_cam_image(*a, **k)
+                self.raw = np.maximum(cam, 0)
+                return cam
+
+        return Raw(**kw)
+
+
+@pytest.mark.parametrize("pool", ["model", "mean"])
+@pytest.mark.parametrize("softmax", [True, False])
+def test_gradcam_at_production_scale_equals_pytorch_grad_cam_scale_free(teacher, softmax, pool):
+    """At CLIP's logit scale 100 (production; CLIP-ES's softmax Grad-CAM) the softmax saturates and
+    maps fall far below 1e-7 (here down to ~1e-15): pytorch_grad_cam's own output (its absolute
+    1e-7 epsilon, applied twice) returns the smallest flattened (max 0.09 for a 1e-15 map), the
+    regime of the bug fixed in 0376047. Our maps, normalised by
+    ``normalize_cam``, must equal the library's raw maps normalised scale-free (min-max in float64,
+    computed here) to 1e-5 (2.4e-6 seen), every map, however small. ``pool=model``: the library runs
+    open_clip's own encode_image; ``pool=mean`` (the shapes configs' pooling): our ClipLogits forward
+    (all blocks, no class-token shortcut)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+    text, bg = _text(6), _text(3, seed=1)
+    labels = [[0, 2, 5], [1, 4]]
+    scale = 100.0
+    tokens, _, grid = C.trunk_tokens(teacher, images)
+    out = C.last_block_gradcam(teacher, tokens, grid, labels, text, bg, softmax=softmax, logit_scale=scale, pool=pool)
+    reshape = C.vit_reshape_transform(grid)
+    layer = teacher.model.visual.transformer.resblocks[-1].ln_1
+    raw_max, lib_max, r = [], [], 0
+    for b, ks in enumerate(labels):
+        t_emb, targets = (torch.cat([text[ks], bg]), list(range(len(ks)))) if softmax else (text, list(ks))
+        model = OpenClipLogits(teacher, t_emb, scale, softmax) if pool == "model" else C.ClipLogits(teacher, t_emb, logit_scale=scale, pool=pool, softmax=softmax)
+        x = images[b][None].clone().requires_grad_(True)
+        raws, libs = [], []
+        with _RawGradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+            for t in targets:
+                libs.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(t)])[0])
+                raws.append(cam.raw[0].astype(np.float64))
+        raw = np.stack(raws)
+        ref = raw - raw.min(axis=(1, 2), keepdims=True)
+        ref = ref / ref.max(axis=(1, 2), keepdims=True)
+        mine = out.cams[r : r + len(ks)].double().numpy()
+        assert mine.shape == ref.shape == (len(ks), 4, 4)
+        assert np.abs(mine - ref).max() < 1e-5, (b, np.abs(mine - ref).max(), raw.max(axis=(1, 2)))
+        assert ref.std() > 0.05  # real maps, not constants
+        raw_max += raw.max(axis=(1, 2)).tolist()
+        lib_max += np.stack(libs).max(axis=(1, 2)).tolist()
+        r += len(ks)
+    if softmax:  # the regime: a map so far below the library's epsilon that its own output flattens it
+        tiny = [i for i, m in enumerate(raw_max) if m < 1e-13]
+        assert tiny and all(lib_max[i] < 0.5 for i in tiny), (raw_max, lib_max)
+        assert np.allclose(out.cams.flatten(1).max(1).values.numpy(), 1.0)  # ours keep full scale
+
+
 def test_class_token_shortcut_equals_full_last_block(teacher, monkeypatch):
     """With class-token pooling the last block runs at the class token only; CAMs, scores and the
     last block's attention (CAA's input) equal those of the full block."""
@@ -377,7 +441,7 @@ def test_voc_config_wiring(tmp_path, teacher):
     (tmp_path / "voc_labels.json").write_text(json.dumps(labels))
     cfg = load_config("configs/voc/clip_es.yaml", [
         f"work_dir={tmp_path}/voc", f"data.image_root={root}/images", "cam.crf=false", "cam.num_panels=0",
-        "cam.background=configs/prompts/background_voc.txt"])
+        "cam.background=distill/prompts/background_voc.txt"])
     s = C.run_cam(cfg, str(root / "images" / "val"), str(tmp_path / "voc_labels.json"), teacher=teacher)
     assert s["processed"] == 2
     m = cv2.imread(str(tmp_path / "voc" / "cam" / "masks" / "val" / "000001.png"), cv2.IMREAD_UNCHANGED)

@@ -85,3 +85,13 @@ def test_exploding_training_stops_naming_step_and_images_and_keeps_last_good_che
     assert not (run / "model_final.pt").exists()
     # a checkpoint of the bad step was not written
     assert not (ck / f"ckpt_{step:07d}.pt").exists()
+
+    # --resume restarts from the good checkpoint, not the set-aside one (a run from scratch would
+    # explode at step 3 too: the resume line tells them apart); the same weights explode again
+    from distill.cli import main
+
+    capsys.readouterr()
+    rc = main(["train", "seg", cfg, *ov, "--resume"])
+    out = capsys.readouterr()
+    assert rc == 2 and f"resuming from {good} at step 1" in out.out, out.out[-500:]
+    assert "step 3: non-finite loss" in out.err and f"last good checkpoint: {good} " in out.err
