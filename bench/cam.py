@@ -53,7 +53,9 @@ def _best(fn, repeats: int) -> float:
 
 
 def main(device: str = "cpu") -> dict:
-    from distill.labels import cam as C
+    from distill.cam import gradcam
+    from distill.cam import refine
+    from distill.cam import run as cam_run
 
     torch.manual_seed(0)
     teacher = _teacher(device)
@@ -65,13 +67,13 @@ def main(device: str = "cpu") -> dict:
     scale = 10.0  # a random teacher saturates the softmax at 100; the work is the same
 
     def ours(caa: bool):
-        return C.clip_es_cams(teacher, images, labels, text, bg, logit_scale=scale, caa=caa, pool=POOL)
+        return cam_run.clip_es_cams(teacher, images, labels, text, bg, logit_scale=scale, caa=caa, pool=POOL)
 
     def loop():
         out = []
         for b, ks in enumerate(labels):
             t_all = torch.cat([text[ks], bg])
-            out.append(C.pytorch_gradcam(teacher, images[b], t_all, list(range(len(ks))), logit_scale=scale, softmax=True,
+            out.append(gradcam.pytorch_gradcam(teacher, images[b], t_all, list(range(len(ks))), logit_scale=scale, softmax=True,
                                          pool=POOL))
         return out
 
@@ -79,7 +81,7 @@ def main(device: str = "cpu") -> dict:
     mine, ref = ours(False), loop()
     diff = 0.0
     for m, r in zip(mine, ref):
-        up = C.upsample_cams(m.gradcam.numpy(), (SIZE, SIZE))
+        up = refine.upsample_cams(m.gradcam.numpy(), (SIZE, SIZE))
         up = up - up.min(axis=(1, 2), keepdims=True)
         up = up / (1e-7 + up.max(axis=(1, 2), keepdims=True))
         diff = max(diff, float(np.abs(up - r).max()))

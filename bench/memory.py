@@ -22,7 +22,7 @@ Jobs (sizes chosen so that a job holding everything in memory would exceed the t
   image); N is at least two evaluation batches of 16 images: the first batch alone peaks some
   20-40 MB lower than any longer run (glibc reuses the heap from the second batch on), which
   would read as growth between N = 16 and 4N;
-- ``cam``: ``distill cam`` (:func:`distill.labels.cam.run_cam`, CLIP-ES on a tiny random teacher)
+- ``cam``: ``distill cam`` (:func:`distill.cam.run.run_cam`, CLIP-ES on a tiny random teacher)
   on N 640x480 images with two image labels each, masks + seeds written, 2 panels. A run holding
   its decoded images would add 0.9 MB an image: visible in the work columns rather than in the
   ratio. Its work varies by some +-30 MB from run length to run length without a trend (16 to 512
@@ -287,7 +287,7 @@ def _run(job: str, n: int, d: Path, device: str) -> dict:
         check = [m["zeroshot/num_objects"], m["zeroshot/top1_ens"], m["zeroshot/top1_dense"], m["maskclip/miou_all"]]
     elif job == "cam":
         from distill.config import load_config
-        from distill.labels.cam import run_cam
+        from distill.cam.run import run_cam
         from distill.teacher import build_random_teacher
 
         cfg = load_config(None, [

@@ -346,7 +346,7 @@ class LabelConfig:
 
 @dataclass(frozen=True)
 class CamConfig:
-    """CLIP-ES CAM refinement (labels/cam.py)."""
+    """CLIP-ES CAM refinement (distill/cam/)."""
 
     images: str = ""
     labels: str = ""

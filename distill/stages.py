@@ -192,7 +192,8 @@ def st_cam(cfg: Config):
     """CLIP-ES: the ablation and panels on val; then what the masks are for (CLIP-ES 3.4): masks of
     the training images from their image-level labels train an LSeg student (``seg/lseg_cam``, base
     classes as ``seg/lseg``, whose masks are the ground truth), evaluated on val."""
-    from distill.labels.cam import cam_ablation, run_cam
+    from distill.ablate.cam import cam_ablation
+    from distill.cam.run import run_cam
     from distill.segmentation.train import train_seg
 
     teacher = _teacher(cfg)  # with its dense tower: cam.tower=dense CAMs and the LSeg student read it

@@ -1,4 +1,4 @@
-"""Thin script: the segmentation ablation on the shapes world (logic in distill/segmentation/ablation.py).
+"""Thin script: the segmentation ablation on the shapes world (logic in distill/ablate/seg.py).
 
     python tools/ablate_seg.py [key=value ...]            # overrides go to all three configs
     python tools/ablate_seg.py seg.train.max_steps=50 --out runs/shapes/seg/ablation_quick
@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from distill.config import load_config  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
-from distill.segmentation.ablation import ablate_seg  # noqa: E402
+from distill.ablate.seg import ablate_seg  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Thin script: the ViLD ablation on the shapes world (logic in distill/detection/ablation.py).
+"""Thin script: the ViLD ablation on the shapes world (logic in distill/ablate/vild.py).
 
     python tools/ablate_vild.py [CONFIG] [key=value ...] [--variants vild_text,vild]
     python tools/ablate_vild.py                 # configs/shapes/vild_ablation.yaml: 600 steps a row
@@ -20,7 +20,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from distill.config import load_config  # noqa: E402
-from distill.detection.ablation import VARIANTS, check_targets, run_ablation, table_markdown  # noqa: E402
+from distill.ablate.vild import VARIANTS, check_targets, run_ablation, table_markdown  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 
 

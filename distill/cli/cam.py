@@ -25,7 +25,8 @@ def register(root: typer.Typer) -> None:
 
         Example: distill cam configs/shapes/cam.yaml --images train
         """
-        from distill.labels.cam import cam_ablation, run_cam
+        from distill.ablate.cam import cam_ablation
+        from distill.cam.run import run_cam
 
         cfg = load(config, overrides)
         if ablation:

@@ -4,5 +4,4 @@
 - :mod:`distill.detection.build` - ``build_vild_detector``, ``build_plain_detector``;
 - :mod:`distill.detection.proposals` - class-agnostic proposals + teacher region embeddings;
 - :mod:`distill.detection.train` - ``train_detector(cfg)`` (``distill train det``);
-- :mod:`distill.detection.ablation` - ``run_ablation(cfg)`` (tools/ablate_vild.py).
 """

@@ -1,1 +1,1 @@
-"""Pseudo-labels and CAM refinement."""
+"""Pseudo-labels (teacher / student sources, the sharded labeling job, output formats) and self-training."""

@@ -334,7 +334,7 @@ def test_voc_semseg_dataset_and_image_labels(built):
     img, mask = SemSegDataset(voc["images"], voc["train_labels"], voc["masks"], num_classes=21)[1]  # chelsea, EXIF 6
     assert tuple(img.shape) == (3, 300, 451) and set(mask.unique().tolist()) == {0, 8, 255}
 
-    from distill.labels.cam import read_image_labels
+    from distill.cam.run import read_image_labels
 
     entries = read_image_labels(voc["train_labels"], vocab)
     assert [(e.image_id, e.file_name) for e in entries][:2] == [(2012000002, "2012_000002.jpg"), (2012000003, "2012_000003.jpg")]
@@ -355,7 +355,7 @@ def test_voc_segmentation_folder_reader(built):
 def test_cam_ablation_finds_voc_ground_truth(built):
     """VOC is flat (JPEGImages/ + SegmentationClass(Aug)/{stem}.png): the split is the one the labels
     json (cam.labels) lists, and the ground truth is found without a {split}/ folder."""
-    from distill.labels.cam import _gt_path, _resolve_inputs
+    from distill.cam.run import _gt_path, _resolve_inputs
 
     voc = built["voc"]
     cfg = load_config(REPO / "configs/voc/clip_es.yaml", [

@@ -213,7 +213,7 @@ def test_vild_ablation_tool_writes_every_row_and_the_targets(tmp_path):
     """tools/ablate_vild.py's logic on the fixture: every variant trains (2 steps) and evaluates,
     the table and metrics.json hold each row's AP50 / AP novel, base, all, and the targets are
     computed from the ViLD and ViLD-text rows."""
-    from distill.detection.ablation import VARIANTS, check_targets, run_ablation
+    from distill.ablate.vild import VARIANTS, check_targets, run_ablation
 
     cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "green square", "split": "base"},
             {"id": 3, "name": "blue square", "split": "novel"}]
@@ -246,7 +246,7 @@ def test_vild_ablation_tool_writes_every_row_and_the_targets(tmp_path):
 def test_vild_ablation_pretrains_the_backbone_the_config_names(tmp_path):
     """Like the pipeline's backbone stage, the ablation writes det.backbone_pretrain.out first
     when the detector starts from it and the file is not there yet."""
-    from distill.detection.ablation import run_ablation
+    from distill.ablate.vild import run_ablation
 
     cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue square", "split": "novel"}]
     files = make_fixture(tmp_path / "d", cats, [1, 2])
@@ -263,7 +263,7 @@ def test_vild_ablation_pretrains_the_backbone_the_config_names(tmp_path):
 def test_vild_ablation_over_seeds_averages_each_row(tmp_path):
     """--seeds 0,1: each seed trains its own run dir, the table is the mean of the two seeds' rows,
     and metrics.json keeps each seed's rows and targets."""
-    from distill.detection.ablation import run_ablation
+    from distill.ablate.vild import run_ablation
 
     cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue square", "split": "novel"}]
     files = make_fixture(tmp_path / "d", cats, [1, 2])
@@ -290,7 +290,7 @@ def test_vild_ablation_over_seeds_averages_each_row(tmp_path):
 def test_vild_ablation_reuse_reads_finished_rows_and_retrains_changed_ones(tmp_path, monkeypatch):
     """--reuse: a row whose run dir holds metrics of the same settings is read, not trained; the
     same row under other settings (more steps) trains again."""
-    from distill.detection import ablation as A
+    from distill.ablate import vild as A
 
     cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue square", "split": "novel"}]
     files = make_fixture(tmp_path / "d", cats, [1, 2])

@@ -1,4 +1,4 @@
-"""``distill.labels.cam.dense_crf`` itself (pydensecrf2, the ``crf`` extra; ``make`` installs it, so
+"""``distill.cam.refine.dense_crf`` itself (pydensecrf2, the ``crf`` extra; ``make`` installs it, so
 these run wherever it built, and are skipped only where it is not installed).
 
 The arithmetic it must satisfy: the unary is ``-log p`` and mean-field inference starts from
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.labels import cam as C
+from distill.cam import refine
 
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (the crf extra) is not installed")
 
@@ -30,7 +30,7 @@ def _probs(seed: int = 0) -> np.ndarray:
 def test_without_pairwise_messages_q_is_the_input_distribution(params):
     p = _probs()
     img = np.random.default_rng(1).integers(0, 255, (H, W, 3), dtype=np.uint8)
-    q = C.dense_crf(img, p, params)
+    q = refine.dense_crf(img, p, params)
     assert q.shape == (3, H, W) and q.dtype == np.float32
     np.testing.assert_allclose(q, p, rtol=0, atol=1e-6)  # float32 softmax(log p): ~1e-7
 
@@ -38,7 +38,7 @@ def test_without_pairwise_messages_q_is_the_input_distribution(params):
 def test_with_the_repo_parameters_q_is_a_distribution_that_moves():
     p = _probs()
     img = np.random.default_rng(1).integers(0, 255, (H, W, 3), dtype=np.uint8)
-    q = C.dense_crf(img, p)
+    q = refine.dense_crf(img, p)
     assert q.shape == (3, H, W) and (q >= 0).all()
     np.testing.assert_allclose(q.sum(0), 1.0, rtol=0, atol=1e-5)
     assert np.abs(q - p).max() > 0.1  # the pairwise terms did act (10 iterations by default)
@@ -58,8 +58,8 @@ def test_crf_snaps_a_blurry_score_to_the_object_on_a_wide_image():
     def iou(m):
         return (m & rect).sum() / (m | rect).sum()
 
-    plain, _ = C.cams_to_mask(cam, [5])
-    crf, conf = C.cams_to_mask(cam, [5], crf=True, image=img)
+    plain, _ = refine.cams_to_mask(cam, [5])
+    crf, conf = refine.cams_to_mask(cam, [5], crf=True, image=img)
     assert crf.shape == (32, 48) and set(np.unique(crf)) <= {0, 5}
     assert iou(crf == 5) > 0.8 and iou(crf == 5) > iou(plain == 5) + 0.25, (iou(crf == 5), iou(plain == 5))
     assert conf.min() >= 0.0 and conf.max() <= 1.0 + 1e-6

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from distill.config import load_config
-from distill.segmentation.ablation import ablate_seg, format_table
+from distill.ablate.seg import ablate_seg, format_table
 
 
 def test_format_table_percent():

@@ -1,4 +1,4 @@
-"""The segmentation ablation on the shapes world (issue 6): the MaskCLIP teacher zero-shot, LSeg on
+"""The segmentation ablation on the shapes world: the MaskCLIP teacher zero-shot, LSeg on
 base classes only, LSeg + pixel distillation, CLIPSeg; mIoU seen / unseen / all and hIoU on val
 with the full vocabulary. ``tools/ablate_seg.py`` is the command line.
 """
@@ -32,7 +32,7 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0, batch_
     text = text_for(teacher, vocab, cfg).float()
     bg_words = []
     if cfg.cam.background:
-        from distill.labels.cam import read_word_list
+        from distill.cam.run import read_word_list
 
         bg_words = list(dict.fromkeys(read_word_list(cfg.cam.background)))
     paths = seg_paths(cfg)

@@ -1,4 +1,4 @@
-"""CLIP-ES CAMs (distill/labels/cam.py) on random tiny teachers, against independent references:
+"""CLIP-ES CAMs (distill/cam/) on random tiny teachers, against independent references:
 pytorch_grad_cam's GradCAM on open_clip's own forward, a per-image loop for the batched path, a
 hand-written attention / repo-style CAA loop, and numbers computed by hand."""
 
@@ -13,7 +13,11 @@ import torch.nn.functional as F
 
 from distill.config import load_config
 from distill.errors import DistillError
-from distill.labels import cam as C
+from distill.ablate import cam as cam_ablate
+from distill.cam import caa
+from distill.cam import gradcam
+from distill.cam import refine
+from distill.cam import run as cam_run
 from distill.teacher import build_random_teacher
 from distill.vocab import Vocabulary
 
@@ -74,15 +78,15 @@ def test_batched_gradcam_equals_pytorch_grad_cam(teacher, softmax):
     text, bg = _text(6), _text(3, seed=1)
     labels = [[0, 2, 5], [1, 4]]
     scale = 10.0  # 100 saturates the softmax of a random teacher (gradients ~1e-20: float noise)
-    tokens, _, grid = C.trunk_tokens(teacher, images)
-    out = C.last_block_gradcam(teacher, tokens, grid, labels, text, bg, softmax=softmax, logit_scale=scale, pool="model")
+    tokens, _, grid = gradcam.trunk_tokens(teacher, images)
+    out = gradcam.last_block_gradcam(teacher, tokens, grid, labels, text, bg, softmax=softmax, logit_scale=scale, pool="model")
     r = 0
     for b, ks in enumerate(labels):
         if softmax:  # targets: the present classes' softmax scores over [present classes, background]
             ref = _library_gradcam(teacher, images[b], torch.cat([text[ks], bg]), list(range(len(ks))), scale, True)
         else:
             ref = _library_gradcam(teacher, images[b], text, ks, scale, False)
-        mine = _renorm(C.upsample_cams(out.cams[r : r + len(ks)].numpy(), (32, 32)))
+        mine = _renorm(refine.upsample_cams(out.cams[r : r + len(ks)].numpy(), (32, 32)))
         assert ref.shape == mine.shape == (len(ks), 32, 32)
         assert np.abs(ref - mine).max() < 1e-5
         assert ref.std() > 0.05  # a real map, not a constant
@@ -123,14 +127,14 @@ def test_gradcam_at_production_scale_equals_pytorch_grad_cam_scale_free(teacher,
     text, bg = _text(6), _text(3, seed=1)
     labels = [[0, 2, 5], [1, 4]]
     scale = 100.0
-    tokens, _, grid = C.trunk_tokens(teacher, images)
-    out = C.last_block_gradcam(teacher, tokens, grid, labels, text, bg, softmax=softmax, logit_scale=scale, pool=pool)
-    reshape = C.vit_reshape_transform(grid)
+    tokens, _, grid = gradcam.trunk_tokens(teacher, images)
+    out = gradcam.last_block_gradcam(teacher, tokens, grid, labels, text, bg, softmax=softmax, logit_scale=scale, pool=pool)
+    reshape = gradcam.vit_reshape_transform(grid)
     layer = teacher.model.visual.transformer.resblocks[-1].ln_1
     raw_max, lib_max, r = [], [], 0
     for b, ks in enumerate(labels):
         t_emb, targets = (torch.cat([text[ks], bg]), list(range(len(ks)))) if softmax else (text, list(ks))
-        model = OpenClipLogits(teacher, t_emb, scale, softmax) if pool == "model" else C.ClipLogits(teacher, t_emb, logit_scale=scale, pool=pool, softmax=softmax)
+        model = OpenClipLogits(teacher, t_emb, scale, softmax) if pool == "model" else gradcam.ClipLogits(teacher, t_emb, logit_scale=scale, pool=pool, softmax=softmax)
         x = images[b][None].clone().requires_grad_(True)
         raws, libs = [], []
         with _RawGradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
@@ -160,11 +164,11 @@ def test_class_token_shortcut_equals_full_last_block(teacher, monkeypatch):
     images = torch.rand(3, 3, 48, 48)
     text, bg = _text(5), _text(3, seed=2)
     labels = [[0, 4], [], [1, 2, 3]]
-    tokens, _, grid = C.trunk_tokens(teacher, images)
-    assert C._class_token_only(C._visual(teacher), C._blocks(C._visual(teacher))[-1])
-    fast = C.last_block_gradcam(teacher, tokens, grid, labels, text, bg, logit_scale=10.0, pool="model")
-    monkeypatch.setattr(C, "_class_token_only", lambda visual, blk: False)
-    full = C.last_block_gradcam(teacher, tokens, grid, labels, text, bg, logit_scale=10.0, pool="model")
+    tokens, _, grid = gradcam.trunk_tokens(teacher, images)
+    assert gradcam._class_token_only(gradcam._visual(teacher), gradcam._blocks(gradcam._visual(teacher))[-1])
+    fast = gradcam.last_block_gradcam(teacher, tokens, grid, labels, text, bg, logit_scale=10.0, pool="model")
+    monkeypatch.setattr(gradcam, "_class_token_only", lambda visual, blk: False)
+    full = gradcam.last_block_gradcam(teacher, tokens, grid, labels, text, bg, logit_scale=10.0, pool="model")
     assert fast.attn_last.shape == full.attn_last.shape == (2, 37, 37)
     for a, b in ((fast.cams, full.cams), (fast.scores, full.scores), (fast.attn_last, full.attn_last)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -178,14 +182,14 @@ def test_plain_path_wrapper_equals_library_at_dense_size(teacher):
     torch.manual_seed(1)
     img = torch.rand(3, 48, 64)
     text = _text(4)
-    tokens, _, grid = C.trunk_tokens(teacher, img[None])
+    tokens, _, grid = gradcam.trunk_tokens(teacher, img[None])
     assert grid == (6, 8)
-    out = C.last_block_gradcam(teacher, tokens, grid, [[0, 3]], text, None, softmax=False, logit_scale=100.0)
-    ref = C.pytorch_gradcam(teacher, img, text, [0, 3], logit_scale=100.0)
-    mine = _renorm(C.upsample_cams(out.cams.numpy(), (48, 64)))
+    out = gradcam.last_block_gradcam(teacher, tokens, grid, [[0, 3]], text, None, softmax=False, logit_scale=100.0)
+    ref = gradcam.pytorch_gradcam(teacher, img, text, [0, 3], logit_scale=100.0)
+    mine = _renorm(refine.upsample_cams(out.cams.numpy(), (48, 64)))
     assert np.abs(ref - mine).max() < 1e-5
     x = torch.rand(2, 3, 32, 32)
-    model = C.ClipLogits(teacher, text, logit_scale=100.0, pool="model")
+    model = gradcam.ClipLogits(teacher, text, logit_scale=100.0, pool="model")
     want = 100.0 * teacher.encode_images(x) @ text.T
     torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-5)
 
@@ -196,9 +200,9 @@ def test_batched_equals_per_image_loop(teacher):
     images = torch.rand(3, 3, 64, 64)
     text, bg = _text(5), _text(4, seed=3)
     labels = [[1, 3], [], [0, 2, 4]]
-    batched = C.clip_es_cams(teacher, images, labels, text, bg, with_plain=True)
+    batched = cam_run.clip_es_cams(teacher, images, labels, text, bg, with_plain=True)
     for b in range(3):
-        single = C.clip_es_cams(teacher, images[b : b + 1], [labels[b]], text, bg, with_plain=True)[0]
+        single = cam_run.clip_es_cams(teacher, images[b : b + 1], [labels[b]], text, bg, with_plain=True)[0]
         assert batched[b].labels == labels[b]
         for a, s in ((batched[b].gradcam, single.gradcam), (batched[b].refined, single.refined), (batched[b].plain, single.plain)):
             assert a.shape == (len(labels[b]), 8, 8)
@@ -212,10 +216,10 @@ def test_attention_recorder_matches_manual_softmax(teacher):
     """Recorded head-averaged attention == softmax(q k^T / sqrt(d)) from in_proj, by hand."""
     torch.manual_seed(3)
     images = torch.rand(2, 3, 64, 64)
-    tokens, attn, grid = C.trunk_tokens(teacher, images)
+    tokens, attn, grid = gradcam.trunk_tokens(teacher, images)
     assert len(attn) == 2 and attn[0].shape == (2, 65, 65)
     vis = teacher.model.visual
-    x, _ = C.embed_tokens(vis, teacher.normalize(images))
+    x, _ = gradcam.embed_tokens(vis, teacher.normalize(images))
     blk = vis.transformer.resblocks[0]
     y = blk.ln_1(x)
     W, bias = blk.attn.in_proj_weight, blk.attn.in_proj_bias
@@ -242,7 +246,7 @@ def _repo_caa(cam, attn_list, thr=0.4):
     t = t @ t
     h, w = cam.shape
     m = np.zeros((h, w), np.float32)
-    for x0, y0, x1, y1 in C.scoremap_boxes(cam, thr):
+    for x0, y0, x1, y1 in caa.scoremap_boxes(cam, thr):
         m[y0:y1, x0:x1] = 1
     t = t * m.reshape(1, -1)
     return (t @ cam.reshape(-1, 1)).reshape(h, w)
@@ -254,9 +258,9 @@ def test_caa_equals_repo_loop():
     N = hw[0] * hw[1]
     attn = [torch.from_numpy(rng.dirichlet(np.ones(N + 1), N + 1).astype(np.float64)) for _ in range(n_blocks)]
     cams = torch.from_numpy(rng.random((3, *hw)))
-    aff = C.attention_affinity(attn, 8)
+    aff = caa.attention_affinity(attn, 8)
     assert torch.allclose(aff, aff.T)
-    got = C.refine_cams(cams, aff.double(), 0.4)
+    got = caa.refine_cams(cams, aff.double(), 0.4)
     for k in range(3):
         want = _repo_caa(cams[k].numpy(), [a.numpy() for a in attn])
         np.testing.assert_allclose(got[k].numpy(), want, rtol=1e-5, atol=1e-7)
@@ -267,11 +271,11 @@ def test_scoremap_boxes_by_hand():
     cam[1:4, 2:6] = 1.0  # box x 2..5, y 1..3 -> (2, 1, 6, 4)
     cam[6:9, 8:12] = 0.5  # touches the right border: x1 clipped to width - 1 = 11 (repo quirk)
     cam[5, 0] = 0.3  # below 0.4 * max: no box
-    boxes = sorted(C.scoremap_boxes(cam, 0.4))
+    boxes = sorted(caa.scoremap_boxes(cam, 0.4))
     assert boxes == [(2, 1, 6, 4), (8, 6, 11, 9)]
-    m = C.box_mask(cam, 0.4)
+    m = caa.box_mask(cam, 0.4)
     assert m.sum() == 4 * 3 + 3 * 3
-    assert C.scoremap_boxes(np.zeros((4, 4), np.float32)) == [(0, 0, 0, 0)]
+    assert caa.scoremap_boxes(np.zeros((4, 4), np.float32)) == [(0, 0, 0, 0)]
 
 
 def test_normalize_cam_is_scale_free():
@@ -282,31 +286,31 @@ def test_normalize_cam_is_scale_free():
     cam[0, 1:3, 2:5] = 3e-11
     cam[0, 4, 4] = 1e-11
     cam[1, 2:4, 2:4] = 5.0
-    out = C.normalize_cam(cam)
+    out = gradcam.normalize_cam(cam)
     torch.testing.assert_close(out, cam / cam.flatten(1).max(1).values[:, None, None])
-    assert C.scoremap_boxes(out[0].numpy(), 0.4) == [(2, 1, 5, 3)]
-    assert float(C.normalize_cam(torch.zeros(1, 3, 3)).abs().max()) == 0.0  # all-zero stays zero
-    up = C.upsample_cams(cam[:1].numpy(), (12, 12))
+    assert caa.scoremap_boxes(out[0].numpy(), 0.4) == [(2, 1, 5, 3)]
+    assert float(gradcam.normalize_cam(torch.zeros(1, 3, 3)).abs().max()) == 0.0  # all-zero stays zero
+    up = refine.upsample_cams(cam[:1].numpy(), (12, 12))
     assert abs(float(up.max()) - 1.0) < 1e-6
 
 
 def test_cams_to_mask_numbers():
     cams = np.array([[[0.9, 0.1, 0.5, 0.02]], [[0.2, 0.7, 0.5, 0.01]]], np.float32)  # (2, 1, 4)
-    mask, conf = C.cams_to_mask(cams, [7, 3])
+    mask, conf = refine.cams_to_mask(cams, [7, 3])
     # bg = 1 - max: [0.1, 0.3, 0.5, 0.98] -> argmax over [bg, 7, 3]
     assert mask.tolist() == [[7, 3, 0, 0]]  # ties go to the first (bg) as numpy argmax does
     np.testing.assert_allclose(conf[0], [0.9 / 1.2, 0.7 / 1.1, 0.5 / 1.5, 0.98 / 1.01], rtol=1e-6)
-    mask, _ = C.cams_to_mask(cams, [7, 3], conf_thresh=0.95)
+    mask, _ = refine.cams_to_mask(cams, [7, 3], conf_thresh=0.95)
     assert mask.tolist() == [[255, 255, 255, 0]]
-    mask, conf = C.cams_to_mask(cams, [7, 3], conf_thresh=0.95, conf_source="score")  # winning score itself
+    mask, conf = refine.cams_to_mask(cams, [7, 3], conf_thresh=0.95, conf_source="score")  # winning score itself
     assert mask.tolist() == [[255, 255, 255, 0]] and conf[0].tolist() == pytest.approx([0.9, 0.7, 0.5, 0.98])
-    mask, _ = C.cams_to_mask(cams, [7, 3], conf_thresh=0.85, conf_source="score")
+    mask, _ = refine.cams_to_mask(cams, [7, 3], conf_thresh=0.85, conf_source="score")
     assert mask.tolist() == [[7, 255, 255, 0]]
-    mask, _ = C.cams_to_mask(cams, [7, 3], bg_thresh=0.6)
+    mask, _ = refine.cams_to_mask(cams, [7, 3], bg_thresh=0.6)
     assert mask.tolist() == [[7, 3, 0, 0]]
-    mask, _ = C.cams_to_mask(cams, [7, 3], bg_power=2.0)  # bg = (1 - max)^2 = [.01, .09, .25, .96]
+    mask, _ = refine.cams_to_mask(cams, [7, 3], bg_power=2.0)  # bg = (1 - max)^2 = [.01, .09, .25, .96]
     assert mask.tolist() == [[7, 3, 7, 0]]
-    empty, _ = C.cams_to_mask(np.zeros((0, 2, 3), np.float32), [])
+    empty, _ = refine.cams_to_mask(np.zeros((0, 2, 3), np.float32), [])
     assert empty.shape == (2, 3) and empty.max() == 0
 
 
@@ -314,12 +318,12 @@ def test_crf_without_package_is_a_clear_error(monkeypatch):
     # hide pydensecrf2 when it is installed (make installs the crf extra): imports of it then fail
     for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
         monkeypatch.setitem(sys.modules, name, None)
-    assert not C.crf_available()
+    assert not refine.crf_available()
     with pytest.raises(DistillError, match=r"pip install 'distill\[crf\]'"):
-        C.cams_to_mask(np.ones((1, 4, 4), np.float32), [1], crf=True, image=np.zeros((4, 4, 3), np.uint8))
+        refine.cams_to_mask(np.ones((1, 4, 4), np.float32), [1], crf=True, image=np.zeros((4, 4, 3), np.uint8))
 
 
-@pytest.mark.skipif(not C.crf_available(), reason="needs pydensecrf2 (the crf extra)")
+@pytest.mark.skipif(not refine.crf_available(), reason="needs pydensecrf2 (the crf extra)")
 def test_crf_snaps_scores_to_colour_edges():
     # a red square on gray; the class score is a blurry blob shifted off the square: the dense CRF
     # (the repo's parameters) pulls the mask back onto the square's edges
@@ -333,19 +337,19 @@ def test_crf_snaps_scores_to_colour_edges():
     def iou(m):
         return (m & square).sum() / (m | square).sum()
 
-    plain, _ = C.cams_to_mask(cam, [5])
-    crf, conf = C.cams_to_mask(cam, [5], crf=True, image=img)
+    plain, _ = refine.cams_to_mask(cam, [5])
+    crf, conf = refine.cams_to_mask(cam, [5], crf=True, image=img)
     assert iou(crf == 5) > iou(plain == 5) + 0.1 and iou(crf == 5) > 0.9
     assert conf.min() >= 0.0 and conf.max() <= 1.0 + 1e-6
 
 
 def test_resize_for_teacher_sizes():
     img = np.zeros((37, 50, 3), np.uint8)
-    assert C.resize_for_teacher(img, 64, 8, "square").shape == (3, 64, 64)
-    assert C.resize_for_teacher(img, 0, 16, "patch_multiple").shape == (3, 48, 64)  # ceil(37/16)*16, ceil(50/16)*16
-    assert C.resize_for_teacher(img, 100, 16, "patch_multiple").shape == (3, 80, 112)  # 74 -> 80, 100 -> 112
+    assert cam_run.resize_for_teacher(img, 64, 8, "square").shape == (3, 64, 64)
+    assert cam_run.resize_for_teacher(img, 0, 16, "patch_multiple").shape == (3, 48, 64)  # ceil(37/16)*16, ceil(50/16)*16
+    assert cam_run.resize_for_teacher(img, 100, 16, "patch_multiple").shape == (3, 80, 112)  # 74 -> 80, 100 -> 112
     with pytest.raises(DistillError, match="multiple of the patch size"):
-        C.resize_for_teacher(img, 60, 8, "square")
+        cam_run.resize_for_teacher(img, 60, 8, "square")
 
 
 def _vocab():
@@ -359,14 +363,14 @@ def test_read_image_labels(tmp_path):
         {"image_id": 2, "file_name": "a/2.png", "categories": ["Blue Circle"]},
         {"image_id": 3, "file_name": "a/3.png", "category_ids": []},
     ]))
-    e = C.read_image_labels(p, _vocab())
+    e = cam_run.read_image_labels(p, _vocab())
     assert [x.labels for x in e] == [[0, 2], [1], []]
     p.write_text(json.dumps([{"image_id": 1, "file_name": "a/1.png", "category_ids": [5]}]))
     with pytest.raises(DistillError, match=r"labels.json: entry 0 .*unknown category id 5"):
-        C.read_image_labels(p, _vocab())
+        cam_run.read_image_labels(p, _vocab())
     p.write_text(json.dumps([{"image_id": 1, "file_name": "a/1.png", "categories": ["pink star"]}]))
     with pytest.raises(DistillError, match="unknown class 'pink star'"):
-        C.read_image_labels(p, _vocab())
+        cam_run.read_image_labels(p, _vocab())
 
 
 def _tiny_world(tmp_path, sizes=((40, 56), (64, 64), (37, 50), (48, 48))):
@@ -406,7 +410,7 @@ def _cfg(tmp_path, root, *extra, config=None):
 def test_run_cam_outputs(tmp_path, teacher):
     root = _tiny_world(tmp_path)
     cfg = _cfg(tmp_path, root, "cam.num_panels=1", "cam.image_size=64")
-    s = C.run_cam(cfg, "val", teacher=teacher)
+    s = cam_run.run_cam(cfg, "val", teacher=teacher)
     assert (s["images"], s["processed"], s["skipped_no_labels"], s["panels"]) == (4, 3, 1, 1)
     out = tmp_path / "run" / "cam"
     masks = sorted(p.name for p in (out / "masks" / "val").iterdir())
@@ -433,8 +437,8 @@ def test_voc_config_wiring(tmp_path, teacher):
     (patch_multiple resize, VOC's 25 background words, the repo's single template)."""
     cfg = load_config("configs/voc/clip_es.yaml")
     assert (cfg.teacher.model, cfg.cam.resize, cfg.cam.crf, cfg.cam.conf_thresh) == ("ViT-B-16-quickgelu", "patch_multiple", True, 0.95)
-    assert len(C.read_word_list(cfg.cam.background)) == 25
-    assert C.read_word_list(cfg.cam.background) == list(C.CLIP_ES_VOC_BACKGROUND)
+    assert len(cam_run.read_word_list(cfg.cam.background)) == 25
+    assert cam_run.read_word_list(cfg.cam.background) == list(cam_run.CLIP_ES_VOC_BACKGROUND)
     root = _tiny_world(tmp_path)
     labels = [{"image_id": 1, "file_name": "000001.png", "category_ids": [15, 12]},
               {"image_id": 2, "file_name": "000002.png", "categories": ["bird"]}]
@@ -442,15 +446,15 @@ def test_voc_config_wiring(tmp_path, teacher):
     cfg = load_config("configs/voc/clip_es.yaml", [
         f"work_dir={tmp_path}/voc", f"data.image_root={root}/images", "cam.crf=false", "cam.num_panels=0",
         "cam.background=distill/prompts/background_voc.txt"])
-    s = C.run_cam(cfg, str(root / "images" / "val"), str(tmp_path / "voc_labels.json"), teacher=teacher)
+    s = cam_run.run_cam(cfg, str(root / "images" / "val"), str(tmp_path / "voc_labels.json"), teacher=teacher)
     assert s["processed"] == 2
     m = cv2.imread(str(tmp_path / "voc" / "cam" / "masks" / "val" / "000001.png"), cv2.IMREAD_UNCHANGED)
     assert m.shape == (40, 56) and set(np.unique(m).tolist()) <= {0, 12, 15, 255}
     z = np.load(tmp_path / "voc" / "cam" / "seeds" / "val" / "000001.npz")
     assert z["gradcam"].shape == (2, 5, 7)  # 40x56 rounded up to 40x56 -> /8 (random teacher patch 8)
-    if not C.crf_available():
+    if not refine.crf_available():
         with pytest.raises(DistillError, match="pydensecrf2"):
-            C.run_cam(load_config("configs/voc/clip_es.yaml", [f"work_dir={tmp_path}/voc2", f"data.image_root={root}/images"]),
+            cam_run.run_cam(load_config("configs/voc/clip_es.yaml", [f"work_dir={tmp_path}/voc2", f"data.image_root={root}/images"]),
                       str(root / "images" / "val"), str(tmp_path / "voc_labels.json"), teacher=teacher)
 
 
@@ -459,12 +463,12 @@ def test_ablation_rows_and_cross_check(tmp_path, teacher, caa):
     root = _tiny_world(tmp_path)
     # the ablation's CRF rows run whenever pydensecrf2 is installed; run_cam's masks follow cam.crf
     cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", f"cam.caa={str(caa).lower()}",
-               f"cam.crf={str(C.crf_available()).lower()}")
-    m = C.cam_ablation(cfg, "val", teacher=teacher)
+               f"cam.crf={str(refine.crf_available()).lower()}")
+    m = cam_ablate.cam_ablation(cfg, "val", teacher=teacher)
     steps = [r["step"] for r in m["rows"]]
-    assert steps == list(C.ABLATION_STEPS + C.NO_CAA_STEPS)
+    assert steps == list(cam_ablate.ABLATION_STEPS + cam_ablate.NO_CAA_STEPS)
     for r in m["rows"]:
-        if r["step"].startswith("crf") and not C.crf_available():
+        if r["step"].startswith("crf") and not refine.crf_available():
             assert r["miou"] is None and "n/a" in r["note"]
         else:
             assert 0.0 <= r["miou"] <= 1.0
@@ -475,7 +479,7 @@ def test_ablation_rows_and_cross_check(tmp_path, teacher, caa):
     saved = json.loads((tmp_path / "run" / "cam" / "metrics.json").read_text())
     assert saved["rows"] == m["rows"]
     # the ablation's final step == the masks run_cam writes (same config): recompute mIoU by hand
-    C.run_cam(cfg, "val", teacher=teacher)
+    cam_run.run_cam(cfg, "val", teacher=teacher)
     inter = np.zeros(14)
     union = np.zeros(14)
     ign = tot = 0
@@ -545,42 +549,42 @@ def test_cam_tower_errors(tmp_path, teacher):
     assert teacher.dense_visual is None
     cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", "cam.tower=dense")
     with pytest.raises(DistillError, match=r"cam\.tower=dense") as e:
-        C.cam_tower(teacher, cfg)
+        cam_run.cam_tower(teacher, cfg)
     assert "\n" not in str(e.value)
-    for entry in (C.run_cam, C.cam_ablation):  # both entry points refuse before computing anything
+    for entry in (cam_run.run_cam, cam_ablate.cam_ablation):  # both entry points refuse before computing anything
         with pytest.raises(DistillError, match=r"cam\.tower=dense"):
             entry(cfg, "val", teacher=teacher)
     assert not (tmp_path / "run" / "cam" / "masks").exists()
     bad = _cfg(tmp_path, root, "cam.num_panels=0", "cam.tower=bogus")
     with pytest.raises(DistillError, match=r"cam\.tower: 'bogus'"):
-        C.cam_tower(teacher, bad)
-    for entry in (C.run_cam, C.cam_ablation):
+        cam_run.cam_tower(teacher, bad)
+    for entry in (cam_run.run_cam, cam_ablate.cam_ablation):
         with pytest.raises(DistillError, match=r"cam\.tower: 'bogus'"):
             entry(bad, "val", teacher=teacher)
     # the default reads the teacher's own tower: the very same teacher object
-    assert C.cam_tower(teacher, _cfg(tmp_path, root)) is teacher
+    assert cam_run.cam_tower(teacher, _cfg(tmp_path, root)) is teacher
 
 
 def test_cam_tower_dense_swaps_only_the_image_tower(tmp_path):
     t, ref = _teacher_with_dense_tower()
     root = _tiny_world(tmp_path)
     cfg = _cfg(tmp_path, root, "cam.tower=dense")
-    dt = C.cam_tower(t, cfg)
-    assert dt is not t and dt.model.visual is t.dense_visual and C._visual(dt) is t.dense_visual
+    dt = cam_run.cam_tower(t, cfg)
+    assert dt is not t and dt.model.visual is t.dense_visual and gradcam._visual(dt) is t.dense_visual
     assert t.model.visual is not t.dense_visual  # the teacher itself is untouched
     # text and logit scale: the original model's
     assert dt.model.logit_scale is t.model.logit_scale
     assert dt.model.encode_text.__self__ is t.model
     torch.testing.assert_close(dt.encode_text(["a red star", "noise"]), t.encode_text(["a red star", "noise"]))
-    assert C.cam_tower(dt, cfg) is dt  # applying it twice changes nothing
+    assert cam_run.cam_tower(dt, cfg) is dt  # applying it twice changes nothing
     # CAMs through the dense tower == CAMs of a teacher whose own tower is the dense one, != the teacher's
     torch.manual_seed(5)
     images = torch.rand(2, 3, 64, 64)
     text, bg = _text(5), _text(3, seed=1)
     labels = [[0, 3], [1, 2, 4]]
-    dense = C.clip_es_cams(dt, images, labels, text, bg, logit_scale=10.0)
-    want = C.clip_es_cams(ref, images, labels, text, bg, logit_scale=10.0)
-    own = C.clip_es_cams(t, images, labels, text, bg, logit_scale=10.0)
+    dense = cam_run.clip_es_cams(dt, images, labels, text, bg, logit_scale=10.0)
+    want = cam_run.clip_es_cams(ref, images, labels, text, bg, logit_scale=10.0)
+    own = cam_run.clip_es_cams(t, images, labels, text, bg, logit_scale=10.0)
     for d, w, o in zip(dense, want, own):
         torch.testing.assert_close(d.gradcam, w.gradcam, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(d.refined, w.refined, atol=1e-5, rtol=1e-4)
@@ -597,7 +601,7 @@ def test_run_cam_reads_the_tower_cam_tower_names(tmp_path):
         cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", "cam.crf=false", "cam.logit_scale=0",
                    f"cam.tower={tower}", f"work_dir={tmp_path}/{name}")
         assert cfg.cam.out == f"{tmp_path}/{name}/cam"
-        C.run_cam(cfg, "val", teacher=teacher)
+        cam_run.run_cam(cfg, "val", teacher=teacher)
         return [np.load(tmp_path / name / "cam" / "seeds" / "val" / f"{i:06d}.npz")["gradcam"].astype(np.float32) for i in (1, 2)]
 
     dense = seeds("dense", "dense", t)
@@ -610,14 +614,14 @@ def test_caa_power_is_the_number_of_affinity_factors():
     rng = np.random.default_rng(1)
     N = 12
     attn = [torch.from_numpy(rng.dirichlet(np.ones(N + 1), N + 1)) for _ in range(3)]
-    one = C.attention_affinity(attn, 8, power=1)
+    one = caa.attention_affinity(attn, 8, power=1)
     assert torch.allclose(one, one.T)
-    torch.testing.assert_close(C.attention_affinity(attn, 8), one @ one)  # the repo's default: squared
-    torch.testing.assert_close(C.attention_affinity(attn, 8, power=3), one @ one @ one)
+    torch.testing.assert_close(caa.attention_affinity(attn, 8), one @ one)  # the repo's default: squared
+    torch.testing.assert_close(caa.attention_affinity(attn, 8, power=3), one @ one @ one)
 
 
 def test_caa_power_below_one_is_a_config_error():
     from distill.config import CamConfig
 
     with pytest.raises(DistillError, match="cam.caa_power"):
-        C._check_cfg(CamConfig(caa_power=0))
+        cam_run._check_cfg(CamConfig(caa_power=0))
