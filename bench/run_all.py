@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from distill.io import write_json, write_text
+from distill.files import write_json, write_text
 
 HERE = Path(__file__).resolve().parent
 

@@ -611,8 +611,8 @@ WORDS_EXPECTED = "background words, one a line"
 
 def read_templates_value(value: str, key: str) -> str:
     """A templates setting as the templates themselves (one a line): a value with ``{}`` or a
-    newline is the templates, anything else names a file (``distill.io.read_lines``)."""
-    from distill.io import as_lines_value, read_lines
+    newline is the templates, anything else names a file (``distill.files.read_lines``)."""
+    from distill.files import as_lines_value, read_lines
 
     if not value:
         return ""
@@ -630,7 +630,7 @@ def _read_word_lists(cfg: "Config") -> "Config":
     themselves from here on: read once, relative to the working directory or among the prompt
     files shipped with distill, so a saved config.yaml (beside a run, in a checkpoint) means the
     same anywhere and the stage keys follow the words, not a path."""
-    from distill.io import as_lines_value, read_lines, read_word_items
+    from distill.files import as_lines_value, read_lines, read_word_items
 
     def words(value: str, key: str) -> str:
         return as_lines_value(read_lines(value, key, WORDS_EXPECTED)) if value else ""
@@ -673,12 +673,12 @@ def dump_config(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Save the resolved config next to an output (atomically)."""
-    from distill.io import write_text
+    from distill.files import write_text
 
     write_text(path, dump_config(cfg))
 
 
 def config_hash(section: Any) -> str:
-    from distill.io import sha256_json
+    from distill.files import sha256_json
 
     return sha256_json(to_dict(section))[:16]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from distill.config import Config, config_hash, to_dict
 from distill.errors import DistillError
-from distill.io import sha256_file, sha256_json, write_json
+from distill.files import sha256_file, sha256_json, write_json
 
 StageFn = Callable[[Config], Any]
 
@@ -237,7 +237,7 @@ class Pipeline:
             key = self.stage_key(cfg, name)
             started = self.manifest_path(cfg, name).with_suffix(".started")
             resume = started.is_file() and started.read_text().strip() == key
-            from distill.io import write_text
+            from distill.files import write_text
 
             write_text(started, key + "\n")
             t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from distill.config import Config
-from distill.io import atomic_path, write_text
+from distill.files import atomic_path, write_text
 from distill.pipeline import stage_timings
 
 

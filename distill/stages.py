@@ -146,7 +146,7 @@ def st_det(cfg: Config):
 
 def st_seg(cfg: Config):
     """LSeg on base masks, with and without MaskCLIP pixel distillation (the ViLD-image analogue)."""
-    from distill.io import write_text
+    from distill.files import write_text
     from distill.segmentation.infer import segment_folder
     from distill.segmentation.train import load_seg_model, seg_vocab, text_for, train_seg
 

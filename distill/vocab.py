@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.io import sha256_json
+from distill.files import sha256_json
 
 SPLITS = ("base", "novel")
 

@@ -104,7 +104,7 @@ def test_word_list_settings_hold_their_words_from_any_folder(tmp_path, monkeypat
     reloads to the same config elsewhere, and a missing file names its key."""
     from distill.config import load_config, save_config
     from distill.errors import DistillError
-    from distill.io import PROMPTS_DIR
+    from distill.files import PROMPTS_DIR
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)

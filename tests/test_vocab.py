@@ -75,7 +75,7 @@ def test_lvis_names_become_prompt_text(tmp_path):
     # plain names: prompt names are the names and the hash is the one without them
     plain = load_vocab("red star, blue circle")
     assert plain.prompt_names == plain.names and plain.prompts[0] == ("red star",)
-    from distill.io import sha256_json
+    from distill.files import sha256_json
 
     assert plain.hash == sha256_json([plain.names, plain.synonyms])[:16]
     assert v.hash != Vocabulary(v.names, v.synonyms, v.split, v.ids).hash  # the prompt text is part of it

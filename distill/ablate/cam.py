@@ -36,7 +36,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     scored on the non-ignored pixels, with the ignored fraction. Writes ``{cam.out}/metrics.json``."""
     from distill.data.images import load_image
     from distill.eval.segmentation import SemSegEvaluator, semseg_classes
-    from distill.io import write_json
+    from distill.files import write_json
 
     _check_cfg(cfg.cam)
     c = cfg.cam

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from distill.config import Config
-from distill.io import write_json, write_text
+from distill.files import write_json, write_text
 
 COLUMNS = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from distill.config import Config, save_config
-from distill.io import write_json, write_text
+from distill.files import write_json, write_text
 
 VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle")
 DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads")  # rows that read the region cache
@@ -174,7 +174,7 @@ def finished_run(vcfg: Config) -> dict | None:
     from distill.config import to_dict
     from distill.detection.train import det_dir
     from distill.errors import DistillError
-    from distill.io import read_json
+    from distill.files import read_json
 
     d = det_dir(vcfg)
     if not ((d / "metrics.json").is_file() and (d / "config.yaml").is_file()):

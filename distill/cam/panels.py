@@ -51,7 +51,7 @@ def save_panel(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from distill.io import atomic_path
+    from distill.files import atomic_path
 
     import textwrap
 

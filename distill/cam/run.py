@@ -97,7 +97,7 @@ def clip_es_cams(
 def read_word_list(source: str, what: str = "cam.background") -> list[str]:
     """Background words: a file (one a line, ``#`` comments) or the words themselves; "" = none."""
     from distill.config import WORDS_EXPECTED
-    from distill.io import read_lines
+    from distill.files import read_lines
 
     return list(read_lines(source, what, WORDS_EXPECTED)) if source else []
 
@@ -119,7 +119,7 @@ class LabelEntry:
 def read_image_labels(path: str | Path, vocab) -> list[LabelEntry]:
     """``[{"image_id", "file_name", "category_ids": [...]} ...]`` (the world's image_labels json);
     ``"categories": [names]`` is accepted instead of ids. Unknown ids / names are errors."""
-    from distill.io import read_json
+    from distill.files import read_json
 
     data = read_json(path, "image-level labels")
     if isinstance(data, dict) and "images" in data:
@@ -233,7 +233,7 @@ def _resolve_inputs(cfg, images: str | None, labels: str | None) -> tuple[Path, 
 
 
 def _image_path(root: Path, file_name: str) -> Path:
-    from distill.io import safe_join
+    from distill.files import safe_join
 
     p = safe_join(root, file_name)
     if not p.is_file():
@@ -266,7 +266,7 @@ def _gt_path(sem_root: Path, file_name: str, split: str) -> Path:
 
 
 def _write_png(path: Path, mask: np.ndarray) -> None:
-    from distill.io import write_bytes
+    from distill.files import write_bytes
 
     ok, buf = cv2.imencode(".png", mask)
     if not ok:
@@ -277,7 +277,7 @@ def _write_png(path: Path, mask: np.ndarray) -> None:
 def _write_npz(path: Path, **arrays) -> None:
     import io as _io
 
-    from distill.io import write_bytes
+    from distill.files import write_bytes
 
     buf = _io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -391,7 +391,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
     """
     from distill.config import save_config
     from distill.data.images import load_image
-    from distill.io import write_json
+    from distill.files import write_json
 
     _check_cfg(cfg.cam)
     root, labels_path, split = _resolve_inputs(cfg, images, labels)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from distill.errors import DistillError
-from distill.io import read_json, safe_join
+from distill.files import read_json, safe_join
 from distill.vocab import Vocabulary
 
 REQUIRED_KEYS = ("images", "annotations", "categories")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from distill.errors import DistillError
-from distill.io import read_json, safe_join
+from distill.files import read_json, safe_join
 
 
 def _file_names(source: str | os.PathLike | Sequence[str]) -> tuple[list[str], list[int | None], str]:

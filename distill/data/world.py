@@ -50,7 +50,7 @@ import pycocotools.mask as mask_utils
 
 from distill.config import Config, WorldConfig, config_hash, save_config
 from distill.errors import DistillError
-from distill.io import write_json
+from distill.files import write_json
 from distill.vocab import Vocabulary
 
 SPLITS = ("train", "val", "unlabeled")
@@ -688,6 +688,6 @@ def _version(pkg: str) -> str:
 
 def summary(data_dir: str | Path) -> dict:
     """The manifest of a built world (counts, base/novel names, wall time)."""
-    from distill.io import read_json
+    from distill.files import read_json
 
     return read_json(Path(data_dir) / "manifest.json", "world manifest")

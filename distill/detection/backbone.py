@@ -92,7 +92,7 @@ def backbone_readers(cfg) -> tuple[str, ...]:
     """The students (``"det"``, ``"seg"``) whose ``pretrained_backbone`` is the file ``distill
     train backbone`` writes (``det.backbone_pretrain.out``); the pipeline's backbone stage runs
     for them, before them."""
-    from distill.io import is_output_of
+    from distill.files import is_output_of
 
     out = cfg.det.backbone_pretrain.out
     seg = cfg.seg.pretrained_backbone if (cfg.seg.arch, cfg.seg.backbone) == ("lseg", "resnet18") else ""  # other encoders ignore it
@@ -109,7 +109,7 @@ def uses_pretrained_backbone(cfg) -> bool:
 def pretrain_backbone(cfg, progress: bool = True) -> dict:
     """Train ``det.backbone`` (a ResNet) on base-box crops; write ``det.backbone_pretrain.out``."""
     from distill.detection.train import det_vocab
-    from distill.io import atomic_path, write_json
+    from distill.files import atomic_path, write_json
 
     p = cfg.det.backbone_pretrain
     name = cfg.det.backbone

@@ -23,7 +23,7 @@ from torchvision.ops import box_iou
 
 from distill.config import Config, save_config
 from distill.errors import DistillError
-from distill.io import atomic_path, sha256_json, write_json
+from distill.files import atomic_path, sha256_json, write_json
 
 
 # ------------------------------------------------------------------------------------ files
@@ -150,7 +150,7 @@ def run_proposals(cfg: Config, resume: bool = False, progress: bool = True) -> d
     weights = out / "model_final.pt"
     # the weights are reused only when they were trained with this config (never stale ones)
     from distill.config import to_dict
-    from distill.io import write_text
+    from distill.files import write_text
 
     det_arch = {k: v for k, v in to_dict(cfg.det).items() if k != "train"}
     key = sha256_json({"proposals": to_dict(cfg.proposals), "train_json": cfg.data.train_json, "det": det_arch})[:16]

@@ -24,7 +24,7 @@ import torch
 
 from distill.config import Config, config_hash, save_config
 from distill.errors import DistillError
-from distill.io import write_json
+from distill.files import write_json
 
 
 def det_dir(cfg: Config) -> Path:
@@ -194,7 +194,7 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
     """``eval_fn(model) -> metrics`` over the whole vocabulary on ``data.val_json``."""
     from distill.data.coco import CocoDetection
     from distill.eval.detection import evaluate_detection
-    from distill.io import write_json as wj
+    from distill.files import write_json as wj
 
     val = CocoDetection(cfg.data.val_json, cfg.data.image_root, vocab, skip_unknown=True)
     novel = torch.tensor(vocab.is_novel)

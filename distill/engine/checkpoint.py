@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from distill.errors import DistillError
-from distill.io import atomic_path, write_text
+from distill.files import atomic_path, write_text
 
 FORMAT = "distill-ckpt-1"
 MODEL_FORMAT = "distill-model-1"  # model_final.pt: the weights + what is needed to use them (``meta``)

@@ -28,7 +28,7 @@ from distill.engine import checkpoint as ckpt_lib
 from distill.engine import distributed as dist_lib
 from distill.engine.device import attention_backend, autocast, get_device
 from distill.errors import DistillError
-from distill.io import write_json, write_text
+from distill.files import write_json, write_text
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from distill.errors import DistillError
-from distill.io import read_json, write_json
+from distill.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def warn_odd_boxes(name: str, box: np.ndarray, wh: np.ndarray, reference: str = 
 def _load_box_gt(gt_json: str | os.PathLike | dict) -> tuple[Any, list[dict], str]:
     """The ground truth for box evaluation as flat arrays: ``(BoxGT, categories, name)``.
 
-    A file is parsed item by item (:class:`~distill.io.JsonStream`), so neither its text nor a
+    A file is parsed item by item (:class:`~distill.files.JsonStream`), so neither its text nor a
     Python object per image or box is held; a dict is converted. Anything this fast path does not
     take as it is (an invalid file, ids that are not integers, a key given twice...) goes through
     :func:`load_gt`, which gives the same errors as for the other backends.
@@ -214,7 +214,7 @@ def _stream_box_gt(path: Path):
     from array import array
 
     from distill.eval.coco_stream import BoxGT
-    from distill.io import JsonStream
+    from distill.files import JsonStream
 
     if not path.is_file():
         return None
@@ -377,7 +377,7 @@ def _box_results(results: str | os.PathLike | list, box_gt, gt_name: str = "grou
     kept. Returns ``((image index, category index, [x, y, w, h] float64, score float64), name)``."""
     from array import array
 
-    from distill.io import read_json_items
+    from distill.files import read_json_items
 
     name, data = _results_source(results, read_json_items)
     if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
@@ -674,7 +674,7 @@ def _lvis_results(results, lgt, iou_types: Sequence[str]) -> tuple[tuple, list |
     (image, category) pair. Returns ``(arrays, rles or None, name)``."""
     from pycocotools import mask as mask_utils
 
-    from distill.io import read_json_items
+    from distill.files import read_json_items
 
     name, data = _results_source(results, read_json_items)
     if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):

@@ -151,9 +151,9 @@ class LvisGT:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, iou_types: Sequence[str] = ("bbox",)) -> "LvisGT":
-        """Read a file item by item (:class:`~distill.io.JsonStream`): neither its text nor a
+        """Read a file item by item (:class:`~distill.files.JsonStream`): neither its text nor a
         Python object per annotation is held."""
-        from distill.io import JsonStream
+        from distill.files import JsonStream
 
         path = Path(path)
         if not path.is_file():

@@ -29,7 +29,7 @@ import torch
 
 from distill.data.semseg import read_label_png
 from distill.errors import DistillError
-from distill.io import atomic_path, read_json, write_json
+from distill.files import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 

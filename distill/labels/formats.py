@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from distill.errors import DistillError
-from distill.io import safe_join, write_bytes, write_json, write_text
+from distill.files import safe_join, write_bytes, write_json, write_text
 from distill.vocab import Vocabulary
 
 PNG8_MAX = 254  # class values of an 8-bit label PNG: 1..254 (0 = background, 255 = ignore)

@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distill.data.images import SKIP_FOLDER_LINK, SKIP_HIDDEN, SKIP_UNSUPPORTED, load_image, load_image_scaled, relative_names, scan_images
 from distill.errors import DistillError
-from distill.io import atomic_path, safe_join, sha256_json, write_json, write_text
+from distill.files import atomic_path, safe_join, sha256_json, write_json, write_text
 from distill.labels import formats
 from distill.vocab import Vocabulary, load_vocab
 
@@ -495,7 +495,7 @@ class TeacherSource:
 def read_background(items: Sequence[str]) -> tuple[str, ...]:
     """Background prompts: inline strings, or ``.txt`` files of prompts (one a line)."""
     from distill.config import WORDS_EXPECTED
-    from distill.io import read_word_items
+    from distill.files import read_word_items
 
     return read_word_items(items, "label.background", WORDS_EXPECTED)
 
@@ -579,7 +579,7 @@ def load_vild(cfg, vocab: Vocabulary, device: torch.device | None = None):
     """(model, teacher, fingerprint) of the ViLD checkpoint ``cfg.label.model``, set to ``vocab``."""
     from distill.detection.build import build_vild_detector
     from distill.engine.checkpoint import load as load_ckpt
-    from distill.io import sha256_file
+    from distill.files import sha256_file
     from distill.teacher.text import text_embeddings
 
     ckpt = cfg.label.model
@@ -725,7 +725,7 @@ def _student_teacher(mcfg, meta: dict, ckpt: str, device):
 
 def _seg_source(cfg, vocab, device):
     """The segmentation student of ``cfg.label.model`` (the config it carries rebuilds it)."""
-    from distill.io import sha256_file
+    from distill.files import sha256_file
     from distill.segmentation.train import load_seg_model, text_for
 
     mcfg, meta = _model_config(cfg, cfg.label.model)
@@ -1054,7 +1054,7 @@ def merge_shards(job: LabelJob, info: dict) -> dict:
 
 
 def _is_tmp_of(name: str) -> bool:
-    """A temporary file of :func:`~distill.io.atomic_path` for one of the labeler's files."""
+    """A temporary file of :func:`~distill.files.atomic_path` for one of the labeler's files."""
     return name.startswith(".") and ".tmp" in name and any(name.startswith(f".{n}.") for n in OUTPUT_FILES)
 
 

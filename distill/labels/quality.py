@@ -24,7 +24,7 @@ import torch
 import torchvision
 
 from distill.errors import DistillError
-from distill.io import read_json
+from distill.files import read_json
 
 
 def _xyxy(b) -> list[float]:

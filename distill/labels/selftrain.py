@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.io import read_json, write_json
+from distill.files import read_json, write_json
 from distill.vocab import Vocabulary
 
 ID_OFFSET = 10_000_000

@@ -93,7 +93,7 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
     """(H, W) semantic ids 0..255 -> a single-channel PNG, atomically."""
     from PIL import Image
 
-    from distill.io import atomic_path
+    from distill.files import atomic_path
 
     if labels.max(initial=0) > 255 or labels.min(initial=0) < 0:
         raise DistillError(f"{path}: label ids must fit in 0..255 for a PNG")

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from distill.config import Config, save_config
 from distill.errors import DistillError
-from distill.io import write_json
+from distill.files import write_json
 
 MASK_SUFFIX = ".png"
 

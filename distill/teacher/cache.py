@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from distill.errors import DistillError
-from distill.io import atomic_path, read_json, sha256_file, sha256_json, write_json
+from distill.files import atomic_path, read_json, sha256_file, sha256_json, write_json
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 

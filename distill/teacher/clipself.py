@@ -44,7 +44,7 @@ from torchvision.ops import roi_align
 from distill.config import config_hash, to_dict
 from distill.engine.device import attention_backend, autocast, autocast_dtype, torch_threads
 from distill.errors import DistillError
-from distill.io import atomic_path, output_is_current, sha256_json, write_json
+from distill.files import atomic_path, output_is_current, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def manifest_path(out: Path) -> Path:
 def uses_clipself(cfg) -> bool:
     """True when the teacher's dense tower is the file ``distill teacher clipself`` writes
     (``teacher.dense_pretrained`` is ``clipself.out``): the pipeline's clipself stage makes it."""
-    from distill.io import is_output_of
+    from distill.files import is_output_of
 
     return is_output_of(cfg.teacher.dense_pretrained, cfg.clipself.out)
 

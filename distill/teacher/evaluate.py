@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from distill.errors import DistillError
-from distill.io import safe_join, write_json
+from distill.files import safe_join, write_json
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
 def load_templates_words(value: str) -> list[str]:
     """``teacher.background``: a file of background words (one a line, ``#`` comments) or the words themselves."""
     from distill.config import WORDS_EXPECTED
-    from distill.io import read_lines
+    from distill.files import read_lines
 
     words = list(read_lines(value, "teacher.background", WORDS_EXPECTED))
     if not words:

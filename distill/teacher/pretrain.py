@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from distill.config import config_hash, save_config, to_dict
 from distill.engine.device import attention_backend, autocast, get_device, torch_threads
 from distill.errors import DistillError
-from distill.io import atomic_path, output_is_current, read_json, safe_join, sha256_json, write_json
+from distill.files import atomic_path, output_is_current, read_json, safe_join, sha256_json, write_json
 from distill.teacher.clip import MODEL_CONFIG_DIR, create_model_quiet, register_model_configs
 from distill.teacher.regions import clip_boxes, crop_and_resize
 from distill.teacher.text import encode_text_trimmed, load_templates

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.errors import DistillError
-from distill.io import atomic_path, sha256_json
+from distill.files import atomic_path, sha256_json
 
 # Used when no template file is given. Written for this project (objects on textured backgrounds).
 DEFAULT_TEMPLATES: tuple[str, ...] = (

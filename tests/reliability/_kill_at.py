@@ -3,7 +3,7 @@
     python tests/reliability/_kill_at.py GLOB N WHEN -m distill.cli train seg ...
     python tests/reliability/_kill_at.py GLOB N WHEN script.py args ...
 
-Every file the package writes goes through ``distill.io.atomic_path``: a temporary file, then
+Every file the package writes goes through ``distill.files.atomic_path``: a temporary file, then
 ``os.replace`` onto the final name. This wrapper counts the ``os.replace`` calls whose destination's
 name matches ``GLOB`` (fnmatch on the file name) and at the ``N``-th one kills its own process with
 SIGKILL, ``before`` the rename (the temporary file is whole but not in place: what a kill during

@@ -310,7 +310,7 @@ def test_output_folder_that_cannot_be_created_is_a_one_line_error(tmp_path, teac
 
 def test_full_disk_is_a_one_line_error(tmp_path, teacher_model, capsys, monkeypatch):
     """A full disk cannot be made here; ENOSPC is injected where every atomic write flushes."""
-    import distill.io as dio
+    import distill.files as dio
 
     imgs = _image_folder(tmp_path / "imgs", 2)
 

@@ -1,4 +1,4 @@
-"""distill.io: atomic writes."""
+"""distill.files: atomic writes."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from distill.errors import DistillError
-from distill.io import atomic_path, write_text
+from distill.files import atomic_path, write_text
 
 
 def test_atomic_write_has_umask_permissions_not_mkstemp_0600(tmp_path):
@@ -34,7 +34,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 
 def test_output_is_current_needs_the_output_and_the_same_inputs(tmp_path):
-    from distill.io import output_is_current
+    from distill.files import output_is_current
 
     out, man = tmp_path / "w.safetensors", tmp_path / "manifest.json"
     assert not output_is_current(out, man, {"a": 1})
