@@ -57,7 +57,8 @@ def _cfg(images: Path, out: Path, device: str, batch: int, workers: int):
 def run_once(images: Path, out: Path, device: str, batch: int, workers: int) -> float:
     """Seconds to label the folder (teacher built before the clock starts)."""
     from distill.engine.device import get_device
-    from distill.labels.pseudo import build_source, label, label_vocab
+    from distill.labels.pseudo import label, label_vocab
+    from distill.labels.sources import build_source
 
     cfg = _cfg(images, out, device, batch, workers)
     src, _ = build_source(cfg, label_vocab(cfg), get_device(device))

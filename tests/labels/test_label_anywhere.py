@@ -100,7 +100,7 @@ def test_checkpoint_uses_the_templates_it_was_trained_with(world, tmp_path):
     import torch
 
     from distill.config import load_config
-    from distill.labels.pseudo import load_vild
+    from distill.labels.sources import load_vild
     from distill.teacher.text import DEFAULT_TEMPLATES, load_templates, text_embeddings
     from distill.vocab import load_vocab
 
@@ -169,17 +169,17 @@ def test_teacher_labeling_outside_the_repository(world, tmp_path):
 
 def test_auto_proposals_are_components_for_the_embedded_teacher_and_windows_for_others(world, monkeypatch):
     from distill.config import load_config
-    from distill.labels import pseudo
+    from distill.labels import sources
     from distill.teacher import clip
     from distill.vocab import load_vocab
 
     vocab = load_vocab(VOCAB)
     cfg = load_config(None, ["label.source=teacher", "label.model=teacher", "teacher.device=cpu", f"teacher.pretrained={world / 't.safetensors'}"])
     assert cfg.label.proposals == "auto"
-    src, _ = pseudo.build_source(cfg, vocab)
+    src, _ = sources.build_source(cfg, vocab)
     assert src.proposals == "components"  # the shapes world's flat-coloured objects
     monkeypatch.setattr(clip, "build_teacher", lambda *a, **k: clip.build_random_teacher(embed_dim=16, seed=1))
-    src, _ = pseudo.build_source(cfg, vocab)
+    src, _ = sources.build_source(cfg, vocab)
     assert src.proposals == "windows"  # any other teacher: photos
-    src, _ = pseudo.build_source(load_config(None, ["label.source=teacher", "label.proposals=components", "teacher.device=cpu"]), vocab)
+    src, _ = sources.build_source(load_config(None, ["label.source=teacher", "label.proposals=components", "teacher.device=cpu"]), vocab)
     assert src.proposals == "components"  # an explicit choice is kept

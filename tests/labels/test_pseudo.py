@@ -12,14 +12,8 @@ from PIL import Image
 from distill.config import load_config
 from distill.errors import DistillError
 from distill.labels import formats
-from distill.labels.pseudo import (
-    FilterOptions,
-    TeacherSource,
-    component_proposals,
-    filter_predictions,
-    label,
-    parse_class_thresh,
-)
+from distill.labels.pseudo import FilterOptions, filter_predictions, label, parse_class_thresh
+from distill.labels.sources import TeacherSource, component_proposals
 from distill.labels.quality import label_quality
 from distill.vocab import load_vocab
 
@@ -362,7 +356,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, teacher):
     with pytest.raises(DistillError, match="label.format: 'pdf' is not one of coco, yolo, png"):
         label(_cfg(root, tmp_path / "o", format="coco,pdf"), source=src)
     with pytest.raises(DistillError, match="label.source: 'magic'"):
-        from distill.labels.pseudo import build_source
+        from distill.labels.sources import build_source
 
         build_source(_cfg(root, tmp_path / "o", source="magic"), vocab)
 
@@ -405,7 +399,7 @@ class _FakeSeg(torch.nn.Module):
 
 
 def test_seg_source_instances_from_components():
-    from distill.labels.pseudo import SegSource
+    from distill.labels.sources import SegSource
 
     src = SegSource(_FakeSeg(), torch.randn(2, 8), load_vocab("a,b"))
     pred = src([torch.zeros(3, 16, 16, dtype=torch.uint8)])[0]
@@ -430,7 +424,7 @@ def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path):
     from distill.config import save_config
     from distill.detection.build import build_vild_detector
     from distill.engine.checkpoint import save
-    from distill.labels.pseudo import load_vild
+    from distill.labels.sources import load_vild
     from distill.teacher.clip import build_teacher
     from distill.teacher.text import text_embeddings
 
@@ -540,7 +534,7 @@ def test_small_image_labels_unchanged(tmp_path):
 
 
 def test_box_masks_nearest_mapping_matches_bruteforce():
-    from distill.labels.pseudo import BoxMasks
+    from distill.labels.sources import BoxMasks
 
     rng = np.random.default_rng(2)
     h, w = 13, 17
