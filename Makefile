@@ -24,11 +24,12 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/distill run configs/shapes/pipeline.yaml --quick
 
+# one process per core (pytest-xdist), each test on one thread (tests/conftest.py pins it)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not gpu"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not gpu and not slow"
 
 DEVICE ?= cpu
 bench: $(STAMP)

@@ -54,8 +54,11 @@ def test_no_arguments_prints_the_help(tmp_path):
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     """SIGINT while the pipeline's first stage (the world) is being made."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # a shell's background job (e.g. `make test &`) starts with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the command the default a terminal gives it
     p = subprocess.Popen([EXE, "run", str(REPO / "configs/shapes/pipeline.yaml"), f"work_dir={tmp_path / 'w'}"],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "w").exists() and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.2)  # the run has started its first stage once it made the work dir

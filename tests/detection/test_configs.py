@@ -195,15 +195,17 @@ def test_det_init_starts_training_from_given_weights(tmp_path):
             "det.use_image=false", "det.inference=text", "det.train.max_steps=1", "det.train.lr=0.0", "det.train.weight_decay=0.0"]
     teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
     torch.manual_seed(0)
+    from distill.engine.checkpoint import read as read_ckpt
+
     train_detector(load_config(REPO / "configs/shapes/vild.yaml", base + ["det.name=a"]), progress=False, teacher=teacher)
-    a = torch.load(tmp_path / "run" / "det" / "a" / "model_final.pt", weights_only=True)
+    a = read_ckpt(tmp_path / "run" / "det" / "a" / "model_final.pt")["model"]
     torch.manual_seed(1)  # another fresh init, replaced by det.init
     init = str(tmp_path / "run" / "det" / "a" / "model_final.pt")
     train_detector(load_config(REPO / "configs/shapes/vild.yaml", base + ["det.name=b", f"det.init={init}"]), progress=False, teacher=teacher)
-    b = torch.load(tmp_path / "run" / "det" / "b" / "model_final.pt", weights_only=True)
+    b = read_ckpt(tmp_path / "run" / "det" / "b" / "model_final.pt")["model"]
     torch.manual_seed(1)
     train_detector(load_config(REPO / "configs/shapes/vild.yaml", base + ["det.name=c"]), progress=False, teacher=teacher)
-    c = torch.load(tmp_path / "run" / "det" / "c" / "model_final.pt", weights_only=True)
+    c = read_ckpt(tmp_path / "run" / "det" / "c" / "model_final.pt")["model"]
     params = [k for k, v in a.items() if v.is_floating_point() and "running_" not in k]
     assert all(torch.equal(a[k], b[k]) for k in params)
     assert not all(torch.equal(a[k], c[k]) for k in params)
