@@ -54,7 +54,7 @@ class WorldConfig:
     num_captions_per_image: int = 2
     # Object fill: pattern (each shape also has its own fill texture, a local cue as natural
     # categories have fur, wheels or leaves) | flat (one colour: only the outline tells the shape,
-    # which no patch-level reading of the teacher can see; the world before 2026-11-30).
+    # which no patch-level reading of the teacher can see; the earlier world).
     fill: str = "pattern"
 
 
@@ -131,11 +131,6 @@ class ClipSelfConfig:
     ICLR 2024): a student copy of the tower is fine-tuned so that its MaskCLIP map, RoIAligned over
     the cells of a random grid, matches the frozen teacher's embedding of each cell's crop. No labels."""
 
-    # Patterned shapes world (2026-11-30, val, MaskCLIP mIoU@128 seen / unseen; dense RoIAlign top-1):
-    # the teacher's own tower 0.7 / 0.2, 0.9%; lr 1e-4 600 steps max_split 4: 6.0 / 8.3, 19.9%;
-    # lr 5e-4 1200 steps max_split 8: 22.2 / 18.3, 43.6%; these defaults: 26.1 / 23.2, 52.5% (the first
-    # patterned world) and 49.1 / 28.5, 78.5% in the demo's clipself stage (479 s on 2 cores).
-    # (The flat world, where only the outline tells the shape, plateaus near 6 mIoU whatever the setting.)
     steps: int = 2400  # fixed step count (cosine decay to 0)
     batch_size: int = 8  # whole images per step
     lr: float = 1e-3
@@ -538,10 +533,18 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if path.is_dir():
+        raise DistillError(f"{path}: is a folder (expected a YAML config file)")
     if not path.is_file():
         raise DistillError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # a checkpoint, an image, a Latin-1 file ...
+        raise DistillError(f"{path}: not UTF-8 text (expected a YAML config)") from None
+    except OSError as e:
+        raise DistillError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         msg = str(e).replace("\n", " ")
         raise DistillError(f"{path}: not valid YAML (safe loader; python tags are refused): {msg}") from None

@@ -10,9 +10,7 @@ box's longer side (jittered), read with RoIAlign at ``crop_size`` px and flipped
 The saved file is the torchvision classification state_dict without ``fc`` (what
 ``det.pretrained_backbone`` loads). Train the detector with ``det.freeze_backbone=false``: the
 torchvision recipe (frozen BatchNorm statistics, stem and first stage fixed) suits ImageNet
-statistics, not ones gathered on object crops (measured on the shapes world, 2026-11-30, seed 0,
-300 steps, AP50 novel / base: ViLD-text 5.2 / 6.1 frozen vs 24.3 / 28.5 trainable; random init
-12.1 / 17.1; README has the runs over seeds).
+statistics, not ones gathered on object crops (docs/experiments.md has the runs).
 
 Output ``det.backbone_pretrain.out`` (+ ``metrics.json`` beside it: steps, last-100-step training
 accuracy, wall time).

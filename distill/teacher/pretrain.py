@@ -182,7 +182,7 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
         if not sb:
             raise DistillError(
                 f"{cap_path}: no \"background\" / \"clutter\" fields for pretrain.stuff_fraction > 0 "
-                "(a world made before 2026-12-01: rebuild it with `distill world make`, or set pretrain.stuff_fraction=0)"
+                "(a world made by an older distill: rebuild it with `distill world make`, or set pretrain.stuff_fraction=0)"
             )
         stuff_names = tuple(sorted(set(sn)))
         sbox, sok = clip_boxes(torch.tensor(sb, dtype=torch.float32), H, W)
