@@ -264,6 +264,24 @@ STAGES = (
 )
 
 
+def check_stage_name(name: str, where: str, pipe: Pipeline | None = None) -> str:
+    """``name`` if it is a stage of the default graph (and of ``pipe``, when given); else a
+    one-line :class:`DistillError` naming ``where`` (``pipeline.stages``, ``--force``, ``--until``)
+    with the closest stage name."""
+    import difflib
+
+    from distill.errors import DistillError
+
+    valid = [s.name for s in STAGES]
+    if name not in valid:
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DistillError(f"{where}: unknown stage {name!r}; valid stages: {', '.join(valid)}{hint}")
+    if pipe is not None and name not in pipe.stages:
+        raise DistillError(f"{where}: stage {name!r} is not among pipeline.stages ({', '.join(pipe.order)})")
+    return name
+
+
 def build_pipeline(cfg: Config) -> Pipeline:
     """The stage graph of ``cfg``: ``pipeline.stages`` keeps a subset (dependencies on removed
     stages are dropped; a stage that depended on ``world`` then keys on the ``data`` section, since
@@ -271,6 +289,8 @@ def build_pipeline(cfg: Config) -> Pipeline:
     evaluates, so its one output is ``teacher/metrics.json``."""
     stages = list(STAGES)
     if cfg.pipeline.stages:
+        for name in cfg.pipeline.stages:
+            check_stage_name(name, "pipeline.stages")
         keep = set(cfg.pipeline.stages)
         stages = [s for s in stages if s.name in keep]
         names = {s.name for s in stages}
@@ -360,10 +380,10 @@ def _to_run(cfg: Config, pipe: Pipeline, force=(), until=None) -> list[str]:
     """Stages that this run will execute: forced, stale, or downstream of one that is."""
     forced: set[str] = set()
     for f in force:
-        forced |= pipe.downstream(pipe.check_name(f))
+        forced |= pipe.downstream(check_stage_name(f, "--force", pipe))
     order = list(pipe.order)
     if until:
-        pipe.check_name(until)
+        check_stage_name(until, "--until", pipe)
         order = order[: order.index(until) + 1]
     stale: set[str] = set()
     for n in order:
@@ -378,15 +398,21 @@ def run_pipeline(config: str, overrides: list[str], *, force=(), until=None, qui
     from rich.table import Table
 
     console = Console(stderr=True)
+    for f in force:  # stage names checked before anything is imported or read
+        check_stage_name(f, "--force")
+    if until:
+        check_stage_name(until, "--until")
     cfg = load_config(config, overrides)
     if quick:
         cfg = load_config(config, list(cfg.pipeline.quick_overrides) + ["pipeline.quick=true"] + list(overrides))
     pipe = build_pipeline(cfg)
+    to_run = _to_run(cfg, pipe, force=force, until=until)  # --force / --until checked, --list or not
     if list_only:
-        for name in pipe.order:
-            console.print(f"{name:12s} {'up to date' if pipe.is_fresh(cfg, name) else 'to run'}  {pipe.stages[name].description}")
+        shown = pipe.order[: pipe.order.index(until) + 1] if until else pipe.order
+        for name in shown:
+            console.print(f"{name:12s} {'to run' if name in to_run else 'up to date'}  {pipe.stages[name].description}")
         return []
-    check_inputs(cfg, pipe, _to_run(cfg, pipe, force=force, until=until))
+    check_inputs(cfg, pipe, to_run)
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.work_dir) / "config.yaml")
     t0 = time.perf_counter()

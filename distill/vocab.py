@@ -1,7 +1,7 @@
 """Vocabularies: class names, synonyms, and a base/novel split.
 
 Sources (see :func:`load_vocab`):
-- a ``.txt`` file (or any other text file), one class a line, optionally
+- a ``.txt`` file (or another text file such as darknet's ``.names``), one class a line, optionally
   ``name: synonym, synonym``; ``#`` comment lines and blank lines are ignored. A file whose only
   class line holds commas (``cat, dog, bird``) is a comma-separated list instead, unless a colon
   comes before its first comma (``red star: scarlet star, ruby star`` is one class with
@@ -13,14 +13,24 @@ Sources (see :func:`load_vocab`):
   LVIS frequency ``r`` means novel);
 - an inline string of names separated by commas and / or newlines: ``"red star, blue circle"``.
   Inline and txt entries may map a prompt onto a class: ``"crimson star=red star"`` adds
-  "crimson star" as a synonym of "red star" (and makes the class if it is not listed).
+  "crimson star" as a synonym of "red star" (and makes the class if it is not listed); an entry
+  holds at most one ``=``.
+
+A value is a file when it names one, or when it looks like a path: it holds a ``/`` or ``\\`` (and
+no comma), or ends in a vocabulary-like extension (:data:`VOCAB_FILE_SUFFIXES`). Such a value
+that is not a file is an error ("file not found", "is a folder"), never an inline class named
+after the path; a bare word stays an inline name even where a folder of that name exists (an
+image-folder dataset's ``cat/``). ``.yaml`` / ``.yml`` / ``.csv`` / ``.tsv`` files are refused:
+their structure (a YAML list, a table's columns) is not read, and reading their lines as names
+would turn ``- cat`` or ``1,cat`` into class names.
 
 Names from txt, inline and json-list sources are normalised: a UTF-8 byte-order mark is dropped,
-unicode is NFC-normalised, runs of whitespace become one space, ends are stripped. A name
-written twice the same way is one class; two spellings that are equal after that, ignoring case
-(``red star`` / ``red  star`` / ``Red Star``), are an error naming both entries; so is a source
-with no class at all. COCO / LVIS names are kept as the file spells them (they identify
-the categories of that file), but compared the same way.
+unicode is NFC-normalised, runs of whitespace become one space, ends are stripped. A name given
+twice is an error naming both entries, whether written the same way or two spellings that are
+equal after that, ignoring case (``red star`` / ``red  star`` / ``Red Star``); so is a source with
+no class at all. (Synonyms of one class go on its own line, ``name: synonym, synonym``, or as
+``synonym=name`` entries; nothing is merged.) COCO / LVIS names are kept as the file spells them
+(they identify the categories of that file), but compared the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +45,12 @@ from distill.errors import DistillError
 from distill.files import sha256_json
 
 SPLITS = ("base", "novel")
+# Extensions that make a --vocab value a file (not an inline class name) even where no such file
+# exists; the last four are refused (their structure is not read).
+VOCAB_FILE_SUFFIXES = (".txt", ".json", ".names", ".yaml", ".yml", ".csv", ".tsv")
+_REFUSED_SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".csv": "CSV", ".tsv": "TSV"}
+VOCAB_EXPECTED = ("a .txt (one class a line, or one comma-separated line), a .json list of names or category objects, "
+                  "a COCO / LVIS json, or inline names separated by commas")
 
 
 def normalize_name(text: str) -> str:
@@ -122,7 +138,9 @@ class Vocabulary:
         for i, (n, syn) in enumerate(zip(self.names, self.synonyms)):
             if name_key(n) == key or key in (name_key(s) for s in syn):
                 return i
-        raise DistillError(f"class {name!r} is not in the vocabulary ({', '.join(self.names[:20])}{' ...' if len(self) > 20 else ''})")
+        shown = self.names[:20]
+        listed = ", ".join(repr(n) for n in shown) if any("," in n for n in shown) else ", ".join(shown)  # names with commas: quoted
+        raise DistillError(f"class {name!r} is not in the vocabulary ({listed}{' ...' if len(self) > 20 else ''})")
 
     def id_to_index(self) -> dict[int, int]:
         return {cid: i for i, cid in enumerate(self.ids)}
@@ -167,8 +185,8 @@ class Vocabulary:
 def _parse_entries(entries: list[tuple[str, str]], source: str) -> Vocabulary:
     """``(entry, where)`` pairs, entries like ``"red star"``, ``"red star: scarlet star, ruby star"``
     or ``"crimson star=red star"``; ``where`` says where the entry is ("line 3", "entry 2") for
-    errors. Names are normalised (:func:`normalize_name`). The same name written twice is one
-    class (its synonyms merged); two spellings of one name (case, spaces) are an error."""
+    errors. Names are normalised (:func:`normalize_name`). A name given twice is an error, written
+    the same way or not (case, spaces); so is an entry with more than one ``=``."""
     names: list[str] = []
     syns: dict[str, list[str]] = {}  # name_key -> synonyms
     defined: dict[str, tuple[str, str]] = {}  # name_key -> (name as first written, where)
@@ -178,6 +196,9 @@ def _parse_entries(entries: list[tuple[str, str]], source: str) -> Vocabulary:
         if not e or e.startswith("#"):
             continue
         if "=" in e:
+            if e.count("=") > 1:
+                raise DistillError(f"{source}: {where}: entry {raw.strip()!r}: expected one 'prompt=class' (one '=', "
+                                   "separate entries with commas or newlines)")
             prompt, cls = (normalize_name(p) for p in e.split("=", 1))
             if not prompt or not cls:
                 raise DistillError(f"{source}: {where}: entry {raw.strip()!r}: expected 'prompt=class'")
@@ -196,13 +217,14 @@ def _parse_entries(entries: list[tuple[str, str]], source: str) -> Vocabulary:
         key = name_key(name)
         if key in defined:
             first, w0 = defined[key]
-            if written != first:
-                raise DistillError(f"{source}: duplicate class {written!r} ({where}) is the same as {first!r} ({w0}) "
-                                   "once case and spaces are ignored; keep one")
-        else:
-            defined[key] = (written, where)
-            names.append(name)
-            syns[key] = []
+            if written == first:
+                raise DistillError(f"{source}: duplicate class {written!r} ({where}) is already {w0}; keep one "
+                                   "(synonyms go on its line: 'name: synonym, synonym')")
+            raise DistillError(f"{source}: duplicate class {written!r} ({where}) is the same as {first!r} ({w0}) "
+                               "once case and spaces are ignored; keep one")
+        defined[key] = (written, where)
+        names.append(name)
+        syns[key] = []
         for x in extra:
             if name_key(x) != key and name_key(x) not in (name_key(y) for y in syns[key]):
                 syns[key].append(x)
@@ -275,13 +297,26 @@ def load_vocab(source: str | Path, split_file: str | Path | None = None) -> Voca
     formats are in this module's docstring)."""
     text = str(source)
     path = Path(text)
-    try:  # a newline never belongs to a file name: such a string is an inline list
-        looks_like_file = "\n" not in text and "\r" not in text and (path.suffix.lower() in (".txt", ".json") or path.is_file())
+    single = "\n" not in text and "\r" not in text  # a newline never belongs to a file name: an inline list
+    # a value that looks like a path names a file even where there is none (never an inline class
+    # named after the path): a separator with no comma, or a vocabulary file's extension
+    looks_like_path = single and (text.strip().lower().endswith(VOCAB_FILE_SUFFIXES)
+                                  or ("," not in text and ("/" in text or "\\" in text)))
+    try:
+        is_file = single and path.is_file()
+        is_dir = looks_like_path and path.is_dir()
     except (OSError, ValueError):  # e.g. an inline vocabulary longer than a file name may be
-        looks_like_file = False
-    if looks_like_file:
-        if not path.is_file():
-            raise DistillError(f"{path}: vocabulary file not found")
+        is_file = is_dir = False
+    if is_dir:
+        raise DistillError(f"{path}: is a folder (expected a vocabulary file: {VOCAB_EXPECTED})")
+    if looks_like_path and not is_file:
+        raise DistillError(f"{path}: vocabulary file not found (a value with '/' or a file extension names a file; "
+                           "inline class names are separated by commas)")
+    if is_file:
+        kind = _REFUSED_SUFFIXES.get(path.suffix.lower())
+        if kind:
+            raise DistillError(f"{path}: a {kind} vocabulary is not read (expected {VOCAB_EXPECTED}; "
+                               "a file of one class a line can be renamed to .txt)")
         if path.suffix.lower() == ".json":
             try:
                 data = json.loads(path.read_text(encoding="utf-8-sig"))

@@ -185,9 +185,11 @@ def test_whitespace_collapsed_and_unicode_nfc():
     assert v.names == ("red star",) and v.prompts[0] == ("red star", "crimson star")
 
 
-def test_same_name_twice_is_one_class_but_two_spellings_are_an_error(tmp_path):
-    v = load_vocab("red square, blue circle, red square")  # the same text twice: one class
-    assert v.names == ("red square", "blue circle")
+def test_a_name_twice_is_an_error_written_the_same_way_or_not(tmp_path):
+    with pytest.raises(DistillError) as e:  # the same text twice: refused, not merged
+        load_vocab("red square, blue circle, red square")
+    assert str(e.value) == ("inline vocabulary: duplicate class 'red square' (entry 3) is already entry 1; keep one "
+                            "(synonyms go on its line: 'name: synonym, synonym')")
     with pytest.raises(DistillError) as e:
         load_vocab("red star, blue circle, red  star")
     msg = str(e.value)

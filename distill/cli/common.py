@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 ConfigArg = Annotated[str, typer.Argument(help="A YAML config file (configs/...).")]
+VOCAB_HELP = ("Vocabulary: a .txt (one class a line, or one comma-separated line), a .json list or COCO/LVIS file, "
+              "or inline names separated by commas or newlines; 'crimson star=red star' adds a synonym. A value with "
+              "'/' or a file extension must be a file; .yaml / .csv / .tsv files are refused.")
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides, e.g. det.train.max_steps=100")]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Optional
 
 import typer
+
+from distill.cli.common import VOCAB_HELP
 
 
 def _opt(flag: str, help: str):
@@ -13,16 +16,16 @@ def _opt(flag: str, help: str):
 
 def label_command(
     images: Annotated[Optional[str], _opt("--images", "Image folder (recursive) or a list file.")] = None,
-    vocab: Annotated[Optional[str], _opt("--vocab", "Vocabulary: a .txt (one class a line, or one comma-separated line), .json or COCO/LVIS file, or inline names separated by commas or newlines; 'crimson star=red star' adds a synonym.")] = None,
-    model: Annotated[Optional[str], _opt("--model", "A checkpoint (vild / seg), or 'teacher'.")] = None,
+    vocab: Annotated[Optional[str], _opt("--vocab", VOCAB_HELP)] = None,
+    model: Annotated[Optional[str], _opt("--model", "A student checkpoint model_final.pt (vild / seg), or 'teacher'.")] = None,
     out: Annotated[Optional[str], _opt("--out", "Output folder.")] = None,
     source: Annotated[Optional[str], _opt("--source", "vild | seg | teacher.")] = None,
     proposals: Annotated[Optional[str], _opt("--proposals", "Teacher source boxes: auto (components for the embedded teacher, windows for any other) | windows (photos) | components (flat-coloured objects) | components+windows | rpn (with --model a ViLD checkpoint).")] = None,
     format: Annotated[Optional[str], _opt("--format", "Comma-separated: coco, yolo, png.")] = None,
     score_thresh: Annotated[Optional[float], _opt("--score-thresh", "Global score threshold.")] = None,
-    class_thresh: Annotated[Optional[list[str]], _opt("--class-thresh", "Per-class threshold 'red star=0.5' (repeatable).")] = None,
+    class_thresh: Annotated[Optional[list[str]], _opt("--class-thresh", "Per-class threshold 'red star=0.5' (repeatable; a comma separates entries only after a threshold, so a class name may hold commas).")] = None,
     top_k: Annotated[Optional[int], _opt("--top-k", "Labels kept per image (0 = all).")] = None,
-    nms: Annotated[Optional[float], _opt("--nms", "Class-wise NMS IoU (0 = off).")] = None,
+    nms: Annotated[Optional[float], _opt("--nms", "Class-wise NMS IoU threshold in [0, 1] (0 = off).")] = None,
     min_area: Annotated[Optional[float], _opt("--min-area", "Minimum area in pixels.")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per forward.")] = None,
     num_workers: Annotated[Optional[int], _opt("--num-workers", "Decoding workers.")] = None,
@@ -43,7 +46,6 @@ def label_command(
     --out labels/ --format coco,yolo,png --class-thresh "cat=0.5" teacher.model= teacher.pretrained=ViT-B-32.pt
     """
     from distill.cli.common import load
-    from distill.labels.pseudo import label
 
     flags = {
         "images": images, "vocab": vocab, "model": model, "out": out, "source": source, "proposals": proposals, "format": format,
@@ -54,8 +56,10 @@ def label_command(
     if model == "teacher" and source is None:
         ov.append("label.source=teacher")
     if class_thresh:
-        ov.append("label.class_thresh=" + _quote(",".join(class_thresh)))
-    cfg = load(config, ov + list(overrides or []))
+        ov.append("label.class_thresh=" + json.dumps(list(class_thresh)))  # a list: commas inside an entry stay
+    cfg = load(config, ov + list(overrides or []))  # a config mistake stops here, before torch is imported
+    from distill.labels.pseudo import label
+
     summary = label(cfg)
     for k, v in summary.items():
         typer.echo(f"{k:>28}: {v}")
@@ -66,8 +70,6 @@ def _quote(v) -> str:
     """An override value parsed by YAML as the literal string / number given."""
     if isinstance(v, (int, float)):
         return str(v)
-    import json
-
     return json.dumps(str(v))
 
 

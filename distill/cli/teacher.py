@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from distill.cli.common import ConfigArg, Overrides, load
+from distill.cli.common import VOCAB_HELP, ConfigArg, Overrides, load
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -76,7 +76,7 @@ def evaluate_cmd(
 def embed_text_cmd(
     config: ConfigArg,
     overrides: Overrides = None,
-    vocab: Annotated[str, typer.Option("--vocab", help="Vocabulary: a .txt (one class a line, or one comma-separated line), .json or COCO/LVIS file, or inline names separated by commas or newlines; 'crimson star=red star' adds a synonym.")] = "",
+    vocab: Annotated[str, typer.Option("--vocab", help=VOCAB_HELP)] = "",
     templates: Annotated[str, typer.Option("--templates", help="Prompt template file (default teacher.templates).")] = "",
     out: Annotated[str, typer.Option("--out", help="Cache folder (default {work_dir}/embeddings/text).")] = "",
 ) -> None:
@@ -87,15 +87,16 @@ def embed_text_cmd(
     from pathlib import Path
 
     from distill.errors import DistillError
-    from distill.teacher.clip import build_teacher
-    from distill.teacher.text import text_embeddings
     from distill.vocab import load_vocab
 
     cfg = load(config, overrides)
     source = vocab or cfg.data.vocab or cfg.data.train_full_json
     if not source:
         raise DistillError("--vocab: expected a vocabulary file or an inline list of class names")
-    voc = load_vocab(source, cfg.data.split_file or None)
+    voc = load_vocab(source, cfg.data.split_file or None)  # config and vocabulary mistakes stop before torch is imported
+    from distill.teacher.clip import build_teacher
+    from distill.teacher.text import text_embeddings
+
     teacher = build_teacher(cfg.teacher)
     folder = Path(out) if out else Path(cfg.work_dir) / "embeddings" / "text"
     emb = text_embeddings(teacher, voc, templates or cfg.teacher.templates, cache_dir=folder)

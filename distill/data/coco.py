@@ -1,7 +1,8 @@
 """COCO-format detection data: a validating loader and a torch Dataset.
 
-:func:`load_coco` reads a COCO instances json and checks what the rest of the toolkit relies on;
-a user's mistake is a :class:`~distill.errors.DistillError` naming the file and key:
+:func:`load_coco` reads a COCO instances json and checks what the rest of the toolkit relies on
+(:func:`validate_coco`, for a dict already read, e.g. ``distill label --gt``); a user's mistake is
+a :class:`~distill.errors.DistillError` naming the file and key:
 
 - a missing or corrupt file; a top level that is not an object; missing ``images``,
   ``annotations`` or ``categories``, or one that is not a list;
@@ -48,14 +49,24 @@ def _bad_file_name(name: str) -> bool:
     return ".." in parts or not parts
 
 
-def load_coco(path: str | os.PathLike) -> dict:
+def load_coco(path: str | os.PathLike, what: str = "COCO annotation", relative_names: bool = True) -> dict:
     """Read and validate the COCO instances json at ``path``; return its dict.
 
     Zero-size boxes are removed from ``annotations`` (counted in a warning); everything else that
-    is wrong raises :class:`DistillError` ``"<path>: <key>: <what was expected>"``.
+    is wrong raises :class:`DistillError` ``"<path>: <key>: <what was expected>"``. ``what`` names
+    the file in the error of a missing or corrupt file; ``relative_names``: see
+    :func:`validate_coco`.
     """
     path = Path(path)
-    data = read_json(path, "COCO annotation")
+    return validate_coco(read_json(path, what), str(path), relative_names=relative_names)
+
+
+def validate_coco(data: Any, path: str = "COCO file", relative_names: bool = True) -> dict:
+    """Validate a COCO instances dict already read (``path`` names it in the errors); return it,
+    without its zero-size boxes (counted in a warning), as :func:`load_coco`.
+
+    ``relative_names=False`` accepts a ``file_name`` that is absolute or holds ``..`` (for a
+    ground truth matched to images by name, never joined to an image root)."""
     if not isinstance(data, dict):
         raise DistillError(f"{path}: expected a COCO object with keys {', '.join(REQUIRED_KEYS)}, got a {type(data).__name__}")
     for key in REQUIRED_KEYS:
@@ -74,7 +85,7 @@ def load_coco(path: str | os.PathLike) -> dict:
         name = im.get("file_name")
         if not isinstance(name, str) or not name:
             raise DistillError(f"{where}.file_name: expected a relative path string, got {name!r}")
-        if _bad_file_name(name):
+        if relative_names and _bad_file_name(name):
             raise DistillError(f"{where}.file_name: {name!r} is absolute or contains '..' (expected a path relative to the image root)")
         for dim in ("width", "height"):
             if dim in im and not (_is_int(im[dim]) and im[dim] > 0):
@@ -112,7 +123,9 @@ def load_coco(path: str | os.PathLike) -> dict:
         if a["image_id"] not in image_ids:
             raise DistillError(f"{where}.image_id: unknown image id {a['image_id']} (not in 'images')")
         if a["category_id"] not in cat_ids:
-            raise DistillError(f"{where}.category_id: unknown category id {a['category_id']} (valid: {sorted(cat_ids)})")
+            valid = sorted(cat_ids)
+            shown = str(valid) if len(valid) <= 12 else f"{len(valid)} ids from {valid[0]} to {valid[-1]}"
+            raise DistillError(f"{where}.category_id: unknown category id {a['category_id']} (valid: {shown})")
         box = a.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
             raise DistillError(f"{where}.bbox: expected [x, y, width, height] (4 numbers), got {box!r}")

@@ -362,7 +362,11 @@ def _check_result(i: int, r: Any, need: list[str], img_ids, cat_ids, iou_types: 
 def _results_source(results, reader) -> tuple[str, Any]:
     """``(name for messages, data)`` of results given as a path (read with ``reader``) or in memory;
     a COCO-style dict holding predictions (e.g. pseudo-labels) yields its ``annotations``."""
-    if isinstance(results, (str, os.PathLike)):
+    from distill.eval.match import Named
+
+    if isinstance(results, Named):
+        name, data = results.name, results.data
+    elif isinstance(results, (str, os.PathLike)):
         name, data = str(results), reader(results, what="COCO results")
     else:
         name, data = "results", results
@@ -757,7 +761,10 @@ def evaluate_detection(
     Args:
         gt_json: COCO instances file (or its dict); categories carry ``split`` ("base"/"novel").
         results: a COCO results json path, or a list of ``{image_id, category_id, bbox: [x, y, w, h],
-            score, segmentation?: RLE}``.
+            score, segmentation?: RLE}`` (ids are the ground truth's); or a COCO dataset (dict or
+            file, e.g. ``distill label``'s labels.json) whose ``images`` carry ``file_name``: its
+            images are matched to the ground truth's by file name and its categories by name
+            (:func:`distill.eval.match.dataset_results`).
         out_dir: when given, ``metrics.json`` is written there (atomically).
         iou_types: any of ``("bbox", "segm")``.
         vocab: a :class:`~distill.vocab.Vocabulary` naming every GT category (matched by name or
@@ -785,8 +792,11 @@ def evaluate_detection(
         raise DistillError(f"max_dets {max_dets}: expected a positive integer")
     if img_ids is not None:
         img_ids = sorted(set(img_ids))
+    from distill.eval.match import dataset_results, gt_images_and_categories
+
     lgt = _lvis_gt(gt_json, iou_types)
     if lgt is not None:
+        results = dataset_results(results, lambda: gt_images_and_categories(gt_json), lgt.name)
         metrics, n_dets, res_name = _evaluate_lvis(lgt, results, iou_types, vocab, max_dets, img_ids)
         if not n_dets:
             log.warning("%s: no predictions; every AP is 0", res_name)
@@ -799,6 +809,7 @@ def evaluate_detection(
     if set(backends.values()) == {"stream"}:
         # boxes only, streaming: the GT as flat arrays, the results checked and packed one by one
         box_gt, categories, gt_name = _load_box_gt(gt_json)
+        results = dataset_results(results, lambda: gt_images_and_categories(gt_json), gt_name)
         arrays, res_name = _box_results(results, box_gt, gt_name)
         _warn_frequency(categories, gt_name)
         cat_ids, names, split = _categories_split({"categories": categories}, gt_name, vocab)
@@ -812,6 +823,7 @@ def evaluate_detection(
         metrics.update(_metrics_from_precision(prec, iou_thrs, names, split, "bbox"))
     else:
         gt, gt_name = load_gt(gt_json, iou_types)
+        results = dataset_results(results, lambda: gt_images_and_categories(gt), gt_name)
         dets, res_name = load_results(results, gt, iou_types, gt_name)
         _warn_frequency(gt["categories"], gt_name)
         cat_ids, names, split = _categories_split(gt, gt_name, vocab)

@@ -278,6 +278,12 @@ def evaluate_semseg_dirs(
     preds = _label_pngs(pred_dir)
     gt_lut = _legend_lut(gt_dir, vocab, C, "ground-truth")
     pred_lut = _legend_lut(pred_dir, vocab, C, "prediction")
+    if not (pred_dir / LEGEND_JSON).is_file():
+        # Nothing says what the values mean: a labeler's PNGs copied without their legend.json
+        # number the classes as its vocabulary did, which may not be these ids.
+        log.warning("%s: no %s: its PNG values are read as the category ids of %s (0 = background); give the "
+                    "labeler's %s beside its PNGs if they number the classes otherwise", pred_dir, LEGEND_JSON,
+                    vocab.source or "the vocabulary", LEGEND_JSON)
     ev = SemSegEvaluator(C, seen, ignore_index=ignore_index, names=names)
     for key, g in gts.items():
         p = preds.get(key)

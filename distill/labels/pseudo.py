@@ -77,7 +77,7 @@ class FilterOptions:
     """How raw predictions become labels (recorded in the output's ``info``).
 
     ``class_thresh`` maps vocabulary index -> score threshold (overrides ``score_thresh``);
-    ``nms`` is the class-wise IoU threshold (0 or >= 1 = off); ``min_area`` in pixels (mask area
+    ``nms`` is the class-wise IoU threshold in [0, 1] (0 or 1 = off); ``min_area`` in pixels (mask area
     when masks exist, else box area); ``top_k`` per image after NMS (0 = all).
     """
 
@@ -97,30 +97,60 @@ class FilterOptions:
         }
 
 
+def _split_class_thresh(text: str) -> list[str]:
+    """``"cat, domestic=0.5, dog=0.2"`` -> ``["cat, domestic=0.5", "dog=0.2"]``: a comma ends an
+    entry only after its ``=threshold``, so a class name may hold commas (one class a line in a
+    .txt vocabulary); a trailing part without ``=`` is returned as it is (an error for the caller)."""
+    out: list[str] = []
+    cur: list[str] = []
+    for seg in text.split(","):
+        cur.append(seg)
+        if "=" in seg:
+            out.append(",".join(cur).strip())
+            cur = []
+    if cur and ",".join(cur).strip():
+        out.append(",".join(cur).strip())
+    return [p for p in out if p]
+
+
+def _class_index(name: str, vocab: Vocabulary, where: str) -> int:
+    """The vocabulary index of ``name`` (a class or a synonym); spaces around commas do not count
+    (``cat,domestic`` is ``cat, domestic``: a config override's list loses them)."""
+    import re
+
+    from distill.vocab import name_key
+
+    try:
+        return vocab.index(name)
+    except DistillError as e:
+        def squeeze(x: str) -> str:
+            return re.sub(r"\s*,\s*", ",", name_key(x))
+
+        key = squeeze(name)
+        for i, (n, syn) in enumerate(zip(vocab.names, vocab.synonyms)):
+            if squeeze(n) == key or key in (squeeze(x) for x in syn):
+                return i
+        raise DistillError(f"{where}: {e}") from None
+
+
 def parse_class_thresh(items: Sequence[str], vocab: Vocabulary, where: str = "label.class_thresh") -> tuple[tuple[int, float], ...]:
     """``["red star=0.5", "blue circle=0.2"]`` (or one comma-separated string) -> ((index, thr), ...).
 
-    A prompt that maps onto a class (a synonym) names that class."""
+    A comma separates two entries only after a threshold, so a class whose name holds commas
+    (``"cat, domestic=0.5"``) gets its own. A prompt that maps onto a class (a synonym) names
+    that class."""
     out: dict[int, float] = {}
-    for item in items:
-        for part in str(item).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "=" not in part:
-                raise DistillError(f"{where}: {part!r}: expected 'class name=threshold'")
-            name, val = (x.strip() for x in part.rsplit("=", 1))
-            try:
-                thr = float(val)
-            except ValueError:
-                raise DistillError(f"{where}: {part!r}: threshold {val!r} is not a number") from None
-            if not 0.0 <= thr <= 1.0:
-                raise DistillError(f"{where}: {part!r}: threshold must be in [0, 1]")
-            try:
-                idx = vocab.index(name)
-            except DistillError as e:
-                raise DistillError(f"{where}: {e}") from None
-            out[idx] = thr
+    for part in _split_class_thresh(",".join(str(x) for x in items)):
+        if "=" not in part:
+            raise DistillError(f"{where}: {part!r}: expected 'class name=threshold'")
+        name, val = (x.strip() for x in part.rsplit("=", 1))
+        try:
+            thr = float(val)
+        except ValueError:
+            raise DistillError(f"{where}: {part!r}: threshold {val!r} is not a number") from None
+        if not 0.0 <= thr <= 1.0:
+            raise DistillError(f"{where}: {part!r}: threshold must be in [0, 1]")
+        out[_class_index(name, vocab, where)] = thr
     return tuple(sorted(out.items()))
 
 
@@ -598,8 +628,10 @@ def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
         raise DistillError("label.out: required (an output folder)")
     fmts = tuple(f.strip().lower() for f in lcfg.format if f.strip())
     bad = [f for f in fmts if f not in FORMATS]
-    if bad or not fmts:
-        raise DistillError(f"label.format: {bad[0] if bad else 'empty'!r} is not one of {', '.join(FORMATS)}")
+    if not fmts:
+        raise DistillError(f"label.format: empty (expected one or more of {', '.join(FORMATS)})")
+    if bad:
+        raise DistillError(f"label.format: {bad[0]!r} is not one of {', '.join(FORMATS)}")
     if "png" in fmts:
         formats.semantic_values(vocab)  # refuses, before anything is written, a vocabulary too large for a PNG
     for key in ("batch_size", "shard_size"):
@@ -609,8 +641,11 @@ def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
         raise DistillError(f"label.num_workers: expected >= 0, got {lcfg.num_workers}")
     if not 0.0 <= lcfg.score_thresh <= 1.0:
         raise DistillError(f"label.score_thresh: expected a value in [0, 1], got {lcfg.score_thresh}")
-    if lcfg.top_k < 0 or lcfg.min_area < 0:
-        raise DistillError("label.top_k / label.min_area: expected >= 0")
+    if not 0.0 <= lcfg.nms <= 1.0:
+        raise DistillError(f"label.nms: expected an IoU threshold in [0, 1] (0 = off), got {lcfg.nms}")
+    for key in ("top_k", "min_area", "max_side"):
+        if getattr(lcfg, key) < 0:
+            raise DistillError(f"label.{key}: expected >= 0{' (0 = full size)' if key == 'max_side' else ''}, got {getattr(lcfg, key)}")
     # --out and the image folder must not nest: an --out inside the images would be labeled by the
     # next run (its PNGs are images); images inside --out lie in a folder the labeler owns.
     src, out = Path(lcfg.images), Path(lcfg.out)
@@ -660,6 +695,12 @@ def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) ->
     vocab = label_vocab(cfg)
     job = make_job(cfg, vocab)  # the images, --out and options are checked before the model loads
     check_output(job)  # on every rank, before any rank writes (init_distributed below waits for all)
+    gt = gt_name = None
+    if cfg.label.gt:  # read, validated and matched to the images' names before anything is labelled
+        from distill.labels.quality import check_gt_matches, load_label_gt
+
+        gt, gt_name = load_label_gt(cfg.label.gt)
+        check_gt_matches(gt, job.names, gt_name)
     if source is None:
         device = get_device(cfg.teacher.device)
         source, model_hash = build_source(cfg, vocab, device)
@@ -710,11 +751,12 @@ def label(cfg, *, source=None, on_shard: Callable[[int], None] | None = None) ->
         "labels/images_per_s": round(stats["images"] / seconds, 3) if seconds > 0 else 0.0,
     }
     write_json(job.out / "summary.json", summary)
-    if cfg.label.gt:
+    if gt is not None:
         from distill.labels.quality import label_quality
 
-        metrics = label_quality(job.out / LABELS_JSON, cfg.label.gt)
+        # no match at all was refused before labelling: none now means those images failed to decode
+        metrics = label_quality(job.out / LABELS_JSON, gt, gt_name=gt_name, require_match=False)
         write_json(job.out / "metrics.json", metrics)
         summary.update(metrics)
-    finalize_output(job, written_files(job, merged["ok"], ["metrics.json"] if cfg.label.gt else []))
+    finalize_output(job, written_files(job, merged["ok"], ["metrics.json"] if gt is not None else []))
     return summary

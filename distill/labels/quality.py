@@ -4,27 +4,47 @@ mIoU of the pseudo masks, against hidden ground truth (the shapes world's ``unla
 >>> label_quality("runs/shapes/labels/labels.json", "runs/shapes/data/instances_unlabeled.json")
 {'labels/precision_base': ..., 'labels/recall_novel': ..., 'labels/miou_unseen': ..., ...}
 
+The ground truth is checked by the project's COCO validator (:func:`distill.data.coco.validate_coco`,
+:func:`load_label_gt`): a malformed file is one error naming it and the entry at fault.
+``distill label --gt`` checks it, and that its images are those being labelled
+(:func:`check_gt_matches`), before labelling anything.
+
 Matching: images by ``file_name`` (exact, else one name is a path suffix of the other, so labels
 made on ``images/unlabeled/`` match ground truth named ``unlabeled/000123.png``); classes by name
 (case-insensitive; a predicted category unknown to the ground truth counts as a false positive of
 no split and is reported in ``labels/precision_all`` only). Within an image and class, predictions
 in descending score are matched greedily to the unmatched ground-truth box of highest IoU >= the
 threshold (the PASCAL VOC / COCO rule). Every ground-truth image counts: an image the labeler
-failed on contributes misses. Undefined ratios (nothing predicted / nothing to find) are -1.
+failed on, or that was not labelled, contributes misses; ``labels/gt_images_matched`` and
+``labels/gt_images_unmatched`` count the ground-truth images with and without a labelled image
+(one note line when some have none; no match at all is an error). Undefined ratios (nothing
+predicted / nothing to find) are -1.
+
+Masks are painted at the labelled image's size. A ground-truth image whose ``width`` / ``height``
+differ from it is left out of the mask metrics (boxes still count), with one warning line naming
+it, and counted in ``labels/gt_images_size_mismatch``: the size is only known once the image is
+decoded, after labelling, and refusing then would throw the finished labels away, while painting
+both on one canvas of either size would misplace one of them and change ``pixel_acc``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 
 from distill.errors import DistillError
+from distill.eval.match import match_images, norm_name
 from distill.files import read_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["label_quality", "load_label_gt", "check_gt_matches", "match_images"]
 
 
 def _xyxy(b) -> list[float]:
@@ -32,59 +52,94 @@ def _xyxy(b) -> list[float]:
     return [x, y, x + w, y + h]
 
 
-def _suffixes(name: str) -> list[str]:
-    parts = Path(name).as_posix().split("/")
-    return ["/".join(parts[i:]) for i in range(len(parts))]
+def load_label_gt(gt_json: str | os.PathLike | dict) -> tuple[dict, str]:
+    """The ground truth, read and checked by :func:`distill.data.coco.validate_coco` (file names
+    may be absolute: they are matched, never opened), with at least one category. Returns
+    ``(dict, name for messages)``; the warning about zero-size boxes it drops is one log line."""
+    from distill.data.coco import validate_coco
+
+    if isinstance(gt_json, dict):
+        name, data = "ground truth", gt_json
+    else:
+        name, data = str(gt_json), read_json(gt_json, "COCO ground truth")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gt = validate_coco(data, name, relative_names=False)
+    for w in caught:
+        log.warning("%s", w.message)
+    if not gt["categories"]:
+        raise DistillError(f"{name}: categories: empty (expected the ground truth's classes)")
+    return gt, name
 
 
-def match_images(pred_images: list[dict], gt_images: list[dict], where: str = "labels") -> dict[int, int]:
-    """pred image id -> gt image id, by file_name (exact, else a path suffix either way)."""
-    by_suffix: dict[str, list[int]] = defaultdict(list)
-    for g in gt_images:
-        for s in _suffixes(g["file_name"]):
-            by_suffix[s].append(g["id"])
-    out = {}
-    for p in pred_images:
-        name = Path(p["file_name"]).as_posix()
-        cands = by_suffix.get(name, [])
-        if not cands:  # the prediction's name is longer: try its suffixes
-            for s in _suffixes(name)[1:]:
-                exact = [g for g in by_suffix.get(s, [])]
-                if len(exact) == 1:
-                    cands = exact
-                    break
-        if len(cands) > 1:
-            raise DistillError(f"{where}: image {p['file_name']!r} matches {len(cands)} ground-truth images (give unique relative names)")
-        if cands:
-            out[p["id"]] = cands[0]
-    return out
+def check_gt_matches(gt: dict, names: list[str], gt_name: str = "ground truth") -> int:
+    """How many images of ``gt`` match one of ``names`` (the images about to be labelled, by
+    file name as :func:`match_images`); none is an error naming an example of each side."""
+    pred = [{"id": i, "file_name": n} for i, n in enumerate(names)]
+    matched = len(set(match_images(pred, gt["images"], gt_name).values()))
+    if not matched and gt["images"] and names:
+        raise DistillError(f"{gt_name}: none of its {len(gt['images'])} images is one of the {len(names)} labelled images "
+                           f"(matched by file_name: ground truth {gt['images'][0]['file_name']!r}, labelled {names[0]!r}); "
+                           "expected the ground truth of these images")
+    return matched
+
+
+def _check_pred(pred, name: str) -> None:
+    if not isinstance(pred, dict):
+        raise DistillError(f"{name}: expected a COCO object with 'images', 'annotations', 'categories', got a {type(pred).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(pred.get(key), list):
+            raise DistillError(f"{name}: missing list {key!r} (expected a COCO predictions file)")
+    for key, need in (("images", ("id", "file_name")), ("categories", ("id", "name")), ("annotations", ("image_id", "category_id", "bbox"))):
+        for i, x in enumerate(pred[key]):
+            if not isinstance(x, dict) or any(k not in x for k in need):
+                raise DistillError(f"{name}: {key}[{i}]: expected an object with {', '.join(map(repr, need))}")
 
 
 def _ratio(a: int, b: int) -> float:
     return a / b if b else -1.0
 
 
-def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLike | dict, iou_thresh: float = 0.5, with_counts: bool = False) -> dict:
+def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLike | dict, iou_thresh: float = 0.5,
+                  with_counts: bool = False, gt_name: str | None = None, require_match: bool = True) -> dict:
     """Precision / recall of pseudo boxes at ``iou_thresh`` for base, novel and all classes, and
-    (when both sides have masks) mIoU of the pseudo semantic masks via
+    (when both sides have masks) mIoU of the pseudo masks via
     :class:`distill.eval.segmentation.SemSegEvaluator` (background = 0 is a seen class; base
     classes seen, novel unseen).
 
     Keys: ``labels/precision_{base,novel,all}``, ``labels/recall_{base,novel,all}``,
     ``labels/f1_{base,novel,all}``, ``labels/miou_{seen,unseen,all,hiou}``, ``labels/pixel_acc``;
-    values in [0, 1] (-1 = undefined). ``with_counts`` adds ``count/...`` integers.
+    values in [0, 1] (-1 = undefined); ``labels/gt_images_matched``, ``labels/gt_images_unmatched``
+    (and ``labels/gt_images_size_mismatch`` with masks) count images. ``with_counts`` adds
+    ``count/...`` integers.
+
+    ``gt_json``: a file, or a dict (already checked by :func:`load_label_gt` when ``gt_name`` is
+    given). ``require_match``: predictions on images none of which is in the ground truth are an
+    error (``distill label`` checks its image names before labelling and passes False: when every
+    image it could match failed to decode, the misses are the numbers).
     """
+    pred_name = str(pred_json) if not isinstance(pred_json, dict) else "predictions"
     pred = pred_json if isinstance(pred_json, dict) else read_json(pred_json, "COCO predictions")
-    gt = gt_json if isinstance(gt_json, dict) else read_json(gt_json, "COCO ground truth")
-    for what, d, src in (("predictions", pred, pred_json), ("ground truth", gt, gt_json)):
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(d.get(key), list):
-                raise DistillError(f"{src if not isinstance(src, dict) else what}: missing list {key!r} (expected a COCO {what} file)")
+    _check_pred(pred, pred_name)
+    if isinstance(gt_json, dict) and gt_name is not None:
+        gt = gt_json
+    else:
+        gt, gt_name = load_label_gt(gt_json)
     gt_cat = {c["id"]: c for c in gt["categories"]}
-    name_to_gt = {str(c["name"]).strip().lower(): c["id"] for c in gt["categories"]}
-    pred_to_gt_cat = {c["id"]: name_to_gt.get(str(c["name"]).strip().lower()) for c in pred["categories"]}
+    name_to_gt = {norm_name(c["name"]): c["id"] for c in gt["categories"]}
+    pred_to_gt_cat = {c["id"]: name_to_gt.get(norm_name(c["name"])) for c in pred["categories"]}
     split = {cid: c.get("split", "base") for cid, c in gt_cat.items()}
-    img_map = match_images(pred["images"], gt["images"], str(pred_json) if not isinstance(pred_json, dict) else "predictions")
+    img_map = match_images(pred["images"], gt["images"], pred_name)
+    matched = set(img_map.values())
+    n_gt = len(gt["images"])
+    if not matched and pred["images"] and n_gt and require_match:
+        raise DistillError(f"{gt_name}: none of its {n_gt} images is an image of {pred_name} (matched by file_name: ground truth "
+                           f"{gt['images'][0]['file_name']!r}, labelled {pred['images'][0]['file_name']!r}); expected the "
+                           "ground truth of the labelled images")
+    unmatched = [g for g in gt["images"] if g["id"] not in matched]
+    if unmatched:
+        log.warning("%s: %d of its %d images match no labelled image (e.g. %r): they count as misses", gt_name,
+                    len(unmatched), n_gt, unmatched[0]["file_name"])
 
     gt_by_img: dict[int, list[dict]] = defaultdict(list)
     for a in gt["annotations"]:
@@ -134,13 +189,16 @@ def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLik
         m[f"labels/f1_{s}"] = 2 * prec * rec / (prec + rec) if prec > 0 and rec > 0 else (0.0 if prec >= 0 and rec >= 0 else -1.0)
         if with_counts:
             m[f"count/tp_{s}"], m[f"count/pred_{s}"], m[f"count/gt_{s}"] = t, p, g
+    m["labels/gt_images_matched"] = len(matched)
+    m["labels/gt_images_unmatched"] = len(unmatched)
     has_masks = any("segmentation" in a for a in pred["annotations"]) and all("segmentation" in a for a in gt["annotations"])
     if has_masks:
-        m.update(_mask_miou(pred, gt, img_map, pred_to_gt_cat, split))
+        m.update(_mask_miou(pred, gt, img_map, pred_to_gt_cat, split, gt_name))
     return m
 
 
 def _paint(anns: list[dict], shape: tuple[int, int], cat_map, by_score: bool) -> np.ndarray:
+    from distill.data.coco import decode_segmentation
     from distill.labels.formats import rle_to_mask
 
     sem = np.zeros(shape, np.int64)
@@ -148,16 +206,28 @@ def _paint(anns: list[dict], shape: tuple[int, int], cat_map, by_score: bool) ->
         anns = sorted(anns, key=lambda a: float(a.get("score", 1.0)))
     for a in anns:
         c = cat_map(a["category_id"])
-        if c is None or "segmentation" not in a or not isinstance(a["segmentation"], dict):
+        seg = a.get("segmentation")
+        if c is None or not seg or not isinstance(seg, (dict, list)):
             continue
-        mk = rle_to_mask(a["segmentation"])
+        mk = rle_to_mask(seg) if isinstance(seg, dict) else decode_segmentation(seg, *shape).astype(bool)  # RLE / polygons
         if mk.shape != shape:
             continue
         sem[mk] = c
     return sem
 
 
-def _mask_miou(pred: dict, gt: dict, img_map: dict, pred_to_gt_cat: dict, split: dict) -> dict:
+def _size(im: dict) -> tuple[int, int] | None:
+    """(height, width) of a COCO image entry, None when it has none."""
+    try:
+        return int(im["height"]), int(im["width"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _mask_miou(pred: dict, gt: dict, img_map: dict, pred_to_gt_cat: dict, split: dict, gt_name: str = "ground truth") -> dict:
+    """Pixel metrics over the ground-truth images, painted at the labelled image's size (the
+    ground truth's for an image that was not labelled; one without a size is left out). An image
+    whose ground-truth size differs from the labelled image's is left out (one warning line)."""
     from distill.eval.segmentation import SemSegEvaluator
 
     num = max(split) + 1
@@ -170,10 +240,24 @@ def _mask_miou(pred: dict, gt: dict, img_map: dict, pred_to_gt_cat: dict, split:
     gt_by_img: dict[int, list[dict]] = defaultdict(list)
     for a in gt["annotations"]:
         gt_by_img[a["image_id"]].append(a)
+    labelled = {img_map[p["id"]]: p for p in pred["images"] if p["id"] in img_map}
+    wrong: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
     for g in gt["images"]:
-        shape = (int(g["height"]), int(g["width"]))
+        gsize, p = _size(g), labelled.get(g["id"])
+        psize = _size(p) if p is not None else None
+        if psize is not None and gsize is not None and psize != gsize:
+            wrong.append((p["file_name"], psize, gsize))
+            continue
+        shape = psize or gsize
+        if shape is None:
+            continue
         gsem = _paint(gt_by_img.get(g["id"], []), shape, lambda c: c, by_score=False)
         psem = _paint(pr_by_img.get(g["id"], []), shape, lambda c: pred_to_gt_cat.get(c), by_score=True)
         ev.process(psem, gsem)
+    if wrong:
+        name, (ph, pw), (gh, gw) = wrong[0]
+        log.warning("%s: %d image(s) differ in size from the labelled image, left out of the mask metrics (boxes still count): "
+                    "first %r is %dx%d, the ground truth says %dx%d", gt_name, len(wrong), name, pw, ph, gw, gh)
     r = ev.evaluate()
-    return {f"labels/miou_{k.split('/')[1]}": v for k, v in r.items() if k.startswith("miou/")} | {"labels/pixel_acc": r["pixel_acc"]}
+    return ({f"labels/miou_{k.split('/')[1]}": v for k, v in r.items() if k.startswith("miou/")}
+            | {"labels/pixel_acc": r["pixel_acc"], "labels/gt_images_size_mismatch": len(wrong)})

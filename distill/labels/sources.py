@@ -385,6 +385,9 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
 
         if lcfg.model not in ("", "teacher") and lcfg.proposals != "rpn":
             raise DistillError(f"label.model: {lcfg.model!r}: the teacher source uses cfg.teacher (give --model teacher), or proposals=rpn with a ViLD checkpoint")
+        if lcfg.proposals == "rpn" and lcfg.model in ("", "teacher"):
+            raise DistillError("label.proposals: rpn needs --model <a ViLD checkpoint> (det/vild/model_final.pt: its RPN gives "
+                               "the boxes the teacher scores; add --source teacher), or --proposals windows / components with --model teacher")
         teacher = build_teacher(cfg.teacher, device=device)
         if lcfg.proposals == "auto":  # colour components suit the shapes world's teacher only; photos: windows
             lcfg = dataclasses.replace(lcfg, proposals="components" if teacher.name == "distill-tiny-vit" else "windows")
@@ -397,6 +400,11 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
             max_side=lcfg.max_side,
         )
         return src, src.fingerprint
+    if not lcfg.model.strip():
+        raise DistillError(f"label.model: required (a student checkpoint model_final.pt, or 'teacher'; label.source is {lcfg.source!r})")
+    if lcfg.model.strip() == "teacher":
+        raise DistillError(f"label.model: 'teacher' with label.source {lcfg.source!r}: the teacher is label.source=teacher "
+                           "(--source teacher), a student source needs its checkpoint model_final.pt")
     if lcfg.source == "vild":
         return _vild_source(cfg, vocab, device)
     return _seg_source(cfg, vocab, device)

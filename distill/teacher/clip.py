@@ -383,12 +383,16 @@ def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
         raise _unknown_model(name)
     tokenizer = open_clip.get_tokenizer(name)
     if pretrained and (pretrained.endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in pretrained):
-        if name == "distill-tiny-vit":
+        where = Path(pretrained)
+        if name == "distill-tiny-vit" and where.name == "teacher.safetensors" and where.parent.name == "teacher":
+            # {work_dir}/teacher/teacher.safetensors: where `distill teacher pretrain` writes the tiny teacher
             raise DistillError(
                 f"teacher.pretrained: {pretrained} not found; pretrain the tiny teacher first "
                 f"(`distill teacher pretrain CONFIG` writes it there) or point teacher.pretrained at a checkpoint"
             )
-        raise DistillError(f"teacher.pretrained: {pretrained} not found (expected a checkpoint of {name!r} there: an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face CLIPModel folder)")
+        raise DistillError(f"teacher.pretrained: {pretrained} not found (expected a checkpoint of {name!r} there: "
+                           + ("a teacher.safetensors from `distill teacher pretrain`, " if name == "distill-tiny-vit" else "")
+                           + "an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face CLIPModel folder)")
 
     if pretrained:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -449,21 +453,32 @@ def _canonical(cfg: dict) -> dict:
     return {"embed_dim": cfg.get("embed_dim"), "quick_gelu": bool(cfg.get("quick_gelu", False)), "vision_cfg": v, "text_cfg": t}
 
 
-def _check_named(model: str, inferred: dict, source: str, what: str) -> None:
-    """A named architecture must not contradict what the checkpoint says (activation first)."""
+def _check_named(model: str, inferred: dict, source: str, what: str, kind: str = "checkpoint") -> None:
+    """A named architecture must not contradict what the checkpoint (``kind``: or folder) says.
+    The same shapes with the other activation (OpenAI's ViT-B-32 weights under ``ViT-B-32``)
+    name the model with the right one; other shapes (a Hugging Face folder under the default
+    ``distill-tiny-vit``) lead with the differences and ``teacher.model=`` (empty), which reads
+    the architecture from the file."""
     named = open_clip.get_model_config(model)
     if named is None:
         raise _unknown_model(model)
-    if bool(named.get("quick_gelu", False)) != bool(inferred.get("quick_gelu", False)):
+    quick_named, quick_file = bool(named.get("quick_gelu", False)), bool(inferred.get("quick_gelu", False))
+    same_shapes = _canonical({**named, "quick_gelu": False}) == _canonical({**inferred, "quick_gelu": False})
+    if not same_shapes:
+        found = _registered_name(inferred)
+        act = ""
+        if quick_named != quick_file:  # also the other activation (in the differences): name the model's twin if any
+            twin = f"{model}-quickgelu" if quick_file else (model[: -len("-quickgelu")] if model.endswith("-quickgelu") else "")
+            if twin in open_clip.list_models():
+                act = f"; it {'needs QuickGELU' if quick_file else 'uses GELU, not QuickGELU'} ({twin} is {model} with {'QuickGELU' if quick_file else 'GELU'})"
+        fix = f"give teacher.model= (empty) to read it from the {kind}" + (f", or teacher.model={found}" if found else "")
+        raise DistillError(f"{source}: the {kind}'s architecture differs from teacher.model {model!r} ({_arch_diff(named, inferred)}){act}; {fix}")
+    if quick_named != quick_file:
         if inferred.get("quick_gelu"):
             fix = f"{model}-quickgelu" if f"{model}-quickgelu" in open_clip.list_models() else (_registered_name(inferred) or "the matching -quickgelu model")
             raise DistillError(f"{source}: {what} needs QuickGELU but teacher.model {model!r} uses GELU; set teacher.model={fix} (or leave it empty to infer it)")
         fix = model[: -len("-quickgelu")] if model.endswith("-quickgelu") else (_registered_name(inferred) or "a GELU model")
         raise DistillError(f"{source}: {what} uses GELU but teacher.model {model!r} uses QuickGELU; set teacher.model={fix} (or leave it empty to infer it)")
-    if _canonical(named) != _canonical(inferred):
-        found = _registered_name(inferred)
-        fix = f"set teacher.model={found}" if found else "leave teacher.model empty to read the architecture from the checkpoint"
-        raise DistillError(f"{source}: the checkpoint's architecture differs from teacher.model {model!r} ({_arch_diff(named, inferred)}); {fix}")
 
 
 def _arch_diff(named: dict, inferred: dict) -> str:
@@ -534,7 +549,7 @@ def load_teacher(
             if not isinstance(cfg, dict):
                 raise DistillError(f"{path / 'open_clip_config.json'}: expected a 'model_cfg' object (open_clip's local-dir layout)")
             if model:
-                _check_named(model, cfg, str(path), "open_clip_config.json")
+                _check_named(model, cfg, str(path), "open_clip_config.json", "folder")
             weights = _weights_in(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "teacher.safetensors"))
             net = _model_from_cfg(cfg, str(path))
             load_state_dict_checked(net, load_weights_file(weights), str(weights))
@@ -547,7 +562,7 @@ def load_teacher(
             hf = formats.read_hf_config(path)
             cfg = formats.hf_model_cfg(hf, str(path / "config.json"))
             if model:
-                _check_named(model, cfg, str(path), "the Hugging Face config's hidden_act")
+                _check_named(model, cfg, str(path), "the Hugging Face config's hidden_act", "folder")
             index = path / "model.safetensors.index.json"
             if index.is_file():
                 shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
