@@ -68,3 +68,21 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
     assert p.returncode == 130, (p.returncode, err)
     assert "Traceback" not in err and lines and lines[-1] == "aborted", err
+
+
+def test_warnings_keep_their_format_after_a_library_logs_to_root(tmp_path):
+    """open_clip calls the module-level ``logging.warning``, which installs a root handler; the
+    command's own warnings stay ``warning: <message>`` lines, printed once."""
+    code = (
+        "import logging\n"
+        "from distill.cli import _log_to_stderr\n"
+        "_log_to_stderr()\n"
+        "logging.warning('from a library')\n"
+        "logging.getLogger('distill.eval.detection').warning('%s: a warning', 'gt.json')\n"
+        "logging.getLogger('distill.eval.detection').info('not shown')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines.count("warning: gt.json: a warning") == 1, lines
+    assert not any("WARNING:distill" in ln or "not shown" in ln for ln in lines), lines

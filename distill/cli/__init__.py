@@ -6,6 +6,7 @@ A :class:`~distill.errors.DistillError` (a user's mistake) prints one line and e
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -82,5 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def _log_to_stderr() -> None:
+    """The package's warnings as ``warning: <message>`` lines on stderr, and only those: a library
+    calling the module-level ``logging.warning`` (open_clip does) installs a root handler that would
+    otherwise prefix every later line with ``WARNING:distill.<module>:``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    log = logging.getLogger("distill")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+
+
 def _console() -> None:
+    _log_to_stderr()
     sys.exit(main())

@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True)
 @app.command("det")
 def det(
     gt: Annotated[str, typer.Option("--gt", help="COCO instances json (categories carry split base/novel).")],
-    pred: Annotated[str, typer.Option("--pred", help="COCO results json: [{image_id, category_id, bbox, score, segmentation?}].")],
+    pred: Annotated[str, typer.Option("--pred", help="COCO results json [{image_id, category_id, bbox, score, segmentation?}], or the labels.json of distill label (its images and categories are matched to the ground truth's by file_name and name; metrics.json counts the matches).")],
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for metrics.json.")] = None,
     iou: Annotated[str, typer.Option("--iou", help="Comma-separated: bbox, segm.")] = "bbox",
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary file giving the base/novel split of the GT's categories, matched by name; every GT category must be in it.")] = None,
