@@ -31,6 +31,9 @@ from distill.errors import DistillError
 # --------------------------------------------------------------------------------------------
 
 
+Precision = Literal["fp32", "amp_bf16", "amp_fp16"]  # engine/device.py PRECISIONS
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """The procedural shapes world (distill/data/world.py)."""
@@ -83,10 +86,10 @@ class TeacherConfig:
 
     model: str = "distill-tiny-vit"  # an open_clip model name (ours are registered on import)
     pretrained: str = "{work_dir}/teacher/teacher.safetensors"  # tag, local file, or local-dir:...
-    precision: str = "fp32"  # fp32 | amp_bf16 | amp_fp16
+    precision: Precision = "fp32"  # autocast of the teacher's forward (engine/device.py)
     dense_image_size: int = 128  # input size for dense paths (MaskCLIP pixels, dense RoIAlign, CAM)
     templates: str = "shapes.txt"  # prompt templates: a file (one a line, {} = class name; a bare name may be one shipped in distill/prompts/) or the templates themselves
-    cache_dtype: str = "fp16"  # fp16 | fp32 storage in the embedding cache
+    cache_dtype: Literal["fp16", "fp32"] = "fp16"  # storage dtype of the embedding cache
     batch_size: int = 256
     device: str = ""  # "" = cuda when available else cpu
     background: str = "background_shapes.txt"  # background words (teacher evaluate: MaskCLIP mIoU): a file, one a line, or the words themselves
@@ -151,11 +154,11 @@ class ClipSelfConfig:
 class RegionConfig:
     """Teacher region embeddings (teacher/regions.py)."""
 
-    mode: str = "crop"  # crop (ViLD 3.2: 1x + 1.5x crops) | dense (RoIAlign on MaskCLIP map)
+    mode: Literal["crop", "dense"] = "crop"  # crop (ViLD 3.2: 1x + 1.5x crops) | dense (RoIAlign on MaskCLIP map)
     scales: tuple[float, ...] = (1.0, 1.5)
     max_proposals: int = 300
     shard_size: int = 256  # images per cache shard
-    precision: str = ""  # "" = teacher.precision; amp_bf16 embeds 1.85x faster on a bf16 CPU (cosine to fp32 >= 0.99999)
+    precision: Literal["", "fp32", "amp_bf16", "amp_fp16"] = ""  # "" = teacher.precision
 
 
 @dataclass(frozen=True)
@@ -179,11 +182,11 @@ class TrainConfig:
     lr: float = 0.02
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     warmup: int = 100
-    schedule: str = "cosine"  # cosine | step | constant
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
     grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | amp_bf16 | amp_fp16 (AMP only on CUDA by default)
+    precision: Precision = "fp32"  # autocast during training (AMP only on CUDA by default)
     clip_grad: float = 0.0
     eval_period: int = 0  # 0 = only at the end
     checkpoint_period: int = 500
@@ -212,7 +215,7 @@ class DetConfig:
     """The ViLD student (detection/)."""
 
     name: str = "vild"
-    backbone: str = "resnet18_fpn"
+    backbone: Literal["resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "mobilenet_v3_large_fpn"] = "resnet18_fpn"
     pretrained_backbone: str = ""  # local path to backbone weights; empty = random init
     # with pretrained_backbone: true = torchvision's recipe for ImageNet weights (frozen BatchNorm,
     # stem and first stage fixed); false = every layer trains, with BatchNorm (for weights from
@@ -240,14 +243,14 @@ class DetConfig:
     # (the same architecture as the text branch's), so the text loss, which treats unannotated
     # novel objects as background, no longer fights the distillation in one embedding; "shared" =
     # section 3.3's ViLD (one region embedding trained by both losses)
-    image_head: str = "shared"
+    image_head: Literal["shared", "separate"] = "shared"
     train_on_all: bool = False  # oracle: train on base and novel boxes
     ensemble_alpha: float = 2 / 3  # ViLD section 3.4: base weight on the text branch
     ensemble_beta: float = 2 / 3  # novel weight on the image branch
     # text | image | ensemble (teacher crops at test time, 3.4's first ensemble) |
     # image_head | ensemble_heads (the student's own image-branch embedding, alone or in 3.4's
     # ensemble with the text branch: ViLD-ensemble, no teacher at test time)
-    inference: str = "ensemble"
+    inference: Literal["text", "image", "ensemble", "image_head", "ensemble_heads"] = "ensemble"
     score_thresh: float = 0.001
     nms: float = 0.5
     detections_per_img: int = 100
@@ -278,11 +281,11 @@ class SegConfig:
     """Segmentation students (segmentation/)."""
 
     name: str = "lseg"
-    arch: str = "lseg"  # lseg | clipseg
-    backbone: str = "resnet18"  # lseg image encoder: resnet18 | teacher | teacher_dense (the CLIPSelf tower); clipseg: teacher_dense = its frozen ViT is the CLIPSelf tower, else the teacher's own
+    arch: Literal["lseg", "clipseg"] = "lseg"
+    backbone: Literal["resnet18", "teacher", "teacher_dense"] = "resnet18"  # lseg image encoder: resnet18 | teacher | teacher_dense (the CLIPSelf tower); clipseg: teacher_dense = its frozen ViT is the CLIPSelf tower, else the teacher's own
     embed_dim: int = 0  # 0 = the teacher's text embedding size
     distill_weight: float = 0.0  # pixel distillation weight (0 = off)
-    distill_loss: str = "cosine"  # cosine | l1
+    distill_loss: Literal["cosine", "l1"] = "cosine"
     clipseg_layers: tuple[int, ...] = (3, 7, 9)  # for a 12-layer ViT; scaled to the teacher's depth
     clipseg_reduce_dim: int = 64
     clipseg_heads: int = 4
@@ -312,7 +315,7 @@ class SegConfig:
 class LabelConfig:
     """Pseudo-labels (labels/pseudo.py)."""
 
-    source: str = "vild"  # vild | seg | teacher
+    source: Literal["vild", "seg", "teacher"] = "vild"  # what scores the images
     model: str = ""
     images: str = ""
     vocab: str = ""
@@ -330,7 +333,7 @@ class LabelConfig:
     # world's flat-coloured objects) | windows (multi-scale sliding windows: photos) |
     # components+windows | rpn (a ViLD checkpoint's RPN, given as --model) | auto (components for
     # the embedded teacher distill-tiny-vit, windows for any other teacher)
-    proposals: str = "auto"
+    proposals: Literal["auto", "components", "windows", "components+windows", "rpn"] = "auto"
     max_proposals: int = 100
     # teacher source: images are decoded with their longer side at most max_side px (0 = full size) for
     # candidates and crops; labels are written in full-image pixels (memory bounded by this size)
@@ -361,16 +364,16 @@ class CamConfig:
     conf_thresh: float = 0.95
     # confidence of a pixel: the CRF posterior when crf=true (CLIP-ES 3.4); without CRF, "prob" =
     # its score normalised over background + classes, "score" = the winning score itself.
-    conf_source: str = "prob"
+    conf_source: Literal["prob", "score"] = "prob"
     image_size: int = 0  # 0 = teacher.dense_image_size
     # square: every image resized to image_size x image_size (batched); patch_multiple: CLIP-ES repo,
     # aspect kept, each side rounded up to a multiple of the patch size (image_size 0 = original
     # scale, else the longer side scaled to image_size).
-    resize: str = "square"
-    pool: str = "mean"  # image embedding for the CAM: mean (CLIP-ES repo: mean patch token) | model
+    resize: Literal["square", "patch_multiple"] = "square"
+    pool: Literal["mean", "model"] = "mean"  # image embedding for the CAM: mean (CLIP-ES repo: mean patch token) | model
     # image tower the CAMs read: teacher (its own) | dense (the CLIPSelf tower of teacher.dense_pretrained,
     # whose patch tokens are trained to match crop embeddings, so the mean patch token reads the objects)
-    tower: str = "teacher"
+    tower: Literal["teacher", "dense"] = "teacher"
     bg_power: float = 1.0  # background score = (1 - max class CAM) ** bg_power (CLIP-ES eval scripts)
     vocab: str = ""  # class vocabulary; empty = data.vocab, else the categories of data.train_full_json
     templates: str = ""  # prompt templates file, or one template containing {}; empty = teacher.templates
@@ -383,7 +386,7 @@ class SelftrainConfig:
     """One round of self-training on pseudo-labels (labels/selftrain.py, pipeline stage selftrain)."""
 
     steps: int = 0  # steps of fine-tuning from the ViLD weights (0 = det.train.max_steps)
-    keep: str = "novel"  # classes taken from the pseudo-labels: novel | base | all
+    keep: Literal["novel", "base", "all"] = "novel"  # classes taken from the pseudo-labels
     score_thresh: float = 0.0  # pseudo-labels below it are dropped (label.score_thresh applies first)
     repeat: int = 1  # the pseudo-labeled images are drawn this many times per epoch
     train_split: bool = False  # also pseudo-label the training images' novel objects (VL-PLM)
@@ -449,7 +452,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise DistillError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+            raise DistillError(f"{where}: {value!r} is not one of {shown}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -130,3 +130,19 @@ def test_word_list_settings_hold_their_words_from_any_folder(tmp_path, monkeypat
         with pytest.raises(DistillError) as e:
             load_config(None, [bad])
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), (bad, str(e.value))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cam.tower=dens", "cam.tower: 'dens' is not one of teacher, dense; did you mean 'dense'?"),
+    ("cam.resize=sqaure", "cam.resize: 'sqaure' is not one of square, patch_multiple; did you mean 'square'?"),
+    ("det.image_head=seperate", "det.image_head: 'seperate' is not one of shared, separate; did you mean 'separate'?"),
+    ("seg.arch=unet", "seg.arch: 'unet' is not one of lseg, clipseg"),
+    ("regions.precision=bf16", "regions.precision: 'bf16' is not one of '', fp32, amp_bf16, amp_fp16; did you mean 'amp_bf16'?"),
+    ("det.train.schedule=linear", "det.train.schedule: 'linear' is not one of cosine, step, constant"),
+])
+def test_enum_like_keys_are_checked_at_load(override, message):
+    """A misspelt choice is refused when the config is read, with the valid values (before: e.g.
+    cam.tower=dens silently used the dense tower, cam.resize=sqaure the patch_multiple resize)."""
+    with pytest.raises(DistillError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
