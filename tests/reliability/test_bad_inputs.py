@@ -293,10 +293,10 @@ def test_empty_and_duplicated_vocabularies(tmp_path, teacher_model, capsys):
     line = cli_error(capsys, _label_argv(imgs, tmp_path / "o3", teacher_model, str(dup)))
     assert "dup.json" in line and "duplicate" in line
     assert not (tmp_path / "o1" / "labels.json").exists()
-    # an exact repeat is the same class: merged, not a second output class
-    assert main(_label_argv(imgs, tmp_path / "o4", teacher_model, "red square, blue circle, red square")) == 0
-    coco = json.loads((tmp_path / "o4" / "labels.json").read_text())
-    assert [c["name"] for c in coco["categories"]] == ["red square", "blue circle"]
+    # an exact repeat is refused too (README "Words": nothing is merged), before anything is written
+    line = cli_error(capsys, _label_argv(imgs, tmp_path / "o4", teacher_model, "red square, blue circle, red square"))
+    assert "duplicate class 'red square'" in line
+    assert not (tmp_path / "o4").exists() or not any((tmp_path / "o4").iterdir())
 
 
 def test_unicode_and_very_long_vocabularies_are_handled(tmp_path, teacher_model, capsys):
