@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
+from distill.teacher.vit import block_outputs, patch_size
 
 DEFAULT_LAYERS_12 = (3, 7, 9)  # CLIPSeg section 3 ("we extract activations from layers 3, 7 and 9")
 
@@ -58,14 +59,6 @@ def scale_layers(layers: Sequence[int], depth: int, reference_depth: int = 12) -
 # ----------------------------------------------------------------------------------------------
 
 
-def _interp_pos(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic interpolation of ``pos`` (1 + Ho*Wo, W) to a new patch grid (class row kept): the
-    teacher's own :func:`distill.teacher.dense.interpolate_pos_embed`."""
-    from distill.teacher.dense import interpolate_pos_embed
-
-    return interpolate_pos_embed(pos, old_grid, new_grid)
-
-
 def _check_image(images: torch.Tensor, patch: int, what: str = "images") -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise DistillError(f"{what}: expected a (B, 3, H, W) float tensor, got shape {tuple(images.shape)}")
@@ -84,7 +77,8 @@ class OpenCLIPBackbone(nn.Module):
         frozen: no gradient, eval mode kept (CLIPSeg section 3: the CLIP encoder stays frozen).
 
     ``forward(images (B, 3, H, W) in [0, 1]) -> ([(B, 1 + gh*gw, width)] * len(layers), (gh, gw))``;
-    position embeddings are interpolated (bicubic) when the grid differs from the pretraining one.
+    position embeddings are interpolated (bicubic) when the grid differs from the pretraining one
+    (:func:`distill.teacher.vit.block_outputs`).
     """
 
     def __init__(self, visual: nn.Module, layers: Sequence[int], mean: Sequence[float], std: Sequence[float], frozen: bool = True):
@@ -95,7 +89,7 @@ class OpenCLIPBackbone(nn.Module):
         bad = [i for i in self.layers if not 0 <= i < depth]
         if bad or not self.layers:
             raise DistillError(f"seg.clipseg_layers: {list(layers)} invalid for a {depth}-layer ViT (valid 0..{depth - 1})")
-        self.patch = int(visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size)
+        self.patch = patch_size(visual)
         self.width = int(visual.conv1.out_channels)
         self.depth = depth
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -117,25 +111,7 @@ class OpenCLIPBackbone(nn.Module):
         v = self.visual
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = (images.float() - self.mean) / self.std
-            x = x.to(v.conv1.weight.dtype)
-            x = v.conv1(x)
-            gh, gw = x.shape[-2:]
-            x = x.flatten(2).transpose(1, 2)
-            cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-            x = torch.cat([cls, x], dim=1)
-            pos = _interp_pos(v.positional_embedding, tuple(v.grid_size), (gh, gw))
-            x = x + pos.to(x.dtype)
-            x = v.ln_pre(x)
-            batch_first = getattr(v.transformer, "batch_first", True)
-            if not batch_first:
-                x = x.transpose(0, 1)
-            out = []
-            last = max(self.layers)
-            for i, blk in enumerate(v.transformer.resblocks[: last + 1]):
-                x = blk(x, attn_mask=None)
-                if i in self.layers:
-                    out.append(x if batch_first else x.transpose(0, 1))
-        return out, (int(gh), int(gw))
+            return block_outputs(v, x.to(v.conv1.weight.dtype), self.layers)
 
 
 class HFCLIPBackbone(nn.Module):
