@@ -182,6 +182,29 @@ def _last_block_class_token(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y + blk.ls_2(blk.mlp(blk.ln_2(y)))
 
 
+def _target_scores(feats: torch.Tensor, labels: Sequence[Sequence[int]], text: torch.Tensor, bg: torch.Tensor | None,
+                   softmax: bool, logit_scale: float) -> torch.Tensor:
+    """(R,) target score of each (image, present class) row of ``feats (R, D)`` (unit rows, image
+    by image as in ``labels``): the class's softmax probability among the image's present classes
+    and the background words (CLIP-ES 3.2, eq. 3), or its logit without ``softmax``."""
+    scores = []
+    r = 0
+    for ks in labels:
+        if not len(ks):
+            continue
+        n = len(ks)
+        fb = feats[r : r + n]  # (n, D): this image's rows
+        t = text[list(ks)].float()
+        if softmax:
+            t_all = t if bg is None else torch.cat([t, bg.float()], 0)
+            probs = (logit_scale * fb @ t_all.T).softmax(-1)  # (n, n + M)
+            scores.append(probs[torch.arange(n), torch.arange(n)])
+        else:
+            scores.append(logit_scale * (fb * t).sum(-1))
+        r += n
+    return torch.cat(scores)
+
+
 @dataclass
 class LastBlockOut:
     cams: torch.Tensor  # (R, h, w) Grad-CAM, ReLU + min-max normalised
@@ -234,22 +257,7 @@ def last_block_gradcam(
         out = _last_block_class_token(last, x) if cls_only else run_blocks(visual, x, [last])
         feats = _pool_project(visual, out, pool).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        scores = []
-        r = 0
-        for b, ks in enumerate(labels):
-            if not len(ks):
-                continue
-            n = len(ks)
-            fb = feats[r : r + n]  # (n, D): this image's rows
-            t = text[list(ks)].float()
-            if softmax:
-                t_all = t if bg is None else torch.cat([t, bg.float()], 0)
-                probs = (logit_scale * fb @ t_all.T).softmax(-1)  # (n, n + M)
-                scores.append(probs[torch.arange(n), torch.arange(n)])
-            else:
-                scores.append(logit_scale * (fb * t).sum(-1))
-            r += n
-        scores = torch.cat(scores)
+        scores = _target_scores(feats, labels, text, bg, softmax, logit_scale)
         act = act_rec.output
         (grads,) = torch.autograd.grad(scores.sum(), act)
     if not getattr(visual.transformer, "batch_first", True):
