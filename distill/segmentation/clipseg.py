@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
+from distill.teacher import formats
 from distill.teacher.vit import block_outputs, patch_size
 
 DEFAULT_LAYERS_12 = (3, 7, 9)  # CLIPSeg section 3 ("we extract activations from layers 3, 7 and 9")
@@ -391,46 +392,21 @@ def build_clipseg(
 def convert_hf_vision_to_open_clip(hf_vision: nn.Module, visual_projection: nn.Module | None = None) -> nn.Module:
     """A transformers CLIP(Seg) vision model -> an equivalent open_clip ``VisionTransformer``.
 
-    Maps embeddings / pre_layrnorm / encoder layers (q, k, v -> ``in_proj``) / post_layernorm and
-    the visual projection (``proj = W.T``). The activation (quick_gelu or gelu) is carried over.
+    Built as open_clip builds a CLIP's image tower from its config, with the keys the teacher's
+    Hugging Face reader maps (:func:`distill.teacher.formats.hf_vision_to_open_clip`: embeddings,
+    pre_layrnorm, encoder layers with q, k, v -> ``in_proj``, post_layernorm) and the visual
+    projection (``proj = W.T``). The activation (quick_gelu or gelu) is carried over.
     """
-    from open_clip.transformer import QuickGELU, VisionTransformer
+    from open_clip.model import _build_vision_tower
 
     c = hf_vision.config
-    act = {"quick_gelu": QuickGELU, "gelu": nn.GELU}.get(c.hidden_act)
-    if act is None:
+    quick = {"quick_gelu": True, "gelu": False}.get(c.hidden_act)
+    if quick is None:
         raise DistillError(f"clipseg converter: hidden_act {c.hidden_act!r} not supported (quick_gelu, gelu)")
     out_dim = visual_projection.weight.shape[0] if visual_projection is not None else c.hidden_size
-    vt = VisionTransformer(
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-        width=c.hidden_size,
-        layers=c.num_hidden_layers,
-        heads=c.num_attention_heads,
-        mlp_ratio=c.intermediate_size / c.hidden_size,
-        output_dim=out_dim,
-        act_layer=act,
-    )
-    sd = hf_vision.state_dict()
-    new = {
-        "class_embedding": sd["embeddings.class_embedding"],
-        "conv1.weight": sd["embeddings.patch_embedding.weight"],
-        "positional_embedding": sd["embeddings.position_embedding.weight"],
-        "ln_pre.weight": sd["pre_layrnorm.weight"],
-        "ln_pre.bias": sd["pre_layrnorm.bias"],
-        "ln_post.weight": sd["post_layernorm.weight"],
-        "ln_post.bias": sd["post_layernorm.bias"],
-        "proj": (visual_projection.weight.detach().t().clone() if visual_projection is not None else torch.eye(c.hidden_size)),
-    }
-    for i in range(c.num_hidden_layers):
-        h, o = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        new[o + "ln_1.weight"], new[o + "ln_1.bias"] = sd[h + "layer_norm1.weight"], sd[h + "layer_norm1.bias"]
-        new[o + "ln_2.weight"], new[o + "ln_2.bias"] = sd[h + "layer_norm2.weight"], sd[h + "layer_norm2.bias"]
-        new[o + "attn.in_proj_weight"] = torch.cat([sd[h + f"self_attn.{p}_proj.weight"] for p in "qkv"], 0)
-        new[o + "attn.in_proj_bias"] = torch.cat([sd[h + f"self_attn.{p}_proj.bias"] for p in "qkv"], 0)
-        new[o + "attn.out_proj.weight"], new[o + "attn.out_proj.bias"] = sd[h + "self_attn.out_proj.weight"], sd[h + "self_attn.out_proj.bias"]
-        new[o + "mlp.c_fc.weight"], new[o + "mlp.c_fc.bias"] = sd[h + "mlp.fc1.weight"], sd[h + "mlp.fc1.bias"]
-        new[o + "mlp.c_proj.weight"], new[o + "mlp.c_proj.bias"] = sd[h + "mlp.fc2.weight"], sd[h + "mlp.fc2.bias"]
+    vt = _build_vision_tower(out_dim, formats.hf_vision_cfg(c.to_dict()), quick_gelu=quick)
+    new = formats.hf_vision_to_open_clip(formats.HFKeys(hf_vision.state_dict(), "clipseg converter"))
+    new["proj"] = visual_projection.weight.detach().t().clone() if visual_projection is not None else torch.eye(c.hidden_size)
     vt.load_state_dict(new, strict=True)
     return vt.eval()
 

@@ -240,14 +240,7 @@ def hf_model_cfg(cfg: dict, source: str) -> dict:
     return {
         "embed_dim": int(cfg.get("projection_dim", 512)),
         "quick_gelu": _HF_ACT[v["hidden_act"]],
-        "vision_cfg": {
-            "image_size": int(v["image_size"]),
-            "layers": int(v["num_hidden_layers"]),
-            "width": int(v["hidden_size"]),
-            "head_width": int(v["hidden_size"]) // int(v["num_attention_heads"]),
-            "mlp_ratio": int(v["intermediate_size"]) / int(v["hidden_size"]),
-            "patch_size": int(v["patch_size"]),
-        },
+        "vision_cfg": hf_vision_cfg(v),
         "text_cfg": {
             "context_length": int(t["max_position_embeddings"]),
             "vocab_size": int(t["vocab_size"]),
@@ -259,46 +252,78 @@ def hf_model_cfg(cfg: dict, source: str) -> dict:
     }
 
 
+def hf_vision_cfg(v: dict) -> dict:
+    """open_clip ``vision_cfg`` of a Hugging Face ``CLIPVisionConfig`` dict (every key present)."""
+    return {
+        "image_size": int(v["image_size"]),
+        "layers": int(v["num_hidden_layers"]),
+        "width": int(v["hidden_size"]),
+        "head_width": int(v["hidden_size"]) // int(v["num_attention_heads"]),
+        "mlp_ratio": int(v["intermediate_size"]) / int(v["hidden_size"]),
+        "patch_size": int(v["patch_size"]),
+    }
+
+
+class HFKeys:
+    """A Hugging Face state dict read key by key (``keys(name)``); ``used`` holds what was read."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], source: str):
+        self.sd, self.source, self.used = sd, source, set()
+
+    def __call__(self, k: str) -> torch.Tensor:
+        if k not in self.sd:
+            raise DistillError(f"{self.source}: missing {k} (not a complete Hugging Face CLIPModel state dict)")
+        self.used.add(k)
+        return self.sd[k]
+
+
+def _hf_blocks(take: HFKeys, hf: str, oc: str) -> dict[str, torch.Tensor]:
+    """Encoder layers ``{hf}encoder.layers.i`` -> open_clip blocks ``{oc}resblocks.i`` (q / k / v
+    concatenated into ``in_proj``)."""
+    out: dict[str, torch.Tensor] = {}
+    pre = f"{hf}encoder.layers."
+    for i in range(len({k[len(pre) :].split(".")[0] for k in take.sd if k.startswith(pre)})):
+        a, b = f"{pre}{i}", f"{oc}resblocks.{i}"
+        out[f"{b}.ln_1.weight"], out[f"{b}.ln_1.bias"] = take(f"{a}.layer_norm1.weight"), take(f"{a}.layer_norm1.bias")
+        out[f"{b}.attn.in_proj_weight"] = torch.cat([take(f"{a}.self_attn.{p}_proj.weight") for p in "qkv"])
+        out[f"{b}.attn.in_proj_bias"] = torch.cat([take(f"{a}.self_attn.{p}_proj.bias") for p in "qkv"])
+        out[f"{b}.attn.out_proj.weight"], out[f"{b}.attn.out_proj.bias"] = take(f"{a}.self_attn.out_proj.weight"), take(f"{a}.self_attn.out_proj.bias")
+        out[f"{b}.ln_2.weight"], out[f"{b}.ln_2.bias"] = take(f"{a}.layer_norm2.weight"), take(f"{a}.layer_norm2.bias")
+        out[f"{b}.mlp.c_fc.weight"], out[f"{b}.mlp.c_fc.bias"] = take(f"{a}.mlp.fc1.weight"), take(f"{a}.mlp.fc1.bias")
+        out[f"{b}.mlp.c_proj.weight"], out[f"{b}.mlp.c_proj.bias"] = take(f"{a}.mlp.fc2.weight"), take(f"{a}.mlp.fc2.bias")
+    return out
+
+
+def hf_vision_to_open_clip(take: HFKeys, hf: str = "", oc: str = "") -> dict[str, torch.Tensor]:
+    """A Hugging Face CLIP(Seg) vision model's keys (under ``hf``, e.g. ``vision_model.``) ->
+    open_clip ``VisionTransformer`` keys (under ``oc``, e.g. ``visual.``), projection aside."""
+    out = {
+        f"{oc}class_embedding": take(f"{hf}embeddings.class_embedding"),
+        f"{oc}conv1.weight": take(f"{hf}embeddings.patch_embedding.weight"),
+        f"{oc}positional_embedding": take(f"{hf}embeddings.position_embedding.weight"),
+        f"{oc}ln_pre.weight": take(f"{hf}pre_layrnorm.weight"),
+        f"{oc}ln_pre.bias": take(f"{hf}pre_layrnorm.bias"),
+    }
+    out.update(_hf_blocks(take, hf, f"{oc}transformer."))
+    out[f"{oc}ln_post.weight"], out[f"{oc}ln_post.bias"] = take(f"{hf}post_layernorm.weight"), take(f"{hf}post_layernorm.bias")
+    return out
+
+
 def hf_to_open_clip(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Hugging Face ``CLIPModel`` keys -> open_clip ``CLIP`` keys (q / k / v concatenated into
     ``in_proj``, projections transposed). Keys it does not know are an error naming them."""
     sd = {k[len("clip."):] if k.startswith("clip.") else k: v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(k: str) -> torch.Tensor:
-        if k not in sd:
-            raise DistillError(f"{source}: missing {k} (not a complete Hugging Face CLIPModel state dict)")
-        used.add(k)
-        return sd[k]
-
-    def blocks(hf: str, oc: str) -> None:
-        n = len({k.split(".")[3] for k in sd if k.startswith(f"{hf}.encoder.layers.")})
-        for i in range(n):
-            a, b = f"{hf}.encoder.layers.{i}", f"{oc}.resblocks.{i}"
-            out[f"{b}.ln_1.weight"], out[f"{b}.ln_1.bias"] = take(f"{a}.layer_norm1.weight"), take(f"{a}.layer_norm1.bias")
-            out[f"{b}.attn.in_proj_weight"] = torch.cat([take(f"{a}.self_attn.{p}_proj.weight") for p in "qkv"])
-            out[f"{b}.attn.in_proj_bias"] = torch.cat([take(f"{a}.self_attn.{p}_proj.bias") for p in "qkv"])
-            out[f"{b}.attn.out_proj.weight"], out[f"{b}.attn.out_proj.bias"] = take(f"{a}.self_attn.out_proj.weight"), take(f"{a}.self_attn.out_proj.bias")
-            out[f"{b}.ln_2.weight"], out[f"{b}.ln_2.bias"] = take(f"{a}.layer_norm2.weight"), take(f"{a}.layer_norm2.bias")
-            out[f"{b}.mlp.c_fc.weight"], out[f"{b}.mlp.c_fc.bias"] = take(f"{a}.mlp.fc1.weight"), take(f"{a}.mlp.fc1.bias")
-            out[f"{b}.mlp.c_proj.weight"], out[f"{b}.mlp.c_proj.bias"] = take(f"{a}.mlp.fc2.weight"), take(f"{a}.mlp.fc2.bias")
-
-    out["visual.class_embedding"] = take("vision_model.embeddings.class_embedding")
-    out["visual.conv1.weight"] = take("vision_model.embeddings.patch_embedding.weight")
-    out["visual.positional_embedding"] = take("vision_model.embeddings.position_embedding.weight")
-    out["visual.ln_pre.weight"], out["visual.ln_pre.bias"] = take("vision_model.pre_layrnorm.weight"), take("vision_model.pre_layrnorm.bias")
-    blocks("vision_model", "visual.transformer")
-    out["visual.ln_post.weight"], out["visual.ln_post.bias"] = take("vision_model.post_layernorm.weight"), take("vision_model.post_layernorm.bias")
+    take = HFKeys(sd, source)
+    out = hf_vision_to_open_clip(take, "vision_model.", "visual.")
     out["visual.proj"] = take("visual_projection.weight").t().contiguous()
     out["token_embedding.weight"] = take("text_model.embeddings.token_embedding.weight")
     out["positional_embedding"] = take("text_model.embeddings.position_embedding.weight")
-    blocks("text_model", "transformer")
+    out.update(_hf_blocks(take, "text_model.", "transformer."))
     out["ln_final.weight"], out["ln_final.bias"] = take("text_model.final_layer_norm.weight"), take("text_model.final_layer_norm.bias")
     out["text_projection"] = take("text_projection.weight").t().contiguous()
     out["logit_scale"] = take("logit_scale")
     ignorable = ("position_ids",)
-    extra = sorted(k for k in sd if k not in used and not k.endswith(ignorable))
+    extra = sorted(k for k in sd if k not in take.used and not k.endswith(ignorable))
     if extra:
         raise DistillError(f"{source}: unexpected keys for a CLIPModel: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     return out
