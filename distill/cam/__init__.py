@@ -27,8 +27,8 @@ size): ``cam.resize=square`` resizes every image to ``cam.image_size`` (0 = the 
 ``dense_image_size``) so that a batch can be stacked; ``cam.resize=patch_multiple`` follows the
 repo (aspect ratio kept, each side rounded UP to a multiple of the patch size; ``cam.image_size``
 0 keeps the original scale as the repo does, else the longer side is scaled to it). Position
-embeddings are interpolated to the token grid by the teacher's dense path
-(``distill.teacher.dense.embed_tokens``, bicubic; the repo's ``upsample_pos_emb`` is bilinear). The
+embeddings are interpolated to the token grid by the teacher's ViT helpers
+(``distill.teacher.vit.embed_tokens``, bicubic; the repo's ``upsample_pos_emb`` is bilinear). The
 CAMs are resized back to the original image size, so masks always have the image's size.
 
 Outputs (``cam.out``): ``seeds/{split}/{stem}.npz`` (``category_ids``, patch-level ``gradcam`` and,

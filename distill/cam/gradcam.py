@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from distill.errors import DistillError
-from distill.teacher.dense import embed_tokens
+from distill.teacher.vit import embed_tokens, patch_size, run_blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,25 +96,11 @@ def _visual(teacher) -> nn.Module:
 
 
 def patch_size_of(teacher) -> int:
-    ps = _visual(teacher).conv1.kernel_size
-    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
-
-
-def _normalize_images(teacher, images: torch.Tensor) -> torch.Tensor:
-    mean = torch.as_tensor(teacher.mean, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-    std = torch.as_tensor(teacher.std, dtype=images.dtype, device=images.device).reshape(1, -1, 1, 1)
-    return (images - mean) / std
+    return patch_size(_visual(teacher))
 
 
 def _blocks(visual) -> list[nn.Module]:
     return list(visual.transformer.resblocks)
-
-
-def _run_block(visual, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x: (B, L, W) batch-first; open_clip transformers may run sequence-first."""
-    if getattr(visual.transformer, "batch_first", True):
-        return blk(x)
-    return blk(x.transpose(0, 1)).transpose(0, 1)
 
 
 @torch.no_grad()
@@ -131,12 +117,11 @@ def trunk_tokens(teacher, images: torch.Tensor, record_attention: bool = True) -
     H, W = images.shape[-2:]
     if H % ps or W % ps:
         raise DistillError(f"images: size {H}x{W} is not a multiple of the patch size {ps} (resize first)")
-    x = _normalize_images(teacher, images.to(teacher.device))
+    x = teacher.normalize(images.to(teacher.device))
     blocks = _blocks(visual)
     with _autocast(teacher), AttentionRecorder([b.attn for b in blocks[:-1]] if record_attention else []) as rec:
         x, (h, w) = embed_tokens(visual, x)
-        for blk in blocks[:-1]:
-            x = _run_block(visual, blk, x)
+        x = run_blocks(visual, x, blocks[:-1])
     return x, rec.weights, (h, w)
 
 
@@ -197,6 +182,29 @@ def _last_block_class_token(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y + blk.ls_2(blk.mlp(blk.ln_2(y)))
 
 
+def _target_scores(feats: torch.Tensor, labels: Sequence[Sequence[int]], text: torch.Tensor, bg: torch.Tensor | None,
+                   softmax: bool, logit_scale: float) -> torch.Tensor:
+    """(R,) target score of each (image, present class) row of ``feats (R, D)`` (unit rows, image
+    by image as in ``labels``): the class's softmax probability among the image's present classes
+    and the background words (CLIP-ES 3.2, eq. 3), or its logit without ``softmax``."""
+    scores = []
+    r = 0
+    for ks in labels:
+        if not len(ks):
+            continue
+        n = len(ks)
+        fb = feats[r : r + n]  # (n, D): this image's rows
+        t = text[list(ks)].float()
+        if softmax:
+            t_all = t if bg is None else torch.cat([t, bg.float()], 0)
+            probs = (logit_scale * fb @ t_all.T).softmax(-1)  # (n, n + M)
+            scores.append(probs[torch.arange(n), torch.arange(n)])
+        else:
+            scores.append(logit_scale * (fb * t).sum(-1))
+        r += n
+    return torch.cat(scores)
+
+
 @dataclass
 class LastBlockOut:
     cams: torch.Tensor  # (R, h, w) Grad-CAM, ReLU + min-max normalised
@@ -246,25 +254,10 @@ def last_block_gradcam(
     cls_only = pool == "model" and _class_token_only(visual, last)
     with torch.enable_grad(), _autocast(teacher), OutputRecorder(last.ln_1) as act_rec, \
             AttentionRecorder([last.attn] if need_attention and not cls_only else []) as att_rec:
-        out = _last_block_class_token(last, x) if cls_only else _run_block(visual, last, x)
+        out = _last_block_class_token(last, x) if cls_only else run_blocks(visual, x, [last])
         feats = _pool_project(visual, out, pool).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        scores = []
-        r = 0
-        for b, ks in enumerate(labels):
-            if not len(ks):
-                continue
-            n = len(ks)
-            fb = feats[r : r + n]  # (n, D): this image's rows
-            t = text[list(ks)].float()
-            if softmax:
-                t_all = t if bg is None else torch.cat([t, bg.float()], 0)
-                probs = (logit_scale * fb @ t_all.T).softmax(-1)  # (n, n + M)
-                scores.append(probs[torch.arange(n), torch.arange(n)])
-            else:
-                scores.append(logit_scale * (fb * t).sum(-1))
-            r += n
-        scores = torch.cat(scores)
+        scores = _target_scores(feats, labels, text, bg, softmax, logit_scale)
         act = act_rec.output
         (grads,) = torch.autograd.grad(scores.sum(), act)
     if not getattr(visual.transformer, "batch_first", True):
@@ -277,7 +270,7 @@ def last_block_gradcam(
         attn_last = tokens.new_zeros((0,) + (tokens.shape[1],) * 2)
     elif cls_only:  # the full attention of the last block, once per image with labels (for CAA)
         with torch.no_grad(), _autocast(teacher), AttentionRecorder([last.attn]) as att_rec:
-            _run_block(visual, last, tokens.detach()[b_idx[first_row]])
+            run_blocks(visual, tokens.detach()[b_idx[first_row]], [last])
         attn_last = att_rec.weights[0]
     else:
         attn_last = att_rec.weights[0][first_row]
@@ -305,10 +298,8 @@ class ClipLogits(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.visual
-        x = _normalize_images(self.teacher, images)
-        x, _ = embed_tokens(visual, x)
-        for blk in _blocks(visual):
-            x = _run_block(visual, blk, x)
+        x, _ = embed_tokens(visual, self.teacher.normalize(images))
+        x = run_blocks(visual, x, _blocks(visual))
         f = _pool_project(visual, x, self.pool).float()
         f = f / f.norm(dim=-1, keepdim=True)
         logits = self.logit_scale * f @ self.text.T

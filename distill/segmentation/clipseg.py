@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
+from distill.teacher import formats
+from distill.teacher.vit import block_outputs, patch_size
 
 DEFAULT_LAYERS_12 = (3, 7, 9)  # CLIPSeg section 3 ("we extract activations from layers 3, 7 and 9")
 
@@ -58,14 +60,6 @@ def scale_layers(layers: Sequence[int], depth: int, reference_depth: int = 12) -
 # ----------------------------------------------------------------------------------------------
 
 
-def _interp_pos(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic interpolation of ``pos`` (1 + Ho*Wo, W) to a new patch grid (class row kept): the
-    teacher's own :func:`distill.teacher.dense.interpolate_pos_embed`."""
-    from distill.teacher.dense import interpolate_pos_embed
-
-    return interpolate_pos_embed(pos, old_grid, new_grid)
-
-
 def _check_image(images: torch.Tensor, patch: int, what: str = "images") -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise DistillError(f"{what}: expected a (B, 3, H, W) float tensor, got shape {tuple(images.shape)}")
@@ -84,7 +78,8 @@ class OpenCLIPBackbone(nn.Module):
         frozen: no gradient, eval mode kept (CLIPSeg section 3: the CLIP encoder stays frozen).
 
     ``forward(images (B, 3, H, W) in [0, 1]) -> ([(B, 1 + gh*gw, width)] * len(layers), (gh, gw))``;
-    position embeddings are interpolated (bicubic) when the grid differs from the pretraining one.
+    position embeddings are interpolated (bicubic) when the grid differs from the pretraining one
+    (:func:`distill.teacher.vit.block_outputs`).
     """
 
     def __init__(self, visual: nn.Module, layers: Sequence[int], mean: Sequence[float], std: Sequence[float], frozen: bool = True):
@@ -95,7 +90,7 @@ class OpenCLIPBackbone(nn.Module):
         bad = [i for i in self.layers if not 0 <= i < depth]
         if bad or not self.layers:
             raise DistillError(f"seg.clipseg_layers: {list(layers)} invalid for a {depth}-layer ViT (valid 0..{depth - 1})")
-        self.patch = int(visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size)
+        self.patch = patch_size(visual)
         self.width = int(visual.conv1.out_channels)
         self.depth = depth
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -117,25 +112,7 @@ class OpenCLIPBackbone(nn.Module):
         v = self.visual
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = (images.float() - self.mean) / self.std
-            x = x.to(v.conv1.weight.dtype)
-            x = v.conv1(x)
-            gh, gw = x.shape[-2:]
-            x = x.flatten(2).transpose(1, 2)
-            cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-            x = torch.cat([cls, x], dim=1)
-            pos = _interp_pos(v.positional_embedding, tuple(v.grid_size), (gh, gw))
-            x = x + pos.to(x.dtype)
-            x = v.ln_pre(x)
-            batch_first = getattr(v.transformer, "batch_first", True)
-            if not batch_first:
-                x = x.transpose(0, 1)
-            out = []
-            last = max(self.layers)
-            for i, blk in enumerate(v.transformer.resblocks[: last + 1]):
-                x = blk(x, attn_mask=None)
-                if i in self.layers:
-                    out.append(x if batch_first else x.transpose(0, 1))
-        return out, (int(gh), int(gw))
+            return block_outputs(v, x.to(v.conv1.weight.dtype), self.layers)
 
 
 class HFCLIPBackbone(nn.Module):
@@ -415,46 +392,21 @@ def build_clipseg(
 def convert_hf_vision_to_open_clip(hf_vision: nn.Module, visual_projection: nn.Module | None = None) -> nn.Module:
     """A transformers CLIP(Seg) vision model -> an equivalent open_clip ``VisionTransformer``.
 
-    Maps embeddings / pre_layrnorm / encoder layers (q, k, v -> ``in_proj``) / post_layernorm and
-    the visual projection (``proj = W.T``). The activation (quick_gelu or gelu) is carried over.
+    Built as open_clip builds a CLIP's image tower from its config, with the keys the teacher's
+    Hugging Face reader maps (:func:`distill.teacher.formats.hf_vision_to_open_clip`: embeddings,
+    pre_layrnorm, encoder layers with q, k, v -> ``in_proj``, post_layernorm) and the visual
+    projection (``proj = W.T``). The activation (quick_gelu or gelu) is carried over.
     """
-    from open_clip.transformer import QuickGELU, VisionTransformer
+    from open_clip.model import _build_vision_tower
 
     c = hf_vision.config
-    act = {"quick_gelu": QuickGELU, "gelu": nn.GELU}.get(c.hidden_act)
-    if act is None:
+    quick = {"quick_gelu": True, "gelu": False}.get(c.hidden_act)
+    if quick is None:
         raise DistillError(f"clipseg converter: hidden_act {c.hidden_act!r} not supported (quick_gelu, gelu)")
     out_dim = visual_projection.weight.shape[0] if visual_projection is not None else c.hidden_size
-    vt = VisionTransformer(
-        image_size=c.image_size,
-        patch_size=c.patch_size,
-        width=c.hidden_size,
-        layers=c.num_hidden_layers,
-        heads=c.num_attention_heads,
-        mlp_ratio=c.intermediate_size / c.hidden_size,
-        output_dim=out_dim,
-        act_layer=act,
-    )
-    sd = hf_vision.state_dict()
-    new = {
-        "class_embedding": sd["embeddings.class_embedding"],
-        "conv1.weight": sd["embeddings.patch_embedding.weight"],
-        "positional_embedding": sd["embeddings.position_embedding.weight"],
-        "ln_pre.weight": sd["pre_layrnorm.weight"],
-        "ln_pre.bias": sd["pre_layrnorm.bias"],
-        "ln_post.weight": sd["post_layernorm.weight"],
-        "ln_post.bias": sd["post_layernorm.bias"],
-        "proj": (visual_projection.weight.detach().t().clone() if visual_projection is not None else torch.eye(c.hidden_size)),
-    }
-    for i in range(c.num_hidden_layers):
-        h, o = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        new[o + "ln_1.weight"], new[o + "ln_1.bias"] = sd[h + "layer_norm1.weight"], sd[h + "layer_norm1.bias"]
-        new[o + "ln_2.weight"], new[o + "ln_2.bias"] = sd[h + "layer_norm2.weight"], sd[h + "layer_norm2.bias"]
-        new[o + "attn.in_proj_weight"] = torch.cat([sd[h + f"self_attn.{p}_proj.weight"] for p in "qkv"], 0)
-        new[o + "attn.in_proj_bias"] = torch.cat([sd[h + f"self_attn.{p}_proj.bias"] for p in "qkv"], 0)
-        new[o + "attn.out_proj.weight"], new[o + "attn.out_proj.bias"] = sd[h + "self_attn.out_proj.weight"], sd[h + "self_attn.out_proj.bias"]
-        new[o + "mlp.c_fc.weight"], new[o + "mlp.c_fc.bias"] = sd[h + "mlp.fc1.weight"], sd[h + "mlp.fc1.bias"]
-        new[o + "mlp.c_proj.weight"], new[o + "mlp.c_proj.bias"] = sd[h + "mlp.fc2.weight"], sd[h + "mlp.fc2.bias"]
+    vt = _build_vision_tower(out_dim, formats.hf_vision_cfg(c.to_dict()), quick_gelu=quick)
+    new = formats.hf_vision_to_open_clip(formats.HFKeys(hf_vision.state_dict(), "clipseg converter"))
+    new["proj"] = visual_projection.weight.detach().t().clone() if visual_projection is not None else torch.eye(c.hidden_size)
     vt.load_state_dict(new, strict=True)
     return vt.eval()
 

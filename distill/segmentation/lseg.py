@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import DistillError
-from distill.segmentation.clipseg import _check_image, _check_queries, _interp_pos, _target_masks
+from distill.segmentation.clipseg import _check_image, _check_queries, _target_masks
 from distill.segmentation.losses import pixel_distill_loss, remap_masks, seg_ce_loss
+from distill.teacher.vit import interpolate_pos_embed
 
 LOGIT_SCALE_INIT = 1 / 0.07  # LSeg section 3 (temperature as in CLIP)
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps its learnable scale at 100
@@ -132,7 +133,7 @@ class ViTEncoder(nn.Module):
             gh, gw = x.shape[-2:]
             x = x.flatten(2).transpose(1, 2)
             x = torch.cat([v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1), x], 1)
-            x = v.ln_pre(x + _interp_pos(v.positional_embedding, tuple(v.grid_size), (gh, gw)).to(x.dtype))
+            x = v.ln_pre(x + interpolate_pos_embed(v.positional_embedding, tuple(v.grid_size), (gh, gw)).to(x.dtype))
             bf = getattr(v.transformer, "batch_first", True)
             if not bf:
                 x = x.transpose(0, 1)

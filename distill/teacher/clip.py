@@ -12,7 +12,6 @@ it with its preprocessing, precision and a fingerprint that keys every embedding
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -28,6 +27,9 @@ import torch.nn.functional as F
 from distill.engine.device import autocast as _autocast
 from distill.engine.device import autocast_dtype, get_device
 from distill.errors import DistillError
+from distill.teacher import formats
+from distill.teacher.dense import load_dense_tower
+from distill.teacher.vit import patch_size, square
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,14 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _hash_state_dict(h, model: torch.nn.Module) -> None:
+    """Feed every tensor of ``model``'s state dict (key, dtype, shape, bytes) into the hash ``h``."""
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def compute_fingerprint(model: torch.nn.Module, arch, image_size: int, mean, std) -> str:
     """sha256 of the architecture (``arch``: the open_clip model config dict, or a name), every
     tensor of the state dict (key, dtype, shape, bytes) and the preprocessing (size, mean, std).
@@ -198,19 +208,8 @@ def compute_fingerprint(model: torch.nn.Module, arch, image_size: int, mean, std
     h = hashlib.sha256()
     arch = json.dumps(arch, sort_keys=True) if isinstance(arch, dict) else str(arch)
     h.update(f"{arch}|{image_size}|{tuple(float(m) for m in mean)}|{tuple(float(s) for s in std)}".encode())
-    for key, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_state_dict(h, model)
     return h.hexdigest()[:24]
-
-
-def _square(v) -> int:
-    if isinstance(v, (tuple, list)):
-        if v[0] != v[1]:
-            raise DistillError(f"teacher: non-square image size {tuple(v)} is not supported")
-        return int(v[0])
-    return int(v)
 
 
 def _wrap(model, name: str, device: torch.device, precision: str, dense_image_size: int = 0, batch_size: int = 256, tokenizer=None, arch: dict | None = None, mean=None, std=None) -> Teacher:
@@ -220,26 +219,11 @@ def _wrap(model, name: str, device: torch.device, precision: str, dense_image_si
     pp = getattr(visual, "preprocess_cfg", {}) or {}
     mean = tuple(float(v) for v in (mean or pp.get("mean", open_clip.OPENAI_DATASET_MEAN)))
     std = tuple(float(v) for v in (std or pp.get("std", open_clip.OPENAI_DATASET_STD)))
-    image_size = _square(visual.image_size)
-    patch = _square(visual.patch_size)
-    embed_dim = int(visual.output_dim)
+    image_size = square(visual.image_size)
     model = _freeze(model.to(device))
     fp = compute_fingerprint(model, arch if arch else name, image_size, mean, std)
-    return Teacher(
-        model=model,
-        name=name,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        embed_dim=embed_dim,
-        patch_size=patch,
-        device=device,
-        fingerprint=fp,
-        precision=precision,
-        dense_image_size=dense_image_size or image_size,
-        batch_size=batch_size,
-        tokenizer=tokenizer,
-    )
+    return Teacher(model, name, image_size, mean, std, embed_dim=int(visual.output_dim), patch_size=patch_size(visual), device=device,
+                   fingerprint=fp, precision=precision, dense_image_size=dense_image_size or image_size, batch_size=batch_size, tokenizer=tokenizer)
 
 
 class _NoRandomInitWarning(logging.Filter):
@@ -257,50 +241,6 @@ def create_model_quiet(name: str) -> torch.nn.Module:
         return open_clip.create_model(name, device="cpu")
     finally:
         root.removeFilter(f)
-
-
-def _unknown_model(name: str) -> DistillError:
-    valid = open_clip.list_models()
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.4)
-    hint = f" Closest match: {close[0]!r}." if close else ""
-    return DistillError(f"teacher.model: unknown open_clip model {name!r}.{hint} Valid names: {', '.join(valid)}")
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or ``.pt/.pth/.bin`` (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle refused by weights_only, ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DistillError(f"{path}: cannot read weights ({msg}); expected a .safetensors or a torch state_dict") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise DistillError(f"{path}: expected a state_dict (a mapping of parameter names to tensors)")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``sd`` into ``model`` strictly; any missing / unexpected key or shape mismatch is a
-    :class:`DistillError` naming them. Floating tensors are cast to the model's dtype (fp16 loads)."""
-    own = model.state_dict()
-    if "logit_scale" in sd and "logit_scale" in own and sd["logit_scale"].ndim != own["logit_scale"].ndim:
-        sd = dict(sd, logit_scale=sd["logit_scale"].reshape(own["logit_scale"].shape))
-    from distill.engine.checkpoint import state_dict_mismatch
-
-    bad = state_dict_mismatch(own, sd)
-    if bad:
-        raise DistillError(f"{source}: checkpoint does not fit the model config: {bad}")
-    sd = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True)
 
 
 def _tag_error(name: str, tag: str) -> DistillError:
@@ -321,14 +261,9 @@ def attach_dense_tower(teacher: Teacher, path: str) -> Teacher:
     :func:`distill.teacher.dense.load_dense_tower`). ``fingerprint`` stays (crops, the class token
     and text do not change, so their caches stay valid); ``dense_fingerprint`` also covers the
     tower's weights, so no cache of the plain teacher's dense path is reused."""
-    from distill.teacher.dense import load_dense_tower
-
     teacher.dense_visual = load_dense_tower(teacher, path)
     h = hashlib.sha256(f"{teacher.fingerprint}|dense|".encode())
-    for key, t in sorted(teacher.dense_visual.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    _hash_state_dict(h, teacher.dense_visual)
     teacher.dense_fingerprint = h.hexdigest()[:24]
     return teacher
 
@@ -380,20 +315,10 @@ def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
         return load_teacher(pretrained, model=name or None, **kw)
 
     if name not in open_clip.list_models():
-        raise _unknown_model(name)
+        raise formats.unknown_model(name)
     tokenizer = open_clip.get_tokenizer(name)
     if pretrained and (pretrained.endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in pretrained):
-        where = Path(pretrained)
-        if name == "distill-tiny-vit" and where.name == "teacher.safetensors" and where.parent.name == "teacher":
-            # {work_dir}/teacher/teacher.safetensors: where `distill teacher pretrain` writes the tiny teacher
-            raise DistillError(
-                f"teacher.pretrained: {pretrained} not found; pretrain the tiny teacher first "
-                f"(`distill teacher pretrain CONFIG` writes it there) or point teacher.pretrained at a checkpoint"
-            )
-        raise DistillError(f"teacher.pretrained: {pretrained} not found (expected a checkpoint of {name!r} there: "
-                           + ("a teacher.safetensors from `distill teacher pretrain`, " if name == "distill-tiny-vit" else "")
-                           + "an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face CLIPModel folder)")
-
+        raise _missing_pretrained(name, pretrained)
     if pretrained:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
@@ -411,97 +336,25 @@ def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
     return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, arch=open_clip.get_model_config(name), dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
 
 
+def _missing_pretrained(name: str, pretrained: str) -> DistillError:
+    """``teacher.pretrained`` looks like a path (a weights suffix or a ``/``) but is not there."""
+    where = Path(pretrained)
+    if name == "distill-tiny-vit" and where.name == "teacher.safetensors" and where.parent.name == "teacher":
+        # {work_dir}/teacher/teacher.safetensors: where `distill teacher pretrain` writes the tiny teacher
+        return DistillError(
+            f"teacher.pretrained: {pretrained} not found; pretrain the tiny teacher first "
+            f"(`distill teacher pretrain CONFIG` writes it there) or point teacher.pretrained at a checkpoint"
+        )
+    return DistillError(f"teacher.pretrained: {pretrained} not found (expected a checkpoint of {name!r} there: "
+                        + ("a teacher.safetensors from `distill teacher pretrain`, " if name == "distill-tiny-vit" else "")
+                        + "an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face CLIPModel folder)")
+
+
 # ------------------------------------------------------------------------------ any checkpoint
-
-# open_clip model-config keys that change nothing we build (CLIP(**cfg) takes the rest)
-_IGNORED_CFG_KEYS = ("custom_text",)
-
-
-def _model_from_cfg(cfg: dict, source: str) -> torch.nn.Module:
-    cfg = {k: v for k, v in cfg.items() if k not in _IGNORED_CFG_KEYS}
-    text = cfg.get("text_cfg", {})
-    if "hf_model_name" in text or "timm_model_name" in cfg.get("vision_cfg", {}):
-        raise DistillError(f"{source}: towers from Hugging Face / timm models are not supported (the dense paths need open_clip's own ViT and text transformer)")
-    try:
-        return open_clip.CLIP(**cfg)
-    except TypeError as e:
-        raise DistillError(f"{source}: model config not understood by open_clip.CLIP ({e})") from None
 
 
 def _tokenizer(cfg: dict):
     return open_clip.tokenizer.SimpleTokenizer(context_length=int(cfg.get("text_cfg", {}).get("context_length", 77)))
-
-
-def _registered_name(cfg: dict) -> str | None:
-    """The open_clip model whose config is ``cfg`` (``ViT-B-32-quickgelu`` ...), if any."""
-    want = json.dumps(_canonical(cfg), sort_keys=True)
-    for n in open_clip.list_models():
-        c = open_clip.get_model_config(n)
-        if c and json.dumps(_canonical(c), sort_keys=True) == want:
-            return n
-    return None
-
-
-_VISION_DEFAULTS = {"head_width": 64, "mlp_ratio": 4.0}
-_TEXT_DEFAULTS = {"heads": 8, "mlp_ratio": 4.0}
-
-
-def _canonical(cfg: dict) -> dict:
-    """The architecture part of an open_clip model config, open_clip's dataclass defaults filled in."""
-    v = _VISION_DEFAULTS | {k: cfg.get("vision_cfg", {}).get(k) for k in ("image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio") if k in cfg.get("vision_cfg", {})}
-    t = _TEXT_DEFAULTS | {k: cfg.get("text_cfg", {}).get(k) for k in ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio") if k in cfg.get("text_cfg", {})}
-    return {"embed_dim": cfg.get("embed_dim"), "quick_gelu": bool(cfg.get("quick_gelu", False)), "vision_cfg": v, "text_cfg": t}
-
-
-def _check_named(model: str, inferred: dict, source: str, what: str, kind: str = "checkpoint") -> None:
-    """A named architecture must not contradict what the checkpoint (``kind``: or folder) says.
-    The same shapes with the other activation (OpenAI's ViT-B-32 weights under ``ViT-B-32``)
-    name the model with the right one; other shapes (a Hugging Face folder under the default
-    ``distill-tiny-vit``) lead with the differences and ``teacher.model=`` (empty), which reads
-    the architecture from the file."""
-    named = open_clip.get_model_config(model)
-    if named is None:
-        raise _unknown_model(model)
-    quick_named, quick_file = bool(named.get("quick_gelu", False)), bool(inferred.get("quick_gelu", False))
-    same_shapes = _canonical({**named, "quick_gelu": False}) == _canonical({**inferred, "quick_gelu": False})
-    if not same_shapes:
-        found = _registered_name(inferred)
-        act = ""
-        if quick_named != quick_file:  # also the other activation (in the differences): name the model's twin if any
-            twin = f"{model}-quickgelu" if quick_file else (model[: -len("-quickgelu")] if model.endswith("-quickgelu") else "")
-            if twin in open_clip.list_models():
-                act = f"; it {'needs QuickGELU' if quick_file else 'uses GELU, not QuickGELU'} ({twin} is {model} with {'QuickGELU' if quick_file else 'GELU'})"
-        fix = f"give teacher.model= (empty) to read it from the {kind}" + (f", or teacher.model={found}" if found else "")
-        raise DistillError(f"{source}: the {kind}'s architecture differs from teacher.model {model!r} ({_arch_diff(named, inferred)}){act}; {fix}")
-    if quick_named != quick_file:
-        if inferred.get("quick_gelu"):
-            fix = f"{model}-quickgelu" if f"{model}-quickgelu" in open_clip.list_models() else (_registered_name(inferred) or "the matching -quickgelu model")
-            raise DistillError(f"{source}: {what} needs QuickGELU but teacher.model {model!r} uses GELU; set teacher.model={fix} (or leave it empty to infer it)")
-        fix = model[: -len("-quickgelu")] if model.endswith("-quickgelu") else (_registered_name(inferred) or "a GELU model")
-        raise DistillError(f"{source}: {what} uses GELU but teacher.model {model!r} uses QuickGELU; set teacher.model={fix} (or leave it empty to infer it)")
-
-
-def _arch_diff(named: dict, inferred: dict) -> str:
-    a, b = _canonical(named), _canonical(inferred)
-    diffs = []
-    for key in ("embed_dim", "quick_gelu"):
-        if a[key] != b[key]:
-            diffs.append(f"{key} {a[key]} vs {b[key]}")
-    for tower in ("vision_cfg", "text_cfg"):
-        for k in sorted(set(a[tower]) | set(b[tower])):
-            if a[tower].get(k) != b[tower].get(k):
-                diffs.append(f"{tower}.{k} {a[tower].get(k)} vs {b[tower].get(k)}")
-    return ", ".join(diffs[:4])
-
-
-def _weights_in(folder: Path, names: Sequence[str]) -> Path:
-    for n in names:
-        if (folder / n).is_file():
-            return folder / n
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    if len(found) == 1:
-        return folder / found[0]
-    raise DistillError(f"{folder}: expected one weights file ({' or '.join(names)}), found {found or 'none'}")
 
 
 def load_teacher(
@@ -535,52 +388,51 @@ def load_teacher(
     dev = torch.device(device) if isinstance(device, str) else device
     dev = dev or get_device("")
     autocast_dtype(precision)
-    kw = dict(dense_image_size=dense_image_size, batch_size=batch_size)
     if not path.exists():
         raise DistillError(f"{path}: checkpoint not found (expected an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face / open_clip folder)")
-
-    if path.is_dir():
-        if (path / "open_clip_config.json").is_file():
-            try:
-                meta = json.loads((path / "open_clip_config.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DistillError(f"{path / 'open_clip_config.json'}: not valid JSON ({e})") from None
-            cfg = meta.get("model_cfg") if isinstance(meta, dict) else None
-            if not isinstance(cfg, dict):
-                raise DistillError(f"{path / 'open_clip_config.json'}: expected a 'model_cfg' object (open_clip's local-dir layout)")
-            if model:
-                _check_named(model, cfg, str(path), "open_clip_config.json", "folder")
-            weights = _weights_in(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "teacher.safetensors"))
-            net = _model_from_cfg(cfg, str(path))
-            load_state_dict_checked(net, load_weights_file(weights), str(weights))
-            pp = meta.get("preprocess_cfg") or {}
-            name = _registered_name(cfg) or f"local-dir:{path}"
-            return _wrap(net, name, dev, precision, tokenizer=_tokenizer(cfg), arch=cfg, mean=pp.get("mean"), std=pp.get("std"), **kw)
-        if (path / "config.json").is_file():
-            from distill.teacher import formats
-
-            hf = formats.read_hf_config(path)
-            cfg = formats.hf_model_cfg(hf, str(path / "config.json"))
-            if model:
-                _check_named(model, cfg, str(path), "the Hugging Face config's hidden_act", "folder")
-            index = path / "model.safetensors.index.json"
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-                sd = {}
-                for shard in shards:
-                    sd.update(load_weights_file(path / shard))
-            else:
-                sd = load_weights_file(_weights_in(path, formats.HF_WEIGHT_FILES))
-            net = _model_from_cfg(cfg, str(path))
-            load_state_dict_checked(net, formats.hf_to_open_clip(sd, str(path)), str(path))
-            mean, std = formats.hf_preprocess(path, cfg["vision_cfg"]["image_size"])
-            return _wrap(net, f"hf:{path.name}", dev, precision, tokenizer=_tokenizer(cfg), arch=cfg, mean=mean, std=std, **kw)
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        loaded = _load_open_clip_dir(path, model)
+    elif path.is_dir() and (path / "config.json").is_file():
+        loaded = _load_hf_dir(path, model)
+    elif path.is_dir():
         raise DistillError(f"{path}: a checkpoint folder needs open_clip_config.json (open_clip / this project's teacher) or config.json (Hugging Face CLIPModel)")
+    else:
+        loaded = _load_file(path, model)
+    net, name, tokenizer, arch, mean, std = loaded
+    return _wrap(net, name, dev, precision, tokenizer=tokenizer, arch=arch, mean=mean, std=std, dense_image_size=dense_image_size, batch_size=batch_size)
 
-    from distill.teacher import formats
 
+# each reader -> (open_clip CLIP with the weights, name, tokenizer, architecture for the fingerprint, mean, std)
+
+
+def _load_open_clip_dir(path: Path, model: str | None) -> tuple:
+    """open_clip's local-dir layout: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) + weights."""
+    cfg, pp = formats.read_open_clip_config(path)
+    if model:
+        formats.check_named(model, cfg, str(path), "open_clip_config.json", "folder")
+    weights = formats.weights_in(path, formats.OPEN_CLIP_WEIGHT_FILES)
+    net = formats.model_from_cfg(cfg, str(path))
+    formats.load_state_dict_checked(net, formats.load_weights_file(weights), str(weights))
+    return net, formats.registered_name(cfg) or f"local-dir:{path}", _tokenizer(cfg), cfg, pp.get("mean"), pp.get("std")
+
+
+def _load_hf_dir(path: Path, model: str | None) -> tuple:
+    """A Hugging Face ``CLIPModel`` folder: ``config.json`` + weights (one file or shards)."""
+    cfg = formats.hf_model_cfg(formats.read_hf_config(path), str(path / "config.json"))
+    if model:
+        formats.check_named(model, cfg, str(path), "the Hugging Face config's hidden_act", "folder")
+    sd = formats.read_hf_weights(path)
+    net = formats.model_from_cfg(cfg, str(path))
+    formats.load_state_dict_checked(net, sd, str(path))
+    mean, std = formats.hf_preprocess(path, cfg["vision_cfg"]["image_size"])
+    return net, f"hf:{path.name}", _tokenizer(cfg), cfg, mean, std
+
+
+def _load_file(path: Path, model: str | None) -> tuple:
+    """An OpenAI TorchScript archive or state dict (the shapes say the architecture), or an
+    open_clip state dict (``model`` says it)."""
     archive = formats.is_torchscript_archive(path)
-    sd = formats.read_torchscript_state_dict(path) if archive else load_weights_file(path)
+    sd = formats.read_torchscript_state_dict(path) if archive else formats.load_weights_file(path)
     if archive or formats.is_openai_state_dict(sd):
         what = "an OpenAI TorchScript archive" if archive else "an OpenAI state dict"
         try:
@@ -588,26 +440,24 @@ def load_teacher(
         except (KeyError, IndexError, DistillError):
             raise DistillError(f"{path}: {what} without the keys of a CLIP ViT (visual.conv1.weight, visual.proj, ln_final.weight ...)") from None
         if model:
-            _check_named(model, cfg, str(path), what)
+            formats.check_named(model, cfg, str(path), what)
             cfg = open_clip.get_model_config(model)
-        net = _model_from_cfg(cfg, str(path))
+        net = formats.model_from_cfg(cfg, str(path))
         own = net.state_dict()
         sd = {k: v for k, v in sd.items() if k in own or k not in dict(net.named_buffers())}  # attn_mask: not persisted
         sd = {k: v for k, v in sd.items() if k not in formats.OPENAI_EXTRA_KEYS}
-        load_state_dict_checked(net, sd, str(path))
-        name = model or _registered_name(cfg) or f"openai:{path.name}"
-        return _wrap(net, name, dev, precision, tokenizer=_tokenizer(cfg), arch=cfg, **kw)
-
+        formats.load_state_dict_checked(net, sd, str(path))
+        return net, model or formats.registered_name(cfg) or f"openai:{path.name}", _tokenizer(cfg), cfg, None, None
     if not model:
         raise DistillError(
             f"{path}: an open_clip state dict does not say its architecture or activation; name it "
             f"(teacher.model / load_teacher(..., model=...)), e.g. ViT-B-32 for LAION weights or ViT-B-32-quickgelu for OpenAI's"
         )
     if model not in open_clip.list_models():
-        raise _unknown_model(model)
+        raise formats.unknown_model(model)
     net = create_model_quiet(model)
-    load_state_dict_checked(net, sd, str(path))
-    return _wrap(net, model, dev, precision, tokenizer=open_clip.get_tokenizer(model), arch=open_clip.get_model_config(model), **kw)
+    formats.load_state_dict_checked(net, sd, str(path))
+    return net, model, open_clip.get_tokenizer(model), open_clip.get_model_config(model), None, None
 
 
 def build_random_teacher(

@@ -15,7 +15,8 @@ keeps the rest of the last block around the value path::
     f = ln_post(v) @ proj                  # final norm + visual projection (MaskClipHead `proj`)
 
 Position embeddings are interpolated bicubically when the dense input differs from the pretrain
-size (MaskCLIP ``interpolate_mode='bicubic'``). Key smoothing and prompt denoising (MaskCLIP
+size (MaskCLIP ``interpolate_mode='bicubic'``). The token embedding and the value path live in
+distill/teacher/vit.py, shared with the CAMs and the CLIPSeg backbone. Key smoothing and prompt denoising (MaskCLIP
 section 3.2, "Key Smoothing and Prompt Denoising") act on class scores: see :func:`maskclip_scores`.
 
 The dense path runs on the teacher's *dense tower* (:func:`dense_tower`): its image tower, or, when
@@ -26,70 +27,15 @@ The dense path runs on the teacher's *dense tower* (:func:`dense_tower`): its im
 
 from __future__ import annotations
 
+import copy
+import os
+
 import torch
 import torch.nn.functional as F
 
 from distill.errors import DistillError
-
-
-def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """(1 + gh*gw, C) learned position embedding -> (1 + h*w, C) for a ``new_grid`` of patches
-    (class token kept, patch part resized bicubically, align_corners=False)."""
-    if tuple(grid) == tuple(new_grid):
-        return pos
-    cls, patches = pos[:1], pos[1:]
-    C = pos.shape[-1]
-    patches = patches.reshape(1, grid[0], grid[1], C).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos.dtype)
-    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(-1, C)], dim=0)
-
-
-def _check_block(block) -> None:
-    attn = getattr(block, "attn", None)
-    if attn is None or getattr(attn, "in_proj_weight", None) is None or not hasattr(block, "ln_1") or not hasattr(block, "mlp"):
-        raise DistillError("teacher: MaskCLIP needs an open_clip ViT whose blocks use a fused in_proj_weight (nn.MultiheadAttention)")
-    if hasattr(block, "ln_attn") and not isinstance(block.ln_attn, torch.nn.Identity):
-        raise DistillError("teacher: MaskCLIP value path does not support blocks with ln_attn (scale_attn)")
-
-
-def embed_tokens(visual, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Normalised images (B, 3, H, W) -> tokens after ``ln_pre`` (B, 1 + h*w, C) with
-    position embeddings interpolated to the patch grid; returns also (h, w)."""
-    x = visual.conv1(x)  # (B, C, h, w)
-    B, C, h, w = x.shape
-    x = x.reshape(B, C, h * w).permute(0, 2, 1)
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(B, -1, -1)
-    x = torch.cat([cls, x], dim=1)
-    pos = interpolate_pos_embed(visual.positional_embedding, tuple(visual.grid_size), (h, w))
-    x = x + pos.to(x.dtype)
-    x = visual.ln_pre(x)
-    return x, (h, w)
-
-
-def _run_blocks(transformer, x: torch.Tensor, blocks) -> torch.Tensor:
-    batch_first = getattr(transformer, "batch_first", True)
-    if not batch_first:
-        x = x.transpose(0, 1)
-    for blk in blocks:
-        x = blk(x)
-    if not batch_first:
-        x = x.transpose(0, 1)
-    return x
-
-
-def value_path(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MaskCLIP's last block: (B, L, C) tokens -> (value-path output (B, L, C), keys (B, L, C))."""
-    _check_block(block)
-    attn = block.attn
-    C = x.shape[-1]
-    W, b = attn.in_proj_weight, attn.in_proj_bias
-    y = block.ln_1(x)
-    k = F.linear(y, W[C : 2 * C], None if b is None else b[C : 2 * C])
-    v = F.linear(y, W[2 * C :], None if b is None else b[2 * C :])
-    v = attn.out_proj(v)
-    v = x + block.ls_1(v)
-    v = v + block.ls_2(block.mlp(block.ln_2(v)))
-    return v, k
+from distill.teacher.formats import load_state_dict_checked, load_weights_file
+from distill.teacher.vit import embed_tokens, run_blocks, value_path
 
 
 def dense_tower(teacher) -> torch.nn.Module:
@@ -111,7 +57,7 @@ def dense_feature_map(visual, x: torch.Tensor, return_keys: bool = False):
     """
     blocks = list(visual.transformer.resblocks)
     tok, (h, w) = embed_tokens(visual, x)
-    tok = _run_blocks(visual.transformer, tok, blocks[:-1])
+    tok = run_blocks(visual, tok, blocks[:-1])
     v, k = value_path(blocks[-1], tok)
     f = visual.ln_post(v[:, 1:])
     if visual.proj is not None:
@@ -127,11 +73,6 @@ def load_dense_tower(teacher, path: str) -> torch.nn.Module:
 
     A file written by ``distill teacher clipself`` records the fingerprint of the teacher it was
     distilled from; loading it onto another teacher is a :class:`DistillError` (stale weights)."""
-    import copy
-    import os
-
-    from distill.teacher.clip import load_state_dict_checked, load_weights_file
-
     if not os.path.isfile(path):
         raise DistillError(f"teacher.dense_pretrained: {path} not found (run `distill teacher clipself CONFIG` to write it, or set teacher.dense_pretrained='')")
     if path.endswith(".safetensors"):

@@ -1,6 +1,7 @@
 """CLIP checkpoint formats, read into open_clip's layout without running anyone's code.
 
-Three formats reach us (see :func:`distill.teacher.clip.load_teacher`):
+Three formats reach us (see :func:`distill.teacher.clip.load_teacher`, which reads them with the
+helpers here: weights files, strict state-dict loading, the architecture a file says it is):
 
 - **OpenAI** (github.com/openai/CLIP): ``ViT-B-32.pt`` is a TorchScript archive (a zip with
   ``code/``, ``constants.pkl`` and a ``data.pkl`` that pickles the module tree); a state dict
@@ -23,14 +24,19 @@ TorchScript source under ``code/`` is never compiled or executed.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
+import open_clip
 import torch
 
+from distill.engine.checkpoint import state_dict_mismatch
 from distill.errors import DistillError
 
 # OpenAI's state dicts carry these scalar buffers (clip/model.py build_model deletes them too).
@@ -183,6 +189,24 @@ def openai_model_cfg(sd: dict[str, torch.Tensor]) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ open_clip folders
+
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "teacher.safetensors")
+
+
+def read_open_clip_config(folder: Path) -> tuple[dict, dict]:
+    """``(model_cfg, preprocess_cfg)`` of open_clip's local-dir layout (``open_clip_config.json``)."""
+    path = folder / "open_clip_config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DistillError(f"{path}: not valid JSON ({e})") from None
+    cfg = meta.get("model_cfg") if isinstance(meta, dict) else None
+    if not isinstance(cfg, dict):
+        raise DistillError(f"{path}: expected a 'model_cfg' object (open_clip's local-dir layout)")
+    return cfg, meta.get("preprocess_cfg") or {}
+
+
 # ------------------------------------------------------------------------------ Hugging Face
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -216,14 +240,7 @@ def hf_model_cfg(cfg: dict, source: str) -> dict:
     return {
         "embed_dim": int(cfg.get("projection_dim", 512)),
         "quick_gelu": _HF_ACT[v["hidden_act"]],
-        "vision_cfg": {
-            "image_size": int(v["image_size"]),
-            "layers": int(v["num_hidden_layers"]),
-            "width": int(v["hidden_size"]),
-            "head_width": int(v["hidden_size"]) // int(v["num_attention_heads"]),
-            "mlp_ratio": int(v["intermediate_size"]) / int(v["hidden_size"]),
-            "patch_size": int(v["patch_size"]),
-        },
+        "vision_cfg": hf_vision_cfg(v),
         "text_cfg": {
             "context_length": int(t["max_position_embeddings"]),
             "vocab_size": int(t["vocab_size"]),
@@ -235,55 +252,98 @@ def hf_model_cfg(cfg: dict, source: str) -> dict:
     }
 
 
+def hf_vision_cfg(v: dict) -> dict:
+    """open_clip ``vision_cfg`` of a Hugging Face ``CLIPVisionConfig`` dict (every key present)."""
+    return {
+        "image_size": int(v["image_size"]),
+        "layers": int(v["num_hidden_layers"]),
+        "width": int(v["hidden_size"]),
+        "head_width": int(v["hidden_size"]) // int(v["num_attention_heads"]),
+        "mlp_ratio": int(v["intermediate_size"]) / int(v["hidden_size"]),
+        "patch_size": int(v["patch_size"]),
+    }
+
+
+class HFKeys:
+    """A Hugging Face state dict read key by key (``keys(name)``); ``used`` holds what was read."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], source: str):
+        self.sd, self.source, self.used = sd, source, set()
+
+    def __call__(self, k: str) -> torch.Tensor:
+        if k not in self.sd:
+            raise DistillError(f"{self.source}: missing {k} (not a complete Hugging Face CLIPModel state dict)")
+        self.used.add(k)
+        return self.sd[k]
+
+
+def _hf_blocks(take: HFKeys, hf: str, oc: str) -> dict[str, torch.Tensor]:
+    """Encoder layers ``{hf}encoder.layers.i`` -> open_clip blocks ``{oc}resblocks.i`` (q / k / v
+    concatenated into ``in_proj``)."""
+    out: dict[str, torch.Tensor] = {}
+    pre = f"{hf}encoder.layers."
+    for i in range(len({k[len(pre) :].split(".")[0] for k in take.sd if k.startswith(pre)})):
+        a, b = f"{pre}{i}", f"{oc}resblocks.{i}"
+        out[f"{b}.ln_1.weight"], out[f"{b}.ln_1.bias"] = take(f"{a}.layer_norm1.weight"), take(f"{a}.layer_norm1.bias")
+        out[f"{b}.attn.in_proj_weight"] = torch.cat([take(f"{a}.self_attn.{p}_proj.weight") for p in "qkv"])
+        out[f"{b}.attn.in_proj_bias"] = torch.cat([take(f"{a}.self_attn.{p}_proj.bias") for p in "qkv"])
+        out[f"{b}.attn.out_proj.weight"], out[f"{b}.attn.out_proj.bias"] = take(f"{a}.self_attn.out_proj.weight"), take(f"{a}.self_attn.out_proj.bias")
+        out[f"{b}.ln_2.weight"], out[f"{b}.ln_2.bias"] = take(f"{a}.layer_norm2.weight"), take(f"{a}.layer_norm2.bias")
+        out[f"{b}.mlp.c_fc.weight"], out[f"{b}.mlp.c_fc.bias"] = take(f"{a}.mlp.fc1.weight"), take(f"{a}.mlp.fc1.bias")
+        out[f"{b}.mlp.c_proj.weight"], out[f"{b}.mlp.c_proj.bias"] = take(f"{a}.mlp.fc2.weight"), take(f"{a}.mlp.fc2.bias")
+    return out
+
+
+def hf_vision_to_open_clip(take: HFKeys, hf: str = "", oc: str = "") -> dict[str, torch.Tensor]:
+    """A Hugging Face CLIP(Seg) vision model's keys (under ``hf``, e.g. ``vision_model.``) ->
+    open_clip ``VisionTransformer`` keys (under ``oc``, e.g. ``visual.``), projection aside."""
+    out = {
+        f"{oc}class_embedding": take(f"{hf}embeddings.class_embedding"),
+        f"{oc}conv1.weight": take(f"{hf}embeddings.patch_embedding.weight"),
+        f"{oc}positional_embedding": take(f"{hf}embeddings.position_embedding.weight"),
+        f"{oc}ln_pre.weight": take(f"{hf}pre_layrnorm.weight"),
+        f"{oc}ln_pre.bias": take(f"{hf}pre_layrnorm.bias"),
+    }
+    out.update(_hf_blocks(take, hf, f"{oc}transformer."))
+    out[f"{oc}ln_post.weight"], out[f"{oc}ln_post.bias"] = take(f"{hf}post_layernorm.weight"), take(f"{hf}post_layernorm.bias")
+    return out
+
+
 def hf_to_open_clip(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Hugging Face ``CLIPModel`` keys -> open_clip ``CLIP`` keys (q / k / v concatenated into
     ``in_proj``, projections transposed). Keys it does not know are an error naming them."""
     sd = {k[len("clip."):] if k.startswith("clip.") else k: v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(k: str) -> torch.Tensor:
-        if k not in sd:
-            raise DistillError(f"{source}: missing {k} (not a complete Hugging Face CLIPModel state dict)")
-        used.add(k)
-        return sd[k]
-
-    def blocks(hf: str, oc: str) -> None:
-        n = len({k.split(".")[3] for k in sd if k.startswith(f"{hf}.encoder.layers.")})
-        for i in range(n):
-            a, b = f"{hf}.encoder.layers.{i}", f"{oc}.resblocks.{i}"
-            out[f"{b}.ln_1.weight"], out[f"{b}.ln_1.bias"] = take(f"{a}.layer_norm1.weight"), take(f"{a}.layer_norm1.bias")
-            out[f"{b}.attn.in_proj_weight"] = torch.cat([take(f"{a}.self_attn.{p}_proj.weight") for p in "qkv"])
-            out[f"{b}.attn.in_proj_bias"] = torch.cat([take(f"{a}.self_attn.{p}_proj.bias") for p in "qkv"])
-            out[f"{b}.attn.out_proj.weight"], out[f"{b}.attn.out_proj.bias"] = take(f"{a}.self_attn.out_proj.weight"), take(f"{a}.self_attn.out_proj.bias")
-            out[f"{b}.ln_2.weight"], out[f"{b}.ln_2.bias"] = take(f"{a}.layer_norm2.weight"), take(f"{a}.layer_norm2.bias")
-            out[f"{b}.mlp.c_fc.weight"], out[f"{b}.mlp.c_fc.bias"] = take(f"{a}.mlp.fc1.weight"), take(f"{a}.mlp.fc1.bias")
-            out[f"{b}.mlp.c_proj.weight"], out[f"{b}.mlp.c_proj.bias"] = take(f"{a}.mlp.fc2.weight"), take(f"{a}.mlp.fc2.bias")
-
-    out["visual.class_embedding"] = take("vision_model.embeddings.class_embedding")
-    out["visual.conv1.weight"] = take("vision_model.embeddings.patch_embedding.weight")
-    out["visual.positional_embedding"] = take("vision_model.embeddings.position_embedding.weight")
-    out["visual.ln_pre.weight"], out["visual.ln_pre.bias"] = take("vision_model.pre_layrnorm.weight"), take("vision_model.pre_layrnorm.bias")
-    blocks("vision_model", "visual.transformer")
-    out["visual.ln_post.weight"], out["visual.ln_post.bias"] = take("vision_model.post_layernorm.weight"), take("vision_model.post_layernorm.bias")
+    take = HFKeys(sd, source)
+    out = hf_vision_to_open_clip(take, "vision_model.", "visual.")
     out["visual.proj"] = take("visual_projection.weight").t().contiguous()
     out["token_embedding.weight"] = take("text_model.embeddings.token_embedding.weight")
     out["positional_embedding"] = take("text_model.embeddings.position_embedding.weight")
-    blocks("text_model", "transformer")
+    out.update(_hf_blocks(take, "text_model.", "transformer."))
     out["ln_final.weight"], out["ln_final.bias"] = take("text_model.final_layer_norm.weight"), take("text_model.final_layer_norm.bias")
     out["text_projection"] = take("text_projection.weight").t().contiguous()
     out["logit_scale"] = take("logit_scale")
     ignorable = ("position_ids",)
-    extra = sorted(k for k in sd if k not in used and not k.endswith(ignorable))
+    extra = sorted(k for k in sd if k not in take.used and not k.endswith(ignorable))
     if extra:
         raise DistillError(f"{source}: unexpected keys for a CLIPModel: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     return out
 
 
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face ``CLIPModel`` folder (one file, or the shards of
+    ``model.safetensors.index.json``) in open_clip's keys (:func:`hf_to_open_clip`)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        sd = {}
+        for shard in sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())):
+            sd.update(load_weights_file(folder / shard))
+    else:
+        sd = load_weights_file(weights_in(folder, HF_WEIGHT_FILES))
+    return hf_to_open_clip(sd, str(folder))
+
+
 def hf_preprocess(folder: Path, image_size: int) -> tuple[tuple, tuple]:
     """(mean, std) of ``preprocessor_config.json`` when the folder has one, else OpenAI's."""
-    import open_clip
-
     p = folder / "preprocessor_config.json"
     mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     if p.is_file():
@@ -293,3 +353,138 @@ def hf_preprocess(folder: Path, image_size: int) -> tuple[tuple, tuple]:
             raise DistillError(f"{p}: not valid JSON ({e})") from None
         mean, std = pc.get("image_mean", mean), pc.get("image_std", std)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+# ------------------------------------------------------------------------------ weights files
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or ``.pt/.pth/.bin`` (``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle refused by weights_only, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistillError(f"{path}: cannot read weights ({msg}); expected a .safetensors or a torch state_dict") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise DistillError(f"{path}: expected a state_dict (a mapping of parameter names to tensors)")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``sd`` into ``model`` strictly; any missing / unexpected key or shape mismatch is a
+    :class:`DistillError` naming them. Floating tensors are cast to the model's dtype (fp16 loads)."""
+    own = model.state_dict()
+    if "logit_scale" in sd and "logit_scale" in own and sd["logit_scale"].ndim != own["logit_scale"].ndim:
+        sd = dict(sd, logit_scale=sd["logit_scale"].reshape(own["logit_scale"].shape))
+    bad = state_dict_mismatch(own, sd)
+    if bad:
+        raise DistillError(f"{source}: checkpoint does not fit the model config: {bad}")
+    sd = {k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True)
+
+
+def weights_in(folder: Path, names: Sequence[str]) -> Path:
+    """The weights file of a checkpoint folder: the first of ``names`` present, else its only one."""
+    for n in names:
+        if (folder / n).is_file():
+            return folder / n
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if len(found) == 1:
+        return folder / found[0]
+    raise DistillError(f"{folder}: expected one weights file ({' or '.join(names)}), found {found or 'none'}")
+
+
+# ------------------------------------------------------------------------------ architectures
+
+# open_clip model-config keys that change nothing we build (CLIP(**cfg) takes the rest)
+_IGNORED_CFG_KEYS = ("custom_text",)
+_VISION_DEFAULTS = {"head_width": 64, "mlp_ratio": 4.0}
+_TEXT_DEFAULTS = {"heads": 8, "mlp_ratio": 4.0}
+
+
+def unknown_model(name: str) -> DistillError:
+    """The error for an open_clip model name that does not exist: the closest and every valid name."""
+    valid = open_clip.list_models()
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.4)
+    hint = f" Closest match: {close[0]!r}." if close else ""
+    return DistillError(f"teacher.model: unknown open_clip model {name!r}.{hint} Valid names: {', '.join(valid)}")
+
+
+def model_from_cfg(cfg: dict, source: str) -> torch.nn.Module:
+    """An open_clip ``CLIP`` (random weights) of a model config dict read from ``source``."""
+    cfg = {k: v for k, v in cfg.items() if k not in _IGNORED_CFG_KEYS}
+    text = cfg.get("text_cfg", {})
+    if "hf_model_name" in text or "timm_model_name" in cfg.get("vision_cfg", {}):
+        raise DistillError(f"{source}: towers from Hugging Face / timm models are not supported (the dense paths need open_clip's own ViT and text transformer)")
+    try:
+        return open_clip.CLIP(**cfg)
+    except TypeError as e:
+        raise DistillError(f"{source}: model config not understood by open_clip.CLIP ({e})") from None
+
+
+def registered_name(cfg: dict) -> str | None:
+    """The open_clip model whose config is ``cfg`` (``ViT-B-32-quickgelu`` ...), if any."""
+    want = json.dumps(_canonical(cfg), sort_keys=True)
+    for n in open_clip.list_models():
+        c = open_clip.get_model_config(n)
+        if c and json.dumps(_canonical(c), sort_keys=True) == want:
+            return n
+    return None
+
+
+def _canonical(cfg: dict) -> dict:
+    """The architecture part of an open_clip model config, open_clip's dataclass defaults filled in."""
+    v = _VISION_DEFAULTS | {k: cfg.get("vision_cfg", {}).get(k) for k in ("image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio") if k in cfg.get("vision_cfg", {})}
+    t = _TEXT_DEFAULTS | {k: cfg.get("text_cfg", {}).get(k) for k in ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio") if k in cfg.get("text_cfg", {})}
+    return {"embed_dim": cfg.get("embed_dim"), "quick_gelu": bool(cfg.get("quick_gelu", False)), "vision_cfg": v, "text_cfg": t}
+
+
+def check_named(model: str, inferred: dict, source: str, what: str, kind: str = "checkpoint") -> None:
+    """A named architecture must not contradict what the checkpoint (``kind``: or folder) says.
+    The same shapes with the other activation (OpenAI's ViT-B-32 weights under ``ViT-B-32``)
+    name the model with the right one; other shapes (a Hugging Face folder under the default
+    ``distill-tiny-vit``) lead with the differences and ``teacher.model=`` (empty), which reads
+    the architecture from the file."""
+    named = open_clip.get_model_config(model)
+    if named is None:
+        raise unknown_model(model)
+    quick_named, quick_file = bool(named.get("quick_gelu", False)), bool(inferred.get("quick_gelu", False))
+    same_shapes = _canonical({**named, "quick_gelu": False}) == _canonical({**inferred, "quick_gelu": False})
+    if not same_shapes:
+        found = registered_name(inferred)
+        act = ""
+        if quick_named != quick_file:  # also the other activation (in the differences): name the model's twin if any
+            twin = f"{model}-quickgelu" if quick_file else (model[: -len("-quickgelu")] if model.endswith("-quickgelu") else "")
+            if twin in open_clip.list_models():
+                act = f"; it {'needs QuickGELU' if quick_file else 'uses GELU, not QuickGELU'} ({twin} is {model} with {'QuickGELU' if quick_file else 'GELU'})"
+        fix = f"give teacher.model= (empty) to read it from the {kind}" + (f", or teacher.model={found}" if found else "")
+        raise DistillError(f"{source}: the {kind}'s architecture differs from teacher.model {model!r} ({_arch_diff(named, inferred)}){act}; {fix}")
+    if quick_named != quick_file:
+        if inferred.get("quick_gelu"):
+            fix = f"{model}-quickgelu" if f"{model}-quickgelu" in open_clip.list_models() else (registered_name(inferred) or "the matching -quickgelu model")
+            raise DistillError(f"{source}: {what} needs QuickGELU but teacher.model {model!r} uses GELU; set teacher.model={fix} (or leave it empty to infer it)")
+        fix = model[: -len("-quickgelu")] if model.endswith("-quickgelu") else (registered_name(inferred) or "a GELU model")
+        raise DistillError(f"{source}: {what} uses GELU but teacher.model {model!r} uses QuickGELU; set teacher.model={fix} (or leave it empty to infer it)")
+
+
+def _arch_diff(named: dict, inferred: dict) -> str:
+    a, b = _canonical(named), _canonical(inferred)
+    diffs = []
+    for key in ("embed_dim", "quick_gelu"):
+        if a[key] != b[key]:
+            diffs.append(f"{key} {a[key]} vs {b[key]}")
+    for tower in ("vision_cfg", "text_cfg"):
+        for k in sorted(set(a[tower]) | set(b[tower])):
+            if a[tower].get(k) != b[tower].get(k):
+                diffs.append(f"{tower}.{k} {a[tower].get(k)} vs {b[tower].get(k)}")
+    return ", ".join(diffs[:4])

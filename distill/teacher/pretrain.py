@@ -400,7 +400,7 @@ def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...
     log.info("teacher pretrain: %d objects, %d images, %d classes", len(data.boxes), len(data.images), len(data.names))
     model = create_model_quiet(MODEL_NAME)  # random init is the point here: no warning
     if pc.init:
-        from distill.teacher.clip import load_state_dict_checked, load_weights_file
+        from distill.teacher.formats import load_state_dict_checked, load_weights_file
 
         load_state_dict_checked(model, load_weights_file(pc.init), pc.init)
     with torch.no_grad():

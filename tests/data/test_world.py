@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from distill.config import load_config
 from distill.data import world as W
 from distill.data.coco import load_coco
+from distill.data.world_draw import MIN_VISIBLE_PIXELS
 from distill.errors import DistillError
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes" / "world.yaml"
@@ -156,7 +157,7 @@ def test_masks_boxes_areas_and_semantic_agree(tiny):
                 ref[m] = a["category_id"]
                 ys, xs = np.nonzero(m)  # tight box, computed here from the pixels
                 assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-                assert a["area"] == m.sum() >= W.MIN_VISIBLE_PIXELS
+                assert a["area"] == m.sum() >= MIN_VISIBLE_PIXELS
                 sizes.append(max(a["bbox"][2:]))
             ref[sem == 255] = 255  # objects dropped as almost fully occluded (rare)
             assert np.array_equal(ref, sem)
@@ -228,35 +229,6 @@ def test_captions_json_names_the_background_and_clutter_boxes(tiny):
             assert 0 <= x and 0 <= y and x + w <= 128.01 and y + h <= 128.01 and w >= 1 and h >= 1
             n_items += 1
     assert n_items > 0
-    # re-render one image's clutter alone: every drawn pixel lies inside its box
-    canvas = np.zeros((256, 256, 3), np.float32)
-    items = W._draw_clutter(np.random.default_rng(5), canvas, 3)
-    drawn = canvas.max(-1) > 0
-    inside = np.zeros_like(drawn)
-    for c in items:
-        x, y, w, h = (2 * v for v in c["bbox"])
-        inside[int(y):int(np.ceil(y + h)) + 1, int(x):int(np.ceil(x + w)) + 1] = True
-    assert drawn.any() and not (drawn & ~inside).any()
-
-
-def test_background_colours_stay_far_from_category_colours():
-    rng = np.random.default_rng(0)
-    cats = np.array(list(W.COLORS.values()), np.float32)
-    for _ in range(300):
-        c = W._muted_color(rng)
-        assert np.sqrt(((cats - c) ** 2).sum(1)).min() > 90
-
-
-def test_object_colours_stay_nearest_their_category():
-    rng = np.random.default_rng(0)
-    names = list(W.COLORS)
-    hsv = np.array([cv2.cvtColor(np.array([[v]], np.float32) / 255, cv2.COLOR_RGB2HSV)[0, 0, 0] for v in W.COLORS.values()])
-    for name in names:
-        for _ in range(50):
-            c = np.array(W._object_color(rng, name), np.float32) / 255
-            h = cv2.cvtColor(c[None, None], cv2.COLOR_RGB2HSV)[0, 0, 0]
-            d = np.abs((hsv - h + 180) % 360 - 180)
-            assert names[int(d.argmin())] == name
 
 
 # --- the command line ----------------------------------------------------------------------
