@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps lvis==0.5.3
 	touch $(STAMP)
 
+# the run, then its results into README.md's results block and docs/results.md
 demo: $(STAMP)
 	$(BIN)/distill run configs/shapes/pipeline.yaml
+	$(BIN)/distill report runs/shapes --readme README.md --results docs/results.md
 
 demo-quick: $(STAMP)
 	$(BIN)/distill run configs/shapes/pipeline.yaml --quick

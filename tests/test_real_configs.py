@@ -101,8 +101,8 @@ OVCOCO = REPO / "configs/coco/pipeline_ovcoco.yaml"
 
 def test_ovcoco_pipeline_on_real_coco_layout(tmp_path, vit_b32, one_template):
     from distill.config import load_config
-    from distill.report import _fmt
-    from distill.stages import run_pipeline
+    from distill.report.tables import fmt as _fmt
+    from distill.pipeline.run import run_pipeline
 
     coco = realdata.make_coco(tmp_path / "coco")
     work = tmp_path / "run"

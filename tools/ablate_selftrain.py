@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action="store_true", help="show progress bars")
     a = ap.parse_args(argv)
     try:
-        from distill.stages import selftrain_inputs
+        from distill.pipeline.stages import selftrain_inputs
 
         cfg = load_config(a.config, a.overrides)
         vild, pseudo, train_pseudo = selftrain_inputs(cfg)

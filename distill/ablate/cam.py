@@ -11,6 +11,7 @@ import numpy as np
 from distill.cam.refine import cams_to_mask, crf_available, upsample_cams
 from distill.cam.run import _batches, _check_cfg, _compute_batch, _gt_path, _image_path, _image_size, _load_teacher, _resolve_inputs, _resolve_vocab, _text_features, cam_tower, logit_scale_of, read_image_labels, read_word_list
 from distill.errors import DistillError
+from distill.report.tables import table
 
 
 # Ablation: Grad-CAM -> softmax Grad-CAM -> + CAA -> + CRF -> + confidence ignore
@@ -124,11 +125,11 @@ def ablation_table(rows: list[dict]) -> str:
     names = {"gradcam": "Grad-CAM", "softmax_gradcam": "softmax Grad-CAM", "caa": "+ CAA",
              "crf": "+ CRF", "conf_ignore": "+ confidence ignore",
              "crf_no_caa": "softmax Grad-CAM + CRF", "conf_ignore_no_caa": "softmax Grad-CAM + CRF + confidence ignore"}
-    lines = ["| step | mIoU | note |", "|---|---|---|"]
+    out = []
     for r in rows:
         v = "n/a" if r["miou"] is None else f"{100 * r['miou']:.1f}"
         note = r.get("note", "")
         if "ignored_fraction" in r:
             note = f"{note}; {100 * r['ignored_fraction']:.1f}% pixels ignored"
-        lines.append(f"| {names.get(r['step'], r['step'])} | {v} | {note} |")
-    return "\n".join(lines)
+        out.append([names.get(r["step"], r["step"]), v, note])
+    return table(["step", "mIoU", "note"], out)

@@ -13,6 +13,7 @@ import torch
 
 from distill.config import Config
 from distill.files import write_json, write_text
+from distill.report.tables import table
 
 COLUMNS = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
 
@@ -62,11 +63,8 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0, batch_
 
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table, values in percent."""
-    head = "| model | mIoU seen | mIoU unseen | mIoU all | hIoU | pixel acc |\n|---|---|---|---|---|---|\n"
-    body = "".join(
-        f"| {name} | " + " | ".join(f"{100 * m.get(k, float('nan')):.1f}" for k in COLUMNS) + " |\n" for name, m in rows.items()
-    )
-    return head + body
+    body = [[name, *(f"{100 * m.get(k, float('nan')):.1f}" for k in COLUMNS)] for name, m in rows.items()]
+    return table(["model", "mIoU seen", "mIoU unseen", "mIoU all", "hIoU", "pixel acc"], body) + "\n"
 
 
 def ablate_seg(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from distill.config import Config, save_config
 from distill.files import write_json, write_text
+from distill.report.tables import table
 
 VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle")
 DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads")  # rows that read the region cache
@@ -223,14 +224,14 @@ def _combine(per_seed: dict[int, dict[str, dict]]) -> dict:
 
 
 def table_markdown(results: dict) -> str:
-    head = "| model | " + " | ".join(c.replace("bbox/", "") for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    """The rows of ``results`` (``_``-keys left out) as a markdown table, in %; "-" where missing."""
+    rows = []
     for v, m in results.items():
         if v.startswith("_"):
             continue
         cells = [f"{100 * m[c]:.1f}" if isinstance(m.get(c), (int, float)) and m[c] == m[c] else "-" for c in COLUMNS]
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([LABELS.get(v, v), *cells])
+    return table(["model", *(c.replace("bbox/", "") for c in COLUMNS)], rows) + "\n"
 
 
 def check_targets(results: dict) -> dict:

@@ -1,4 +1,5 @@
-"""`distill run CONFIG` (the stage graph) and `distill demo` (the embedded default)."""
+"""`distill run CONFIG` (the stage graph), `distill demo` (the embedded default) and
+`distill report WORK_DIR` (the report of a finished run, the README's table, docs/results.md)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,25 @@ def register(root: typer.Typer) -> None:
         list_stages: Annotated[bool, typer.Option("--list", help="List the stages and whether each is up to date.")] = False,
     ) -> None:
         """Run the pipeline: world -> teacher -> ... -> report. Finished stages are skipped."""
-        from distill.stages import run_pipeline
+        from distill.pipeline.run import run_pipeline
 
         run_pipeline(config, overrides or [], force=force or [], until=until, quick=quick, list_only=list_stages)
 
     @root.command("demo")
     def demo(quick: Annotated[bool, typer.Option("--quick")] = False) -> None:
         """The embedded default: `distill run configs/shapes/pipeline.yaml`."""
-        from distill.stages import run_pipeline
+        from distill.pipeline.run import run_pipeline
 
         run_pipeline("configs/shapes/pipeline.yaml", [], quick=quick)
+
+    @root.command("report")
+    def report(
+        work_dir: Annotated[str, typer.Argument(help="The work dir of a finished `distill run` (holds config.yaml).")],
+        readme: Annotated[Optional[str], typer.Option("--readme", help="Replace this file's results block with the headline table.")] = None,
+        results: Annotated[Optional[str], typer.Option("--results", help="Write every table of the report to this file.")] = None,
+    ) -> None:
+        """Rewrite WORK_DIR/report.md from the run's metrics files; --readme / --results publish it."""
+        from distill.pipeline.run import report_run
+
+        for path in report_run(work_dir, readme, results):
+            typer.echo(str(path))

@@ -16,11 +16,11 @@ import pytest
 from detection.test_configs import TINY, make_fixture
 from distill.config import load_config
 from distill.errors import DistillError
-from distill.report import _fmt
-from distill.stages import run_pipeline
+from distill.report.tables import fmt as _fmt
+from distill.pipeline.run import run_pipeline
 from reliability._fixtures import cli_error
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs/coco/pipeline_ovcoco.yaml"
 VOCAB = REPO / "configs/vocab/coco_48_17.json"
 

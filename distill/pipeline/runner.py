@@ -1,4 +1,4 @@
-"""The stage graph: world -> teacher -> ... -> report, with manifests so reruns skip finished work.
+"""The stage runner: the only place that decides whether a stage is up to date.
 
 Each stage declares the config sections it reads, the stages it depends on, and the files it
 produces. After a stage succeeds the runner writes ``{work_dir}/manifests/<stage>.json`` with:
@@ -6,16 +6,20 @@ its key (a hash of its config sections, its upstream stages' keys and output dig
 versions, wall time, and a sha256 of each declared output. A rerun skips a stage whose manifest
 key matches and whose outputs are intact; ``force`` reruns a stage and everything downstream;
 ``until`` stops after a stage. Stage outputs are written atomically and the manifest last, so a
-run killed mid-stage reruns that stage (training stages resume from their last checkpoint).
+run killed mid-stage reruns that stage: with the same key it resumes (:func:`resuming`, training
+stages continue from their last checkpoint); with another key the runner first removes the
+checkpoints the stage declares, so it can never continue from another config's weights.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import difflib
 import importlib.metadata
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from distill.config import Config, config_hash, to_dict
 from distill.errors import DistillError
-from distill.files import sha256_file, sha256_json, write_json
+from distill.files import sha256_file, sha256_json, write_json, write_text
 
 StageFn = Callable[[Config], Any]
 
@@ -55,6 +59,10 @@ class Stage:
     the manifest and into downstream keys). ``fn`` does the work given the resolved Config.
     ``view``: the Config the stage reads, when not the pipeline's as is (e.g. a key blanked); the
     stage runs on it AND is keyed on it, so a key it never reads cannot make it rerun.
+    ``inputs``: dotted config keys naming files outside the run that the stage reads (checked
+    before anything runs, so a missing dataset stops the run at once).
+    ``checkpoints``: training folders (relative to work_dir) whose ``checkpoints/`` and
+    ``model_final.pt`` the runner removes when the stage starts afresh (not resuming).
     """
 
     name: str
@@ -64,6 +72,8 @@ class Stage:
     outputs: tuple[str, ...] = ()
     description: str = ""
     view: Callable[[Config], Config] | None = None
+    inputs: tuple[str, ...] = ()
+    checkpoints: tuple[str, ...] = ()
 
     def config(self, cfg: Config) -> Config:
         return self.view(cfg) if self.view else cfg
@@ -72,7 +82,7 @@ class Stage:
 @dataclass
 class StageResult:
     name: str
-    status: str  # ran | skipped | failed | pending
+    status: str  # running | ran | skipped | failed
     seconds: float = 0.0
     note: str = ""
 
@@ -85,6 +95,20 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def unknown_stage(name: str, valid: Sequence[str], where: str = "") -> DistillError:
+    """The one-line error for a stage name not in ``valid``, with the closest valid name."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    prefix = f"{where}: " if where else ""
+    return DistillError(f"{prefix}unknown stage {name!r}; valid stages: {', '.join(valid)}{hint}")
+
+
+def _remove_checkpoints(work: Path, folders: Sequence[str]) -> None:
+    for rel in folders:
+        shutil.rmtree(work / rel / "checkpoints", ignore_errors=True)
+        (work / rel / "model_final.pt").unlink(missing_ok=True)
 
 
 class Pipeline:
@@ -120,13 +144,10 @@ class Pipeline:
             visit(n)
         return done
 
-    def check_name(self, name: str) -> str:
+    def check_name(self, name: str, where: str = "") -> str:
+        """``name`` if it is a stage of this graph, else a one-line :class:`DistillError`."""
         if name not in self.stages:
-            import difflib
-
-            close = difflib.get_close_matches(name, self.order, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise DistillError(f"unknown stage {name!r}; valid stages: {', '.join(self.order)}{hint}")
+            raise unknown_stage(name, self.order, where)
         return name
 
     def downstream(self, name: str) -> set[str]:
@@ -186,12 +207,16 @@ class Pipeline:
             if not p.is_file():
                 raise DistillError(f"stage {name!r} finished without writing {p}")
             outputs[rel] = sha256_file(p)
+        hashes = {}
+        for sec in s.sections:
+            v = section_value(seen, sec)
+            hashes[sec] = config_hash(v) if dataclasses.is_dataclass(v) else str(v)
         write_json(
             self.manifest_path(cfg, name),
             {
                 "stage": name,
                 "key": key,
-                "config_hash": {sec: config_hash(v) if dataclasses.is_dataclass(v := section_value(seen, sec)) else str(v) for sec in s.sections},
+                "config_hash": hashes,
                 "deps": {d: (self.read_manifest(cfg, d) or {}).get("key") for d in s.deps},
                 "outputs": outputs,
                 "versions": _versions(),
@@ -201,63 +226,74 @@ class Pipeline:
         )
 
     # -- running -----------------------------------------------------------------------------
+    def _selected(self, force: Sequence[str], until: str | None) -> tuple[set[str], list[str]]:
+        """The forced stages (each ``--force`` stage and everything downstream) and the stages in
+        order up to ``until``; unknown names are one-line errors."""
+        forced: set[str] = set()
+        for f in force:
+            forced |= self.downstream(self.check_name(f, "--force"))
+        order = list(self.order)
+        if until:
+            order = order[: order.index(self.check_name(until, "--until")) + 1]
+        return forced, order
+
+    def plan(self, cfg: Config, *, force: Sequence[str] = (), until: str | None = None) -> list[str]:
+        """The stages a run would execute: forced, stale, or downstream of one that is."""
+        forced, order = self._selected(force, until)
+        stale: set[str] = set()
+        for n in order:
+            if n in forced or any(d in stale for d in self.stages[n].deps) or not self.is_fresh(cfg, n):
+                stale.add(n)
+        return [n for n in order if n in stale]
+
     def run(
         self,
         cfg: Config,
         *,
         force: Sequence[str] = (),
         until: str | None = None,
-        only: Sequence[str] = (),
         on_event: Callable[[StageResult], None] | None = None,
     ) -> list[StageResult]:
-        forced: set[str] = set()
-        for f in force:
-            forced |= self.downstream(self.check_name(f))
-        order = list(self.order)
-        if only:
-            keep = {self.check_name(n) for n in only}
-            order = [n for n in order if n in keep]
-        if until:
-            self.check_name(until)
-            order = order[: order.index(until) + 1] if until in order else order
+        forced, order = self._selected(force, until)
+        emit = on_event or (lambda r: None)
         results: list[StageResult] = []
         for name in order:
-            s = self.stages[name]
             if name not in forced and self.is_fresh(cfg, name):
-                r = StageResult(name, "skipped", (self.read_manifest(cfg, name) or {}).get("wall_time_s", 0.0), "up to date")
-                results.append(r)
-                if on_event:
-                    on_event(r)
+                wall = (self.read_manifest(cfg, name) or {}).get("wall_time_s", 0.0)
+                results.append(StageResult(name, "skipped", wall, "up to date"))
+                emit(results[-1])
                 continue
-            missing = [d for d in s.deps if not self.is_fresh(cfg, d)]
+            missing = [d for d in self.stages[name].deps if not self.is_fresh(cfg, d)]
             if missing:
-                raise DistillError(f"stage {name!r} needs {', '.join(missing)} first (run without --until/--only, or run those stages)")
-            if on_event:
-                on_event(StageResult(name, "running"))
-            key = self.stage_key(cfg, name)
-            started = self.manifest_path(cfg, name).with_suffix(".started")
-            resume = started.is_file() and started.read_text().strip() == key
-            from distill.files import write_text
-
-            write_text(started, key + "\n")
-            t0 = time.perf_counter()
-            token = _RESUMING.set(resume)
-            try:
-                note = s.fn(s.config(cfg))
-            except BaseException:
-                if on_event:
-                    on_event(StageResult(name, "failed", time.perf_counter() - t0))
-                raise
-            finally:
-                _RESUMING.reset(token)
-            dt = time.perf_counter() - t0
-            self._write_manifest(cfg, name, key, dt)
-            started.unlink(missing_ok=True)
-            r = StageResult(name, "ran", dt, str(note) if note else "")
-            results.append(r)
-            if on_event:
-                on_event(r)
+                raise DistillError(f"stage {name!r} needs {', '.join(missing)} first (run without --until, or run those stages)")
+            results.append(self._run_stage(cfg, name, emit))
+            emit(results[-1])
         return results
+
+    def _run_stage(self, cfg: Config, name: str, emit: Callable[[StageResult], None]) -> StageResult:
+        """Run one stage: resume when its ``.started`` marker holds this key (a killed run with the
+        same inputs), else remove its declared checkpoints first; the manifest is written last."""
+        s = self.stages[name]
+        emit(StageResult(name, "running"))
+        key = self.stage_key(cfg, name)
+        started = self.manifest_path(cfg, name).with_suffix(".started")
+        resume = started.is_file() and started.read_text().strip() == key
+        if not resume:
+            _remove_checkpoints(Path(cfg.work_dir), s.checkpoints)
+        write_text(started, key + "\n")
+        t0 = time.perf_counter()
+        token = _RESUMING.set(resume)
+        try:
+            note = s.fn(s.config(cfg))
+        except BaseException:
+            emit(StageResult(name, "failed", time.perf_counter() - t0))
+            raise
+        finally:
+            _RESUMING.reset(token)
+        dt = time.perf_counter() - t0
+        self._write_manifest(cfg, name, key, dt)
+        started.unlink(missing_ok=True)
+        return StageResult(name, "ran", dt, str(note) if note else "")
 
 
 def stage_timings(cfg: Config) -> dict[str, float]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.stages import STAGES, run_pipeline
+from distill.pipeline.run import run_pipeline
+from distill.pipeline.stages import STAGES
 
 
 def _manifests(work) -> dict:
