@@ -140,20 +140,13 @@ class LvisGT:
     # ---- queries
     def n_positive(self, images: np.ndarray) -> np.ndarray:
         """[K, A]: the non-ignored boxes per category and area range on the selected images."""
-        sel = images[self.ann_img]
+        sel = images[self.ann_key // self.n_cats]
+        cat = self.ann_key % self.n_cats
         out = np.zeros((self.n_cats, len(AREA_RNGS)), np.int64)
         for a, rng in enumerate(AREA_RNGS):
             ok = sel & ~self.ann_ig & ~out_of(self.ann_area, rng)
-            out[:, a] = np.bincount(self.ann_cat[ok], minlength=self.n_cats)
+            out[:, a] = np.bincount(cat[ok], minlength=self.n_cats)
         return out
-
-    @property
-    def ann_img(self) -> np.ndarray:
-        return self.ann_key // self.n_cats
-
-    @property
-    def ann_cat(self) -> np.ndarray:
-        return self.ann_key % self.n_cats
 
 
 class _Builder:
