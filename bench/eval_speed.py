@@ -107,7 +107,10 @@ def semseg_memory(n: int = SEMSEG_N) -> dict:
 
 
 def main(device: str = "cpu") -> dict:
-    from distill.eval.detection import _metrics_from_precision, _run_coco, _run_stream, evaluate_detection, load_gt, load_results
+    from distill.eval.detection import evaluate_detection
+    from distill.eval.gt import load_gt
+    from distill.eval.precision import metrics_from_precision, run_coco, run_stream
+    from distill.eval.results import load_results
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -122,11 +125,11 @@ def main(device: str = "cpu") -> dict:
             dets = [dict(r) for r in res]  # the loaders modify the dicts they get
             t0 = time.perf_counter()
             if backend == "stream":
-                prec, thr = _run_stream(gt, dets, 100)
+                prec, thr = run_stream(gt, dets, 100)
             else:
-                prec, thr = _run_coco(gt, dets, "bbox", 100, backend)
+                prec, thr = run_coco(gt, dets, "bbox", 100, backend)
             times[backend] = time.perf_counter() - t0
-            metrics[backend] = _metrics_from_precision(prec, thr, names, split, "bbox")
+            metrics[backend] = metrics_from_precision(prec, thr, names, split, "bbox")
         t0 = time.perf_counter()
         full = evaluate_detection(gt_path, res_path)  # end to end: read, check, evaluate (auto = stream)
         t_full = time.perf_counter() - t0

@@ -1,19 +1,27 @@
-"""COCO-format detection data: a validating loader and a torch Dataset.
+"""COCO-format detection data: the one COCO validator and a torch Dataset.
 
 :func:`load_coco` reads a COCO instances json and checks what the rest of the toolkit relies on
 (:func:`validate_coco`, for a dict already read, e.g. ``distill label --gt``); a user's mistake is
 a :class:`~distill.errors.DistillError` naming the file and key:
 
 - a missing or corrupt file; a top level that is not an object; missing ``images``,
-  ``annotations`` or ``categories``, or one that is not a list;
-- images without an int ``id`` or a string ``file_name``; a ``file_name`` that is absolute or
-  contains ``..`` (it must stay under the image root); duplicate image ids;
-- categories without an int ``id`` and a ``name``; duplicate category ids;
-- annotations without an int ``id``, ``image_id``, ``category_id`` or a 4-number ``bbox``;
+  ``annotations`` or ``categories``, or one that is not a list; no category at all;
+- images without an integer ``id`` or a string ``file_name``; a ``file_name`` that is absolute or
+  contains ``..`` (it must stay under the image root); a ``width`` / ``height`` that is not a
+  positive integer; duplicate image ids;
+- categories without an integer ``id`` and a non-empty ``name``; duplicate category ids;
+- annotations without an integer ``id``, ``image_id``, ``category_id`` or a 4-number ``bbox``;
   duplicate annotation ids; ids naming an unknown image or category; a NaN / inf coordinate or a
-  negative width or height.
+  negative width or height; a ``segmentation`` that is neither an RLE object nor polygons; an
+  ``iscrowd`` other than 0 / 1.
 
-Annotations whose box has zero width or height are dropped and counted (one warning per file).
+Annotations whose box has zero width or height are dropped and counted (one warning per file);
+evaluation keeps them (``drop_zero_size=False``: the reference scores them).
+
+The checks of one record (:func:`check_image`, :func:`check_category`, :func:`check_annotation`,
+:func:`check_id`, :func:`check_bbox`) are the same wherever COCO is read: the evaluation's
+readers (:mod:`distill.eval.gt`, :mod:`distill.eval.lvis_gt`, which stream a file item by item)
+call them too.
 
 :class:`CocoDetection` gives ``(image float (3, H, W) in [0, 1], target)`` with ``target`` =
 ``{"boxes": (N, 4) float32 XYXY absolute pixels, "labels": (N,) int64 vocabulary indices,
@@ -36,6 +44,7 @@ from distill.files import read_json, safe_join
 from distill.vocab import Vocabulary
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+FILE_NAMES = ("relative", "any", None)
 
 
 def _is_int(v: Any) -> bool:
@@ -49,24 +58,92 @@ def _bad_file_name(name: str) -> bool:
     return ".." in parts or not parts
 
 
-def load_coco(path: str | os.PathLike, what: str = "COCO annotation", relative_names: bool = True) -> dict:
-    """Read and validate the COCO instances json at ``path``; return its dict.
+def check_id(v: Any, where: str, ids_of: str | None = None) -> None:
+    """A COCO id must be an integer (the format's type, and the only one both COCO evaluators
+    agree on: pycocotools takes string ids as dict keys, and a string ``image_id`` beside integer
+    image ids silently loses its boxes; faster-coco-eval refuses consistent string ids).
+    ``where``: ``"<file>: <key>"``; ``ids_of``: the list the id refers to."""
+    if _is_int(v):
+        return
+    like = f" like the ids in '{ids_of}'" if ids_of else " (COCO ids are integers)"
+    if isinstance(v, str):
+        raise DistillError(f"{where}: {v!r} is a string, expected an integer{like}")
+    raise DistillError(f"{where}: expected an integer{like}, got {v!r}")
 
-    Zero-size boxes are removed from ``annotations`` (counted in a warning); everything else that
-    is wrong raises :class:`DistillError` ``"<path>: <key>: <what was expected>"``. ``what`` names
-    the file in the error of a missing or corrupt file; ``relative_names``: see
-    :func:`validate_coco`.
-    """
-    path = Path(path)
-    return validate_coco(read_json(path, what), str(path), relative_names=relative_names)
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, (str, bytes, bool)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
-def validate_coco(data: Any, path: str = "COCO file", relative_names: bool = True) -> dict:
-    """Validate a COCO instances dict already read (``path`` names it in the errors); return it,
-    without its zero-size boxes (counted in a warning), as :func:`load_coco`.
+def check_bbox(bb: Any, where: str) -> list[float]:
+    """A COCO box ``[x, y, width, height]``: 4 finite numbers, width and height >= 0 (ground
+    truth and results alike). Returns it as floats."""
+    vals = [_number(v) for v in bb] if isinstance(bb, (list, tuple)) and len(bb) == 4 else [None]
+    if any(v is None for v in vals):
+        raise DistillError(f"{where}: expected [x, y, width, height] (4 numbers), got {bb!r}")
+    if not all(math.isfinite(v) for v in vals):
+        raise DistillError(f"{where}: expected finite numbers, got {bb!r}")
+    if vals[2] < 0 or vals[3] < 0:
+        raise DistillError(f"{where}: expected width and height >= 0, got {bb!r}")
+    return vals
 
-    ``relative_names=False`` accepts a ``file_name`` that is absolute or holds ``..`` (for a
-    ground truth matched to images by name, never joined to an image root)."""
+
+def check_image(im: Any, where: str, file_names: str | None = "relative", masks: bool = False) -> None:
+    """One ``images`` entry (``where``: ``"<file>: images[i]"``). ``file_names``: ``"relative"``
+    (a path under an image root), ``"any"`` (matched by name, never joined to a root: absolute
+    or ``..`` allowed) or None (not needed: evaluation by id). ``masks``: ``width`` and
+    ``height`` are needed (masks are decoded at that size)."""
+    if not isinstance(im, dict):
+        raise DistillError(f"{where}: expected an object with 'id'" + (" and 'file_name'" if file_names else ""))
+    check_id(im.get("id"), f"{where}.id")
+    if file_names:
+        name = im.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise DistillError(f"{where}.file_name: expected a relative path string, got {name!r}")
+        if file_names == "relative" and _bad_file_name(name):
+            raise DistillError(f"{where}.file_name: {name!r} is absolute or contains '..' (expected a path relative to the image root)")
+    for dim in ("width", "height"):
+        if dim in im and not (_is_int(im[dim]) and im[dim] > 0):
+            raise DistillError(f"{where}.{dim}: expected a positive int, got {im[dim]!r}")
+    if masks and ("height" not in im or "width" not in im):
+        raise DistillError(f"{where}: missing 'height'/'width' (needed for segm evaluation)")
+
+
+def check_category(c: Any, where: str) -> None:
+    """One ``categories`` entry (``where``: ``"<file>: categories[i]"``)."""
+    if not isinstance(c, dict):
+        raise DistillError(f"{where}: expected an object with 'id' and 'name'")
+    check_id(c.get("id"), f"{where}.id")
+    if not isinstance(c.get("name"), str) or not c["name"].strip():
+        raise DistillError(f"{where}.name: expected a non-empty string, got {c.get('name')!r}")
+
+
+def check_annotation(a: Any, where: str, masks: bool = False) -> list[float]:
+    """One ``annotations`` entry on its own (``where``: ``"<file>: annotations[i]"``; whether its
+    ids are unique and known is the caller's to check). ``masks``: ``segmentation`` is needed.
+    Returns its box as floats."""
+    if not isinstance(a, dict):
+        raise DistillError(f"{where}: expected an object with 'id', 'image_id', 'category_id', 'bbox'")
+    for key, ids_of in (("id", None), ("image_id", "images"), ("category_id", "categories")):
+        check_id(a.get(key), f"{where}.{key}", ids_of)
+    box = check_bbox(a.get("bbox"), f"{where}.bbox")
+    seg = a.get("segmentation")
+    if seg is None and masks:
+        raise DistillError(f"{where}: missing key 'segmentation' (needed for segm evaluation)")
+    if seg is not None and not isinstance(seg, (dict, list)):
+        raise DistillError(f"{where}.segmentation: expected an RLE object or a list of polygons, got {type(seg).__name__}")
+    if a.get("iscrowd", 0) not in (0, 1):
+        raise DistillError(f"{where}.iscrowd: expected 0 or 1, got {a.get('iscrowd')!r}")
+    return box
+
+
+def check_lists(data: Any, path: str) -> None:
+    """The top level: an object whose ``images``, ``annotations``, ``categories`` are lists."""
     if not isinstance(data, dict):
         raise DistillError(f"{path}: expected a COCO object with keys {', '.join(REQUIRED_KEYS)}, got a {type(data).__name__}")
     for key in REQUIRED_KEYS:
@@ -75,73 +152,59 @@ def validate_coco(data: Any, path: str = "COCO file", relative_names: bool = Tru
         if not isinstance(data[key], list):
             raise DistillError(f"{path}: {key}: expected a list, got {type(data[key]).__name__}")
 
+
+def load_coco(path: str | os.PathLike, what: str = "COCO annotation", file_names: str | None = "relative") -> dict:
+    """Read and validate the COCO instances json at ``path``; return its dict.
+
+    Zero-size boxes are removed from ``annotations`` (counted in a warning); everything else that
+    is wrong raises :class:`DistillError` ``"<path>: <key>: <what was expected>"``. ``what`` names
+    the file in the error of a missing or corrupt file; ``file_names``: see :func:`validate_coco`.
+    """
+    path = Path(path)
+    return validate_coco(read_json(path, what), str(path), file_names=file_names)
+
+
+def validate_coco(data: Any, path: str = "COCO file", file_names: str | None = "relative", masks: bool = False,
+                  drop_zero_size: bool = True) -> dict:
+    """Validate a COCO instances dict already read (``path`` names it in the errors); return it,
+    without its zero-size boxes (counted in a warning) unless ``drop_zero_size=False``.
+
+    ``file_names``: as :func:`check_image` (``"any"`` for a ground truth matched to images by
+    name, None for one evaluated by image id); ``masks``: every annotation needs a
+    ``segmentation`` and every image its size."""
+    if file_names not in FILE_NAMES:
+        raise ValueError(f"file_names {file_names!r}: expected one of {FILE_NAMES}")
+    check_lists(data, path)
     image_ids: set[int] = set()
     for i, im in enumerate(data["images"]):
-        where = f"{path}: images[{i}]"
-        if not isinstance(im, dict):
-            raise DistillError(f"{where}: expected an object with 'id' and 'file_name'")
-        if not _is_int(im.get("id")):
-            raise DistillError(f"{where}.id: expected an int, got {im.get('id')!r}")
-        name = im.get("file_name")
-        if not isinstance(name, str) or not name:
-            raise DistillError(f"{where}.file_name: expected a relative path string, got {name!r}")
-        if relative_names and _bad_file_name(name):
-            raise DistillError(f"{where}.file_name: {name!r} is absolute or contains '..' (expected a path relative to the image root)")
-        for dim in ("width", "height"):
-            if dim in im and not (_is_int(im[dim]) and im[dim] > 0):
-                raise DistillError(f"{where}.{dim}: expected a positive int, got {im[dim]!r}")
+        check_image(im, f"{path}: images[{i}]", file_names, masks)
         if im["id"] in image_ids:
-            raise DistillError(f"{where}.id: duplicate image id {im['id']}")
+            raise DistillError(f"{path}: images[{i}].id: duplicate image id {im['id']}")
         image_ids.add(im["id"])
-
+    if not data["categories"]:
+        raise DistillError(f"{path}: categories: expected at least one category")
     cat_ids: set[int] = set()
     for i, c in enumerate(data["categories"]):
-        where = f"{path}: categories[{i}]"
-        if not isinstance(c, dict):
-            raise DistillError(f"{where}: expected an object with 'id' and 'name'")
-        if not _is_int(c.get("id")):
-            raise DistillError(f"{where}.id: expected an int, got {c.get('id')!r}")
-        if not isinstance(c.get("name"), str) or not c["name"].strip():
-            raise DistillError(f"{where}.name: expected a non-empty string, got {c.get('name')!r}")
+        check_category(c, f"{path}: categories[{i}]")
         if c["id"] in cat_ids:
-            raise DistillError(f"{where}.id: duplicate category id {c['id']}")
+            raise DistillError(f"{path}: categories[{i}].id: duplicate category id {c['id']}")
         cat_ids.add(c["id"])
-
     ann_ids: set[int] = set()
     kept: list[dict] = []
-    zero = 0
     for i, a in enumerate(data["annotations"]):
-        where = f"{path}: annotations[{i}]"
-        if not isinstance(a, dict):
-            raise DistillError(f"{where}: expected an object with 'id', 'image_id', 'category_id', 'bbox'")
-        for key in ("id", "image_id", "category_id"):
-            if not _is_int(a.get(key)):
-                raise DistillError(f"{where}.{key}: expected an int, got {a.get(key)!r}")
+        box = check_annotation(a, f"{path}: annotations[{i}]", masks)
         if a["id"] in ann_ids:
-            raise DistillError(f"{where}.id: duplicate annotation id {a['id']}")
+            raise DistillError(f"{path}: annotations[{i}].id: duplicate annotation id {a['id']}")
         ann_ids.add(a["id"])
         if a["image_id"] not in image_ids:
-            raise DistillError(f"{where}.image_id: unknown image id {a['image_id']} (not in 'images')")
+            raise DistillError(f"{path}: annotations[{i}].image_id: unknown image id {a['image_id']} (not in 'images')")
         if a["category_id"] not in cat_ids:
             valid = sorted(cat_ids)
             shown = str(valid) if len(valid) <= 12 else f"{len(valid)} ids from {valid[0]} to {valid[-1]}"
-            raise DistillError(f"{where}.category_id: unknown category id {a['category_id']} (valid: {shown})")
-        box = a.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            raise DistillError(f"{where}.bbox: expected [x, y, width, height] (4 numbers), got {box!r}")
-        if not all(math.isfinite(v) for v in box):
-            raise DistillError(f"{where}.bbox: expected finite numbers, got {box!r}")
-        if box[2] < 0 or box[3] < 0:
-            raise DistillError(f"{where}.bbox: expected width and height >= 0, got {box!r}")
-        seg = a.get("segmentation")
-        if seg is not None and not isinstance(seg, (dict, list)):
-            raise DistillError(f"{where}.segmentation: expected an RLE object or a list of polygons, got {type(seg).__name__}")
-        if a.get("iscrowd", 0) not in (0, 1):
-            raise DistillError(f"{where}.iscrowd: expected 0 or 1, got {a.get('iscrowd')!r}")
-        if box[2] == 0 or box[3] == 0:
-            zero += 1
-            continue
-        kept.append(a)
+            raise DistillError(f"{path}: annotations[{i}].category_id: unknown category id {a['category_id']} (valid: {shown})")
+        if not drop_zero_size or (box[2] and box[3]):
+            kept.append(a)
+    zero = len(data["annotations"]) - len(kept)
     if zero:
         warnings.warn(f"{path}: skipped {zero} annotation(s) with a zero-size box", stacklevel=2)
         data = dict(data, annotations=kept)

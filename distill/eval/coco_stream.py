@@ -55,6 +55,11 @@ assert _T <= 16
 CHUNK_DETS = 4096  # detections matched per call when a whole results file is evaluated (bounds the temporaries)
 
 
+def array_view(a, dtype) -> np.ndarray:
+    """A numpy view of an ``array.array`` (no copy)."""
+    return np.frombuffer(a, dtype=dtype) if len(a) else np.zeros(0, dtype)
+
+
 def _out_of_range(area: np.ndarray) -> np.ndarray:
     return (area < AREA_ALL[0]) | (area > AREA_ALL[1])
 
@@ -140,39 +145,41 @@ class BoxGT:
         return np.bincount(self.cat[sel], minlength=self.n_cats) > 0
 
 
-def match(gt: BoxGT, img: np.ndarray, cat: np.ndarray, box: np.ndarray, score: np.ndarray) -> tuple:
-    """Match detections (already cut to the top ``maxDets`` of each image) against ``gt``.
-
-    Args are per detection: image index, category index, [x, y, w, h] float64, score, in the
-    order COCO saw them (the results order within an image). Returns ``(order, tp_bits, ig_bits)``:
-    the detections sorted by (image, category, descending score, input order), and per sorted
-    detection the thresholds at which it is a true positive / ignored (bit t = ``IOU_THRS[t]``).
-    """
-    D = len(img)
-    K = gt.n_cats
-    order = np.lexsort((-score, cat, img))
-    img, cat, box = img[order], cat[order], box[order]
-    tp_bits = np.zeros(D, np.uint16)
-    ig_bits = np.where(_out_of_range(box[:, 2] * box[:, 3]), _ALL_BITS, np.uint16(0)).astype(np.uint16)
-    if D == 0:
-        return order, tp_bits, ig_bits
-    key = img.astype(np.int64) * K + cat
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+def pairs(gt_key: np.ndarray, key: np.ndarray) -> tuple:
+    """The (detection, ground truth) pairs of detections sorted by ``key`` (image * K + category)
+    against ground truth sorted by ``gt_key``. Returns ``(starts, rank, gs, counts, first,
+    pair_det, pair_gt)``: where each key's run of detections starts, each detection's position in
+    its run, its first ground truth and their number, where its pairs start, and per pair the
+    detection and the ground truth (detection-major, the ground truth in order)."""
+    D = len(key)
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if D else np.zeros(0, np.int64)
     rank = np.arange(D) - np.repeat(starts, np.diff(np.r_[starts, D]))  # position within (image, category)
-    gs = np.searchsorted(gt.key, key, "left")
-    counts = np.searchsorted(gt.key, key, "right") - gs
+    gs = np.searchsorted(gt_key, key, "left")
+    counts = np.searchsorted(gt_key, key, "right") - gs
     P = int(counts.sum())
-    if P == 0:
-        return order, tp_bits, ig_bits
     pair_det = np.repeat(np.arange(D), counts)
     first = np.cumsum(counts) - counts
     pair_gt = gs[pair_det] + np.arange(P) - first[pair_det]
-    iou = box_iou(box[pair_det], gt.box[pair_gt], gt.crowd[pair_gt])
-    uniq, pair_g = np.unique(pair_gt, return_inverse=True)  # local ground-truth index
-    g_crowd, g_ig = gt.crowd[uniq], gt.ignored[uniq]
-    matched_gt = np.zeros((len(uniq), _T), bool)  # COCOeval's gtm > 0
-    # detections of the same rank belong to different (image, category) groups, so they are
-    # matched together; ranks run in order, as COCOeval's loop over the sorted detections
+    return starts, rank, gs, counts, first, pair_det, pair_gt
+
+
+def greedy(rank: np.ndarray, pair_det: np.ndarray, pair_g: np.ndarray, iou: np.ndarray, g_ig: np.ndarray,
+           g_crowd: np.ndarray | None, n_g: int, D: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """COCOeval's (and ``LVISEval``'s) greedy matching for many (image, category) groups at once.
+
+    Pairs (detection, local GT index, IoU) are grouped by detection, the GT in order within;
+    detections of the same rank (position in their group's score order) belong to different
+    groups and are matched together, ranks in order, as COCOeval's loop over the sorted
+    detections. At each threshold a detection takes the best available non-ignored box (the last
+    one of equal IoU), else the best ignored one; a crowd box (``g_crowd``) can be matched again.
+    Returns per detection the bit masks (over thresholds) of: matched to a non-ignored box,
+    matched to an ignored box, matched at all."""
+    tp = np.zeros(D, np.uint16)
+    mig = np.zeros(D, np.uint16)
+    hit_b = np.zeros(D, np.uint16)
+    if not len(pair_det):
+        return tp, mig, hit_b
+    matched = np.zeros((n_g, _T), bool)  # COCOeval's gtm > 0
     pair_rank = rank[pair_det]
     porder = np.argsort(pair_rank, kind="stable")
     bounds = np.searchsorted(pair_rank[porder], np.arange(int(pair_rank.max()) + 2))
@@ -185,7 +192,8 @@ def match(gt: BoxGT, img: np.ndarray, cat: np.ndarray, box: np.ndarray, score: n
         seg = np.flatnonzero(seg_flag)
         seg_of = np.cumsum(seg_flag) - 1
         ig = g_ig[pg][:, None]
-        valid = (~matched_gt[pg] | g_crowd[pg][:, None]) & (piou[:, None] >= _MATCH_THRS[None, :])
+        free = ~matched[pg] if g_crowd is None else ~matched[pg] | g_crowd[pg][:, None]
+        valid = free & (piou[:, None] >= _MATCH_THRS[None, :])
         has_regular = np.logical_or.reduceat(valid & ~ig, seg, axis=0)
         eligible = valid & (ig != has_regular[seg_of])  # regular boxes if any, else ignored ones
         val = np.where(eligible, piou[:, None], -1.0)
@@ -193,20 +201,106 @@ def match(gt: BoxGT, img: np.ndarray, cat: np.ndarray, box: np.ndarray, score: n
         idx = np.arange(len(sl))[:, None]
         win = np.maximum.reduceat(np.where(eligible & (val == best[seg_of]), idx, -1), seg, axis=0)  # last of equal IoU
         hit = win >= 0
-        w = np.where(hit, win, 0)
-        wg = pg[w]
+        wg = pg[np.where(hit, win, 0)]
         w_ig = g_ig[wg] & hit
         tt = np.nonzero(hit)
-        matched_gt[wg[tt], tt[1]] = True
+        matched[wg[tt], tt[1]] = True
         dets = pd[seg]
-        tp_bits[dets] = ((hit & ~w_ig) * _BITS).sum(axis=1).astype(np.uint16)
-        hit_bits = (hit * _BITS).sum(axis=1).astype(np.uint16)
-        # matched to an ignored box -> ignored; unmatched keeps the area-range ignore
-        ig_bits[dets] = ((w_ig * _BITS).sum(axis=1).astype(np.uint16)) | (ig_bits[dets] & ~hit_bits)
-    return order, tp_bits, ig_bits
+        tp[dets] = ((hit & ~w_ig) * _BITS).sum(axis=1).astype(np.uint16)
+        mig[dets] = (w_ig * _BITS).sum(axis=1).astype(np.uint16)
+        hit_b[dets] = (hit * _BITS).sum(axis=1).astype(np.uint16)
+    return tp, mig, hit_b
 
 
-class StreamingBoxEval:
+def match(gt: BoxGT, img: np.ndarray, cat: np.ndarray, box: np.ndarray, score: np.ndarray) -> tuple:
+    """Match detections (already cut to the top ``maxDets`` of each image) against ``gt``.
+
+    Args are per detection: image index, category index, [x, y, w, h] float64, score, in the
+    order COCO saw them (the results order within an image). Returns ``(order, tp_bits, ig_bits)``:
+    the detections sorted by (image, category, descending score, input order), and per sorted
+    detection the thresholds at which it is a true positive / ignored (bit t = ``IOU_THRS[t]``).
+    """
+    D = len(img)
+    order = np.lexsort((-score, cat, img))
+    img, cat, box = img[order], cat[order], box[order]
+    tp_bits = np.zeros(D, np.uint16)
+    ig_bits = np.where(_out_of_range(box[:, 2] * box[:, 3]), _ALL_BITS, np.uint16(0)).astype(np.uint16)
+    if D == 0:
+        return order, tp_bits, ig_bits
+    _, rank, _, counts, _, pair_det, pair_gt = pairs(gt.key, img.astype(np.int64) * gt.n_cats + cat)
+    if not len(pair_det):
+        return order, tp_bits, ig_bits
+    iou = box_iou(box[pair_det], gt.box[pair_gt], gt.crowd[pair_gt])
+    uniq, pair_g = np.unique(pair_gt, return_inverse=True)  # local ground-truth index
+    tp_bits, mig, hit = greedy(rank, pair_det, pair_g, iou, gt.ignored[uniq], gt.crowd[uniq], len(uniq), D)
+    # matched to an ignored box -> ignored; unmatched keeps the area-range ignore
+    return order, tp_bits, mig | (ig_bits & ~hit)
+
+
+class MatchRecords:
+    """What the streaming evaluators share: the images seen, and per kept detection a compact
+    match record (the fields ``_FIELDS``), kept in parts that are joined now and then; merging
+    the records of several processes. ``self.gt`` has ``n_images`` and ``img_ids``."""
+
+    _FIELDS: tuple[str, ...] = ()
+
+    def reset(self) -> None:
+        self.seen = np.zeros(self.gt.n_images, bool)
+        self._parts: list[tuple] = []
+        self._warned = False
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def n_records(self) -> int:
+        return sum(len(p[0]) for p in self._parts)
+
+    def records(self) -> dict[str, np.ndarray]:
+        self._compact()
+        if not self._parts:
+            return self._empty()
+        return dict(zip(self._FIELDS, self._parts[0]))
+
+    def _compact(self) -> None:
+        if len(self._parts) > 1:
+            self._parts = [tuple(np.concatenate(x) for x in zip(*self._parts))]
+
+    def _append(self, part: tuple) -> None:
+        self._parts.append(part)
+        if len(self._parts) > 64:
+            self._compact()
+
+    def _repeated(self, images: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Which of ``images`` were seen before, and whether any image comes again (seen before,
+        or twice in this call; one warning the first time)."""
+        dup = self.seen[images]
+        again = bool(dup.any()) or len(np.unique(images)) != len(images)
+        if again and not self._warned:
+            log.warning("image(s) %s evaluated more than once: only their first detections count",
+                        [self.gt.img_ids[i] for i in images[dup][:5]] or "given twice in one call")
+            self._warned = True
+        return dup, again
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What another process needs to merge this one's work (see :meth:`_merge`)."""
+        return {"images": np.flatnonzero(self.seen).astype(np.int32), **self.records()}
+
+    def _merge(self, states: Iterable[dict]) -> None:
+        """Add several :meth:`state` s to this (empty) one; an image in more than one keeps the first."""
+        for s in states:
+            images = np.asarray(s["images"], dtype=np.int64)
+            keep = ~self.seen[np.asarray(s["img"], dtype=np.int64)]
+            if self.seen[images].any() and not self._warned:
+                log.warning("some images were evaluated on more than one process: only their first detections count")
+                self._warned = True
+            self.seen[images] = True
+            if keep.any():
+                self._parts.append(tuple(np.asarray(s[f])[keep] for f in self._FIELDS))
+        self._compact()
+
+
+class StreamingBoxEval(MatchRecords):
     """Per-image COCO box matching, kept as compact records; :meth:`precision` accumulates.
 
     ``add`` takes whole images (every detection of each image, already cut to the top
@@ -219,37 +313,17 @@ class StreamingBoxEval:
         self.gt = gt
         self.reset()
 
-    def reset(self) -> None:
-        self.seen = np.zeros(self.gt.n_images, bool)
-        self._parts: list[tuple] = []
-        self._warned = False
-
-    @property
-    def n_records(self) -> int:
-        return sum(len(p[0]) for p in self._parts)
-
-    def records(self) -> dict[str, np.ndarray]:
-        self._compact()
-        if not self._parts:
-            return {"img": np.zeros(0, np.int32), "cat": np.zeros(0, np.int32), "score": np.zeros(0),
-                    "tp": np.zeros(0, np.uint16), "ig": np.zeros(0, np.uint16)}
-        return dict(zip(self._FIELDS, self._parts[0]))
-
-    def _compact(self) -> None:
-        if len(self._parts) > 1:
-            self._parts = [tuple(np.concatenate(x) for x in zip(*self._parts))]
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {"img": np.zeros(0, np.int32), "cat": np.zeros(0, np.int32), "score": np.zeros(0),
+                "tp": np.zeros(0, np.uint16), "ig": np.zeros(0, np.uint16)}
 
     def add(self, images: Sequence[int] | np.ndarray, img: np.ndarray, cat: np.ndarray, box: np.ndarray, score: np.ndarray) -> None:
         """``images``: indices of the images of this call (with or without detections); per
         detection its image index (one of ``images``), category index, [x, y, w, h], score."""
         images = np.asarray(images, dtype=np.int64).reshape(-1)
         img = np.asarray(img, dtype=np.int64).reshape(-1)
-        dup = self.seen[images]
-        if dup.any() or len(np.unique(images)) != len(images):
-            if not self._warned:
-                log.warning("image(s) %s evaluated more than once: only their first detections count",
-                            [self.gt.img_ids[i] for i in images[dup][:5]] or "given twice in one call")
-                self._warned = True
+        dup, again = self._repeated(images)
+        if again:
             _, first = np.unique(images, return_index=True)
             keep_img = np.zeros(self.gt.n_images, bool)
             keep_img[images[np.sort(first)]] = True
@@ -263,33 +337,15 @@ class StreamingBoxEval:
         cat = np.asarray(cat, dtype=np.int64).reshape(-1)
         box = np.asarray(box, dtype=np.float64).reshape(-1, 4)
         score = np.asarray(score, dtype=np.float64).reshape(-1)
-        order, tp, ig = match(self.gt, img, cat, box, score)
-        self._parts.append((img[order].astype(np.int32), cat[order].astype(np.int32), score[order], tp, ig))
-        if len(self._parts) > 64:
-            self._compact()
-
-    # -------------------------------------------------------------------------------- gather
-    def state(self) -> dict[str, np.ndarray]:
-        """What another process needs to merge this one's work (see :meth:`merged`)."""
-        return {"images": np.flatnonzero(self.seen).astype(np.int32), **self.records()}
+        self._append(_matched(self.gt, img, cat, box, score))
 
     @classmethod
     def merged(cls, gt: BoxGT, states: Iterable[dict]) -> "StreamingBoxEval":
         """One evaluator from several :meth:`state` s; an image in more than one keeps the first."""
         out = cls(gt)
-        for s in states:
-            images = np.asarray(s["images"], dtype=np.int64)
-            keep = ~out.seen[np.asarray(s["img"], dtype=np.int64)]
-            if out.seen[images].any() and not out._warned:
-                log.warning("some images were evaluated on more than one process: only their first detections count")
-                out._warned = True
-            out.seen[images] = True
-            if keep.any():
-                out._parts.append(tuple(np.asarray(s[f])[keep] for f in cls._FIELDS))
-        out._compact()
+        out._merge(states)
         return out
 
-    # -------------------------------------------------------------------------------- accumulate
     def precision(self) -> np.ndarray:
         """COCOeval's ``eval["precision"][:, :, :, area "all", maxDets[-1]]``: [T, R, K], -1 where a
         category has no non-ignored ground truth on the evaluated images."""
@@ -365,9 +421,7 @@ def evaluate_arrays(gt: BoxGT, images: np.ndarray, img: np.ndarray, cat: np.ndar
         keep = top_per_image(img[sl], score[sl], max_dets)
         dropped += len(sl) - len(keep)
         sl = sl[np.sort(keep)]  # input order again within each image (COCO's order for ties)
-        ev._parts.append(_matched(gt, img[sl].astype(np.int64), cat[sl].astype(np.int64), box[sl], score[sl]))
-        if len(ev._parts) > 64:
-            ev._compact()
+        ev._append(_matched(gt, img[sl].astype(np.int64), cat[sl].astype(np.int64), box[sl], score[sl]))
         start = stop
     del order
     return ev.precision(), dropped

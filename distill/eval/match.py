@@ -99,43 +99,10 @@ def dataset_results(results: Any, gt_images_cats: Callable[[], tuple[list[dict],
     if not is_dataset(data) or not isinstance(data.get("annotations"), list):
         return Named(name, data)
     gt_images, gt_cats = gt_images_cats()
-    for i, g in enumerate(gt_images):
-        if not isinstance(g.get("file_name"), str) or not g["file_name"]:
-            raise DistillError(f"{gt_name}: images[{i}]: no 'file_name' to match the images of {name} by (it is a COCO "
-                               "dataset with its own image ids; give a results list with the ground truth's image ids instead)")
-    pred_images = data["images"]
-    ids = set()
-    for i, im in enumerate(pred_images):
-        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or not im["file_name"] or "id" not in im:
-            raise DistillError(f"{name}: images[{i}]: expected an object with 'id' and 'file_name'")
-        try:
-            ids.add(im["id"])
-        except TypeError:
-            raise DistillError(f"{name}: images[{i}].id: expected an integer, got {im['id']!r}") from None
-    img_map = match_images(pred_images, gt_images, name)
-    for i, im in enumerate(pred_images):
-        if im["id"] not in img_map:
-            raise DistillError(f"{name}: images[{i}] {im['file_name']!r} is not an image of {gt_name} (the images of a "
-                               "COCO dataset are matched to the ground truth's by file_name)")
-    back: dict[Any, str] = {}
-    for i, im in enumerate(pred_images):
-        g = img_map[im["id"]]
-        if g in back and back[g] != im["file_name"]:
-            raise DistillError(f"{name}: images[{i}] {im['file_name']!r} and {back[g]!r} are the same image of {gt_name}")
-        back[g] = im["file_name"]
-    cat_map = None
-    unknown: dict[str, int] = {}
-    if isinstance(data.get("categories"), list):
-        gt_by_name = category_names(gt_cats)
-        cat_map = {}
-        for i, c in enumerate(data["categories"]):
-            if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
-                raise DistillError(f"{name}: categories[{i}]: expected an object with 'id' and 'name'")
-            try:
-                cat_map[c["id"]] = gt_by_name.get(norm_name(c["name"]))
-            except TypeError:
-                raise DistillError(f"{name}: categories[{i}].id: expected an integer, got {c['id']!r}") from None
+    img_map = _image_map(data["images"], gt_images, name, gt_name)
+    cat_map = _category_map(data["categories"], gt_cats, name) if isinstance(data.get("categories"), list) else None
     out = []
+    unknown: dict[str, int] = {}
     for i, a in enumerate(data["annotations"]):
         if not isinstance(a, dict):
             out.append(a)  # refused with its index by the results check
@@ -165,6 +132,48 @@ def dataset_results(results: Any, gt_images_cats: Callable[[], tuple[list[dict],
         log.warning("%s: %d categor%s not in %s, %d prediction(s) not scored: %s", name, len(names), "y" if len(names) == 1 else "ies",
                     gt_name, sum(unknown.values()), ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
     return Named(name, out)
+
+
+def _image_map(pred_images: list, gt_images: list[dict], name: str, gt_name: str) -> dict:
+    """A prediction dataset's image id -> the ground truth's, by file name; an image that is not
+    in the ground truth, or two naming the same one, is an error."""
+    for i, g in enumerate(gt_images):
+        if not isinstance(g.get("file_name"), str) or not g["file_name"]:
+            raise DistillError(f"{gt_name}: images[{i}]: no 'file_name' to match the images of {name} by (it is a COCO "
+                               "dataset with its own image ids; give a results list with the ground truth's image ids instead)")
+    for i, im in enumerate(pred_images):
+        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or not im["file_name"] or "id" not in im:
+            raise DistillError(f"{name}: images[{i}]: expected an object with 'id' and 'file_name'")
+        try:
+            hash(im["id"])
+        except TypeError:
+            raise DistillError(f"{name}: images[{i}].id: expected an integer, got {im['id']!r}") from None
+    img_map = match_images(pred_images, gt_images, name)
+    for i, im in enumerate(pred_images):
+        if im["id"] not in img_map:
+            raise DistillError(f"{name}: images[{i}] {im['file_name']!r} is not an image of {gt_name} (the images of a "
+                               "COCO dataset are matched to the ground truth's by file_name)")
+    back: dict[Any, str] = {}
+    for i, im in enumerate(pred_images):
+        g = img_map[im["id"]]
+        if g in back and back[g] != im["file_name"]:
+            raise DistillError(f"{name}: images[{i}] {im['file_name']!r} and {back[g]!r} are the same image of {gt_name}")
+        back[g] = im["file_name"]
+    return img_map
+
+
+def _category_map(categories: list, gt_cats: list[dict], name: str) -> dict:
+    """A prediction dataset's category id -> the ground truth's of the same name (None: none)."""
+    gt_by_name = category_names(gt_cats)
+    cat_map = {}
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("name"), str):
+            raise DistillError(f"{name}: categories[{i}]: expected an object with 'id' and 'name'")
+        try:
+            cat_map[c["id"]] = gt_by_name.get(norm_name(c["name"]))
+        except TypeError:
+            raise DistillError(f"{name}: categories[{i}].id: expected an integer, got {c['id']!r}") from None
+    return cat_map
 
 
 def gt_images_and_categories(gt_json: str | os.PathLike | dict) -> tuple[list[dict], list[dict]]:

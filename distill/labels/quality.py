@@ -64,7 +64,7 @@ def load_label_gt(gt_json: str | os.PathLike | dict) -> tuple[dict, str]:
         name, data = str(gt_json), read_json(gt_json, "COCO ground truth")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gt = validate_coco(data, name, relative_names=False)
+        gt = validate_coco(data, name, file_names="any")
     for w in caught:
         log.warning("%s", w.message)
     if not gt["categories"]:

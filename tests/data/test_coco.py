@@ -62,7 +62,8 @@ _DELETE = object()
 BAD = [
     ("missing key", _mutate(["categories"], _DELETE), "missing key 'categories'"),
     ("not a list", _mutate(["annotations"], {"id": 1}), "annotations: expected a list, got dict"),
-    ("image id type", _mutate(["images", 0, "id"], "1"), r"images\[0\].id: expected an int"),
+    ("image id type", _mutate(["images", 0, "id"], "1"), r"images\[0\].id: '1' is a string, expected an integer"),
+    ("image id float", _mutate(["images", 0, "id"], 1.5), r"images\[0\].id: expected an int"),
     ("dup image", _mutate(["images", 1, "id"], 1), r"images\[1\].id: duplicate image id 1"),
     ("abs file", _mutate(["images", 0, "file_name"], "/etc/passwd"), r"images\[0\].file_name: '/etc/passwd' is absolute or contains '..'"),
     ("dotdot file", _mutate(["images", 1, "file_name"], "x/../../2.png"), r"images\[1\].file_name: 'x/../../2.png' is absolute"),

@@ -27,7 +27,8 @@ import torch
 
 from distill.errors import DistillError
 from distill.eval.coco_stream import IOU_THRS, REC_THRS, BoxGT, StreamingBoxEval
-from distill.eval.detection import DetectionEvaluator, _run_coco, _run_stream, evaluate_detection
+from distill.eval.detection import DetectionEvaluator, evaluate_detection
+from distill.eval.precision import run_coco, run_stream
 
 from .test_detection import _crowd_annotation, _crowd_mask, add_crowds, make_gt, noisy_results
 
@@ -123,15 +124,15 @@ def per_image_limit(dets: list[dict], max_dets: int) -> list[dict]:
 def _prec_all(gt, dets, max_dets=100, img_ids=None):
     """Precision [T, R, K] of our evaluators and of the references, all given the untruncated
     ``dets``: ``stream`` (the streaming evaluator, which applies the per-image limit itself),
-    ``pycocotools_backend`` (our pycocotools path: ``_top_per_image`` + COCOeval), and the
+    ``pycocotools_backend`` (our pycocotools path: ``top_results`` + COCOeval), and the
     references ``faster`` / ``pycocotools`` on the list limited by LVIS's code."""
-    from distill.eval.detection import _top_per_image
+    from distill.eval.results import top_results
 
     limited = per_image_limit(dets, max_dets)
-    out = {"stream": _run_stream(copy.deepcopy(gt), copy.deepcopy(dets), max_dets, img_ids)[0]}
-    out["pycocotools_backend"] = _run_coco(copy.deepcopy(gt), _top_per_image(copy.deepcopy(dets), max_dets), "bbox", max_dets, "pycocotools", img_ids)[0]
+    out = {"stream": run_stream(copy.deepcopy(gt), copy.deepcopy(dets), max_dets, img_ids)[0]}
+    out["pycocotools_backend"] = run_coco(copy.deepcopy(gt), top_results(copy.deepcopy(dets), max_dets), "bbox", max_dets, "pycocotools", img_ids)[0]
     for b in ("faster", "pycocotools"):
-        out[b] = _run_coco(copy.deepcopy(gt), copy.deepcopy(limited), "bbox", max_dets, b, img_ids)[0]
+        out[b] = run_coco(copy.deepcopy(gt), copy.deepcopy(limited), "bbox", max_dets, b, img_ids)[0]
     return out
 
 
@@ -159,7 +160,7 @@ def test_precision_equals_faster_and_pycocotools_on_corner_cases(seed):
         per_img[d["image_id"]] = per_img.get(d["image_id"], 0) + 1
     if max_dets < 100:  # the limit bites: images beyond it, and it changes the numbers
         assert max(per_img.values()) > max_dets
-        untruncated = _run_coco(copy.deepcopy(gt), copy.deepcopy(dets), "bbox", max_dets, "pycocotools", img_ids)[0]
+        untruncated = run_coco(copy.deepcopy(gt), copy.deepcopy(dets), "bbox", max_dets, "pycocotools", img_ids)[0]
         assert not np.array_equal(untruncated, p["pycocotools"])  # pycocotools' own maxDets is per image and category
     # the fixture is not trivial: categories without GT (-1), imperfect and perfect matches
     assert (p["stream"][0, 0] == -1).sum() >= 2
@@ -373,121 +374,13 @@ def test_streaming_evaluator_gathers_across_ranks(tmp_path):
         assert r0[k] == pytest.approx(ref[k], abs=1e-12), k
 
 
-def _same_box_gt(a: BoxGT, b: BoxGT) -> None:
-    assert a.img_ids == b.img_ids and a.cat_ids == b.cat_ids
-    for f in ("key", "box", "crowd", "ignored"):
-        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_ground_truth_file_is_read_item_by_item(tmp_path, monkeypatch, seed):
-    import distill.eval.detection as det
-
-    gt, dets = (make_gt()[0], None) if seed == 0 else random_world(seed)  # seed 0: with RLE masks
-    # keys in another order than COCO's, and extra keys (all values parsed and skipped)
-    shuffled = {"categories": gt["categories"], "info": {"year": 2024, "x": [1, {"y": None}]}, "annotations": gt["annotations"],
-                "licenses": [], "images": gt["images"]}
-    p = tmp_path / "gt.json"
-    p.write_text(json.dumps(shuffled, indent=1 if seed == 1 else None))
-    streamed = det._stream_box_gt(p)
-    assert streamed is not None  # not the fallback
-    _same_box_gt(streamed[0], BoxGT(gt))
-    assert streamed[1] == gt["categories"]
-    if dets is not None:
-        ref = evaluate_detection(gt, dets, backend="pycocotools")
-
-        def no_load_gt(*a, **k):
-            raise AssertionError("the streaming path read the GT with load_gt")
-
-        monkeypatch.setattr(det, "load_gt", no_load_gt)
-        assert evaluate_detection(p, dets) == pytest.approx(ref, abs=1e-12)
-        ev = DetectionEvaluator(p)
-        assert ev.streaming and ev.gt is None
-
-
-def _mutations():
-    def dup_image(g):
-        g["images"][3]["id"] = g["images"][2]["id"]
-
-    def unknown_image(g):
-        g["annotations"][4]["image_id"] = 10**9
-
-    def unknown_cat(g):
-        g["annotations"][4]["category_id"] = 99
-
-    def bad_box(g):
-        g["annotations"][6]["bbox"] = [1.0, 2.0, -3.0, 4.0]
-
-    def dup_ann(g):
-        g["annotations"][7]["id"] = g["annotations"][1]["id"]
-
-    def no_cats(g):
-        del g["categories"]
-
-    def empty_cats(g):
-        g["categories"] = []
-
-    def ann_not_dict(g):
-        g["annotations"][2] = [1, 2]
-
-    def images_not_list(g):
-        g["images"] = {"a": 1}
-
-    return [dup_image, unknown_image, unknown_cat, bad_box, dup_ann, no_cats, empty_cats, ann_not_dict, images_not_list]
-
-
-@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
-def test_bad_ground_truth_files_give_the_same_errors(tmp_path, mutate):
-    gt, dets = random_world(0, n_images=10)
-    bad = copy.deepcopy(gt)
-    mutate(bad)
-    p = tmp_path / "gt.json"
-    p.write_text(json.dumps(bad))
-    with pytest.raises(DistillError) as ref:
-        evaluate_detection(p, dets, backend="faster")
-    with pytest.raises(DistillError) as got:
-        evaluate_detection(p, dets)
-    assert str(got.value) == str(ref.value)
-    with pytest.raises(DistillError) as got:
-        DetectionEvaluator(p)
-    assert str(got.value) == str(ref.value)
-
-
-def test_invalid_json_and_unusual_ids_fall_back(tmp_path):
-    gt, dets = random_world(1, n_images=8)
-    p = tmp_path / "gt.json"
-    p.write_text(json.dumps(gt)[:-40])
-    with pytest.raises(DistillError, match="gt.json: not valid json"):
-        evaluate_detection(p, dets)
-    # string image ids: not for the fast path; load_gt refuses them in one line (COCO ids are
-    # integers; faster-coco-eval refuses string ids where pycocotools takes them as dict keys)
-    g2 = copy.deepcopy(gt)
-    for im in g2["images"]:
-        im["id"] = f"img{im['id']:05d}"
-    for a in g2["annotations"]:
-        a["image_id"] = f"img{a['image_id']:05d}"
-    p.write_text(json.dumps(g2))
-    import distill.eval.detection as det
-
-    assert det._stream_box_gt(p) is None
-    with pytest.raises(DistillError, match=r"gt.json: images\[0\].id: 'img\d+' is a string, expected an integer"):
-        det._load_box_gt(p)
-    # integer ids beyond int64 do not fit the fast path's arrays: read through load_gt
-    g3 = copy.deepcopy(gt)
-    for a in g3["annotations"]:
-        a["id"] += 2**70
-    p.write_text(json.dumps(g3))
-    box_gt, _, _ = det._load_box_gt(p)
-    _same_box_gt(box_gt, BoxGT(g3))
-
-
 def test_small_chunks_give_the_same_precision(monkeypatch):
     import distill.eval.coco_stream as cs
 
     gt, dets = random_world(7)
-    ref = _run_stream(gt, dets, 20)[0]
+    ref = run_stream(gt, dets, 20)[0]
     monkeypatch.setattr(cs, "CHUNK_DETS", 5)  # many chunks; images with more detections than a chunk
-    np.testing.assert_array_equal(_run_stream(gt, dets, 20)[0], ref)
+    np.testing.assert_array_equal(run_stream(gt, dets, 20)[0], ref)
     np.testing.assert_array_equal(ref, _prec_all(gt, dets, 20)["pycocotools"])
 
 
