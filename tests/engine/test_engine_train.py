@@ -1,4 +1,5 @@
-"""Engine: exact resume, NaN guard, checkpoints readable with weights_only, schedules."""
+"""Engine: exact resume, NaN guard, checkpoints readable with weights_only, accumulation, clipping,
+periodic evaluation, fp16 AMP."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch.utils.data import Dataset
 
 from distill.config import TrainConfig
 from distill.engine import checkpoint as ckpt_lib
-from distill.engine.train import LRFactor, make_loader, train
+from distill.engine.train import make_loader, train
 from distill.errors import DistillError
 
 
@@ -139,18 +140,6 @@ def test_checkpoint_roundtrip_and_wrong_architecture(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DistillError, match="not a readable checkpoint"):
         ckpt_lib.read(tmp_path / "junk.pt")
-
-
-def test_lr_factor_warmup_cosine_step():
-    f = LRFactor(100, 10, "cosine")
-    assert f(0) == pytest.approx(0.001)
-    assert f(5) == pytest.approx((0.001 * 0.5 + 0.5) * 0.5 * (1 + math.cos(math.pi * 0.05)))
-    assert f(50) == pytest.approx(0.5)
-    assert f(100) == pytest.approx(0.0, abs=1e-12)
-    s = LRFactor(90, 0, "step")
-    assert [s(0), s(59), s(60), s(80)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
-    with pytest.raises(DistillError, match="train.schedule"):
-        LRFactor(10, 0, "poly")
 
 
 def test_grad_accumulation_matches_big_batch(tmp_path):

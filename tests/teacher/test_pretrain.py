@@ -1,4 +1,4 @@
-"""Tiny-teacher pretraining: the loss against a brute-force reference, the schedule, the sampler,
+"""Tiny-teacher pretraining: the loss against a brute-force reference, the sampler,
 and an end-to-end run on a tiny world (checkpoint loadable by open_clip, reused when unchanged)."""
 
 import json
@@ -13,7 +13,7 @@ import yaml
 
 from distill.cli import main
 from distill.config import load_config
-from distill.teacher.pretrain import BatchSampler, load_pairs, lr_at, multi_positive_loss, pretrain
+from distill.teacher.pretrain import BatchSampler, load_pairs, multi_positive_loss, pretrain
 from distill.teacher.text import load_templates
 
 
@@ -35,14 +35,6 @@ def test_multi_positive_loss_bruteforce():
     logits = 50 * img @ txt.t()
     clip = (F.cross_entropy(logits, keys) + F.cross_entropy(logits.t(), keys)) / 2
     assert torch.allclose(multi_positive_loss(img, txt, keys, 50.0), clip, atol=1e-5)
-
-
-def test_lr_schedule():
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
 
 
 @pytest.fixture(scope="module")
