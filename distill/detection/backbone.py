@@ -28,8 +28,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from distill.config import TrainConfig, config_hash
+from distill.engine.device import get_device
+from distill.engine.distributed import get_rank, is_main
 from distill.engine.hooks import Hook
+from distill.engine.train import DrawnBatches, micro_batch_size, run_dir, train
 from distill.errors import DistillError
+from distill.files import atomic_path, is_output_of, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,7 +98,6 @@ def backbone_readers(cfg) -> tuple[str, ...]:
     """The students (``"det"``, ``"seg"``) whose ``pretrained_backbone`` is the file ``distill
     train backbone`` writes (``det.backbone_pretrain.out``); the pipeline's backbone stage runs
     for them, before them."""
-    from distill.files import is_output_of
 
     out = cfg.det.backbone_pretrain.out
     seg = cfg.seg.pretrained_backbone if (cfg.seg.arch, cfg.seg.backbone) == ("lseg", "resnet18") else ""  # other encoders ignore it
@@ -152,12 +156,7 @@ def pretrain_backbone(cfg, progress: bool = True, resume: bool = False) -> dict:
     """Train ``det.backbone`` (a ResNet) on base-box crops on ``det.train.device``; write
     ``det.backbone_pretrain.out``. ``resume`` continues a killed run from its last checkpoint
     (``<out without .pth>_train/checkpoints``)."""
-    from distill.config import TrainConfig, config_hash
     from distill.detection.train import det_vocab
-    from distill.engine.device import get_device
-    from distill.engine.distributed import get_rank, is_main
-    from distill.engine.train import DrawnBatches, micro_batch_size, run_dir, train
-    from distill.files import atomic_path, write_json
 
     _check(cfg)
     p = cfg.det.backbone_pretrain

@@ -176,28 +176,7 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
     captions = [[] for _ in range(len(arrs))]
     for iid, r in row.items():
         captions[r] = caps_by_id.get(iid, [])
-    stuff = {}
-    if cfg.pretrain.stuff_fraction > 0:
-        obj_boxes: dict[int, list[list[float]]] = {r: [] for r in row.values()}
-        for b, r in zip(boxes, bimg):
-            obj_boxes[r].append(b)
-        try:
-            sb, sr, sn = stuff_regions(cap_entries, row, obj_boxes, H, W, cfg.pretrain.seed)
-        except (KeyError, TypeError, ValueError):
-            raise DistillError(f"{cap_path}: expected \"background\": str and \"clutter\": [{{name, bbox}}] in each entry (pretrain.stuff_fraction > 0)") from None
-        if not sb:
-            raise DistillError(
-                f"{cap_path}: no \"background\" / \"clutter\" fields for pretrain.stuff_fraction > 0 "
-                "(a world made by an older distill: rebuild it with `distill world make`, or set pretrain.stuff_fraction=0)"
-            )
-        stuff_names = tuple(sorted(set(sn)))
-        sbox, sok = clip_boxes(torch.tensor(sb, dtype=torch.float32), H, W)
-        stuff = {
-            "stuff_boxes": sbox[sok],
-            "stuff_image": torch.tensor(sr, dtype=torch.long)[sok],
-            "stuff_class": torch.tensor([stuff_names.index(n) for n in sn], dtype=torch.long)[sok],
-            "stuff_names": stuff_names,
-        }
+    stuff = _stuff_fields(cfg, cap_path, cap_entries, row, boxes, bimg, H, W) if cfg.pretrain.stuff_fraction > 0 else {}
     return PairData(
         images=imgs,
         boxes=boxes_t[valid],
@@ -208,6 +187,30 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
         names=names,
         **stuff,
     )
+
+
+def _stuff_fields(cfg, cap_path: Path, cap_entries: list, row: dict[int, int], boxes: list, bimg: list[int], H: int, W: int) -> dict:
+    """The ``stuff_*`` fields of :class:`PairData` (:func:`stuff_regions` of every image)."""
+    obj_boxes: dict[int, list[list[float]]] = {r: [] for r in row.values()}
+    for b, r in zip(boxes, bimg):
+        obj_boxes[r].append(b)
+    try:
+        sb, sr, sn = stuff_regions(cap_entries, row, obj_boxes, H, W, cfg.pretrain.seed)
+    except (KeyError, TypeError, ValueError):
+        raise DistillError(f"{cap_path}: expected \"background\": str and \"clutter\": [{{name, bbox}}] in each entry (pretrain.stuff_fraction > 0)") from None
+    if not sb:
+        raise DistillError(
+            f"{cap_path}: no \"background\" / \"clutter\" fields for pretrain.stuff_fraction > 0 "
+            "(a world made by an older distill: rebuild it with `distill world make`, or set pretrain.stuff_fraction=0)"
+        )
+    stuff_names = tuple(sorted(set(sn)))
+    sbox, sok = clip_boxes(torch.tensor(sb, dtype=torch.float32), H, W)
+    return {
+        "stuff_boxes": sbox[sok],
+        "stuff_image": torch.tensor(sr, dtype=torch.long)[sok],
+        "stuff_class": torch.tensor([stuff_names.index(n) for n in sn], dtype=torch.long)[sok],
+        "stuff_names": stuff_names,
+    }
 
 
 def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
