@@ -36,8 +36,9 @@ def main(device: str = "cpu", repeats: int = 8, precision: str = "amp_bf16", bat
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from distill.engine.device import attention_backend, autocast
+    from distill.engine.optim import param_groups
     from distill.teacher.clip import create_model_quiet, register_model_configs
-    from distill.teacher.pretrain import MODEL_NAME, _param_groups, multi_positive_loss
+    from distill.teacher.pretrain import MODEL_NAME, multi_positive_loss
     from distill.teacher.text import encode_text_trimmed
 
     register_model_configs()
@@ -53,7 +54,7 @@ def main(device: str = "cpu", repeats: int = 8, precision: str = "amp_bf16", bat
         cls = torch.randint(len(names), (batch_size,), generator=g)
         x = torch.rand(batch_size, 3, size, size, generator=g)
         batches.append((x.to(dev), tok([f"a photo of a {names[c]}." for c in cls]).to(dev), cls.to(dev)))
-    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     default = (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])) if dev.type == "cpu" else contextlib.nullcontext
     ctx = {"before": default, "math": lambda: attention_backend(dev), "trimmed": lambda: attention_backend(dev),
            "ours": lambda: attention_backend(dev)}

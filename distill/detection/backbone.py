@@ -13,11 +13,13 @@ torchvision recipe (frozen BatchNorm statistics, stem and first stage fixed) sui
 statistics, not ones gathered on object crops (docs/experiments.md has the runs).
 
 Output ``det.backbone_pretrain.out`` (+ ``metrics.json`` beside it: steps, last-100-step training
-accuracy, wall time).
+accuracy, wall time). The training loop is distill/engine/train.py (resume, DDP, the non-finite
+guard); its ``metrics.jsonl`` and, while it runs, its checkpoints are in ``<out>_train/``.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 
@@ -26,7 +28,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from distill.config import TrainConfig, config_hash
+from distill.engine.device import get_device
+from distill.engine.distributed import get_rank, is_main
+from distill.engine.hooks import Hook
+from distill.engine.train import DrawnBatches, micro_batch_size, run_dir, train
 from distill.errors import DistillError
+from distill.files import atomic_path, is_output_of, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,7 +98,6 @@ def backbone_readers(cfg) -> tuple[str, ...]:
     """The students (``"det"``, ``"seg"``) whose ``pretrained_backbone`` is the file ``distill
     train backbone`` writes (``det.backbone_pretrain.out``); the pipeline's backbone stage runs
     for them, before them."""
-    from distill.files import is_output_of
 
     out = cfg.det.backbone_pretrain.out
     seg = cfg.seg.pretrained_backbone if (cfg.seg.arch, cfg.seg.backbone) == ("lseg", "resnet18") else ""  # other encoders ignore it
@@ -104,11 +111,35 @@ def uses_pretrained_backbone(cfg) -> bool:
     return "det" in backbone_readers(cfg)
 
 
-def pretrain_backbone(cfg, progress: bool = True) -> dict:
-    """Train ``det.backbone`` (a ResNet) on base-box crops; write ``det.backbone_pretrain.out``."""
-    from distill.detection.train import det_vocab
-    from distill.files import atomic_path, write_json
+class CropClassifier(torch.nn.Module):
+    """A classifier trained on crops (the training loop's model contract): ``(x, labels)`` ->
+    ``{"loss_cls": cross entropy}``; keeps (correct, seen) of its last 100 training batches."""
 
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=100)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        self.recent.append((int((logits.argmax(1) == y).sum()), len(y)))
+        return {"loss_cls": F.cross_entropy(logits, y)}
+
+    def accuracy(self) -> float:
+        correct, seen = (sum(c) for c in zip(*self.recent)) if self.recent else (0, 0)
+        return correct / max(seen, 1)
+
+
+class _LastLoss(Hook):
+    """The last step's loss."""
+
+    value = float("nan")
+
+    def after_step(self, loop) -> None:
+        self.value = loop.step_losses["loss"]
+
+
+def _check(cfg) -> None:
     p = cfg.det.backbone_pretrain
     name = cfg.det.backbone
     if not (name.startswith("resnet") and name.endswith("_fpn")):
@@ -119,46 +150,41 @@ def pretrain_backbone(cfg, progress: bool = True) -> dict:
         raise DistillError(f"det.backbone_pretrain.context: expected [low, high] with 0 < low <= high, got {list(p.context)}")
     if not p.out:
         raise DistillError("det.backbone_pretrain.out: expected an output file path")
+
+
+def pretrain_backbone(cfg, progress: bool = True, resume: bool = False) -> dict:
+    """Train ``det.backbone`` (a ResNet) on base-box crops on ``det.train.device``; write
+    ``det.backbone_pretrain.out``. ``resume`` continues a killed run from its last checkpoint
+    (``<out without .pth>_train/checkpoints``)."""
+    from distill.detection.train import det_vocab
+
+    _check(cfg)
+    p = cfg.det.backbone_pretrain
+    name = cfg.det.backbone
     vocab = det_vocab(cfg)
     images, boxes = _base_crops(cfg, vocab)
     torch.manual_seed(p.seed)
-    rng = np.random.default_rng(p.seed)
-    model = getattr(torchvision.models, name[: -len("_fpn")])(weights=None, num_classes=len(vocab.base_indices))
+    rng = np.random.default_rng(p.seed + get_rank())  # rank 0: the single-process draws
+    dev = get_device(cfg.det.train.device)
+    model = CropClassifier(getattr(torchvision.models, name[: -len("_fpn")])(weights=None, num_classes=len(vocab.base_indices))).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=1e-4)
     # 10% warm-up; short runs (the quick pipeline's 10 steps) need >= 1.5 steps of it, or
     # OneCycleLR divides by a zero-length phase
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=p.steps, pct_start=min(0.75, max(0.1, 2.5 / p.steps)))
-    it = range(p.steps)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(it, desc="backbone", dynamic_ncols=True)
-        it = bar
-    t0 = time.time()
-    correct = seen = 0
-    model.train()
-    for step in it:
-        x, y = sample_crops(images, boxes, p.batch_size, p.crop_size, tuple(p.context), rng)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            raise DistillError(f"det.backbone_pretrain: loss became {loss.item()} at step {step} (lower det.backbone_pretrain.lr)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step >= p.steps - 100:
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    tcfg = TrainConfig(max_steps=p.steps, batch_size=p.batch_size, lr=p.lr, optimizer="adamw", seed=p.seed, device=str(dev))
+    B = micro_batch_size(tcfg)
+    batches = DrawnBatches(lambda: sample_crops(images, boxes, B, p.crop_size, tuple(p.context), rng), {"numpy": rng})
     out = Path(p.out)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    with atomic_path(out) as tmp:
-        torch.save(state, tmp)
+    t0 = time.time()
+    last = _LastLoss()
+    train(model, batches, tcfg, run_dir(out), resume=resume, device=dev, progress=progress, optimizer=opt, scheduler=sched,
+          final_checkpoint=False, extra={"config": config_hash(p)}, hooks=[last], hint="lower det.backbone_pretrain.lr")
     metrics = {"backbone": name, "steps": p.steps, "boxes": len(boxes), "classes": len(vocab.base_indices),
-               "train_acc_last100": correct / max(seen, 1), "final_loss": float(loss.item()),
+               "train_acc_last100": model.accuracy(), "final_loss": last.value,
                "wall_s": round(time.time() - t0, 1), "out": str(out)}
-    write_json(out.parent / "metrics.json", metrics)
+    if is_main():
+        state = {k: v.to("cpu") for k, v in model.net.state_dict().items() if not k.startswith("fc.")}
+        with atomic_path(out) as tmp:
+            torch.save(state, tmp)
+        write_json(out.parent / "metrics.json", metrics)
     return metrics

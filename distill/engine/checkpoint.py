@@ -8,6 +8,7 @@ atomically; ``last_checkpoint`` in the folder names the newest complete one.
 from __future__ import annotations
 
 import io
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,22 @@ POINTER = "last_checkpoint"
 
 
 # ------------------------------------------------------------------------------------------ RNG
+def _py_state(state: tuple) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"python": torch.tensor(internal, dtype=torch.int64), "python_version": int(version),
+            "python_gauss": float("nan") if gauss is None else float(gauss)}
+
+
+def _py_tuple(state: dict[str, Any]) -> tuple:
+    gauss = state["python_gauss"]
+    return (state["python_version"], tuple(int(v) for v in state["python"].tolist()), None if gauss != gauss else gauss)
+
+
 def rng_state() -> dict[str, Any]:
     """python, numpy, torch (and CUDA) RNG states as tensors."""
-    py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "python_version": int(py_version),
-        "python_gauss": float("nan") if py_gauss is None else float(py_gauss),
+        **_py_state(random.getstate()),
         "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
         "numpy_pos": int(np_pos),
         "numpy_has_gauss": int(np_has_gauss),
@@ -44,14 +53,36 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    gauss = state["python_gauss"]
-    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()), None if gauss != gauss else gauss))
+    random.setstate(_py_tuple(state))
     np.random.set_state(
         ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"])
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def generator_state(g: torch.Generator | random.Random | np.random.Generator) -> dict[str, Any]:
+    """The state of one random generator (torch, python or numpy) in weights_only-safe form."""
+    if isinstance(g, torch.Generator):
+        return {"torch": g.get_state()}
+    if isinstance(g, random.Random):
+        return _py_state(g.getstate())
+    if isinstance(g, np.random.Generator):
+        return {"numpy": json.dumps(g.bit_generator.state)}  # 128-bit integers: kept exact as text
+    raise TypeError(f"not a random generator: {type(g).__name__}")
+
+
+def set_generator_state(g: torch.Generator | random.Random | np.random.Generator, state: dict[str, Any]) -> None:
+    """Restore what :func:`generator_state` returned into ``g`` (of the same kind)."""
+    if isinstance(g, torch.Generator):
+        g.set_state(state["torch"].cpu())
+    elif isinstance(g, random.Random):
+        g.setstate(_py_tuple(state))
+    elif isinstance(g, np.random.Generator):
+        g.bit_generator.state = json.loads(state["numpy"])
+    else:
+        raise TypeError(f"not a random generator: {type(g).__name__}")
 
 
 # ------------------------------------------------------------------------------------ save/load
@@ -68,8 +99,10 @@ def save(
     step: int = 0,
     scaler: Any = None,
     extra: dict | None = None,
+    data: dict | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and return its path."""
+    """Write a checkpoint atomically and return its path. ``data``: the state of a stream of drawn
+    batches (:class:`distill.engine.train.DrawnBatches`)."""
     path = Path(path)
     m = unwrap(model)
     ckpt = {
@@ -82,6 +115,7 @@ def save(
         "scaler": scaler.state_dict() if scaler is not None else {},
         "rng": rng_state(),
         "extra": extra or {},
+        "data": data or {},
     }
     buf = io.BytesIO()
     torch.save(ckpt, buf)
@@ -139,8 +173,10 @@ def load(
     scaler: Any = None,
     restore_rng: bool = False,
     map_location: str | torch.device = "cpu",
+    data: Any = None,
 ) -> dict:
-    """Restore a checkpoint into the given objects; returns the checkpoint dict (``step``, ``extra``)."""
+    """Restore a checkpoint into the given objects (``data``: a stream of drawn batches); returns
+    the checkpoint dict (``step``, ``extra``)."""
     ckpt = read(path, map_location)
     load_model_state(model, ckpt["model"], str(path))
     if optimizer is not None and ckpt.get("optimizer"):
@@ -149,6 +185,8 @@ def load(
         scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
+    if data is not None and ckpt.get("data"):
+        data.load_state_dict(ckpt["data"])
     if restore_rng and ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
     return ckpt

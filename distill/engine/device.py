@@ -40,6 +40,12 @@ def autocast(device: torch.device | str, precision: str = "fp32"):
     return torch.autocast(device_type=dev.type, dtype=dtype, enabled=True)
 
 
+def full_precision(device: torch.device | str):
+    """Autocast switched off on ``device`` inside an autocast region (a loss computed in fp32)."""
+    dev = torch.device(device) if isinstance(device, str) else device
+    return torch.autocast(device_type=dev.type, enabled=False)
+
+
 def attention_backend(device: torch.device | str):
     """The scaled-dot-product attention kernels to train with on ``device``.
 

@@ -1,10 +1,17 @@
-"""The training loop shared by every student (ViLD, LSeg, CLIPSeg).
+"""THE training loop: every trainer (ViLD, LSeg, CLIPSeg, the RPN, self-training, the teacher's
+pretraining, CLIPSelf, the backbone pretraining) runs :func:`train`.
 
-Contract: ``model(images, targets)`` in train mode returns a dict of named, already weighted
-losses; their sum is minimised. The engine owns the rest: optimizer, warm-up + schedule, gradient
-accumulation, AMP on CUDA (fp32 on CPU), DDP under torchrun, checkpoints (atomic,
-``weights_only=True``), exact resume, ``metrics.jsonl``, a progress bar with losses and ETA,
-periodic evaluation, and a NaN guard.
+Contract: ``model(*batch)`` (or ``model(batch)`` for a dict) in train mode returns a dict of named,
+already weighted losses; their sum is minimised. The loop owns the rest: optimizer and schedule
+(:mod:`distill.engine.optim`, or the trainer's own), gradient accumulation, autocast (AMP on CUDA,
+fp32 on CPU unless a trainer asks for its precision everywhere) with a GradScaler for fp16, DDP under
+torchrun, checkpoints (atomic, ``weights_only=True``), exact resume, the non-finite-loss guard, and,
+through hooks (:mod:`distill.engine.hooks`, as detectron2's ``SimpleTrainer`` + ``HookBase``), the
+schedule, ``metrics.jsonl``, the progress bar, checkpoints and periodic evaluation.
+
+Batches come from a DataLoader (:func:`make_loader`: the order depends on (seed, epoch) only, exact
+mid-epoch resume) or, for trainers that draw random batches from in-memory data, from
+:class:`DrawnBatches` (its generators' states are checkpointed).
 
 >>> loader = make_loader(dataset, cfg.det.train, collate_fn=collate)
 >>> metrics = train(model, loader, cfg.det.train, "runs/shapes/det/vild", eval_fn=evaluate)
@@ -12,12 +19,13 @@ periodic evaluation, and a NaN guard.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,11 +35,10 @@ from distill.config import TrainConfig
 from distill.engine import checkpoint as ckpt_lib
 from distill.engine import distributed as dist_lib
 from distill.engine.device import attention_backend, autocast, get_device
+from distill.engine.hooks import Checkpointer, Evaluator, Hook, Metrics, Progress, Schedule
+from distill.engine.optim import build_optimizer, build_scheduler
 from distill.errors import DistillError
 from distill.files import write_json, write_text
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -80,50 +87,6 @@ def make_loader(
         generator=g,
         persistent_workers=False,
     )
-
-
-def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW; no weight decay on biases, norms and other 1-d parameters."""
-    if tcfg.optimizer not in OPTIMIZERS:
-        raise DistillError(f"train.optimizer: {tcfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    if not decay and not no_decay:
-        raise DistillError("train: the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum)
-    return torch.optim.AdamW(groups, lr=tcfg.lr)
-
-
-class LRFactor:
-    """Linear warm-up from 0.001 (as detectron2's WarmupMultiStepLR / WarmupCosineLR) times a
-    cosine decay to 0, a step decay (x0.1 at 2/3 and 8/9 of training) or a constant."""
-
-    def __init__(self, max_steps: int, warmup: int, schedule: str):
-        if schedule not in SCHEDULES:
-            raise DistillError(f"train.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
-        self.max_steps = max(1, int(max_steps))
-        self.warmup = int(warmup)
-        self.schedule = schedule
-
-    def __call__(self, step: int) -> float:
-        f = 1.0
-        if self.schedule == "cosine":
-            f = 0.5 * (1.0 + math.cos(math.pi * min(step, self.max_steps) / self.max_steps))
-        elif self.schedule == "step":
-            f = 0.1 ** sum(step >= m for m in (int(self.max_steps * 2 / 3), int(self.max_steps * 8 / 9)))
-        if step < self.warmup:
-            a = step / self.warmup
-            f *= 0.001 * (1 - a) + a
-        return f
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(tcfg.max_steps, tcfg.warmup, tcfg.schedule))
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -193,10 +156,80 @@ def _batches(loader: DataLoader, start_micro: int) -> Iterator[Any]:
         epoch, skip = epoch + 1, 0
 
 
+
+
+class DrawnBatches:
+    """Endless training batches drawn by ``draw()`` from random generators the trainer owns (the
+    teacher's crops, CLIPSelf's grid cells, the backbone's box crops) instead of read from a
+    dataset. ``generators`` (torch, python or numpy) are all the randomness ``draw`` uses: their
+    states are saved in every checkpoint, so a resumed run draws what the uninterrupted one would."""
+
+    def __init__(self, draw: Callable[[], Any], generators: dict[str, Any]):
+        self.draw = draw
+        self.generators = generators
+
+    def __iter__(self) -> DrawnBatches:
+        return self
+
+    def __next__(self) -> Any:
+        return self.draw()
+
+    def state_dict(self) -> dict:
+        return {k: ckpt_lib.generator_state(g) for k, g in self.generators.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, g in self.generators.items():
+            ckpt_lib.set_generator_state(g, state[k])
+
+
+def run_dir(output: str | Path) -> Path:
+    """Where the loop writes for a trainer whose product is one file (``teacher.safetensors`` ->
+    ``teacher_train/``): ``metrics.jsonl``, ``train_summary.json``, checkpoints while it runs."""
+    output = Path(output)
+    return output.with_name(output.name.split(".")[0] + "_train")
+
+
 # ------------------------------------------------------------------------------------ train
+@dataclass
+class Loop:
+    """What the loop and its hooks share: the objects being trained and where the run stands."""
+
+    model: torch.nn.Module  # the bare model (``net`` is it or its DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any  # torch.amp.GradScaler for amp_fp16 on CUDA, else None
+    tcfg: TrainConfig
+    out_dir: Path
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    stream: DrawnBatches | None = None
+    net: torch.nn.Module | None = None
+    checkpointer: Checkpointer | None = None
+    hint: str = ""  # appended to the non-finite-loss error ("try pretrain.precision=fp32 ...")
+    step: int = 0  # optimizer steps done
+    start_step: int = 0
+    step_losses: dict[str, float] = field(default_factory=dict)  # the last step's losses + "loss"
+    lr: float = 0.0
+    averages: dict[str, float] = field(default_factory=dict)  # the newest metrics.jsonl record
+    eval_res: dict = field(default_factory=dict)
+    train_time: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, record: dict) -> None:
+        """Append one line to ``metrics.jsonl`` (rank 0)."""
+        if self.main:
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def train(
     model: torch.nn.Module,
-    train_loader: DataLoader,
+    train_loader: DataLoader | DrawnBatches,
     tcfg: TrainConfig,
     out_dir: str | Path,
     *,
@@ -207,23 +240,38 @@ def train(
     progress: bool = True,
     extra: dict | None = None,
     meta: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    precision: str | None = None,
+    final_checkpoint: bool = True,
+    hooks: Sequence[Hook] = (),
+    hint: str = "",
 ) -> dict:
     """Train ``model`` for ``tcfg.max_steps`` optimizer steps; return the final metrics dict.
 
     Args:
-        model: ``model(images, targets)`` returns a dict of named losses in train mode.
-        train_loader: yields ``(images, targets)`` batches; build it with :func:`make_loader` for
-            exact, mid-epoch resume (any loader works; a foreign sampler is fast-forwarded).
+        model: returns a dict of named losses in train mode (``model(images, targets)``).
+        train_loader: a DataLoader yielding batches (build it with :func:`make_loader` for exact,
+            mid-epoch resume; a foreign sampler is fast-forwarded) or :class:`DrawnBatches`.
         tcfg: the TrainConfig (optimizer, schedule, accumulation, precision, periods, seed).
-        out_dir: writes ``metrics.jsonl``, ``checkpoints/ckpt_XXXXXXX.pt`` (+ ``last_checkpoint``)
-            and ``model_final.pt`` (rank 0 only).
+        out_dir: writes ``metrics.jsonl``, ``checkpoints/ckpt_XXXXXXX.pt`` (+ ``last_checkpoint``),
+            ``model_final.pt`` and ``train_summary.json`` (rank 0 only).
         eval_fn: ``eval_fn(model) -> dict`` of metrics, run on rank 0 every ``tcfg.eval_period``
             steps and at the end; the engine puts the model back in train mode afterwards.
         resume: continue from the newest checkpoint in ``out_dir/checkpoints`` (model, optimizer,
-            scheduler, scaler, step and RNG states); an uninterrupted run and a killed + resumed
-            one give the same losses and weights on CPU with ``num_workers=0``.
+            scheduler, scaler, step, RNG and drawn-batch states); an uninterrupted run and a killed
+            + resumed one give the same losses and weights on CPU with ``num_workers=0``.
         extra: stored in every checkpoint (e.g. the config hash).
         meta: stored in ``model_final.pt`` (:func:`distill.engine.checkpoint.save_model`).
+        optimizer, scheduler: the trainer's own (default: :func:`~distill.engine.optim.build_optimizer`
+            and :func:`~distill.engine.optim.build_scheduler` from ``tcfg``); the scheduler steps
+            after every optimizer step.
+        precision: autocast on every device, CPU included (default: ``tcfg.precision`` on CUDA,
+            fp32 on CPU).
+        final_checkpoint: False when the caller saves its own output: no final checkpoint and no
+            ``model_final.pt``; the periodic checkpoints are deleted once training finishes.
+        hooks: run after the loop's own (:mod:`distill.engine.hooks`).
+        hint: added to the non-finite-loss error.
 
     Raises:
         DistillError: a non-finite loss (naming the step, the loss and the batch's image ids;
@@ -231,210 +279,133 @@ def train(
             newer one, whose weights gave this loss, becomes ``*.pt.nonfinite``), a bad
             optimizer / schedule name.
     """
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    loop = _setup(model, train_loader, tcfg, Path(out_dir), device, precision, optimizer, scheduler)
+    loop.hint = hint
+    loop.checkpointer = Checkpointer(loop.out_dir, tcfg.checkpoint_period, extra, meta, final=final_checkpoint)
+    resumed = loop.checkpointer.resume(loop) if resume else None
+    loop.start_step = loop.step = resumed or 0
+    if resumed is None:
+        seed_everything(tcfg.seed + loop.rank)
+    elif loop.world > 1:  # a single process has its RNG states back from the checkpoint
+        seed_everything(tcfg.seed + 1000 * resumed + loop.rank)
+    _open_metrics(loop)
+    loop.net = model
+    if loop.world > 1:
+        local = [loop.device.index] if loop.device.type == "cuda" else None
+        loop.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=local, find_unused_parameters=find_unused_parameters)
+    batches = loop.stream if loop.stream is not None else _batches(train_loader, loop.start_step * max(1, tcfg.grad_accum))
+    _run(loop, batches, [Schedule(), Metrics(), Progress(progress), loop.checkpointer, Evaluator(eval_fn, tcfg.eval_period), *hooks])
+    final = {
+        "step": loop.step,
+        **loop.averages,
+        "train_time_s": round(loop.train_time, 3),
+        "sec_per_step": round(loop.train_time / max(1, loop.step - loop.start_step), 4),
+        **loop.eval_res,
+    }
+    if loop.main:
+        write_json(loop.out_dir / "train_summary.json", final)
+    return final
+
+
+def _setup(model, train_loader, tcfg: TrainConfig, out_dir: Path, device, precision, optimizer, scheduler) -> Loop:
+    """Device, precision, optimizer, scheduler and GradScaler of a run (model moved, in train mode)."""
     rank, world, local_rank = dist_lib.init_distributed()
     if device is None:
         device = get_device(tcfg.device)
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", local_rank)
     device = torch.device(device)
-    main = rank == 0
-    precision = tcfg.precision if device.type == "cuda" else "fp32"  # fp32 on CPU
+    if precision is None:
+        precision = tcfg.precision if device.type == "cuda" else "fp32"  # fp32 on CPU
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    accum = max(1, tcfg.grad_accum)
-
     model.to(device)
     model.train()
-    optimizer = build_optimizer(model, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg)
+    optimizer = optimizer if optimizer is not None else build_optimizer(model, tcfg)
+    scheduler = scheduler if scheduler is not None else build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler("cuda") if (precision == "amp_fp16" and device.type == "cuda") else None
+    stream = train_loader if isinstance(train_loader, DrawnBatches) else None
+    return Loop(model, optimizer, scheduler, scaler, tcfg, out_dir, device, precision, rank, world, stream=stream)
 
-    start_step = 0
-    last_good = ckpt_lib.last_checkpoint(ckpt_dir)
-    if resume and last_good is not None:
-        state = ckpt_lib.load(last_good, model, optimizer, scheduler, scaler, restore_rng=(world == 1), map_location=device)
-        start_step = int(state["step"])
-        if world > 1:
-            seed_everything(tcfg.seed + 1000 * start_step + rank)
-        if main:
-            print(f"resuming from {last_good} at step {start_step}")
-        # not known good until a step's loss on its weights is finite (see `unverified` below)
-        unverified, last_good = last_good, _previous_checkpoint(ckpt_dir, last_good)
-    else:
-        if resume and main:
-            print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-        last_good = unverified = None
-        seed_everything(tcfg.seed + rank)
 
-    metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if start_step > 0 and metrics_path.is_file():  # drop lines from after the checkpoint
-            for line in metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-        write_text(metrics_path, "".join(k + "\n" for k in kept))
+def _open_metrics(loop: Loop) -> None:
+    """Create ``metrics.jsonl``; a resumed run keeps the lines up to its checkpoint's step."""
+    if not loop.main:
+        return
+    path = loop.out_dir / "metrics.jsonl"
+    loop.out_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if loop.start_step > 0 and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= loop.start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+    write_text(path, "".join(k + "\n" for k in kept))
 
-    net: torch.nn.Module = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters
-        )
 
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tcfg.max_steps, initial=start_step, desc=out_dir.name, dynamic_ncols=True, mininterval=1.0)
-
-    def log(record: dict) -> None:
-        if main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def run_eval(step: int) -> dict:
-        res: dict = {}
-        if eval_fn is not None and main:
-            res = dict(eval_fn(ckpt_lib.unwrap(net)) or {})
-            log({"step": step, "eval": res})
-        dist_lib.barrier()
-        net.train()
-        return res
-
-    batches = _batches(train_loader, start_step * accum)
-    window: dict[str, float] = {}
-    window_n = 0
-    last: dict[str, float] = {}
-    eval_res: dict = {}
+def _run(loop: Loop, batches: Iterator[Any], hooks: list[Hook]) -> None:
+    for h in hooks:
+        h.before_train(loop)
     t0 = time.perf_counter()
-    step = start_step
     try:
-        while step < tcfg.max_steps:
-            optimizer.zero_grad(set_to_none=True)
-            step_losses: dict[str, float] = {}
-            for a in range(accum):
-                batch = to_device(next(batches), device)
-                sync = a == accum - 1 or world == 1
-                ctx = net.no_sync() if (not sync and hasattr(net, "no_sync")) else _null()
-                with ctx, attention_backend(device):
-                    with autocast(device, precision):
-                        losses = _call(net, batch)
-                    total = sum(losses.values())
-                    bad = not bool(torch.isfinite(total.detach()))
-                    if dist_lib.any_true(bad, device):
-                        vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                        aside = ""
-                        if unverified is not None:  # this loss came from its weights: not a good checkpoint
-                            aside = f" ({unverified.name}, whose weights gave this loss, moved to {_set_aside(ckpt_dir, unverified, last_good, main).name})"
-                        where = last_good if last_good is not None else "none saved yet"
-                        raise DistillError(
-                            f"step {step + 1}: non-finite loss ({vals}) on image ids {batch_image_ids(batch)}; "
-                            f"training stopped, last good checkpoint: {where}{aside}"
-                        )
-                    loss = total / accum
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                for k, v in losses.items():
-                    step_losses[k] = step_losses.get(k, 0.0) + float(v.detach()) / accum
-                step_losses["loss"] = step_losses.get("loss", 0.0) + float(total.detach()) / accum
-            if unverified is not None:  # its weights gave a finite loss
-                last_good, unverified = unverified, None
-            if tcfg.clip_grad > 0:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-
-            for k, v in step_losses.items():
-                window[k] = window.get(k, 0.0) + v
-            window_n += 1
-            log_now = step % max(1, tcfg.log_period) == 0 or step == tcfg.max_steps
-            if log_now:
-                avg = dist_lib.all_reduce_mean({k: v / window_n for k, v in window.items()}, device)
-                last = avg
-                elapsed = time.perf_counter() - t0
-                rate = elapsed / max(1, step - start_step)
-                log({"step": step, "lr": lr, **avg, "time_s": round(elapsed, 3), "eta_s": round(rate * (tcfg.max_steps - step), 1)})
-                window, window_n = {}, 0
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in step_losses.items()}, refresh=False)
-            if tcfg.checkpoint_period and step % tcfg.checkpoint_period == 0 and step < tcfg.max_steps:
-                unverified = _checkpoint(ckpt_dir, net, optimizer, scheduler, scaler, step, extra, main)
-            if eval_fn is not None and tcfg.eval_period and step % tcfg.eval_period == 0 and step < tcfg.max_steps:
-                eval_res = run_eval(step)
+        while loop.step < loop.tcfg.max_steps:
+            loop.step_losses = _step(loop, batches)
+            loop.step += 1
+            for h in hooks:
+                h.after_step(loop)
     finally:
-        if bar is not None:
-            bar.close()
-
-    train_time = time.perf_counter() - t0
-    last_good = _checkpoint(ckpt_dir, net, optimizer, scheduler, scaler, step, extra, main)
-    if main:
-        ckpt_lib.save_model(out_dir / "model_final.pt", net, meta)
-    if eval_fn is not None:
-        eval_res = run_eval(step)
-    final = {
-        "step": step,
-        **last,
-        "train_time_s": round(train_time, 3),
-        "sec_per_step": round(train_time / max(1, step - start_step), 4),
-        **eval_res,
-    }
-    if main:
-        write_json(out_dir / "train_summary.json", final)
-    return final
+        for h in hooks:
+            h.close(loop)
+    loop.train_time = time.perf_counter() - t0
+    for h in hooks:
+        h.after_train(loop)
 
 
-class _null:
-    def __enter__(self):
-        return None
+def _step(loop: Loop, batches: Iterator[Any]) -> dict[str, float]:
+    """One optimizer step: ``grad_accum`` micro-batches forward (autocast) + backward (GradScaler,
+    DDP syncing on the last one), the non-finite guard, gradient clipping, the optimizer step.
+    Returns the step's losses (means over the micro-batches) and their sum as ``loss``."""
+    net, opt, scaler, device = loop.net, loop.optimizer, loop.scaler, loop.device
+    accum = max(1, loop.tcfg.grad_accum)
+    opt.zero_grad(set_to_none=True)
+    step_losses: dict[str, float] = {}
+    for a in range(accum):
+        batch = to_device(next(batches), device)
+        sync = a == accum - 1 or loop.world == 1
+        ctx = net.no_sync() if (not sync and hasattr(net, "no_sync")) else contextlib.nullcontext()
+        with ctx, attention_backend(device):
+            with autocast(device, loop.precision):
+                losses = _call(net, batch)
+            total = sum(losses.values())
+            _guard(loop, losses, total, batch)
+            loss = total / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for k, v in losses.items():
+            step_losses[k] = step_losses.get(k, 0.0) + float(v.detach()) / accum
+        step_losses["loss"] = step_losses.get("loss", 0.0) + float(total.detach()) / accum
+    if loop.tcfg.clip_grad > 0:
+        if scaler is not None:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.tcfg.clip_grad)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return step_losses
 
-    def __exit__(self, *exc):
-        return False
 
-
-def _previous_checkpoint(ckpt_dir: Path, path: Path) -> Path | None:
-    """The newest checkpoint older than ``path`` (the steps after it ran with finite losses)."""
-    older = [p for p in sorted(ckpt_dir.glob("ckpt_*.pt")) if p.name < path.name]
-    return older[-1] if older else None
-
-
-def _set_aside(ckpt_dir: Path, bad: Path, good: Path | None, main: bool) -> Path:
-    """A checkpoint whose weights gave a non-finite loss: ``last_checkpoint`` goes back to ``good``
-    (or away) so ``--resume`` does not restart from it, and the file becomes ``*.nonfinite``."""
-    aside = bad.with_name(bad.name + ".nonfinite")
-    if main:
-        if good is not None:
-            ckpt_lib.set_last(ckpt_dir, good)
-        else:
-            (ckpt_dir / ckpt_lib.POINTER).unlink(missing_ok=True)
-        if bad.is_file():
-            bad.replace(aside)
-    return aside
-
-
-def _checkpoint(ckpt_dir: Path, net, optimizer, scheduler, scaler, step: int, extra: dict | None, main: bool) -> Path:
-    path = ckpt_dir / f"ckpt_{step:07d}.pt"
-    if main:
-        ckpt_lib.save(path, net, optimizer, scheduler, step, scaler=scaler, extra=extra)
-        ckpt_lib.set_last(ckpt_dir, path)
-        old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-2]  # keep the two newest
-        for p in old:
-            p.unlink(missing_ok=True)
-    dist_lib.barrier()
-    return path
+def _guard(loop: Loop, losses: dict[str, torch.Tensor], total: torch.Tensor, batch: Any) -> None:
+    """Stop on a non-finite loss on any rank, naming the step, the losses, the batch's image ids
+    and the last good checkpoint (:meth:`Checkpointer.set_aside`)."""
+    if not dist_lib.any_true(not bool(torch.isfinite(total.detach())), loop.device):
+        return
+    vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    ids = batch_image_ids(batch)
+    where = loop.checkpointer.set_aside(loop.main) if loop.checkpointer is not None else "none saved yet"
+    raise DistillError(
+        f"step {loop.step + 1}: non-finite loss ({vals}){f' on image ids {ids}' if ids else ''}; "
+        f"training stopped, last good checkpoint: {where}{f'; {loop.hint}' if loop.hint else ''}"
+    )

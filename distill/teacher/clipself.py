@@ -25,12 +25,15 @@ Output: ``clipself.out`` (default ``{work_dir}/teacher/teacher_dense.safetensors
 state dict (the original text tower, the distilled image tower) whose metadata records the
 fingerprint of the teacher it came from; ``teacher.dense_pretrained=<that file>`` makes every dense
 consumer use it (:func:`distill.teacher.clip.attach_dense_tower`). A manifest beside it
-(``teacher_dense.manifest.json``) lets a rerun with the same inputs reuse it.
+(``teacher_dense.manifest.json``) lets a rerun with the same inputs reuse it. The training loop is
+distill/engine/train.py (resume, DDP, AMP, the non-finite guard); its ``metrics.jsonl`` and, while
+it runs, its checkpoints are in ``teacher/teacher_dense_train/``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import random
@@ -41,8 +44,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from distill.config import config_hash, to_dict
-from distill.engine.device import attention_backend, autocast, autocast_dtype, torch_threads
+from distill.config import TrainConfig, config_hash, to_dict
+from distill.engine.device import autocast, autocast_dtype, full_precision, torch_threads
+from distill.engine.distributed import get_rank, is_main
+from distill.engine.optim import FunctionLR, clip_adamw, warmup_cosine
+from distill.engine.train import DrawnBatches, micro_batch_size, run_dir, train
 from distill.errors import DistillError
 from distill.files import atomic_path, output_is_current, sha256_json, write_json
 
@@ -78,8 +84,8 @@ def expand_boxes(boxes: torch.Tensor, scale: float, height: float, width: float)
         return boxes
     c = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)
-    lo = torch.maximum(c - half, torch.zeros(2))
-    hi = torch.minimum(c + half, torch.tensor([float(width), float(height)]))
+    lo = torch.maximum(c - half, torch.zeros(2, device=boxes.device))
+    hi = torch.minimum(c + half, torch.tensor([float(width), float(height)], device=boxes.device))
     return torch.cat([lo, hi], dim=1)
 
 
@@ -115,7 +121,7 @@ class GridSampler:
 
 
 def _rois(boxes: list[torch.Tensor], device) -> torch.Tensor:
-    return torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b.float()], dim=1) for i, b in enumerate(boxes)]).to(device)
+    return torch.cat([torch.cat([torch.full((len(b), 1), float(i), device=b.device), b.float()], dim=1) for i, b in enumerate(boxes)]).to(device)
 
 
 @torch.no_grad()
@@ -145,7 +151,7 @@ def student_roi_embeddings(visual, teacher, images: torch.Tensor, boxes: list[to
     x = teacher.normalize(teacher.resize(images.to(teacher.device, torch.float32), size))
     fmap = dense_feature_map(visual, x)  # (B, D, h, w), unit vectors
     h, w = fmap.shape[-2:]
-    scale = torch.tensor([w / W, h / H, w / W, h / H])
+    scale = torch.tensor([w / W, h / H, w / W, h / H], device=boxes[0].device if boxes else "cpu")
     rois = _rois([b * scale for b in boxes], fmap.device)
     pooled = roi_align(fmap, rois, output_size=(1, 1), spatial_scale=1.0, sampling_ratio=0, aligned=True)
     return F.normalize(pooled.flatten(1), dim=-1)
@@ -158,15 +164,34 @@ def cosine_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - (F.normalize(student.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(-1).mean()
 
 
-def clipself_loss(visual, teacher, images: torch.Tensor, boxes: list[torch.Tensor], crop_scale: float = 1.0, precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """The CLIPSelf loss of a batch: ``{"loss_cosine": 1 - mean cos(student RoI, teacher crop)}``.
+class ClipSelfLoss(torch.nn.Module):
+    """The CLIPSelf loss of a batch ``(images (B, 3, H, W) in [0, 1], B boxes (k_i, 4) XYXY)``:
+    ``{"loss_cosine": 1 - mean cos(student RoI, teacher crop)}`` (the training loop's model
+    contract). Only the student tower is a submodule: the frozen :class:`~distill.teacher.clip.Teacher`
+    gives the targets at its own precision (autocast off around it), never gradients, and is
+    neither moved nor saved with the student."""
 
-    visual: the student tower (trainable); teacher: the frozen :class:`~distill.teacher.clip.Teacher`
-    (its ``model`` gives the targets, never gradients)."""
-    target = teacher_targets(teacher, images, boxes, crop_scale)
+    def __init__(self, visual, teacher, crop_scale: float = 1.0):
+        super().__init__()
+        self.visual = visual
+        self.teacher = [teacher]  # a list: not registered as a submodule
+        self.crop_scale = crop_scale
+
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        teacher = self.teacher[0]
+        with full_precision(teacher.device):
+            target = teacher_targets(teacher, images, boxes, self.crop_scale)
+        student = student_roi_embeddings(self.visual, teacher, images, boxes)
+        with full_precision(teacher.device):
+            return {"loss_cosine": cosine_loss(student, target)}
+
+
+def clipself_loss(visual, teacher, images: torch.Tensor, boxes: list[torch.Tensor], crop_scale: float = 1.0, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """:class:`ClipSelfLoss` of one batch with the student under ``precision`` autocast.
+
+    visual: the student tower (trainable); teacher: the frozen :class:`~distill.teacher.clip.Teacher`."""
     with autocast(teacher.device, precision):
-        student = student_roi_embeddings(visual, teacher, images, boxes)
-    return {"loss_cosine": cosine_loss(student, target)}
+        return ClipSelfLoss(visual, teacher, crop_scale)(images, boxes)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -261,12 +286,13 @@ def uses_clipself(cfg) -> bool:
     return is_output_of(cfg.teacher.dense_pretrained, cfg.clipself.out)
 
 
-def clipself(cfg, teacher=None, force: bool = False) -> Path:
+def clipself(cfg, teacher=None, force: bool = False, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune a copy of the teacher's image tower with CLIPSelf; returns ``clipself.out``.
 
     ``teacher`` defaults to ``build_teacher(cfg.teacher)`` without its dense tower (CLIPSelf always
     starts from, and distils from, the original tower). Reuses an existing output whose manifest
-    inputs match, unless ``force``."""
+    inputs match, unless ``force``; ``resume`` continues a killed run from its last checkpoint
+    (``<clipself.out without .safetensors>_train/checkpoints``)."""
     import dataclasses
 
     from distill.teacher.clip import build_teacher
@@ -284,60 +310,61 @@ def clipself(cfg, teacher=None, force: bool = False) -> Path:
     if not force and output_is_current(out, man, inputs):
         log.info("clipself: inputs unchanged, reusing %s", out)
         return out
-    with torch_threads(cc.threads):
-        return _train(cfg, teacher, images, inputs, out, man)
-
-
-def _train(cfg, teacher, images: torch.Tensor, inputs: dict, out: Path, man: Path) -> Path:
-    from safetensors.torch import save_file
-
-    from distill.teacher.pretrain import _param_groups, lr_at
-
-    cc = cfg.clipself
     t0 = time.time()
+    with torch_threads(cc.threads):
+        student, summary = _train(cfg, teacher, images, inputs, out, resume, progress)
+    if is_main():
+        _save(cfg, teacher, student, out, man, inputs, {**summary, "wall_s": round(time.time() - t0, 1)})
+    return out
+
+
+def _train(cfg, teacher, images: torch.Tensor, inputs: dict, out: Path, resume: bool, progress: bool):
+    """The student tower trained by the training loop, and the loop's summary."""
+    cc = cfg.clipself
     torch.manual_seed(cc.seed)
     student = copy.deepcopy(teacher.model.visual).float().to(teacher.device)
     trainable_parameters(student)
-    opt = torch.optim.AdamW(_param_groups(student, cc.weight_decay), lr=cc.lr, betas=(0.9, 0.98), eps=1e-6)
-    sampler = GridSampler(images, cc.max_split, cc.max_boxes, cc.seed)
+    opt = clip_adamw(student, cc.lr, cc.weight_decay)
+    sched = FunctionLR(opt, functools.partial(warmup_cosine, steps=cc.steps, warmup=cc.warmup, lr=cc.lr))
+    tcfg = TrainConfig(max_steps=cc.steps, batch_size=cc.batch_size, lr=cc.lr, weight_decay=cc.weight_decay, optimizer="adamw",
+                       warmup=cc.warmup, precision=cc.precision, log_period=cc.log_period, seed=cc.seed, device=str(teacher.device))
+    sampler = GridSampler(images, cc.max_split, cc.max_boxes, cc.seed + get_rank())  # rank 0: the single-process draws
+    B = micro_batch_size(tcfg)
     log.info("clipself: %d images, %d grid shapes up to %dx%d, %d steps of %d images", len(images), len(sampler.choices), cc.max_split, cc.max_split, cc.steps, cc.batch_size)
-    logs, run, t_last = [], 0.0, time.time()
-    student.train()
-    with attention_backend(teacher.device):
-        for step in range(cc.steps):
-            for gp in opt.param_groups:
-                gp["lr"] = lr_at(step, cc.steps, cc.warmup, cc.lr)
-            x, boxes = sampler(cc.batch_size)
-            loss = clipself_loss(student, teacher, x, boxes, cc.crop_scale, cc.precision)["loss_cosine"]
-            if not torch.isfinite(loss):
-                raise DistillError(f"clipself: non-finite loss at step {step} (try clipself.precision=fp32 or a lower clipself.lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run += float(loss.detach())
-            if (step + 1) % cc.log_period == 0 or step + 1 == cc.steps:
-                n = step % cc.log_period + 1
-                rec = {"step": step + 1, "loss_cosine": run / n, "lr": opt.param_groups[0]["lr"], "steps_per_s": n / max(1e-9, time.time() - t_last), "elapsed_s": round(time.time() - t0, 1)}
-                logs.append(rec)
-                log.info("clipself step %d/%d loss_cosine %.4f (%.2f steps/s)", step + 1, cc.steps, rec["loss_cosine"], rec["steps_per_s"])
-                print(json.dumps(rec), flush=True)
-                run, t_last = 0.0, time.time()
-    student.eval()
+    batches = DrawnBatches(lambda: sampler(B), {"torch": sampler.g, "python": sampler.rng})
+    summary = train(ClipSelfLoss(student, teacher, cc.crop_scale), batches, tcfg, run_dir(out), resume=resume, device=teacher.device,
+                    progress=progress, optimizer=opt, scheduler=sched, precision=cc.precision, final_checkpoint=False,
+                    extra={"inputs": sha256_json(inputs)}, hint="try clipself.precision=fp32 or a lower clipself.lr")
+    return student.eval(), summary
+
+
+def _first_logged(folder: Path, key: str) -> float | None:
+    """``key`` in the first record of the training loop's ``metrics.jsonl`` in ``folder``."""
+    for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if key in rec:
+            return rec[key]
+    return None
+
+
+def _save(cfg, teacher, student, out: Path, man: Path, inputs: dict, summary: dict) -> None:
+    """The full open_clip state dict (the teacher's, with the student as its image tower) and the
+    manifest (``summary``: the training loop's, with ``wall_s``)."""
+    from safetensors.torch import save_file
+
+    cc = cfg.clipself
     sd = {k: v.detach().to("cpu").contiguous() for k, v in teacher.model.state_dict().items()}
     for k, v in student.state_dict().items():
         sd[f"visual.{k}"] = v.detach().to("cpu", sd[f"visual.{k}"].dtype).contiguous()
     with atomic_path(out) as tmp:
         save_file(sd, str(tmp), metadata={"format": "open_clip", "model": teacher.name, "teacher_fingerprint": teacher.fingerprint, "method": "clipself"})
-    with atomic_path(out.with_name(out.name.replace(".safetensors", "") + ".log.jsonl")) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in logs))
     write_json(man, {
         "stage": "teacher_clipself",
         "inputs": inputs,
         "steps": cc.steps,
-        "first_loss": logs[0]["loss_cosine"] if logs else None,
-        "final_loss": logs[-1]["loss_cosine"] if logs else None,
-        "wall_s": round(time.time() - t0, 1),
+        "first_loss": _first_logged(run_dir(out), "loss_cosine"),
+        "final_loss": summary.get("loss_cosine"),
+        "wall_s": summary["wall_s"],
         "torch": torch.__version__,
         "clipself_config": to_dict(cc),
     })
-    return out

@@ -7,7 +7,9 @@ images (text = one of their captions); crop side = box side x U(0.9, 1.6) around
 centre, horizontal flip; a multi-positive contrastive loss: every sample is keyed by its class (a
 whole image by its sorted object list), the target of each row is the row of the key-equality
 matrix normalised to sum 1, symmetric soft cross-entropy, logit scale fixed at 50; AdamW,
-linear warm-up then cosine decay over a FIXED number of steps; bf16 autocast.
+linear warm-up then cosine decay over a FIXED number of steps; bf16 autocast (on CPU too). The
+training loop is distill/engine/train.py (resume, DDP, the non-finite guard); its ``metrics.jsonl``
+and, while it runs, its checkpoints are in ``teacher/teacher_train/``.
 
 The checkpoint is a plain open_clip state dict in safetensors, so
 ``open_clip.create_model("distill-tiny-vit", pretrained=path)`` loads it. A ``manifest.json``
@@ -17,6 +19,7 @@ same inputs reuses the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,8 +33,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from distill.config import config_hash, save_config, to_dict
-from distill.engine.device import attention_backend, autocast, get_device, torch_threads
+from distill.config import TrainConfig, config_hash, save_config, to_dict
+from distill.engine.device import full_precision, get_device, torch_threads
+from distill.engine.distributed import get_rank, is_main
+from distill.engine.optim import FunctionLR, clip_adamw, warmup_cosine
+from distill.engine.train import DrawnBatches, micro_batch_size, run_dir, train
 from distill.errors import DistillError
 from distill.files import atomic_path, output_is_current, read_json, safe_join, sha256_json, write_json
 from distill.teacher.clip import MODEL_CONFIG_DIR, create_model_quiet, register_model_configs
@@ -170,28 +176,7 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
     captions = [[] for _ in range(len(arrs))]
     for iid, r in row.items():
         captions[r] = caps_by_id.get(iid, [])
-    stuff = {}
-    if cfg.pretrain.stuff_fraction > 0:
-        obj_boxes: dict[int, list[list[float]]] = {r: [] for r in row.values()}
-        for b, r in zip(boxes, bimg):
-            obj_boxes[r].append(b)
-        try:
-            sb, sr, sn = stuff_regions(cap_entries, row, obj_boxes, H, W, cfg.pretrain.seed)
-        except (KeyError, TypeError, ValueError):
-            raise DistillError(f"{cap_path}: expected \"background\": str and \"clutter\": [{{name, bbox}}] in each entry (pretrain.stuff_fraction > 0)") from None
-        if not sb:
-            raise DistillError(
-                f"{cap_path}: no \"background\" / \"clutter\" fields for pretrain.stuff_fraction > 0 "
-                "(a world made by an older distill: rebuild it with `distill world make`, or set pretrain.stuff_fraction=0)"
-            )
-        stuff_names = tuple(sorted(set(sn)))
-        sbox, sok = clip_boxes(torch.tensor(sb, dtype=torch.float32), H, W)
-        stuff = {
-            "stuff_boxes": sbox[sok],
-            "stuff_image": torch.tensor(sr, dtype=torch.long)[sok],
-            "stuff_class": torch.tensor([stuff_names.index(n) for n in sn], dtype=torch.long)[sok],
-            "stuff_names": stuff_names,
-        }
+    stuff = _stuff_fields(cfg, cap_path, cap_entries, row, boxes, bimg, H, W) if cfg.pretrain.stuff_fraction > 0 else {}
     return PairData(
         images=imgs,
         boxes=boxes_t[valid],
@@ -202,6 +187,30 @@ def load_pairs(cfg, json_path: str | None = None) -> PairData:
         names=names,
         **stuff,
     )
+
+
+def _stuff_fields(cfg, cap_path: Path, cap_entries: list, row: dict[int, int], boxes: list, bimg: list[int], H: int, W: int) -> dict:
+    """The ``stuff_*`` fields of :class:`PairData` (:func:`stuff_regions` of every image)."""
+    obj_boxes: dict[int, list[list[float]]] = {r: [] for r in row.values()}
+    for b, r in zip(boxes, bimg):
+        obj_boxes[r].append(b)
+    try:
+        sb, sr, sn = stuff_regions(cap_entries, row, obj_boxes, H, W, cfg.pretrain.seed)
+    except (KeyError, TypeError, ValueError):
+        raise DistillError(f"{cap_path}: expected \"background\": str and \"clutter\": [{{name, bbox}}] in each entry (pretrain.stuff_fraction > 0)") from None
+    if not sb:
+        raise DistillError(
+            f"{cap_path}: no \"background\" / \"clutter\" fields for pretrain.stuff_fraction > 0 "
+            "(a world made by an older distill: rebuild it with `distill world make`, or set pretrain.stuff_fraction=0)"
+        )
+    stuff_names = tuple(sorted(set(sn)))
+    sbox, sok = clip_boxes(torch.tensor(sb, dtype=torch.float32), H, W)
+    return {
+        "stuff_boxes": sbox[sok],
+        "stuff_image": torch.tensor(sr, dtype=torch.long)[sok],
+        "stuff_class": torch.tensor([stuff_names.index(n) for n in sn], dtype=torch.long)[sok],
+        "stuff_names": stuff_names,
+    }
 
 
 def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -331,25 +340,52 @@ class BatchSampler:
         return x.clamp(0, 1), torch.cat(tokens), torch.cat(keys)
 
 
-def _param_groups(model, wd: float):
-    """open_clip's rule: no weight decay on gains, biases, norms, logit scale (1-D params)."""
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "ln" in n or "bias" in n or "logit_scale" in n:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+class PretrainLoss(torch.nn.Module):
+    """The teacher's losses on a drawn batch (the training loop's model contract).
+
+    batch: ``images`` (B, 3, S, S) in [0, 1], ``tokens`` (B, L), ``keys`` (B,); with
+    ``dense_weight`` also ``dense_images`` / ``dense_boxes`` / ``dense_labels`` (see
+    :meth:`BatchSampler.dense_batch`) and ``class_tokens`` (C, L), one prompt per class.
+    Returns ``loss_contrastive`` (:func:`multi_positive_loss`, in fp32 under any autocast) and
+    ``loss_dense`` (``dense_weight`` x :func:`dense_region_loss`).
+    """
+
+    def __init__(self, model, logit_scale: float, dense_weight: float = 0.0):
+        super().__init__()
+        self.clip = model
+        self.scale = logit_scale
+        self.dense_weight = dense_weight
+        self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        img = self.clip.encode_image((batch["images"] - self.mean) / self.std)
+        txt = encode_text_trimmed(self.clip, batch["tokens"])
+        with full_precision(img.device):
+            out = {"loss_contrastive": multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), batch["keys"], self.scale)}
+        if self.dense_weight > 0:
+            ctext = F.normalize(encode_text_trimmed(self.clip, batch["class_tokens"]).float(), dim=-1)
+            dl = dense_region_loss(self.clip, batch["dense_images"], batch["dense_boxes"], batch["dense_labels"], ctext, self.scale, self.mean, self.std)
+            out["loss_dense"] = self.dense_weight * dl
+        return out
 
 
-def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, t)))
+def drawn_batches(sampler: BatchSampler, pcfg, batch_size: int, dense_size: int) -> DrawnBatches:
+    """The training batches of :class:`PretrainLoss`: ``batch_size`` crops / whole images, then (with
+    ``pretrain.dense_weight``) ``pretrain.dense_images`` whole images at ``dense_size`` and one
+    random prompt template per class, all drawn from the sampler's generators."""
+    C, T = sampler.class_tokens.shape[:2]
+
+    def draw() -> dict:
+        x, tok, keys = sampler(batch_size)
+        batch = {"images": x, "tokens": tok, "keys": keys}
+        if pcfg.dense_weight > 0:
+            dx, dboxes, dlab = sampler.dense_batch(pcfg.dense_images, dense_size)
+            t_idx = torch.randint(T, (C,), generator=sampler.g)
+            batch.update(dense_images=dx, dense_boxes=dboxes, dense_labels=dlab, class_tokens=sampler.class_tokens[torch.arange(C), t_idx])
+        return batch
+
+    return DrawnBatches(draw, {"torch": sampler.g, "python": sampler.rng})
 
 
 def _inputs(cfg, templates: tuple[str, ...]) -> dict:
@@ -367,10 +403,11 @@ def _inputs(cfg, templates: tuple[str, ...]) -> dict:
     }
 
 
-def pretrain(cfg, out_dir: str | Path | None = None, force: bool = False) -> Path:
+def pretrain(cfg, out_dir: str | Path | None = None, force: bool = False, resume: bool = False, progress: bool = True) -> Path:
     """Train the tiny teacher; returns the checkpoint path (``{work_dir}/teacher/teacher.safetensors``).
 
-    Reuses an existing checkpoint whose manifest inputs match (unless ``force``).
+    Reuses an existing checkpoint whose manifest inputs match (unless ``force``); ``resume``
+    continues a killed run from its last checkpoint (``teacher/teacher_train/checkpoints``).
     """
 
     register_model_configs()
@@ -385,15 +422,17 @@ def pretrain(cfg, out_dir: str | Path | None = None, force: bool = False) -> Pat
         return ckpt
     if pc.steps < 1 or pc.batch_size < 2:
         raise DistillError(f"pretrain.steps / pretrain.batch_size: expected >= 1 / >= 2, got {pc.steps} / {pc.batch_size}")
-    with torch_threads(pc.threads):
-        return _train(cfg, out, ckpt, man_path, templates, inputs)
-
-
-def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...], inputs: dict) -> Path:
-    from safetensors.torch import save_file
-
-    pc = cfg.pretrain
     t0 = time.time()
+    with torch_threads(pc.threads):
+        model, summary = _train(cfg, ckpt, templates, inputs, resume, progress)
+    if is_main():
+        _save(cfg, model, out, ckpt, man_path, inputs, {**summary, "wall_s": round(time.time() - t0, 1)})
+    return ckpt
+
+
+def _train(cfg, ckpt: Path, templates: tuple[str, ...], inputs: dict, resume: bool, progress: bool):
+    """The open_clip model trained by the training loop, and the loop's summary."""
+    pc = cfg.pretrain
     dev = get_device(cfg.teacher.device)
     torch.manual_seed(pc.seed)
     data = load_pairs(cfg)
@@ -406,63 +445,38 @@ def _train(cfg, out: Path, ckpt: Path, man_path: Path, templates: tuple[str, ...
     with torch.no_grad():
         model.logit_scale.fill_(math.log(pc.logit_scale))
     model.logit_scale.requires_grad_(False)  # fixed (issue 4 recipe: learnable scale barely moved)
-    model.to(dev).train()
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    image_size = int(model.visual.image_size[0])
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=dev).view(1, 3, 1, 1)
-    sampler = BatchSampler(data, pc, templates, tokenizer, image_size, pc.seed)
-    opt = torch.optim.AdamW(_param_groups(model, pc.weight_decay), lr=pc.lr, betas=(0.9, 0.98), eps=1e-6)
-    logs = []
-    run_loss, t_last = 0.0, time.time()
-    with attention_backend(dev):
-        for step in range(pc.steps):
-            for gp in opt.param_groups:
-                gp["lr"] = lr_at(step, pc.steps, pc.warmup, pc.lr)
-            x, tok, keys = sampler(pc.batch_size)
-            x = ((x.to(dev) - mean) / std)
-            with autocast(dev, pc.precision):
-                img = model.encode_image(x)
-                txt = encode_text_trimmed(model, tok.to(dev))
-            loss = multi_positive_loss(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1), keys.to(dev), pc.logit_scale)
-            if pc.dense_weight > 0:
-                dx, dboxes, dlab = sampler.dense_batch(pc.dense_images, cfg.teacher.dense_image_size)
-                t_idx = torch.randint(len(templates), (len(data.names),), generator=sampler.g)
-                ctok = sampler.class_tokens[torch.arange(len(data.names)), t_idx]
-                with autocast(dev, pc.precision):
-                    ctext = encode_text_trimmed(model, ctok.to(dev))
-                    dl = dense_region_loss(model, dx.to(dev), dboxes, dlab, F.normalize(ctext.float(), dim=-1), pc.logit_scale, mean, std)
-                loss = loss + pc.dense_weight * dl
-            if not torch.isfinite(loss):
-                raise DistillError(f"pretrain: non-finite loss at step {step} (try pretrain.precision=fp32 or a lower pretrain.lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run_loss += float(loss.detach())
-            if (step + 1) % pc.log_period == 0 or step + 1 == pc.steps:
-                n = (step % pc.log_period) + 1
-                rec = {"step": step + 1, "loss": run_loss / n, "lr": opt.param_groups[0]["lr"], "steps_per_s": n / max(1e-9, time.time() - t_last), "elapsed_s": time.time() - t0}
-                logs.append(rec)
-                log.info("pretrain step %d/%d loss %.4f (%.2f steps/s)", step + 1, pc.steps, rec["loss"], rec["steps_per_s"])
-                print(json.dumps(rec), flush=True)
-                run_loss, t_last = 0.0, time.time()
-    model.eval()
+    model.to(dev)
+    tcfg = TrainConfig(max_steps=pc.steps, batch_size=pc.batch_size, lr=pc.lr, weight_decay=pc.weight_decay, optimizer="adamw",
+                       warmup=pc.warmup, precision=pc.precision, log_period=pc.log_period, seed=pc.seed, device=str(dev))
+    rank = get_rank()  # each rank draws its own share of the batch (rank 0: the single-process draws)
+    sampler = BatchSampler(data, pc, templates, open_clip.get_tokenizer(MODEL_NAME), int(model.visual.image_size[0]), pc.seed + rank)
+    opt = clip_adamw(model, pc.lr, pc.weight_decay)
+    sched = FunctionLR(opt, functools.partial(warmup_cosine, steps=pc.steps, warmup=pc.warmup, lr=pc.lr))
+    summary = train(PretrainLoss(model, pc.logit_scale, pc.dense_weight), drawn_batches(sampler, pc, micro_batch_size(tcfg), cfg.teacher.dense_image_size),
+                    tcfg, run_dir(ckpt), resume=resume, device=dev, progress=progress, optimizer=opt, scheduler=sched, precision=pc.precision,
+                    final_checkpoint=False, extra={"inputs": sha256_json(inputs)}, hint="try pretrain.precision=fp32 or a lower pretrain.lr")
+    return model.eval(), summary
+
+
+def _save(cfg, model, out: Path, ckpt: Path, man_path: Path, inputs: dict, summary: dict) -> None:
+    """The weights (open_clip state dict in safetensors), ``open_clip_config.json``, the config and
+    the manifest (``summary``: the training loop's, with ``wall_s``)."""
+    from safetensors.torch import save_file
+
+    pc = cfg.pretrain
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(ckpt) as tmp:
         save_file(sd, str(tmp), metadata={"model": MODEL_NAME, "format": "open_clip"})
     # local-dir: layout (open_clip_config.json beside the weights) so `local-dir:<out>` loads too
     mcfg = json.loads((MODEL_CONFIG_DIR / f"{MODEL_NAME}.json").read_text())
     write_json(out / "open_clip_config.json", {"model_cfg": mcfg, "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}})
-    with atomic_path(out / "pretrain_log.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in logs))
     save_config(cfg, out / "config.yaml")
     write_json(man_path, {
         "stage": "teacher_pretrain",
         "inputs": inputs,
         "steps": pc.steps,
-        "final_loss": logs[-1]["loss"] if logs else None,
-        "wall_s": round(time.time() - t0, 1),
+        "final_loss": summary.get("loss"),
+        "wall_s": summary["wall_s"],
         "torch": torch.__version__,
         "pretrain_config": to_dict(pc),
     })
-    return ckpt

@@ -100,3 +100,38 @@ def test_short_pretraining_runs(tmp_path, steps):
     js = _coco(tmp_path)
     m = pretrain_backbone(_cfg(tmp_path, js, f"det.backbone_pretrain.steps={steps}", "det.backbone_pretrain.batch_size=4"), progress=False)
     assert m["steps"] == steps and (tmp_path / "run" / "backbone" / "base_crops.pth").is_file()
+
+
+def test_killed_backbone_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The backbone pretraining runs on the training loop: killed after its step-3 checkpoint and
+    resumed, it writes the weights of the uninterrupted run (the crop sampler's numpy generator is
+    in the checkpoint); metrics.jsonl in base_crops_train/."""
+    import functools
+
+    import distill.detection.backbone as B
+    from distill.config import TrainConfig
+
+    js = _coco(tmp_path)
+    monkeypatch.setattr(B, "TrainConfig", functools.partial(TrainConfig, checkpoint_period=3, log_period=1))
+    steps = ("det.backbone_pretrain.steps=5", "det.train.device=cpu")
+    m1 = pretrain_backbone(_cfg(tmp_path, js, *steps, f"work_dir={tmp_path}/a"), progress=False)
+    draw = B.sample_crops
+    calls = []
+
+    def killed(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return draw(*a, **k)
+
+    monkeypatch.setattr(B, "sample_crops", killed)
+    cfg = _cfg(tmp_path, js, *steps, f"work_dir={tmp_path}/b")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_backbone(cfg, progress=False)
+    monkeypatch.setattr(B, "sample_crops", draw)
+    m2 = pretrain_backbone(cfg, progress=False, resume=True)
+    a, b = torch.load(m1["out"], weights_only=True), torch.load(m2["out"], weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert m1["final_loss"] == m2["final_loss"]
+    rows = [json.loads(line) for line in (tmp_path / "b" / "backbone" / "base_crops_train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["loss_cls"] == m2["final_loss"]

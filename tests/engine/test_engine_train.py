@@ -1,4 +1,5 @@
-"""Engine: exact resume, NaN guard, checkpoints readable with weights_only, schedules."""
+"""Engine: exact resume, NaN guard, checkpoints readable with weights_only, accumulation, clipping,
+periodic evaluation, fp16 AMP."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch.utils.data import Dataset
 
 from distill.config import TrainConfig
 from distill.engine import checkpoint as ckpt_lib
-from distill.engine.train import LRFactor, make_loader, train
+from distill.engine.train import make_loader, train
 from distill.errors import DistillError
 
 
@@ -139,18 +140,6 @@ def test_checkpoint_roundtrip_and_wrong_architecture(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DistillError, match="not a readable checkpoint"):
         ckpt_lib.read(tmp_path / "junk.pt")
-
-
-def test_lr_factor_warmup_cosine_step():
-    f = LRFactor(100, 10, "cosine")
-    assert f(0) == pytest.approx(0.001)
-    assert f(5) == pytest.approx((0.001 * 0.5 + 0.5) * 0.5 * (1 + math.cos(math.pi * 0.05)))
-    assert f(50) == pytest.approx(0.5)
-    assert f(100) == pytest.approx(0.0, abs=1e-12)
-    s = LRFactor(90, 0, "step")
-    assert [s(0), s(59), s(60), s(80)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
-    with pytest.raises(DistillError, match="train.schedule"):
-        LRFactor(10, 0, "poly")
 
 
 def test_grad_accumulation_matches_big_batch(tmp_path):
@@ -335,3 +324,116 @@ def test_amp_fp16_grad_scaler_skips_an_overflowing_step_and_resumes_its_scale(tm
     b = m2.l.bias.detach().cpu()
     torch.testing.assert_close(w, init["l.weight"] - 2 * 0.5 * 1.5, rtol=0, atol=1e-6)
     torch.testing.assert_close(b, init["l.bias"] - 2 * 0.5 * 3 / 64, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- drawn batches, hooks
+
+
+def _drawn(fail_after=None, nan_at=None):
+    """Batches drawn from a torch, a python and a numpy generator (as the teacher's crops, CLIPSelf's
+    grids and the backbone's crops are); raises like a killed run after ``fail_after`` draws."""
+    import random
+
+    import numpy as np
+
+    from distill.engine.train import DrawnBatches
+
+    g, r, n = torch.Generator().manual_seed(5), random.Random(5), np.random.default_rng(5)
+    calls = [0]
+
+    def draw():
+        calls[0] += 1
+        if fail_after is not None and calls[0] > fail_after:
+            raise KeyboardInterrupt("killed")
+        x = torch.randn(4, 3, 4, 4, generator=g) * r.uniform(0.5, 2.0) + float(n.normal())
+        if nan_at is not None and calls[0] == nan_at:
+            x[0, 0, 0, 0] = float("nan")
+        return x, [{"y": torch.full((2,), float(r.random()))} for _ in range(4)]
+
+    return DrawnBatches(draw, {"torch": g, "python": r, "numpy": n})
+
+
+def test_drawn_batches_resume_equals_uninterrupted_run(tmp_path):
+    """A run on DrawnBatches killed after its step-3 checkpoint and resumed gives the losses and
+    weights of the uninterrupted run: the generators' states are in the checkpoint. With
+    final_checkpoint=False neither model_final.pt nor the checkpoints stay once training finished."""
+    cfg = _cfg()
+    torch.manual_seed(0)
+    m1 = ToyModel()
+    init = {k: v.clone() for k, v in m1.state_dict().items()}
+    train(m1, _drawn(), cfg, tmp_path / "a", progress=False)
+    m2 = ToyModel()
+    m2.load_state_dict(init)
+    with pytest.raises(KeyboardInterrupt):
+        train(m2, _drawn(fail_after=4), cfg, tmp_path / "b", progress=False, final_checkpoint=False)
+    assert ckpt_lib.last_checkpoint(tmp_path / "b" / "checkpoints").name == "ckpt_0000003.pt"
+    m3 = ToyModel()
+    train(m3, _drawn(), cfg, tmp_path / "b", resume=True, progress=False, final_checkpoint=False)  # fresh generators: restored
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
+    assert all(la[s] == lb[s] for s in la)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m3.state_dict()[k]), k
+    assert (tmp_path / "a" / "model_final.pt").is_file() and not (tmp_path / "b" / "model_final.pt").exists()
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_hooks_see_every_step_after_the_loop_s_own():
+    """A trainer's hook runs after the loop's: before_train once, after_step with the step count, the
+    step's losses and the lr the step used (the schedule's value), after_train once, close always."""
+    from distill.engine.hooks import Hook
+
+    class Record(Hook):
+        def __init__(self):
+            self.events = []
+
+        def before_train(self, loop):
+            self.events.append(("before", loop.step))
+
+        def after_step(self, loop):
+            self.events.append((loop.step, sorted(loop.step_losses), loop.lr))
+
+        def after_train(self, loop):
+            self.events.append(("after", loop.step))
+
+        def close(self, loop):
+            self.events.append(("close", loop.step))
+
+    import tempfile
+
+    from distill.engine.optim import LRFactor
+
+    cfg = _cfg(max_steps=4, checkpoint_period=0)
+    rec = Record()
+    with tempfile.TemporaryDirectory() as d:
+        train(ToyModel(), _drawn(), cfg, d, progress=False, hooks=[rec])
+        with pytest.raises(KeyboardInterrupt):
+            train(ToyModel(), _drawn(fail_after=2), cfg, d, progress=False, hooks=[fail := Record()])
+    f = LRFactor(cfg.max_steps, cfg.warmup, cfg.schedule)
+    assert rec.events == [("before", 0)] + [(s, ["loss", "loss_a", "loss_b"], pytest.approx(cfg.lr * f(s - 1))) for s in (1, 2, 3, 4)] + [("close", 4), ("after", 4)]
+    assert fail.events[0] == ("before", 0) and fail.events[-1] == ("close", 2)  # killed: closed, no after_train
+
+
+def test_precision_autocasts_on_cpu_only_when_asked(tmp_path):
+    """tcfg.precision is AMP on CUDA only; a trainer's ``precision`` applies on every device."""
+
+    class Probe(ToyModel):
+        def forward(self, x, targets):
+            self.seen = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+            return super().forward(x, targets)
+
+    cfg = _cfg(max_steps=1, checkpoint_period=0, precision="amp_bf16")
+    m = Probe()
+    train(m, _drawn(), cfg, tmp_path / "a", progress=False)
+    assert m.seen[0] is False
+    train(m, _drawn(), cfg, tmp_path / "b", progress=False, precision="amp_bf16")
+    assert m.seen == (True, torch.bfloat16)
+
+
+def test_nonfinite_loss_on_drawn_batches_names_the_step_and_the_hint(tmp_path):
+    cfg = _cfg(max_steps=4, checkpoint_period=0)
+    with pytest.raises(DistillError) as e:
+        train(ToyModel(), _drawn(nan_at=2), cfg, tmp_path, progress=False, hint="try a lower lr")
+    msg = str(e.value)
+    assert msg.startswith("step 2: non-finite loss (loss_a=nan, loss_b=nan); training stopped")
+    assert msg.endswith("last good checkpoint: none saved yet; try a lower lr") and "image ids" not in msg

@@ -1,4 +1,4 @@
-"""Tiny-teacher pretraining: the loss against a brute-force reference, the schedule, the sampler,
+"""Tiny-teacher pretraining: the loss against a brute-force reference, the sampler,
 and an end-to-end run on a tiny world (checkpoint loadable by open_clip, reused when unchanged)."""
 
 import json
@@ -13,7 +13,7 @@ import yaml
 
 from distill.cli import main
 from distill.config import load_config
-from distill.teacher.pretrain import BatchSampler, load_pairs, lr_at, multi_positive_loss, pretrain
+from distill.teacher.pretrain import BatchSampler, load_pairs, multi_positive_loss, pretrain
 from distill.teacher.text import load_templates
 
 
@@ -35,14 +35,6 @@ def test_multi_positive_loss_bruteforce():
     logits = 50 * img @ txt.t()
     clip = (F.cross_entropy(logits, keys) + F.cross_entropy(logits.t(), keys)) / 2
     assert torch.allclose(multi_positive_loss(img, txt, keys, 50.0), clip, atol=1e-5)
-
-
-def test_lr_schedule():
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +148,41 @@ def test_dense_region_loss_matches_dense_region_embeddings():
     got = dense_region_loss(t.model, x, boxes, labels, text, 50.0, mean, std)
     emb = torch.cat(region_embeddings(t, list(x), boxes, mode="dense"))
     assert torch.allclose(got, F.cross_entropy(50.0 * emb @ text.t(), labels), atol=1e-4)
+
+
+def test_killed_pretraining_resumes_to_the_same_teacher(tiny_world, tmp_path, monkeypatch):
+    """pretrain runs on the training loop: killed after its step-2 checkpoint and resumed, it writes
+    the teacher of the uninterrupted run bit for bit (model, optimizer, schedule and the sampler's
+    generators come back), with the loop's metrics.jsonl; the checkpoints go once it finished."""
+    import functools
+
+    from safetensors.torch import load_file
+
+    import distill.teacher.pretrain as P
+    from distill.config import TrainConfig
+
+    _, cfg = tiny_world
+    monkeypatch.setattr(P, "TrainConfig", functools.partial(TrainConfig, checkpoint_period=2))
+    full = pretrain(cfg, out_dir=tmp_path / "a", progress=False)
+    draw = P.BatchSampler.__call__
+    calls = []
+
+    def killed(self, B):
+        calls.append(B)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return draw(self, B)
+
+    monkeypatch.setattr(P.BatchSampler, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, out_dir=tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "teacher_train" / "checkpoints" / "ckpt_0000002.pt").is_file()
+    monkeypatch.setattr(P.BatchSampler, "__call__", draw)
+    resumed = pretrain(cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "teacher_train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss_contrastive"]) for r in rows)
+    assert not (tmp_path / "b" / "teacher_train" / "checkpoints").exists()
+    man = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert man["final_loss"] == rows[-1]["loss"]
