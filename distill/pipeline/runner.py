@@ -61,8 +61,9 @@ class Stage:
     stage runs on it AND is keyed on it, so a key it never reads cannot make it rerun.
     ``inputs``: dotted config keys naming files outside the run that the stage reads (checked
     before anything runs, so a missing dataset stops the run at once).
-    ``checkpoints``: training folders (relative to work_dir) whose ``checkpoints/`` and
-    ``model_final.pt`` the runner removes when the stage starts afresh (not resuming).
+    ``checkpoints``: training folders (relative to work_dir, or a function of the stage's Config
+    giving them) whose ``checkpoints/`` and ``model_final.pt`` the runner removes when the stage
+    starts afresh (not resuming).
     """
 
     name: str
@@ -73,7 +74,7 @@ class Stage:
     description: str = ""
     view: Callable[[Config], Config] | None = None
     inputs: tuple[str, ...] = ()
-    checkpoints: tuple[str, ...] = ()
+    checkpoints: tuple[str, ...] | Callable[[Config], Sequence[str | Path]] = ()
 
     def config(self, cfg: Config) -> Config:
         return self.view(cfg) if self.view else cfg
@@ -105,7 +106,7 @@ def unknown_stage(name: str, valid: Sequence[str], where: str = "") -> DistillEr
     return DistillError(f"{prefix}unknown stage {name!r}; valid stages: {', '.join(valid)}{hint}")
 
 
-def _remove_checkpoints(work: Path, folders: Sequence[str]) -> None:
+def _remove_checkpoints(work: Path, folders: Sequence[str | Path]) -> None:
     for rel in folders:
         shutil.rmtree(work / rel / "checkpoints", ignore_errors=True)
         (work / rel / "model_final.pt").unlink(missing_ok=True)
@@ -279,7 +280,8 @@ class Pipeline:
         started = self.manifest_path(cfg, name).with_suffix(".started")
         resume = started.is_file() and started.read_text().strip() == key
         if not resume:
-            _remove_checkpoints(Path(cfg.work_dir), s.checkpoints)
+            folders = s.checkpoints(s.config(cfg)) if callable(s.checkpoints) else s.checkpoints
+            _remove_checkpoints(Path(cfg.work_dir), folders)
         write_text(started, key + "\n")
         t0 = time.perf_counter()
         token = _RESUMING.set(resume)

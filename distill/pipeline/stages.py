@@ -80,6 +80,19 @@ def _det_note(m: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- stages
+def _run_dirs(output: str):
+    """``Stage.checkpoints`` of a trainer whose product is one file: the training folder beside it
+    (engine/train.run_dir). ``output`` is a path under work_dir or a dotted config key naming it."""
+
+    def folders(cfg: Config) -> tuple[Path, ...]:
+        from distill.engine.train import run_dir
+
+        path = section_value(cfg, output) if "/" not in output else Path(cfg.work_dir) / output
+        return (run_dir(path),)
+
+    return folders
+
+
 def st_world(cfg: Config):
     from distill.data.world import make_world
 
@@ -93,7 +106,7 @@ def st_teacher(cfg: Config):
     from distill.teacher.pretrain import pretrain
 
     if cfg.pretrain.steps != 0:
-        pretrain(cfg)
+        pretrain(cfg, resume=resuming())
     m = evaluate_teacher(cfg)
     return f"zero-shot top-1 (1x+1.5x) {m.get('zeroshot/top1_ens', float('nan')):.3f}"
 
@@ -117,7 +130,7 @@ def st_clipself(cfg: Config):
 
     if not uses_clipself(cfg):
         return "skipped: teacher.dense_pretrained is not clipself.out"
-    clipself(cfg)  # builds the teacher without its dense tower, on teacher.device
+    clipself(cfg, resume=resuming())  # builds the teacher without its dense tower, on teacher.device
     m = evaluate_teacher(cfg, out_dir=Path(cfg.work_dir) / "teacher" / "dense")
     return f"MaskCLIP on the dense tower: mIoU seen {_pct(m, 'maskclip/miou_seen'):.1f} / unseen {_pct(m, 'maskclip/miou_unseen'):.1f}"
 
@@ -130,7 +143,7 @@ def st_backbone(cfg: Config):
 
     if not backbone_readers(cfg):
         return "skipped: neither det.pretrained_backbone nor seg.pretrained_backbone is det.backbone_pretrain.out"
-    m = pretrain_backbone(cfg)
+    m = pretrain_backbone(cfg, resume=resuming())
     return f"{m['steps']} steps, training accuracy {100 * m['train_acc_last100']:.1f}% -> {m['out']}"
 
 
@@ -257,6 +270,7 @@ STAGES: tuple[Stage, ...] = (
         description="pretrain + evaluate the tiny CLIP teacher",
         view=plain_teacher,
         inputs=("data.val_json", "data.image_root", "data.vocab", *_TEACHER),
+        checkpoints=_run_dirs("teacher/teacher.safetensors"),
     ),
     Stage(
         "text", st_text, deps=("teacher",),
@@ -269,12 +283,14 @@ STAGES: tuple[Stage, ...] = (
         "clipself", st_clipself, deps=("teacher",),
         sections=("clipself", "teacher"),
         description="CLIPSelf dense tower of the teacher (MaskCLIP for segmentation)",
+        checkpoints=_run_dirs("clipself.out"),
     ),
     Stage(
         "backbone", st_backbone, deps=("world",),
         sections=("det.backbone", "det.pretrained_backbone", "seg.pretrained_backbone", "det.backbone_pretrain", "data"),
         description="ResNet-18 pretrained on base-box crops (where the detector and LSeg start)",
         inputs=("data.train_json", "data.image_root", "data.vocab"),
+        checkpoints=_run_dirs("det.backbone_pretrain.out"),
     ),
     Stage(
         "propose", st_propose, deps=("world", "backbone"),

@@ -1,6 +1,8 @@
 """The runner (distill/pipeline/runner.py): manifests, stage keys, skip, force / until, resume."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -172,6 +174,35 @@ def test_declared_checkpoints_go_when_a_stage_starts_afresh(tmp_path):
         p.run(load_config(None, [f"work_dir={w}", "det.train.lr=0.5"]))  # new inputs: they go first
     assert seen == [[], ["checkpoints", "metrics.json", "model_final.pt"], ["metrics.json"]]
     assert (w / "det" / "other" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("stage, folder", [("teacher", "teacher/teacher_train"), ("clipself", "elsewhere/dense_train"),
+                                           ("backbone", "backbone/base_crops_train")])
+def test_trainer_stages_resume_their_own_training_folder(tmp_path, stage, folder):
+    """The teacher, clipself and backbone stages declare the training folder beside their product
+    (engine/train.run_dir, following the config key that names the product): a killed run of the
+    same config resumes from it, a changed config starts afresh without it."""
+    from distill.pipeline.stages import STAGES
+
+    stages = {s.name: s for s in STAGES}
+    w = tmp_path / "w"
+    cfg = load_config(None, [f"work_dir={w}", f"clipself.out={w}/elsewhere/dense.safetensors"])
+    declared = stages[stage].checkpoints
+    assert [Path(f) for f in declared(stages[stage].config(cfg))] == [w / folder]
+    seen = []
+
+    def fn(c):
+        seen.append((w / folder / "checkpoints" / "step_1.pt").is_file())
+        (w / folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (w / folder / "checkpoints" / "step_1.pt").write_text("weights")
+        raise RuntimeError("killed")
+
+    p = Pipeline([dataclasses.replace(stages[stage], fn=fn, deps=(), outputs=())])
+    for c in (cfg, cfg, load_config(None, [f"work_dir={w}", f"clipself.out={w}/elsewhere/dense.safetensors", "pretrain.lr=0.5",
+                                           "clipself.lr=0.5", "det.backbone_pretrain.lr=0.5"])):
+        with pytest.raises(RuntimeError):
+            p.run(c)
+    assert seen == [False, True, False]
 
 
 def test_plan_lists_forced_stale_and_downstream(tmp_path):
