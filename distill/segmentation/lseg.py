@@ -35,7 +35,7 @@ from torch import nn
 from distill.errors import DistillError
 from distill.segmentation.clipseg import _check_image, _check_queries, _target_masks
 from distill.segmentation.losses import pixel_distill_loss, remap_masks, seg_ce_loss
-from distill.teacher.vit import interpolate_pos_embed
+from distill.teacher.vit import block_outputs
 
 LOGIT_SCALE_INIT = 1 / 0.07  # LSeg section 3 (temperature as in CLIP)
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps its learnable scale at 100
@@ -129,19 +129,7 @@ class ViTEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         v = self.visual
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.finetune):
-            x = v.conv1(((images - self._mean) / self._std).to(v.conv1.weight.dtype))
-            gh, gw = x.shape[-2:]
-            x = x.flatten(2).transpose(1, 2)
-            x = torch.cat([v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1), x], 1)
-            x = v.ln_pre(x + interpolate_pos_embed(v.positional_embedding, tuple(v.grid_size), (gh, gw)).to(x.dtype))
-            bf = getattr(v.transformer, "batch_first", True)
-            if not bf:
-                x = x.transpose(0, 1)
-            toks = []
-            for i, blk in enumerate(v.transformer.resblocks[: max(self.layers) + 1]):
-                x = blk(x, attn_mask=None)
-                if i in self.layers:
-                    toks.append(x if bf else x.transpose(0, 1))
+            toks, (gh, gw) = block_outputs(v, ((images - self._mean) / self._std).to(v.conv1.weight.dtype), self.layers)
         feats = []
         for t, proj, res in zip(toks, self.project, self.resample):
             g = t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, gh, gw).float()  # readout "ignore"
