@@ -393,19 +393,10 @@ class SelftrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Evaluation (eval/)."""
-
-    max_dets: int = 100
-    iou_type: tuple[str, ...] = ("bbox",)
-
-
-@dataclass(frozen=True)
 class PipelineConfig:
-    """The stage graph runner (pipeline.py)."""
+    """The stage graph runner (distill/pipeline/)."""
 
     stages: tuple[str, ...] = ()  # empty = all
-    quick: bool = False
     # applied by `distill run --quick` before the command line's own overrides
     quick_overrides: tuple[str, ...] = ()
 
@@ -427,7 +418,6 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     selftrain: SelftrainConfig = field(default_factory=SelftrainConfig)
     cam: CamConfig = field(default_factory=CamConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
