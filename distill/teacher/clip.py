@@ -270,7 +270,7 @@ def attach_dense_tower(teacher: Teacher, path: str) -> Teacher:
 
 def student_meta(cfg, teacher: "Teacher", **more) -> dict:
     """What a student's ``model_final.pt`` carries so it can be used from any folder, copied
-    alone: its training config (word lists inline, see distill/config.py) and the teacher it was
+    alone: its training config (word lists inline, see distill/config/load.py) and the teacher it was
     trained with (the file's absolute path and its fingerprint); ``more``: e.g. the trained classes."""
     from distill.config import dump_config
 
