@@ -292,7 +292,7 @@ def test_png_above_254_classes_is_16_bit_and_reads_back(tmp_path):
 
 
 def test_too_many_classes_for_png_is_refused_only_when_png_is_asked(tmp_path):
-    from distill.labels.pseudo import make_job
+    from distill.labels.job import make_job
 
     big = _big_vocab_file(tmp_path, 65535)
     vocab = load_vocab(big)

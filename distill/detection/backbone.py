@@ -106,7 +106,7 @@ def uses_pretrained_backbone(cfg) -> bool:
 
 def pretrain_backbone(cfg, progress: bool = True) -> dict:
     """Train ``det.backbone`` (a ResNet) on base-box crops; write ``det.backbone_pretrain.out``."""
-    from distill.detection.train import det_vocab
+    from distill.vocab import resolve_vocab
     from distill.files import atomic_path, write_json
 
     p = cfg.det.backbone_pretrain
@@ -119,7 +119,7 @@ def pretrain_backbone(cfg, progress: bool = True) -> dict:
         raise DistillError(f"det.backbone_pretrain.context: expected [low, high] with 0 < low <= high, got {list(p.context)}")
     if not p.out:
         raise DistillError("det.backbone_pretrain.out: expected an output file path")
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     images, boxes = _base_crops(cfg, vocab)
     torch.manual_seed(p.seed)
     rng = np.random.default_rng(p.seed)
