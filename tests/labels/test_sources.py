@@ -1,10 +1,13 @@
-"""Label sources: a segmentation student's semantic map split into scored instances."""
+"""Label sources: a segmentation student's semantic map split into scored instances; a student's
+templates are the ones it was trained with or an error."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from distill.errors import DistillError
 from distill.labels.filtering import FilterOptions, filter_predictions
 from distill.labels.sources import SegSource
 from distill.vocab import load_vocab
@@ -42,3 +45,20 @@ def test_seg_source_instances_from_components():
     np.testing.assert_allclose(pred["scores"][order].numpy(), [p_b, p_a, p_a], rtol=1e-5)
     kept = filter_predictions(pred, FilterOptions(score_thresh=0.0, min_area=5.0, nms=0.5, top_k=10), 2)
     assert len(kept["scores"]) == 2  # the 4 px blob is below min_area
+
+
+@pytest.mark.parametrize("source", ["vild", "seg"])
+def test_student_config_naming_a_missing_template_file_is_an_error(tmp_path, source):
+    """A student whose training config names a template file that is not there: a one-line error
+    naming the setting and the file, never the default templates in its place."""
+    from distill.config import load_config
+    from distill.labels.sources import build_source
+
+    ckpt = tmp_path / "run" / "model_final.pt"
+    ckpt.parent.mkdir()
+    torch.save({"w": torch.zeros(1)}, ckpt)  # an older file: no meta, its config.yaml beside it
+    (ckpt.parent / "config.yaml").write_text("teacher:\n  templates: nosuch_templates.txt\n")
+    cfg = load_config(None, [f"label.source={source}", f"label.model={ckpt}", "teacher.device=cpu"])
+    with pytest.raises(DistillError, match=r"teacher\.templates.*nosuch_templates\.txt") as e:
+        build_source(cfg, load_vocab("a, b"))
+    assert "\n" not in str(e.value)
