@@ -52,7 +52,7 @@ def shard_ranges(n: int, shard_size: int) -> list[range]:
 
 @dataclass
 class LabelJob:
-    """Everything one labeling run needs (built from a Config by :func:`label`)."""
+    """Everything one labeling run needs (built from a Config by :func:`make_job`)."""
 
     paths: list[Path]
     names: list[str]
