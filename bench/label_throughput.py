@@ -57,11 +57,12 @@ def _cfg(images: Path, out: Path, device: str, batch: int, workers: int):
 def run_once(images: Path, out: Path, device: str, batch: int, workers: int) -> float:
     """Seconds to label the folder (teacher built before the clock starts)."""
     from distill.engine.device import get_device
-    from distill.labels.pseudo import label, label_vocab
+    from distill.labels.pseudo import label
+    from distill.vocab import resolve_vocab
     from distill.labels.sources import build_source
 
     cfg = _cfg(images, out, device, batch, workers)
-    src, _ = build_source(cfg, label_vocab(cfg), get_device(device))
+    src, _ = build_source(cfg, resolve_vocab(cfg.data, cfg.label.vocab, key="label.vocab"), get_device(device))
     t0 = time.perf_counter()
     label(cfg, source=src)
     return time.perf_counter() - t0

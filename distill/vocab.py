@@ -368,3 +368,31 @@ def apply_split_file(vocab: Vocabulary, split_file: str | Path) -> Vocabulary:
         else:
             names.append(str(x))
     return vocab.with_split(names)
+
+
+def resolve_vocab(data, value: str = "", *, key: str = "data.vocab", need_base: bool = False) -> Vocabulary:
+    """The vocabulary a stage works with: the one resolver every stage calls.
+
+    ``data``: the config's data section (:class:`distill.config.DataConfig`); ``value``: the
+    stage's own vocabulary setting (``label.vocab``, ``cam.vocab``), named ``key`` in errors.
+    The first of these that applies is read (:func:`load_vocab`):
+
+    1. ``value``, when given;
+    2. ``data.vocab``, when given;
+    3. the categories of ``data.train_full_json`` (every class, with its ``split``), when that
+       file exists;
+    4. the categories of ``data.val_json``, when that file exists.
+
+    A given value (1, 2) is read as it is (a missing file is an error, never a fall-through).
+    ``data.split_file``, when set, then gives the base/novel split. ``need_base``: a vocabulary
+    without a base class is an error (the detectors train on base classes)."""
+    source = value or data.vocab
+    if not source:
+        source = next((f for f in (data.train_full_json, data.val_json) if f and Path(f).is_file()), "")
+    if not source:
+        raise DistillError(f"{key}: required (a vocabulary file or an inline list such as 'red star,crimson star=red star'; "
+                           "without one, the categories of data.train_full_json or data.val_json when they exist)")
+    vocab = load_vocab(source, data.split_file or None)
+    if need_base and not vocab.base_indices:
+        raise DistillError(f"{vocab.source or 'vocabulary'}: no base classes (every class is novel; check the split)")
+    return vocab

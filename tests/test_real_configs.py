@@ -198,7 +198,8 @@ LVIS = REPO / "configs/lvis/vild_r50.yaml"
 def test_lvis_vild_on_real_lvis_layout(tmp_path, vit_b32, one_template):
     from distill.config import load_config
     from distill.detection.proposals import load_proposals, proposals_dir, run_proposals
-    from distill.detection.train import det_dir, det_vocab, train_detector
+    from distill.detection.train import det_dir, train_detector
+    from distill.vocab import resolve_vocab
 
     lv = realdata.make_lvis(tmp_path / "lvis")
     cfg = load_config(LVIS, [
@@ -217,7 +218,7 @@ def test_lvis_vild_on_real_lvis_layout(tmp_path, vit_b32, one_template):
     assert cfg.det.detections_per_img == 300
 
     # the vocabulary: the file's categories, rare = novel, prompts without underscores
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     train = json.loads(Path(lv["train_json"]).read_text())
     rare = {c["name"] for c in train["categories"] if c["frequency"] == "r"}
     assert rare and {vocab.names[i] for i in vocab.novel_indices} == rare

@@ -292,7 +292,7 @@ def test_png_above_254_classes_is_16_bit_and_reads_back(tmp_path):
 
 
 def test_too_many_classes_for_png_is_refused_only_when_png_is_asked(tmp_path):
-    from distill.labels.pseudo import make_job
+    from distill.labels.job import make_job
 
     big = _big_vocab_file(tmp_path, 65535)
     vocab = load_vocab(big)
@@ -302,3 +302,48 @@ def test_too_many_classes_for_png_is_refused_only_when_png_is_asked(tmp_path):
     with pytest.raises(DistillError, match=r"65535 classes do not fit a 16-bit label PNG \(at most 65534\); label to coco or yolo instead \(--format coco,yolo\)") as e:
         make_job(cfg, vocab)
     assert "\n" not in str(e.value) and not out.exists()
+
+
+# ------------------------------------------------------------------------------ resolve_vocab
+
+
+def _coco_file(path, names, novel=()):
+    cats = [{"id": i + 1, "name": n, "split": "novel" if n in novel else "base"} for i, n in enumerate(names)]
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    return str(path)
+
+
+def test_resolve_vocab_one_fallback_order(tmp_path):
+    """The stage's value, then data.vocab, then the categories of data.train_full_json, then of
+    data.val_json (each file only when it exists); data.split_file applies to every source."""
+    from distill.config import DataConfig
+    from distill.vocab import resolve_vocab
+
+    full = _coco_file(tmp_path / "full.json", ["red star", "blue circle"], novel=("blue circle",))
+    val = _coco_file(tmp_path / "val.json", ["green cross"])
+    missing = str(tmp_path / "missing.json")
+    data = DataConfig(vocab="cat, dog", train_full_json=full, val_json=val)
+    assert resolve_vocab(data, "owl, bat", key="label.vocab").names == ("owl", "bat")
+    assert resolve_vocab(data).names == ("cat", "dog")
+    v = resolve_vocab(DataConfig(train_full_json=full, val_json=val))
+    assert v.names == ("red star", "blue circle") and v.novel_indices == [1]
+    assert resolve_vocab(DataConfig(train_full_json=missing, val_json=val)).names == ("green cross",)
+    split = tmp_path / "novel.txt"
+    split.write_text("red star\n")
+    assert resolve_vocab(DataConfig(train_full_json=full, split_file=str(split))).novel_indices == [0]
+    assert resolve_vocab(DataConfig(vocab="red star, blue circle", split_file=str(split))).novel_indices == [0]
+    # a given value is read as it is: a missing file is an error, never a fall-through
+    with pytest.raises(DistillError, match="vocabulary file not found"):
+        resolve_vocab(DataConfig(vocab=missing, train_full_json=full))
+    with pytest.raises(DistillError, match=r"^cam\.vocab: required") as e:
+        resolve_vocab(DataConfig(train_full_json=missing, val_json=""), key="cam.vocab")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DistillError, match="no base classes"):
+        resolve_vocab(DataConfig(vocab="a, b", split_file=str(_novel(tmp_path, "a\nb\n"))), need_base=True)
+    assert resolve_vocab(DataConfig(vocab="a, b", split_file=str(_novel(tmp_path, "a\nb\n")))).novel_indices == [0, 1]
+
+
+def _novel(tmp_path, text):
+    p = tmp_path / "all_novel.txt"
+    p.write_text(text)
+    return p

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from distill.cam.refine import cams_to_mask, crf_available, upsample_cams
-from distill.cam.run import _batches, _check_cfg, _compute_batch, _gt_path, _image_path, _image_size, _load_teacher, _resolve_inputs, _resolve_vocab, _text_features, cam_tower, logit_scale_of, read_image_labels, read_word_list
+from distill.cam.run import _batches, _check_cfg, _compute_batch, _gt_path, _image_path, _image_size, _load_teacher, _resolve_inputs, _text_features, cam_tower, logit_scale_of, read_image_labels, read_word_list
 from distill.errors import DistillError
 from distill.report.tables import table
+from distill.vocab import resolve_vocab
 
 
 # Ablation: Grad-CAM -> softmax Grad-CAM -> + CAA -> + CRF -> + confidence ignore
@@ -42,7 +43,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     _check_cfg(cfg.cam)
     c = cfg.cam
     root, labels_path, _ = _resolve_inputs(cfg, split, None)
-    vocab = _resolve_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, cfg.cam.vocab, key="cam.vocab")
     entries = read_image_labels(labels_path, vocab)
     if max_images:
         entries = entries[:max_images]

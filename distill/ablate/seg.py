@@ -26,10 +26,11 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0, batch_
     from distill.eval.segmentation import SemSegEvaluator, semseg_classes
     from distill.teacher.dense import maskclip_scores
     from distill.segmentation.infer import logits_to_labels
-    from distill.segmentation.train import SemSegFolder, seg_paths, seg_vocab, text_for
+    from distill.segmentation.train import SemSegFolder, seg_paths, text_for
+    from distill.vocab import resolve_vocab
     from distill.vocab import Vocabulary
 
-    vocab = seg_vocab(cfg)
+    vocab = resolve_vocab(cfg.data)
     text = text_for(teacher, vocab, cfg).float()
     bg_words = []
     if cfg.cam.background:

@@ -101,7 +101,8 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
     by separate processes in this work dir, can be completed and tabulated.
     """
     from distill.detection.proposals import proposals_dir, run_proposals
-    from distill.detection.train import build_teacher_and_text, det_vocab
+    from distill.detection.train import build_teacher_and_text
+    from distill.vocab import resolve_vocab
 
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -111,7 +112,7 @@ def run_ablation(cfg: Config, variants: tuple[str, ...] = VARIANTS, progress: bo
     seeds = tuple(seeds) if seeds else (cfg.det.train.seed,)
     t0 = time.perf_counter()
     out = Path(cfg.work_dir) / "det" / "ablation"
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     if teacher is None:
         teacher, _ = build_teacher_and_text(cfg, vocab)
     from distill.detection.backbone import pretrain_backbone, uses_pretrained_backbone

@@ -19,6 +19,7 @@ from distill.cam.caa import attention_affinity, refine_cams
 from distill.cam.gradcam import last_block_gradcam, normalize_cam, patch_size_of, trunk_tokens
 from distill.cam.refine import cams_to_mask, crf_available, dense_crf, upsample_cams
 from distill.errors import DistillError
+from distill.vocab import resolve_vocab
 
 
 # The 25 background words of the repo for VOC (clip_text.py: BACKGROUND_CATEGORY), for reference;
@@ -187,13 +188,6 @@ def _batches(items: list, size: int) -> Iterator[list]:
 # ---------------------------------------------------------------------------------------------
 # Stage: images + image-level labels -> seeds, masks, panels
 # ---------------------------------------------------------------------------------------------
-
-
-def _resolve_vocab(cfg):
-    from distill.vocab import load_vocab
-
-    source = cfg.cam.vocab or cfg.data.vocab or cfg.data.train_full_json
-    return load_vocab(source, cfg.data.split_file or None)
 
 
 def _text_features(teacher, cfg, vocab) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -395,7 +389,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
 
     _check_cfg(cfg.cam)
     root, labels_path, split = _resolve_inputs(cfg, images, labels)
-    vocab = _resolve_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, cfg.cam.vocab, key="cam.vocab")
     entries = read_image_labels(labels_path, vocab)
     if max_images:
         entries = entries[:max_images]

@@ -156,12 +156,12 @@ def pretrain_backbone(cfg, progress: bool = True, resume: bool = False) -> dict:
     """Train ``det.backbone`` (a ResNet) on base-box crops on ``det.train.device``; write
     ``det.backbone_pretrain.out``. ``resume`` continues a killed run from its last checkpoint
     (``<out without .pth>_train/checkpoints``)."""
-    from distill.detection.train import det_vocab
+    from distill.vocab import resolve_vocab
 
     _check(cfg)
     p = cfg.det.backbone_pretrain
     name = cfg.det.backbone
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     images, boxes = _base_crops(cfg, vocab)
     torch.manual_seed(p.seed)
     rng = np.random.default_rng(p.seed + get_rank())  # rank 0: the single-process draws

@@ -3,6 +3,9 @@
 - :func:`build_backbone` - a torchvision FPN backbone by name, random init unless a local
   weights file is given;
 - :func:`build_vild_detector` - the ViLD student (:class:`ViLDDetector`);
+- :func:`load_detector` - a trained ViLD student from its ``model_final.pt``;
+- :func:`train_transform` - the training augmentation of a ``det`` section (detector and
+  proposal network);
 - :func:`build_plain_detector` - a plain torchvision Faster R-CNN with the same backbone and
   settings (the supervised baseline, the class-agnostic proposal network, and the bench
   reference), wrapped so that it takes the same targets (labels = vocabulary indices).
@@ -236,6 +239,23 @@ class ViLDDetector(GeneralizedRCNN):
             self.train(was)
         return list(emb.split([len(b) for b in boxes]))
 
+    @torch.no_grad()
+    def propose(self, images: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+        """The RPN's top ``k`` class-agnostic boxes of each image ((3, H, W) float in [0, 1]):
+        per image a (<= k, 4) float XYXY tensor in input pixels, best first. Eval mode."""
+        was = self.training
+        self.eval()
+        try:
+            image_list, _ = self.transform(list(images))
+            proposals, _ = self.rpn(image_list, self.backbone(image_list.tensors))
+        finally:
+            self.train(was)
+        out = []
+        for p, im, (nh, nw) in zip(proposals, images, image_list.image_sizes):
+            h, w = im.shape[-2:]
+            out.append(p[:k] * torch.tensor([w / nw, h / nh, w / nw, h / nh], device=p.device))
+        return out
+
     def _make_embedder(self, images: list[torch.Tensor], ratios: list[torch.Tensor]):
         if self.teacher is None:
             raise DistillError(f"det.inference={self.roi_heads.inference}: needs the teacher's crop embeddings; build the detector with teacher=...")
@@ -264,6 +284,11 @@ def teacher_region_embeddings(teacher, images: list[torch.Tensor], boxes: list[t
     return region_embeddings(teacher, [im.to(teacher.device) for im in images], boxes, mode=mode)
 
 
+# ViLDRoIHeads arguments that are det settings of the same name
+_HEAD_SETTINGS = ("temperature", "text_weight", "image_weight", "use_text", "use_image", "inference", "ensemble_alpha",
+                  "ensemble_beta", "ensemble_candidates", "score_thresh", "detections_per_img")
+
+
 def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.Tensor | None = None, novel=None, teacher=None, region_mode: str = "crop",
                         load_weights: bool = True) -> ViLDDetector:
     """The ViLD student. ``embed_dim`` = the teacher's D; ``text_embeddings`` (C, D) optional
@@ -282,30 +307,37 @@ def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.T
     image_head = None
     if det.image_head == "separate":  # ViLD 3.4: the same architecture, its own weights
         image_head = ViLDImageHead(_fresh_copy(rh.box_head), in_ch, embed_dim)
-    heads = ViLDRoIHeads(
-        rh.box_roi_pool,
-        rh.box_head,
-        predictor,
-        temperature=det.temperature,
-        text_weight=det.text_weight,
-        image_weight=det.image_weight,
-        use_text=det.use_text,
-        use_image=det.use_image,
-        inference=det.inference,
-        ensemble_alpha=det.ensemble_alpha,
-        ensemble_beta=det.ensemble_beta,
-        ensemble_candidates=det.ensemble_candidates,
-        score_thresh=det.score_thresh,
-        nms_thresh=det.nms,
-        detections_per_img=det.detections_per_img,
-        batch_size_per_image=det.roi_batch_size,
-        image_head=image_head,
-        **mask_kw,
-    )
+    heads = ViLDRoIHeads(rh.box_roi_pool, rh.box_head, predictor, nms_thresh=det.nms, batch_size_per_image=det.roi_batch_size,
+                         image_head=image_head, **{k: getattr(det, k) for k in _HEAD_SETTINGS}, **mask_kw)
     model = ViLDDetector(base.backbone, base.rpn, heads, base.transform, teacher=teacher, region_mode=region_mode)
     if text_embeddings is not None:
         model.set_vocabulary(text_embeddings, novel)
     return model
+
+
+def load_detector(path: str | Path, det: DetConfig, teacher, region_mode: str = "crop") -> tuple[ViLDDetector, dict]:
+    """The trained ViLD student saved at ``path`` (the ``model_final.pt`` of ``distill train det``
+    or a training checkpoint, read through :mod:`distill.engine.checkpoint`), built from the
+    ``det`` section it was trained with for ``teacher`` (its embedding size; it embeds the crops
+    of ``image`` / ``ensemble`` inference with ``region_mode``). Eval mode, on the CPU, with no
+    vocabulary: the caller sets one (:meth:`ViLDDetector.set_vocabulary`).
+
+    Returns ``(model, meta)``: the meta the file carries (training config, teacher identity,
+    trained classes: :func:`distill.teacher.clip.student_meta`; ``{}`` for a file without)."""
+    from distill.engine import checkpoint
+
+    state = checkpoint.read(path)
+    model = build_vild_detector(det, teacher.embed_dim, None, teacher=teacher, region_mode=region_mode, load_weights=False)
+    checkpoint.load_model_state(model, state["model"], str(path))
+    return model.eval(), state.get("meta") or {}
+
+
+def train_transform(det: DetConfig):
+    """The training augmentation ``det.augment`` (None for ``none``); the LSJ canvas is
+    ``det.max_size`` (= ``det.min_size``, checked at load), which the detector then keeps as is."""
+    from distill.data.transforms import detection_train_transform
+
+    return detection_train_transform(det.augment, det.max_size, det.lsj_scale)
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:

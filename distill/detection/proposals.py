@@ -24,6 +24,7 @@ from torchvision.ops import box_iou
 from distill.config import Config, save_config
 from distill.errors import DistillError
 from distill.files import atomic_path, sha256_json, write_json
+from distill.vocab import resolve_vocab
 
 
 # ------------------------------------------------------------------------------------ files
@@ -88,7 +89,7 @@ def train_proposal_network(cfg: Config, resume: bool = False, progress: bool = T
     """Train the class-agnostic detector on base boxes (``data.train_json``), augmented like the
     detector (``det.augment``; it has the detector's sizes); returns its weights."""
     from distill.data.coco import CocoDetection, collate
-    from distill.detection.train import train_transform
+    from distill.detection.build import train_transform
     from distill.engine.train import make_loader, train
 
     out = proposals_dir(cfg)
@@ -143,7 +144,6 @@ def run_proposals(cfg: Config, resume: bool = False, progress: bool = True) -> d
     from distill.data.coco import CocoDetection
     from distill.engine.checkpoint import load
     from distill.engine.device import get_device
-    from distill.vocab import load_vocab
 
     t0 = time.perf_counter()
     out = proposals_dir(cfg)
@@ -168,7 +168,7 @@ def run_proposals(cfg: Config, resume: bool = False, progress: bool = True) -> d
     ids, boxes, scores = predict_proposals(model, train_ds, cfg.proposals.batch_size, cfg.proposals.min_size, dev)
     digest = save_proposals(out / "proposals_train.safetensors", ids, boxes, scores, {"top_k": cfg.proposals.top_k, "train_json": cfg.data.train_json})
     # recall on val, split by base / novel (the point of class-agnostic proposals)
-    vocab = load_vocab(cfg.data.vocab or cfg.data.val_json, cfg.data.split_file or None)
+    vocab = resolve_vocab(cfg.data)
     val = CocoDetection(cfg.data.val_json, cfg.data.image_root, vocab, skip_unknown=True)
     _, vb, _ = predict_proposals(model, val, cfg.proposals.batch_size, cfg.proposals.min_size, dev)
     is_novel = torch.tensor(vocab.is_novel)
@@ -230,12 +230,11 @@ def embed_training_regions(cfg: Config, teacher=None) -> tuple:
     ``shards`` planned, ``shards_skipped`` found finished on disk, ``skipped_boxes``,
     ``clipped_boxes``) and ``train_images``."""
     from distill.data.coco import CocoDetection
-    from distill.detection.train import det_vocab
     from distill.engine.distributed import all_reduce_sum, init_distributed
 
     _, world, local_rank = init_distributed()  # before the teacher: each rank on its own GPU
     proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
-    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, det_vocab(cfg), skip_unknown=True)
+    ds = CocoDetection(cfg.data.train_json, cfg.data.image_root, resolve_vocab(cfg.data, need_base=True), skip_unknown=True)
     if teacher is None:
         from distill.engine.device import get_device
         from distill.teacher.clip import build_teacher

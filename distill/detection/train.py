@@ -2,8 +2,8 @@
 
 :func:`train_detector` is the stage function (one call from the CLI, the pipeline, the ablation):
 
-1. vocabulary (``data.vocab`` or the categories of ``data.train_full_json``) with its base/novel
-   split; the teacher's text embeddings of every class (cached under ``embeddings/text``);
+1. vocabulary (:func:`distill.vocab.resolve_vocab`: ``data.vocab``, else the categories of
+   ``data.train_full_json``) with its base/novel split; the teacher's text embeddings of every class (cached under ``embeddings/text``);
 2. training classes: the BASE classes (ViLD-text sees only base text embeddings), or all of them
    for the oracle (``det.train_on_all``);
 3. for ViLD-image: the proposals of ``distill propose`` and the teacher's cached embeddings of
@@ -25,20 +25,11 @@ import torch
 from distill.config import Config, config_hash, save_config
 from distill.errors import DistillError
 from distill.files import write_json
+from distill.vocab import resolve_vocab
 
 
 def det_dir(cfg: Config) -> Path:
     return Path(cfg.work_dir) / "det" / cfg.det.name
-
-
-def det_vocab(cfg: Config):
-    """The full vocabulary (base + novel) of the detection run."""
-    from distill.vocab import load_vocab
-
-    v = load_vocab(cfg.data.vocab or cfg.data.train_full_json or cfg.data.val_json, cfg.data.split_file or None)
-    if not v.base_indices:
-        raise DistillError(f"{v.source or 'vocabulary'}: no base classes (every class is novel; check the split)")
-    return v
 
 
 def build_teacher_and_text(cfg: Config, vocab):
@@ -223,18 +214,11 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
     return eval_fn
 
 
-def train_transform(det):
-    """The training augmentation ``det.augment`` (None for ``none``); the LSJ canvas is
-    ``det.max_size`` (= ``det.min_size``, checked at load), which the detector then keeps as is."""
-    from distill.data.transforms import detection_train_transform
-
-    return detection_train_transform(det.augment, det.max_size, det.lsj_scale)
-
-
 def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
     """Datasets of ``data.train_json`` (+ ``data.extra``), labels in the training vocabulary,
     augmented by ``det.augment``."""
     from distill.data.coco import CocoDetection
+    from distill.detection.build import train_transform
     from distill.detection.proposals import embed_proposals, load_proposals, proposals_dir
 
     det = cfg.det
@@ -262,7 +246,7 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
     t0 = time.perf_counter()
     det = cfg.det
     out = det_dir(cfg)
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     if teacher is None:
         from distill.engine.device import get_device
         from distill.engine.distributed import init_distributed

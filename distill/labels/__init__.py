@@ -1,1 +1,2 @@
-"""Pseudo-labels (teacher / student sources, the sharded labeling job, output formats) and self-training."""
+"""Pseudo-labels (teacher / student sources, colour candidates, filtering, the sharded labeling job and
+its output folder, output formats, quality against hidden ground truth) and self-training."""

@@ -141,6 +141,19 @@ def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLik
         log.warning("%s: %d of its %d images match no labelled image (e.g. %r): they count as misses", gt_name,
                     len(unmatched), n_gt, unmatched[0]["file_name"])
 
+    m = _box_metrics(*_box_counts(pred, gt, img_map, pred_to_gt_cat, split, iou_thresh), with_counts)
+    m["labels/gt_images_matched"] = len(matched)
+    m["labels/gt_images_unmatched"] = len(unmatched)
+    has_masks = any("segmentation" in a for a in pred["annotations"]) and all("segmentation" in a for a in gt["annotations"])
+    if has_masks:
+        m.update(_mask_miou(pred, gt, img_map, pred_to_gt_cat, split, gt_name))
+    return m
+
+
+def _box_counts(pred: dict, gt: dict, img_map: dict, pred_to_gt_cat: dict, split: dict, iou_thresh: float):
+    """(true positives, predictions, ground-truth boxes) per split: predictions of one class in one
+    image are matched greedily by score to unused ground-truth boxes of that class at IoU >=
+    ``iou_thresh``; crowd boxes are left out."""
     gt_by_img: dict[int, list[dict]] = defaultdict(list)
     for a in gt["annotations"]:
         if not a.get("iscrowd", 0):
@@ -178,6 +191,12 @@ def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLik
                 if row[j] >= iou_thresh:
                     used[j] = True
                     tp[split[c]] += 1
+    return tp, npred, ngt
+
+
+def _box_metrics(tp: dict, npred: dict, ngt: dict, with_counts: bool) -> dict:
+    """``labels/{precision,recall,f1}_{base,novel,all}`` (-1 = undefined) and, ``with_counts``,
+    the ``count/...`` integers."""
     m: dict[str, float] = {}
     for s in ("base", "novel", "all"):
         t = sum(tp.values()) if s == "all" else tp[s]
@@ -189,11 +208,6 @@ def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLik
         m[f"labels/f1_{s}"] = 2 * prec * rec / (prec + rec) if prec > 0 and rec > 0 else (0.0 if prec >= 0 and rec >= 0 else -1.0)
         if with_counts:
             m[f"count/tp_{s}"], m[f"count/pred_{s}"], m[f"count/gt_{s}"] = t, p, g
-    m["labels/gt_images_matched"] = len(matched)
-    m["labels/gt_images_unmatched"] = len(unmatched)
-    has_masks = any("segmentation" in a for a in pred["annotations"]) and all("segmentation" in a for a in gt["annotations"])
-    if has_masks:
-        m.update(_mask_miou(pred, gt, img_map, pred_to_gt_cat, split, gt_name))
     return m
 
 

@@ -119,7 +119,8 @@ def self_train(
 ) -> dict:
     """One self-training round (see the module docstring); returns the metrics and writes them to
     ``out_dir`` (default ``{work_dir}/selftrain``) with the training jsons it made."""
-    from distill.detection.train import det_dir, det_vocab, train_detector
+    from distill.detection.train import det_dir, train_detector
+    from distill.vocab import resolve_vocab
 
     if int(repeat) < 1:
         raise DistillError(f"selftrain repeat: expected an integer >= 1, got {repeat!r}")
@@ -127,7 +128,7 @@ def self_train(
     before_path = det_dir(cfg) / "metrics.json"
     before = read_json(before_path, "detector metrics") if before_path.is_file() else {}
     out = Path(out_dir) if out_dir else work / "selftrain"
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     extra = out / "extra_pseudo_novel.json"
     counts = pseudo_to_extra(pseudo_json, extra, image_root=cfg.data.image_root, vocab=vocab, keep=keep,
                              score_thresh=score_thresh, id_json=cfg.data.unlabeled_json)

@@ -112,10 +112,11 @@ def st_teacher(cfg: Config):
 
 
 def st_text(cfg: Config):
-    from distill.detection.train import check_text_embeddings, det_vocab
+    from distill.detection.train import check_text_embeddings
+    from distill.vocab import resolve_vocab
     from distill.teacher.text import text_embeddings
 
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     emb = text_embeddings(_teacher(cfg), vocab, cfg.teacher.templates, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
     check_text_embeddings(emb, vocab)
     return f"{tuple(emb.shape)} for {len(vocab)} classes"
@@ -185,10 +186,12 @@ def st_seg(cfg: Config):
     """LSeg on base masks, with and without MaskCLIP pixel distillation (the ViLD-image analogue)."""
     from distill.files import write_text
     from distill.segmentation.infer import segment_folder
-    from distill.segmentation.train import load_seg_model, seg_vocab, text_for, train_seg
+    from distill.segmentation.build import load_segmenter
+    from distill.segmentation.train import text_for, train_seg
+    from distill.vocab import resolve_vocab
 
     teacher = _teacher(cfg)
-    vocab = seg_vocab(cfg)
+    vocab = resolve_vocab(cfg.data)
     val_images = sorted((Path(cfg.data.image_root) / "val").glob("*.png"))[:6]
     notes = []
     for name, w in (("lseg", 0.0), ("lseg_distill", cfg.seg.distill_weight or 1.0)):
@@ -198,7 +201,7 @@ def st_seg(cfg: Config):
         # a few val predictions for the report's overlays
         out = Path(cfg.work_dir) / "seg" / name
         write_text(out / "vis_list.txt", "\n".join(str(p.resolve()) for p in val_images) + "\n")
-        model = load_seg_model(scfg, teacher, out / "model_final.pt")
+        model = load_segmenter(scfg.seg, teacher, out / "model_final.pt")
         segment_folder(model, out / "vis_list.txt", text_for(teacher, vocab, scfg), list(vocab.ids), out / "pred_val", window=scfg.seg.window)
     return "; ".join(notes)
 

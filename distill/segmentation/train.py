@@ -1,5 +1,5 @@
-"""``distill train seg``: data, model building and the training entry point of the segmentation
-students (LSeg, CLIPSeg), on the shared engine (distill/engine/train.py).
+"""``distill train seg``: data and the training entry point of the segmentation students (LSeg,
+CLIPSeg; built by :mod:`distill.segmentation.build`), on the shared engine (distill/engine/train.py).
 
 Data: an image folder and a mask folder paired by file stem (``images/train/000001.png`` with
 ``semantic/train_base/000001.png``); masks are single-channel PNGs of semantic ids (0 =
@@ -25,6 +25,8 @@ from torch.utils.data import Dataset
 from distill.config import Config, save_config
 from distill.errors import DistillError
 from distill.files import write_json
+from distill.segmentation.build import build_segmenter
+from distill.vocab import resolve_vocab
 
 MASK_SUFFIX = ".png"
 
@@ -156,67 +158,6 @@ def seg_paths(cfg: Config) -> SegPaths:
     )
 
 
-def seg_vocab(cfg: Config):
-    """The vocabulary (with base/novel split) of a config: data.vocab, else the categories of
-    data.train_full_json."""
-    from distill.vocab import load_vocab
-
-    src = cfg.data.vocab or cfg.data.train_full_json
-    return load_vocab(src, cfg.data.split_file or None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------
-
-
-def build_seg_model(cfg: Config, teacher) -> torch.nn.Module:
-    """The student named by ``cfg.seg.arch`` (``lseg`` | ``clipseg``) for this ``teacher``."""
-    from distill.segmentation.clipseg import build_clipseg
-    from distill.segmentation.lseg import build_lseg
-
-    s = cfg.seg
-    dim = s.embed_dim or teacher.embed_dim
-    if dim != teacher.embed_dim:
-        raise DistillError(f"seg.embed_dim: {dim} differs from the teacher's text embedding size {teacher.embed_dim} (use 0)")
-    visual = teacher.model.visual
-    if s.backbone == "teacher_dense":  # the CLIPSelf tower, for LSeg's encoder or CLIPSeg's frozen ViT
-        if getattr(teacher, "dense_visual", None) is None:
-            raise DistillError("seg.backbone=teacher_dense: the teacher has no dense tower (set teacher.dense_pretrained "
-                               "to the file `distill teacher clipself` writes)")
-        visual = teacher.dense_visual
-    if s.arch == "lseg":
-        return build_lseg(
-            dim,
-            s.backbone,
-            visual=visual,
-            mean=teacher.mean,
-            std=teacher.std,
-            finetune=s.finetune_backbone,
-            features=s.features,
-            pretrained_backbone=s.pretrained_backbone,
-            distill_weight=s.distill_weight,
-            distill_loss=s.distill_loss,
-        )
-    if s.arch == "clipseg":
-        if s.distill_weight > 0:
-            raise DistillError("seg.distill_weight: pixel distillation applies to arch=lseg (CLIPSeg predicts masks, not embeddings)")
-        return build_clipseg(
-            visual,
-            teacher.mean,
-            teacher.std,
-            dim,
-            layers=s.clipseg_layers,
-            reduce_dim=s.clipseg_reduce_dim,
-            heads=s.clipseg_heads,
-            hidden=s.clipseg_hidden,
-            complex_head=s.clipseg_complex_head,
-            bg_thresh=s.bg_thresh,
-            queries_per_image=s.clipseg_queries,
-        )
-    raise DistillError(f"seg.arch: {s.arch!r} is not one of lseg, clipseg")
-
-
 def teacher_pixel_fn(teacher):
     """images (B, 3, H, W) -> the teacher's MaskCLIP pixel embeddings (B, D, H/2, W/2), the LSeg
     decoder's resolution (the distillation loss resizes them if they differ)."""
@@ -229,21 +170,13 @@ def teacher_pixel_fn(teacher):
     return fn
 
 
-def load_seg_model(cfg: Config, teacher, path: str | os.PathLike) -> torch.nn.Module:
-    """Build the student of ``cfg`` and load ``path`` (``model_final.pt`` or a checkpoint)."""
-    from distill.engine import checkpoint as ckpt_lib
-
-    model = build_seg_model(cfg, teacher)
-    state = ckpt_lib.read(path)
-    ckpt_lib.load_model_state(model, state["model"], str(path))
-    return model.eval()
-
-
 def text_for(teacher, vocab, cfg: Config) -> torch.Tensor:
-    """(C, D) text embeddings of ``vocab`` with the config's templates, cached under the run."""
+    """(C, D) text embeddings of ``vocab`` with ``teacher.templates`` (the templates themselves
+    since the config was loaded: a missing template file is an error then; empty = the default
+    templates), cached under the run."""
     from distill.teacher.text import text_embeddings
 
-    return text_embeddings(teacher, vocab, cfg.teacher.templates or None, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
+    return text_embeddings(teacher, vocab, cfg.teacher.templates, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,16 +199,14 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
         from distill.teacher.clip import build_teacher
 
         teacher = build_teacher(cfg.teacher, device=dev)
-    vocab = seg_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     paths = seg_paths(cfg)
     text = text_for(teacher, vocab, cfg).float()
     base = vocab.base_indices
-    if not base:
-        raise DistillError(f"{vocab.source or 'vocabulary'}: no base classes to train on")
     train_ids = [vocab.ids[i] for i in base]
 
     seed_everything(s.train.seed)
-    model = build_seg_model(cfg, teacher)
+    model = build_segmenter(s, teacher)
     model.set_vocabulary(text[base], train_ids)
     if getattr(model, "distill_weight", 0.0) > 0:
         model.set_distill_teacher(teacher_pixel_fn(teacher))

@@ -18,8 +18,9 @@ batches of the whole-split implementation this replaced, so the numbers are the 
 per-object hits and the segmentation confusion matrices are kept, so memory does not grow with the
 split (``bench/memory.py teacher_eval``).
 
-The classes are those of ``data.vocab`` (with its base/novel split; val categories outside it are
-skipped, matched by name) when it is set, else the categories of the val json.
+The classes are the vocabulary of :func:`distill.vocab.resolve_vocab` (``data.vocab``, else the
+categories of ``data.train_full_json``, with the base/novel split); the split's categories are
+matched to it by name (then synonym), and those outside it are skipped.
 
 Metric keys: ``zeroshot/top1_1x``, ``zeroshot/top1_1.5x``, ``zeroshot/top1_ens``,
 ``zeroshot/top1_dense`` (+ ``_base`` / ``_novel``), ``maskclip/miou_all``, ``maskclip/miou_seen``,
@@ -50,22 +51,18 @@ BATCH_IMAGES = 16  # images decoded and embedded together (their crops share enc
 def _split_index(cfg, json_path: str, max_images: int | None):
     """The vocabulary and, per image (sorted by id), ``(image dict, boxes (N, 4) float32 XYXY
     absolute pixels, labels (N,) long vocabulary indices)``: annotations only, no pixels."""
-    from distill.data.coco import load_coco, vocab_from_coco
+    from distill.data.coco import load_coco
+    from distill.vocab import name_key, resolve_vocab
 
     data = load_coco(json_path)
-    if cfg.data.vocab:
-        from distill.vocab import load_vocab
-
-        vocab = load_vocab(cfg.data.vocab, cfg.data.split_file or None)
-        id2idx = {}
-        for c in data["categories"]:
-            try:
-                id2idx[int(c["id"])] = vocab.index(c["name"])
-            except DistillError:
-                continue  # a val category outside the vocabulary: its objects are not evaluated
-    else:
-        vocab = vocab_from_coco(data, json_path)
-        id2idx = vocab.id_to_index()
+    vocab = resolve_vocab(cfg.data)
+    by_name = {name_key(n): i for i, n in enumerate(vocab.names)}
+    id2idx = {}
+    for c in data["categories"]:
+        try:  # a class of the vocabulary by its name, else by a synonym
+            id2idx[int(c["id"])] = by_name[name_key(c["name"])] if name_key(c["name"]) in by_name else vocab.index(c["name"])
+        except DistillError:
+            continue  # a category outside the vocabulary: its objects are not evaluated
     anns: dict[int, list] = {}
     for a in data["annotations"]:
         if not a.get("iscrowd", 0) and int(a["category_id"]) in id2idx:

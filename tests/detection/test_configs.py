@@ -14,7 +14,8 @@ from PIL import Image
 
 from distill.config import load_config
 from distill.detection.proposals import load_proposals, proposals_dir, run_proposals
-from distill.detection.train import build_training_set, det_dir, det_vocab, train_detector
+from distill.detection.train import build_training_set, det_dir, train_detector
+from distill.vocab import resolve_vocab
 from distill.teacher.clip import build_random_teacher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def _run(cfg, teacher, base_only_check: int | None = None) -> dict:
     assert len(regions) == 1 and (regions[0] / "index.json").is_file()
     # evaluation was generalized over the whole vocabulary: results carry base AND novel ids
     res = json.loads((out / "results_val.json").read_text())
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     cats = {r["category_id"] for r in res}
     assert cats & {vocab.ids[i] for i in vocab.novel_indices}
     # the student only ever trained on base classes: novel boxes were dropped at load time
@@ -164,7 +165,7 @@ def test_lvis_config_wiring_with_masks(tmp_path):
         ],
     )
     assert cfg.det.masks and cfg.det.detections_per_img == 300
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     assert [vocab.names[i] for i in vocab.novel_indices] == ["armoire", "banjo"]
     teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
     torch.manual_seed(0)

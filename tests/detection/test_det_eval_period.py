@@ -34,7 +34,8 @@ def test_the_real_configs_evaluate_during_training(config):
 
 def test_eval_period_evaluates_the_detector_mid_training_without_disturbing_it(tmp_path):
     from distill.config import load_config
-    from distill.detection.train import det_vocab, train_detector
+    from distill.detection.train import train_detector
+    from distill.vocab import resolve_vocab
     from distill.teacher.clip import build_random_teacher
 
     make_tiny_world(tmp_path)
@@ -49,7 +50,7 @@ def test_eval_period_evaluates_the_detector_mid_training_without_disturbing_it(t
     evals = [r for r in rows["evaluated"] if "eval" in r]
     assert [r["step"] for r in evals] == [1, 2, 3]  # after steps 1 and 2, and the final evaluation
     assert [r["step"] for r in rows["plain"] if "eval" in r] == [3]
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     for r in evals:
         m = r["eval"]
         assert {"bbox/AP50", "bbox/AP50_base", "bbox/AP50_novel", "region/top1"} <= set(m), sorted(m)

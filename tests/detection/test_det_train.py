@@ -82,9 +82,10 @@ def _shapes_cfg(tmp_path, *overrides):
 
 def _sets(cfg):
     from distill.data.coco import CocoDetection
-    from distill.detection.train import build_training_set, det_vocab
+    from distill.detection.train import build_training_set
+    from distill.vocab import resolve_vocab
 
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     ds = build_training_set(cfg, vocab, None, vocab.base_indices)
     raw = CocoDetection(cfg.data.train_json, cfg.data.image_root, vocab, masks=cfg.det.masks, skip_unknown=True)
     return ds, raw, vocab

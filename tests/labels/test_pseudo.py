@@ -1,4 +1,4 @@
-"""Pseudo-labels: filtering, proposals, formats, quality metrics, sharded resumable labeling."""
+"""Pseudo-labels end to end: sharded resumable labeling of an image folder by each source."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from PIL import Image
 from distill.config import load_config
 from distill.errors import DistillError
 from distill.labels import formats
-from distill.labels.pseudo import FilterOptions, filter_predictions, label, parse_class_thresh
-from distill.labels.sources import TeacherSource, component_proposals
-from distill.labels.quality import label_quality
+from distill.labels.candidates import component_proposals
+from distill.labels.filtering import FilterOptions, filter_predictions
+from distill.labels.pseudo import label
+from distill.labels.sources import TeacherSource
 from distill.vocab import load_vocab
 
 VOCAB = "red square, blue circle, crimson square=red square, green cross"
@@ -64,161 +65,6 @@ def _cfg(images, out, **kw):
           "teacher.templates=", "label.format=[coco, yolo, png]"]
     ov += [f"label.{k}={v}" for k, v in kw.items()]
     return load_config(None, ov)
-
-
-# ------------------------------------------------------------------------------ vocab, thresholds
-
-
-def test_inline_vocab_prompt_mapping_and_class_thresh():
-    v = load_vocab(VOCAB)
-    assert v.names == ("red square", "blue circle", "green cross")
-    assert v.prompts[0] == ("red square", "crimson square")
-    t = parse_class_thresh(["crimson square=0.5", "green cross=0.25,blue circle=1"], v)
-    assert t == ((0, 0.5), (1, 1.0), (2, 0.25))
-    with pytest.raises(DistillError, match="label.class_thresh: class 'pink star' is not in the vocabulary"):
-        parse_class_thresh(["pink star=0.5"], v)
-    with pytest.raises(DistillError, match="expected 'class name=threshold'"):
-        parse_class_thresh(["red square"], v)
-    with pytest.raises(DistillError, match=r"must be in \[0, 1\]"):
-        parse_class_thresh(["red square=3"], v)
-
-
-def _nms_reference(boxes, scores, labels, thr):
-    """Brute-force class-wise greedy NMS (independent of torchvision)."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    keep = []
-    for i in order:
-        ok = True
-        for j in keep:
-            if labels[i] != labels[j]:
-                continue
-            a, b = boxes[i], boxes[j]
-            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-            inter = iw * ih
-            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-            if inter / union > thr:
-                ok = False
-                break
-        if ok:
-            keep.append(i)
-    return keep
-
-
-def test_filter_predictions_matches_bruteforce():
-    g = torch.Generator().manual_seed(1)
-    n = 60
-    xy = torch.rand(n, 2, generator=g) * 50
-    wh = torch.rand(n, 2, generator=g) * 20 + 1
-    boxes = torch.cat([xy, xy + wh], 1)
-    scores = torch.rand(n, generator=g)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    opts = FilterOptions(score_thresh=0.2, class_thresh=((1, 0.6),), top_k=7, nms=0.3, min_area=40.0)
-    out = filter_predictions({"boxes": boxes, "scores": scores, "labels": labels}, opts, 3)
-    b, s, lab = boxes.tolist(), scores.tolist(), labels.tolist()
-    cand = [i for i in range(n) if s[i] >= (0.6 if lab[i] == 1 else 0.2) and (b[i][2] - b[i][0]) * (b[i][3] - b[i][1]) >= 40.0]
-    keep = _nms_reference([b[i] for i in cand], [s[i] for i in cand], [lab[i] for i in cand], 0.3)
-    ref = [cand[k] for k in keep][:7]
-    assert len(ref) == 7 and out["scores"].tolist() == [s[i] for i in ref]
-    assert torch.equal(out["boxes"], boxes[ref]) and out["labels"].tolist() == [lab[i] for i in ref]
-    # Mask areas replace box areas when masks are given.
-    masks = torch.zeros(n, 8, 8, dtype=torch.bool)
-    masks[:5, :2, :2] = True  # area 4
-    masks[5:, :7, :7] = True  # area 49
-    out = filter_predictions({"boxes": boxes, "scores": scores, "labels": labels, "masks": masks},
-                             FilterOptions(score_thresh=0.0, top_k=0, nms=0.0, min_area=10.0), 3)
-    assert len(out["scores"]) == n - 5 and out["masks"].shape == (n - 5, 8, 8)
-
-
-# ------------------------------------------------------------------------------ proposals, formats
-
-
-def test_component_proposals_hand_image():
-    img = np.full((40, 50, 3), 120, np.uint8)
-    img[5:15, 10:30] = (220, 30, 30)  # red 20x10
-    img[20:36, 30:46] = (30, 70, 225)  # blue 16x16
-    img[2:4, 2:4] = (30, 170, 40)  # 4 px: below min_area
-    boxes, masks = component_proposals(img, min_area=16)
-    got = sorted(map(tuple, boxes.astype(int).tolist()))
-    assert got == [(10, 5, 30, 15), (30, 20, 46, 36)]
-    assert sorted(int(m.sum()) for m in masks) == [200, 256]
-    boxes, masks = component_proposals(img, min_area=16, windows=True)
-    # + 3x3 windows of 12x10 (stride 6x5: 7 x 7 positions) and 25x20 (3 x 3), no duplicates of the two
-    assert len(boxes) == 2 + 7 * 7 + 3 * 3
-
-
-def test_yolo_and_rle_hand_example():
-    anns = [{"category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0]}, {"category_id": 3, "bbox": [0.0, 0.0, 100.0, 200.0]}]
-    txt = formats.yolo_lines(anns, width=100, height=200, cat_to_index={3: 0, 7: 2})
-    # cx = (10 + 15) / 100, cy = (20 + 20) / 200, w = 30 / 100, h = 40 / 200
-    assert txt == "2 0.250000 0.200000 0.300000 0.200000\n0 0.500000 0.500000 1.000000 1.000000\n"
-    m = np.zeros((5, 7), bool)
-    m[1:3, 2:6] = True
-    np.testing.assert_array_equal(formats.rle_to_mask(formats.mask_to_rle(m)), m)
-
-
-# ------------------------------------------------------------------------------ quality
-
-
-def _coco(images, anns, cats):
-    return {"images": images, "annotations": anns, "categories": cats}
-
-
-def test_label_quality_hand_example():
-    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue circle", "split": "novel"}]
-    gt = _coco(
-        [{"id": 10, "file_name": "unlabeled/a.png", "width": 20, "height": 20},
-         {"id": 11, "file_name": "unlabeled/b.png", "width": 20, "height": 20}],
-        [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [0, 0, 10, 10]},
-         {"id": 2, "image_id": 10, "category_id": 2, "bbox": [10, 10, 10, 10]},
-         {"id": 3, "image_id": 11, "category_id": 1, "bbox": [0, 0, 4, 4]},
-         {"id": 4, "image_id": 11, "category_id": 2, "bbox": [5, 5, 5, 5]}],
-        cats,
-    )
-    # Predicted category ids differ from the ground truth's; names match.
-    pcats = [{"id": 5, "name": "Blue Circle"}, {"id": 6, "name": "red square"}, {"id": 7, "name": "pink star"}]
-    pred = _coco(
-        [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}, {"id": 2, "file_name": "b.png", "width": 20, "height": 20}],
-        [{"id": 1, "image_id": 1, "category_id": 6, "bbox": [0, 0, 10, 10], "score": 0.9},   # TP base
-         {"id": 2, "image_id": 1, "category_id": 6, "bbox": [0, 0, 10, 9], "score": 0.8},    # duplicate: FP base
-         {"id": 3, "image_id": 1, "category_id": 5, "bbox": [10, 10, 10, 8], "score": 0.7},  # IoU 0.8: TP novel
-         {"id": 4, "image_id": 2, "category_id": 5, "bbox": [0, 0, 4, 4], "score": 0.6},     # wrong class: FP novel
-         {"id": 5, "image_id": 2, "category_id": 6, "bbox": [2, 2, 4, 4], "score": 0.5},     # IoU 4/28 < 0.5: FP base
-         {"id": 6, "image_id": 2, "category_id": 7, "bbox": [5, 5, 5, 5], "score": 0.4}],    # unknown class: FP
-        pcats,
-    )
-    m = label_quality(pred, gt, with_counts=True)
-    assert m["labels/precision_base"] == pytest.approx(1 / 3)
-    assert m["labels/recall_base"] == pytest.approx(1 / 2)
-    assert m["labels/precision_novel"] == pytest.approx(1 / 2)
-    assert m["labels/recall_novel"] == pytest.approx(1 / 2)
-    assert m["labels/precision_all"] == pytest.approx(2 / 6)
-    assert m["labels/recall_all"] == pytest.approx(2 / 4)
-    assert m["labels/f1_base"] == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
-    assert "labels/miou_all" not in m  # no masks
-    # At IoU 0.85 the novel match (0.8) fails.
-    assert label_quality(pred, gt, iou_thresh=0.85)["labels/recall_novel"] == 0.0
-
-
-def test_label_quality_mask_miou_hand_example():
-    cats = [{"id": 1, "name": "a", "split": "base"}, {"id": 2, "name": "b", "split": "novel"}]
-    g1 = np.zeros((4, 4), bool); g1[:2, :2] = True   # class a: 4 px
-    g2 = np.zeros((4, 4), bool); g2[2:, 2:] = True   # class b: 4 px
-    p1 = np.zeros((4, 4), bool); p1[:2, :] = True    # a: 8 px, 4 right
-    p2 = np.zeros((4, 4), bool); p2[3:, 2:] = True   # b: 2 px, 2 right
-    R = formats.mask_to_rle
-    gt = _coco([{"id": 1, "file_name": "x.png", "width": 4, "height": 4}],
-               [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "segmentation": R(g1)},
-                {"id": 2, "image_id": 1, "category_id": 2, "bbox": [2, 2, 2, 2], "segmentation": R(g2)}], cats)
-    pred = _coco([{"id": 1, "file_name": "x.png", "width": 4, "height": 4}],
-                 [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 2], "score": 0.9, "segmentation": R(p1)},
-                  {"id": 2, "image_id": 1, "category_id": 2, "bbox": [2, 3, 2, 1], "score": 0.8, "segmentation": R(p2)}], cats)
-    m = label_quality(pred, gt)
-    # bg: gt 8 px, pred 6 px, both 4 -> 4/10; a: 4/8; b: 2/4
-    assert m["labels/miou_seen"] == pytest.approx((4 / 10 + 4 / 8) / 2)
-    assert m["labels/miou_unseen"] == pytest.approx(2 / 4)
-    assert m["labels/miou_all"] == pytest.approx((4 / 10 + 4 / 8 + 2 / 4) / 3)
-    assert m["labels/pixel_acc"] == pytest.approx(10 / 16)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -334,7 +180,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, teacher):
 
 
 def test_rank_sharding_covers_everything_once(tmp_path, teacher):
-    from distill.labels.pseudo import make_job, run_labeling
+    from distill.labels.job import make_job
+    from distill.labels.pseudo import run_labeling
 
     root = _folder(tmp_path, n=5, bad=False)
     vocab = load_vocab(VOCAB)
@@ -378,42 +225,6 @@ def test_cli_label_inline_vocab(tmp_path):
     assert len(coco["images"]) == 2 and (out / "yolo" / "classes.txt").is_file()
     assert not (out / "semantic").exists()
     assert main(["label", "--images", str(tmp_path / "nothing"), "--vocab", "a", "--model", "teacher", "--out", str(out)]) == 2
-
-
-class _FakeSeg(torch.nn.Module):
-    """semantic_logits(images, text) -> fixed (1, 1 + C, H, W) logits: two blobs of class 0 and one
-    of class 1 on background (stands in for an LSeg / CLIPSeg student)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def semantic_logits(self, images, text):
-        b, _, h, w = images.shape
-        lo = torch.zeros(b, 1 + text.shape[0], h, w)
-        lo[:, 0] = 2.0
-        lo[:, 1, 2:6, 2:8] = 4.0  # class 0, 24 px
-        lo[:, 1, 10:12, 10:12] = 4.0  # class 0, 4 px
-        lo[:, 2, 8:16, 0:4] = 3.0  # class 1, 32 px (overlaps nothing)
-        return lo
-
-
-def test_seg_source_instances_from_components():
-    from distill.labels.sources import SegSource
-
-    src = SegSource(_FakeSeg(), torch.randn(2, 8), load_vocab("a,b"))
-    pred = src([torch.zeros(3, 16, 16, dtype=torch.uint8)])[0]
-    order = np.argsort(pred["boxes"][:, 0].numpy() * 100 + pred["boxes"][:, 1].numpy())
-    boxes = pred["boxes"][order].tolist()
-    assert boxes == [[0, 8, 4, 16], [2, 2, 8, 6], [10, 10, 12, 12]]
-    assert pred["labels"][order].tolist() == [1, 0, 0]
-    assert [int(m.sum()) for m in pred["masks"][order]] == [32, 24, 4]
-    # score = mean softmax probability of the class over its component
-    p_a = np.exp(4) / (np.exp(2) + np.exp(4) + np.exp(0))
-    p_b = np.exp(3) / (np.exp(2) + np.exp(0) + np.exp(3))
-    np.testing.assert_allclose(pred["scores"][order].numpy(), [p_b, p_a, p_a], rtol=1e-5)
-    kept = filter_predictions(pred, FilterOptions(score_thresh=0.0, min_area=5.0, nms=0.5, top_k=10), 2)
-    assert len(kept["scores"]) == 2  # the 4 px blob is below min_area
 
 
 def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path):
@@ -531,31 +342,6 @@ def test_small_image_labels_unchanged(tmp_path):
     for n in ("a.png", "b.png"):
         assert digest(np.asarray(Image.open(out / "semantic" / n)).tobytes()) == _SMALL_DIGESTS[n]
     assert digest(b"".join((out / "yolo" / "labels" / n).read_bytes() for n in ("a.txt", "b.txt"))) == _SMALL_DIGESTS["yolo"]
-
-
-def test_box_masks_nearest_mapping_matches_bruteforce():
-    from distill.labels.sources import BoxMasks
-
-    rng = np.random.default_rng(2)
-    h, w = 13, 17
-    dense = rng.random((4, h, w)) < 0.4
-    dense[3] = False
-    bm = BoxMasks.from_dense(dense)
-    for i in range(4):
-        np.testing.assert_array_equal(bm[i], dense[i])  # at its own size: the mask itself
-    for H, W in ((13, 17), (40, 51), (29, 100), (7, 9)):
-        big = bm.at((H, W))
-        ys = ((2 * np.arange(H) + 1) * h) // (2 * H)  # the source pixel of each output pixel's centre
-        xs = ((2 * np.arange(W) + 1) * w) // (2 * W)
-        for i in range(4):
-            ref = dense[i][np.ix_(ys, xs)]
-            np.testing.assert_array_equal(big[i], ref)
-            assert big.area(i) == int(ref.sum())
-            np.testing.assert_array_equal(formats.rle_to_mask(big.rle(i)), ref)
-            assert big.rle(i) == formats.mask_to_rle(ref)
-        sub = big[torch.tensor([2, 0])]
-        assert len(sub) == 2 and sub.shape == (2, H, W)
-        np.testing.assert_array_equal(sub[1], big[0])
 
 
 def test_large_image_labeled_at_working_size_in_full_pixels(tmp_path, teacher):

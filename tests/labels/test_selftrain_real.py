@@ -52,7 +52,7 @@ def test_self_train_trains_on_ground_truth_plus_repeated_pseudo_labels_from_det_
     import distill.engine.train as engine
     from distill.config import load_config
     from distill.detection.build import build_vild_detector
-    from distill.detection.train import det_vocab
+    from distill.vocab import resolve_vocab
     from distill.engine.checkpoint import read, save_model
     from distill.labels.selftrain import self_train
 
@@ -60,7 +60,7 @@ def test_self_train_trains_on_ground_truth_plus_repeated_pseudo_labels_from_det_
     make_tiny_world(work)
     teacher = make_teacher_dir(tmp_path / "teacher", seed=0)
     cfg = load_config(REPO / "configs/shapes/vild.yaml", world_overrides(work) + teacher_overrides(teacher) + TINY)
-    vocab = det_vocab(cfg)
+    vocab = resolve_vocab(cfg.data, need_base=True)
     # det.init: a detector of this architecture with seeded weights (what `distill train det` wrote)
     torch.manual_seed(123)
     init_path = tmp_path / "init" / "model_final.pt"

@@ -23,15 +23,17 @@ def _losses_on_clean_batches(run_dir, ckpt_path) -> list[float]:
     """Rebuild the run's student from its saved config, load ``ckpt_path`` and return its training
     loss (train mode, as the engine computes it) on every clean batch of 2 training images."""
     from distill.config import load_config
-    from distill.segmentation.train import SemSegFolder, collate, load_seg_model, seg_paths, seg_vocab, text_for
+    from distill.segmentation.build import load_segmenter
+    from distill.segmentation.train import SemSegFolder, collate, seg_paths, text_for
+    from distill.vocab import resolve_vocab
     from distill.teacher.clip import build_teacher
 
     cfg = load_config(run_dir / "config.yaml")
     teacher = build_teacher(cfg.teacher, device="cpu")
-    vocab = seg_vocab(cfg)
+    vocab = resolve_vocab(cfg.data)
     text = text_for(teacher, vocab, cfg).float()
     base = vocab.base_indices
-    model = load_seg_model(cfg, teacher, ckpt_path)
+    model = load_segmenter(cfg.seg, teacher, ckpt_path)
     model.set_vocabulary(text[base], [vocab.ids[i] for i in base])
     model.train()
     paths = seg_paths(cfg)

@@ -10,7 +10,8 @@ from PIL import Image
 
 from distill.config import load_config
 from distill.errors import DistillError
-from distill.segmentation.train import SemSegFolder, load_seg_model, train_seg
+from distill.segmentation.build import build_segmenter, load_segmenter
+from distill.segmentation.train import SemSegFolder, train_seg
 
 KEYS = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
 
@@ -38,7 +39,7 @@ def test_train_eval_reload(config, extra, tiny_world, tiny_teacher, overrides):
     if cfg.seg.distill_weight > 0:
         assert "loss_distill" in losses[0] and losses[0]["loss_distill"] > 0
     # reload and predict with another vocabulary than the training one
-    model = load_seg_model(cfg, tiny_teacher, out / "model_final.pt")
+    model = load_segmenter(cfg.seg, tiny_teacher, out / "model_final.pt")
     from distill.segmentation.infer import predict_logits
 
     text = torch.nn.functional.normalize(torch.randn(6, tiny_teacher.embed_dim), dim=1)
@@ -127,9 +128,9 @@ def test_real_configs_wiring(config, tiny_world, tiny_teacher, overrides):
         assert 0.0 <= m[k] <= 1.0
     if "voc" in config:
         assert m["miou/unseen"] == -1.0  # VOC's unseen classes (16..20) never occur in the fixture  # 20 VOC classes, the last five unseen; the fixture only uses ids 1..4
-        from distill.segmentation.train import seg_vocab
+        from distill.vocab import resolve_vocab
 
-        assert seg_vocab(cfg).novel_indices == [15, 16, 17, 18, 19]
+        assert resolve_vocab(cfg.data).novel_indices == [15, 16, 17, 18, 19]
 
 
 def test_cli_train_seg_bad_input(tmp_path, capsys):
@@ -171,14 +172,13 @@ def _same(a, b):
 
 
 def test_teacher_dense_backbone_without_dense_tower_is_one_line_error(tiny_world, overrides):
-    from distill.segmentation.train import build_seg_model
     from distill.teacher.clip import build_random_teacher
 
     root, data = tiny_world
     tiny_teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
     assert tiny_teacher.dense_visual is None
     cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher_dense"}))
-    for call in (lambda: build_seg_model(cfg, tiny_teacher), lambda: train_seg(cfg, teacher=tiny_teacher, progress=False)):
+    for call in (lambda: build_segmenter(cfg.seg, tiny_teacher), lambda: train_seg(cfg, teacher=tiny_teacher, progress=False)):
         with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense") as e:
             call()
         assert "teacher.dense_pretrained" in str(e.value) and "\n" not in str(e.value)
@@ -186,21 +186,20 @@ def test_teacher_dense_backbone_without_dense_tower_is_one_line_error(tiny_world
 
 
 def test_teacher_dense_backbone_starts_from_a_copy_of_the_dense_tower(tiny_world, overrides):
-    from distill.segmentation.train import build_seg_model
 
     root, data = tiny_world
     t = _with_dense_tower()
     dense0, own0 = _snapshot(t.dense_visual), _snapshot(t.model.visual)
     assert not _same(dense0, own0)
     cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher_dense", "seg.finetune_backbone": "true"}))
-    m = build_seg_model(cfg, t)
+    m = build_segmenter(cfg.seg, t)
     enc = m.encoder.visual
     assert enc is not t.dense_visual and enc is not t.model.visual
     assert _same({k: v.float() for k, v in enc.state_dict().items()}, dense0)
     assert all(p.requires_grad for p in enc.parameters())  # fine-tuned: the copy, never the teacher's tower
     assert all(not p.requires_grad for p in t.dense_visual.parameters())
     # seg.backbone=teacher on the same teacher: its own tower, not the dense one
-    own = build_seg_model(load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})), t)
+    own = build_segmenter(load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})).seg, t)
     assert _same(own.encoder.visual.state_dict(), own0)
     # training the student leaves both teacher towers as they were, and moves the student's copy
     train_seg(cfg, teacher=t, progress=False)
@@ -219,21 +218,20 @@ def test_clipseg_reads_the_dense_tower_frozen_when_asked(tiny_world, overrides):
     """CLIPSeg's frozen ViT is the CLIPSelf tower with seg.backbone=teacher_dense (the shapes
     config; the same module, never trained), the teacher's own tower otherwise; without a dense
     tower, a one-line error."""
-    from distill.segmentation.train import build_seg_model
     from distill.teacher.clip import build_random_teacher
 
     root, data = tiny_world
     t = _with_dense_tower()
     dense0 = _snapshot(t.dense_visual)
-    own = build_seg_model(load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})), t)
+    own = build_segmenter(load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})).seg, t)
     assert own.backbone.visual is t.model.visual
     cfg = load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.name": "clipseg_dense"}))
     assert cfg.seg.backbone == "teacher_dense"
-    m = build_seg_model(cfg, t)
+    m = build_segmenter(cfg.seg, t)
     assert m.backbone.visual is t.dense_visual
     train_seg(cfg, teacher=t, progress=False)
     assert _same(_snapshot(t.dense_visual), dense0)
     plain = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
     with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense") as e:
-        build_seg_model(cfg, plain)
+        build_segmenter(cfg.seg, plain)
     assert "\n" not in str(e.value)

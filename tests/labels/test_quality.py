@@ -1,0 +1,70 @@
+"""Pseudo-label quality against hidden ground truth: hand-computed box precision / recall and mask mIoU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distill.labels import formats
+from distill.labels.quality import label_quality
+
+
+def _coco(images, anns, cats):
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def test_label_quality_hand_example():
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue circle", "split": "novel"}]
+    gt = _coco(
+        [{"id": 10, "file_name": "unlabeled/a.png", "width": 20, "height": 20},
+         {"id": 11, "file_name": "unlabeled/b.png", "width": 20, "height": 20}],
+        [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [0, 0, 10, 10]},
+         {"id": 2, "image_id": 10, "category_id": 2, "bbox": [10, 10, 10, 10]},
+         {"id": 3, "image_id": 11, "category_id": 1, "bbox": [0, 0, 4, 4]},
+         {"id": 4, "image_id": 11, "category_id": 2, "bbox": [5, 5, 5, 5]}],
+        cats,
+    )
+    # Predicted category ids differ from the ground truth's; names match.
+    pcats = [{"id": 5, "name": "Blue Circle"}, {"id": 6, "name": "red square"}, {"id": 7, "name": "pink star"}]
+    pred = _coco(
+        [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}, {"id": 2, "file_name": "b.png", "width": 20, "height": 20}],
+        [{"id": 1, "image_id": 1, "category_id": 6, "bbox": [0, 0, 10, 10], "score": 0.9},   # TP base
+         {"id": 2, "image_id": 1, "category_id": 6, "bbox": [0, 0, 10, 9], "score": 0.8},    # duplicate: FP base
+         {"id": 3, "image_id": 1, "category_id": 5, "bbox": [10, 10, 10, 8], "score": 0.7},  # IoU 0.8: TP novel
+         {"id": 4, "image_id": 2, "category_id": 5, "bbox": [0, 0, 4, 4], "score": 0.6},     # wrong class: FP novel
+         {"id": 5, "image_id": 2, "category_id": 6, "bbox": [2, 2, 4, 4], "score": 0.5},     # IoU 4/28 < 0.5: FP base
+         {"id": 6, "image_id": 2, "category_id": 7, "bbox": [5, 5, 5, 5], "score": 0.4}],    # unknown class: FP
+        pcats,
+    )
+    m = label_quality(pred, gt, with_counts=True)
+    assert m["labels/precision_base"] == pytest.approx(1 / 3)
+    assert m["labels/recall_base"] == pytest.approx(1 / 2)
+    assert m["labels/precision_novel"] == pytest.approx(1 / 2)
+    assert m["labels/recall_novel"] == pytest.approx(1 / 2)
+    assert m["labels/precision_all"] == pytest.approx(2 / 6)
+    assert m["labels/recall_all"] == pytest.approx(2 / 4)
+    assert m["labels/f1_base"] == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert "labels/miou_all" not in m  # no masks
+    # At IoU 0.85 the novel match (0.8) fails.
+    assert label_quality(pred, gt, iou_thresh=0.85)["labels/recall_novel"] == 0.0
+
+
+def test_label_quality_mask_miou_hand_example():
+    cats = [{"id": 1, "name": "a", "split": "base"}, {"id": 2, "name": "b", "split": "novel"}]
+    g1 = np.zeros((4, 4), bool); g1[:2, :2] = True   # class a: 4 px
+    g2 = np.zeros((4, 4), bool); g2[2:, 2:] = True   # class b: 4 px
+    p1 = np.zeros((4, 4), bool); p1[:2, :] = True    # a: 8 px, 4 right
+    p2 = np.zeros((4, 4), bool); p2[3:, 2:] = True   # b: 2 px, 2 right
+    R = formats.mask_to_rle
+    gt = _coco([{"id": 1, "file_name": "x.png", "width": 4, "height": 4}],
+               [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "segmentation": R(g1)},
+                {"id": 2, "image_id": 1, "category_id": 2, "bbox": [2, 2, 2, 2], "segmentation": R(g2)}], cats)
+    pred = _coco([{"id": 1, "file_name": "x.png", "width": 4, "height": 4}],
+                 [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 2], "score": 0.9, "segmentation": R(p1)},
+                  {"id": 2, "image_id": 1, "category_id": 2, "bbox": [2, 3, 2, 1], "score": 0.8, "segmentation": R(p2)}], cats)
+    m = label_quality(pred, gt)
+    # bg: gt 8 px, pred 6 px, both 4 -> 4/10; a: 4/8; b: 2/4
+    assert m["labels/miou_seen"] == pytest.approx((4 / 10 + 4 / 8) / 2)
+    assert m["labels/miou_unseen"] == pytest.approx(2 / 4)
+    assert m["labels/miou_all"] == pytest.approx((4 / 10 + 4 / 8 + 2 / 4) / 3)
+    assert m["labels/pixel_acc"] == pytest.approx(10 / 16)
