@@ -86,20 +86,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
                 pred[ign] = 0
                 evals[conf_step].process(pred, gt_kept)
     wall = time.time() - t0
-    rows = []
-    for step in steps:
-        if step not in evals:
-            rows.append({"step": step, "miou": None, "note": "n/a (pydensecrf2 not installed)"})
-            continue
-        m = evals[step].evaluate()
-        row = {"step": step, "miou": float(m["miou/all"]), "miou_seen": float(m["miou/seen"]),
-               "miou_unseen": float(m["miou/unseen"]), "pixel_acc": float(m["pixel_acc"])}
-        if step in ignored:
-            row["ignored_fraction"] = ignored[step] / max(total, 1)
-            row["note"] = f"mIoU over non-ignored pixels; conf < {c.conf_thresh} -> 255"
-        if step in NO_CAA_STEPS:
-            row["note"] = "; ".join(x for x in ("on the softmax Grad-CAM (no CAA)", row.get("note")) if x)
-        rows.append(row)
+    rows = _rows(steps, evals, ignored, total, c.conf_thresh)
     by_step = {r["step"]: r for r in rows}
     final = "conf_ignore" if c.caa else "conf_ignore_no_caa"  # the chain run_cam's masks follow
     metrics = {
@@ -119,6 +106,26 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     }
     write_json(Path(c.out) / "metrics.json", metrics)
     return metrics
+
+
+def _rows(steps, evals: dict, ignored: dict, total: int, conf_thresh: float) -> list[dict]:
+    """One row a step: mIoU (all / seen / unseen), pixel accuracy and, for the confidence-ignore
+    steps, the ignored fraction; a step without an evaluator (CRF without pydensecrf2) is n/a."""
+    rows = []
+    for step in steps:
+        if step not in evals:
+            rows.append({"step": step, "miou": None, "note": "n/a (pydensecrf2 not installed)"})
+            continue
+        m = evals[step].evaluate()
+        row = {"step": step, "miou": float(m["miou/all"]), "miou_seen": float(m["miou/seen"]),
+               "miou_unseen": float(m["miou/unseen"]), "pixel_acc": float(m["pixel_acc"])}
+        if step in ignored:
+            row["ignored_fraction"] = ignored[step] / max(total, 1)
+            row["note"] = f"mIoU over non-ignored pixels; conf < {conf_thresh} -> 255"
+        if step in NO_CAA_STEPS:
+            row["note"] = "; ".join(x for x in ("on the softmax Grad-CAM (no CAA)", row.get("note")) if x)
+        rows.append(row)
+    return rows
 
 
 def ablation_table(rows: list[dict]) -> str:

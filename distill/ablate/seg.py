@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distill.config import Config
@@ -19,47 +20,28 @@ COLUMNS = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
 
 
 @torch.no_grad()
-def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0, batch_size: int = 16) -> dict:
-    """MaskCLIP zero-shot (MaskCLIP section 3.2, no refinement) on the val masks: per pixel, the
-    argmax over the vocabulary's text embeddings and background words (``cam.background``, as
-    CLIP-ES does); a background word wins -> 0."""
-    from distill.eval.segmentation import SemSegEvaluator, semseg_classes
-    from distill.teacher.dense import maskclip_scores
-    from distill.segmentation.infer import logits_to_labels
+def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0) -> dict:
+    """MaskCLIP zero-shot (MaskCLIP section 3.2, no refinement) on the students' val masks, with the
+    teacher evaluation's own evaluator (:class:`~distill.teacher.evaluate.MaskClipPixels`: argmax
+    over the class texts and ``teacher.background``'s words, a background word wins -> 0), at
+    ``teacher.dense_image_size``. Returns every metric of the streaming evaluator (per class too)."""
     from distill.segmentation.train import SemSegFolder, seg_paths, text_for
-    from distill.vocab import resolve_vocab
-    from distill.vocab import Vocabulary
+    from distill.teacher.evaluate import MaskClipPixels, load_templates_words
+    from distill.vocab import Vocabulary, resolve_vocab
 
     vocab = resolve_vocab(cfg.data)
     text = text_for(teacher, vocab, cfg).float()
-    bg_words = []
-    if cfg.cam.background:
-        from distill.cam.run import read_word_list
-
-        bg_words = list(dict.fromkeys(read_word_list(cfg.cam.background)))
+    bg = None
+    if cfg.teacher.background:
+        words = Vocabulary(tuple(dict.fromkeys(load_templates_words(cfg.teacher.background))), source="teacher.background")
+        bg = text_for(teacher, words, cfg).float()
     paths = seg_paths(cfg)
     val = SemSegFolder(paths.val_images, paths.val_masks, vocab.ids)
-    C, seen, names = semseg_classes(vocab)
-    ev = SemSegEvaluator(C, seen, names=names)
-    if bg_words:
-        bg = text_for(teacher, Vocabulary(tuple(bg_words), source="cam.background"), cfg).float()
-        allt = torch.cat([text, bg])
-    else:
-        allt = text
-    n = len(val) if not max_images else min(max_images, len(val))
-    for i in range(0, n, batch_size):
-        items = [val[j] for j in range(i, min(n, i + batch_size))]
-        x = torch.stack([im for im, _ in items])
-        s = maskclip_scores(teacher, x, allt, out_size=tuple(x.shape[-2:]))  # (B, C + M, H, W) cosine
-        cls, bgs = s[:, : text.shape[0]], s[:, text.shape[0] :]
-        if bgs.shape[1]:
-            bgmax = bgs.amax(1, keepdim=True)
-        else:  # no background words: a fixed cosine threshold
-            bgmax = torch.full_like(cls[:, :1], 0.2)
-        labels = logits_to_labels(torch.cat([bgmax, cls], 1).cpu(), vocab.ids)
-        for lab, (_, t) in zip(labels, items):
-            ev.process(lab, t["masks"])
-    return ev.evaluate()
+    pixels = MaskClipPixels(teacher, vocab, text, bg, teacher.dense_image_size)
+    for j in range(len(val) if not max_images else min(max_images, len(val))):
+        image, target = val[j]
+        pixels.process(image, np.asarray(target["masks"]))
+    return pixels.ev.evaluate()
 
 
 def format_table(rows: dict[str, dict]) -> str:

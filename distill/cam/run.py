@@ -374,6 +374,34 @@ def _load_teacher(cfg):
     return build_teacher(cfg.teacher, device=device)
 
 
+def _write_outputs(cfg, out: Path, rel: Path, vocab, e, im: np.ndarray, r, panel: bool) -> tuple[np.ndarray, bool]:
+    """One image's seeds (npz), mask (PNG, 255 = ignore) and, when ``panel`` and its refined CAMs
+    exist, its panel; returns the mask and whether a panel was written."""
+    H, W = im.shape[:2]
+    c = cfg.cam
+    cat_ids = [int(vocab.ids[k]) for k in r.labels]
+    refined = upsample_cams(r.refined.numpy(), (H, W)) if r.refined is not None else None
+    used = refined if c.caa else upsample_cams(r.gradcam.numpy(), (H, W))
+    mask, conf = cams_to_mask(used, cat_ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power, image=im, crf=c.crf,
+                              conf_thresh=c.conf_thresh, conf_source=c.conf_source)
+    seeds = dict(category_ids=np.asarray(cat_ids, np.int64), gradcam=r.gradcam.numpy().astype(np.float16),
+                 size=np.asarray([H, W], np.int64))
+    if c.caa:  # the refined seeds exist only when the masks use them
+        seeds["refined"] = r.refined.numpy().astype(np.float16)
+    _write_npz(out / "seeds" / rel.with_suffix(".npz"), **seeds)
+    _write_png(out / "masks" / rel.with_suffix(".png"), mask)
+    if not panel or refined is None:
+        return mask, False
+    from distill.cam.panels import save_panel
+
+    save_panel(out / "panels" / rel.with_suffix(".png"), im, upsample_cams(r.gradcam.numpy(), (H, W)),
+               refined, mask, [vocab.names[k] for k in r.labels], cat_ids,
+               title=f"{e.file_name} (id {e.image_id})",
+               seed_mask=cams_to_mask(used, cat_ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power)[0],
+               caa_used=c.caa, crf=c.crf, bg_rule=_bg_rule(c))
+    return mask, True
+
+
 def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teacher=None,
             max_images: int = 0) -> dict:
     """The ``cam`` stage: CLIP-ES seeds, refined masks and panels for every labelled image.
@@ -414,32 +442,11 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
         caa = cfg.cam.caa or n_panels < cfg.cam.num_panels
         res = _compute_batch(teacher, cfg, imgs, [e.labels for e in batch], text, bg, caa=caa)
         for e, im, r in zip(batch, imgs, res):
-            H, W = im.shape[:2]
-            cat_ids = [int(vocab.ids[k]) for k in r.labels]
-            refined = upsample_cams(r.refined.numpy(), (H, W)) if r.refined is not None else None
-            used = refined if cfg.cam.caa else upsample_cams(r.gradcam.numpy(), (H, W))
-            mask, conf = cams_to_mask(used, cat_ids, bg_thresh=cfg.cam.bg_thresh, bg_power=cfg.cam.bg_power,
-                                      image=im, crf=cfg.cam.crf, conf_thresh=cfg.cam.conf_thresh,
-                                      conf_source=cfg.cam.conf_source)
-            rel = _rel_stem(e.file_name, split)
-            seeds = dict(category_ids=np.asarray(cat_ids, np.int64), gradcam=r.gradcam.numpy().astype(np.float16),
-                         size=np.asarray([H, W], np.int64))
-            if cfg.cam.caa:  # the refined seeds exist only when the masks use them
-                seeds["refined"] = r.refined.numpy().astype(np.float16)
-            _write_npz(out / "seeds" / rel.with_suffix(".npz"), **seeds)
-            _write_png(out / "masks" / rel.with_suffix(".png"), mask)
+            mask, panel = _write_outputs(cfg, out, _rel_stem(e.file_name, split), vocab, e, im, r,
+                                         panel=n_panels < cfg.cam.num_panels)
             ignored += int((mask == 255).sum())
             total += mask.size
-            if n_panels < cfg.cam.num_panels and refined is not None:
-                from distill.cam.panels import save_panel
-
-                save_panel(out / "panels" / rel.with_suffix(".png"), im, upsample_cams(r.gradcam.numpy(), (H, W)),
-                           refined, mask, [vocab.names[k] for k in r.labels], cat_ids,
-                           title=f"{e.file_name} (id {e.image_id})",
-                           seed_mask=cams_to_mask(used, cat_ids, bg_thresh=cfg.cam.bg_thresh,
-                                                  bg_power=cfg.cam.bg_power)[0],
-                           caa_used=cfg.cam.caa, crf=cfg.cam.crf, bg_rule=_bg_rule(cfg.cam))
-                n_panels += 1
+            n_panels += panel
             n_done += 1
     wall = time.time() - t0
     summary = {

@@ -17,7 +17,7 @@ def test_format_table_percent():
 @pytest.mark.slow
 def test_ablation_tiny_world(tiny_world, tiny_teacher, overrides, capsys):
     root, data = tiny_world
-    over = overrides(root, data, **{"seg.train.max_steps": 1, "cam.background": str(root / "bg.txt")})
+    over = overrides(root, data, **{"seg.train.max_steps": 1, "teacher.background": str(root / "bg.txt")})
     (root / "bg.txt").write_text("gray background\nnoise\n")
     cfgs = [load_config(f"configs/shapes/{n}.yaml", over) for n in ("lseg", "lseg_distill", "clipseg")]
     res = ablate_seg(*cfgs, out_dir=root / "abl", teacher=tiny_teacher)

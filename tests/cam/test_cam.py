@@ -2,6 +2,7 @@
 pytorch_grad_cam's GradCAM on open_clip's own forward, a per-image loop for the batched path, a
 hand-written attention / repo-style CAA loop, and numbers computed by hand."""
 
+import dataclasses
 import json
 import sys
 
@@ -555,7 +556,10 @@ def test_cam_tower_errors(tmp_path, teacher):
         with pytest.raises(DistillError, match=r"cam\.tower=dense"):
             entry(cfg, "val", teacher=teacher)
     assert not (tmp_path / "run" / "cam" / "masks").exists()
-    bad = _cfg(tmp_path, root, "cam.num_panels=0", "cam.tower=bogus")
+    with pytest.raises(DistillError, match=r"cam\.tower: 'bogus' is not one of teacher, dense"):
+        _cfg(tmp_path, root, "cam.num_panels=0", "cam.tower=bogus")  # refused when the config is read
+    good = _cfg(tmp_path, root, "cam.num_panels=0")  # a Config built in code: refused where it is used
+    bad = dataclasses.replace(good, cam=dataclasses.replace(good.cam, tower="bogus"))
     with pytest.raises(DistillError, match=r"cam\.tower: 'bogus'"):
         cam_run.cam_tower(teacher, bad)
     for entry in (cam_run.run_cam, cam_ablate.cam_ablation):
