@@ -86,14 +86,10 @@ def embed_text_cmd(
     """
     from pathlib import Path
 
-    from distill.errors import DistillError
-    from distill.vocab import load_vocab
+    from distill.vocab import resolve_vocab
 
     cfg = load(config, overrides)
-    source = vocab or cfg.data.vocab or cfg.data.train_full_json
-    if not source:
-        raise DistillError("--vocab: expected a vocabulary file or an inline list of class names")
-    voc = load_vocab(source, cfg.data.split_file or None)  # config and vocabulary mistakes stop before torch is imported
+    voc = resolve_vocab(cfg.data, vocab, key="--vocab")  # config and vocabulary mistakes stop before torch is imported
     from distill.teacher.clip import build_teacher
     from distill.teacher.text import text_embeddings
 

@@ -85,8 +85,9 @@ def test_embed_text_defaults_come_from_the_config(setup, capsys):
 
 
 def test_embed_text_without_any_vocabulary_is_a_one_line_error(setup, capsys, tmp_path):
+    """vocab.resolve_vocab's order ends at data.val_json: with none of them, one line naming --vocab."""
     _, ov = setup
-    rc = main(["teacher", "embed-text", CONFIG, *ov, "data.vocab=", "data.train_full_json=", "--out", str(tmp_path / "e")])
+    rc = main(["teacher", "embed-text", CONFIG, *ov, "data.vocab=", "data.train_full_json=", "data.val_json=", "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: --vocab") and len(err.splitlines()) == 1
     assert not (tmp_path / "e").exists()
