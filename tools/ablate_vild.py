@@ -4,7 +4,7 @@
     python tools/ablate_vild.py                 # configs/shapes/vild_ablation.yaml: 600 steps a row
     python tools/ablate_vild.py configs/shapes/vild.yaml   # the pipeline detector's 300 steps a row
     python tools/ablate_vild.py configs/shapes/vild.yaml det.train.max_steps=150 world.seed=3
-    python tools/ablate_vild.py --seeds 0,1     # every row for both seeds; targets on the mean
+    python tools/ablate_vild.py --seeds 0,1     # every row for both seeds; compared on the mean
     python tools/ablate_vild.py --seeds 0,1 --reuse   # rows already trained here (same settings) are read
 
 Trains a supervised Faster R-CNN on base boxes, ViLD-text, ViLD-image, ViLD, ViLD-ensemble (ViLD
@@ -20,7 +20,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from distill.config import load_config  # noqa: E402
-from distill.ablate.vild import VARIANTS, check_targets, run_ablation, table_markdown  # noqa: E402
+from distill.ablate.vild import VARIANTS, deltas, run_ablation, table_markdown  # noqa: E402
 from distill.errors import DistillError  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table_markdown(res))
-    print("targets:", check_targets(res))
+    print("ViLD vs ViLD-text:", deltas(res))
     return 0
 
 

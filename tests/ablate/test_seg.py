@@ -1,4 +1,4 @@
-"""The ablation runner on the tiny world (1 step per student): table, metrics.json, targets."""
+"""The ablation runner on the tiny world (1 step per student): table, metrics.json, deltas."""
 
 import json
 import math
@@ -29,7 +29,7 @@ def test_ablation_tiny_world(tiny_world, tiny_teacher, overrides, capsys):
         s, u = row["miou/seen"], row["miou/unseen"]
         assert math.isclose(row["miou/hiou"], 0.0 if s + u == 0 else 2 * s * u / (s + u), abs_tol=1e-6)
     gain = saved["rows"]["lseg_pixel_distill"]["miou/unseen"] - saved["rows"]["lseg_base_only"]["miou/unseen"]
-    assert saved["targets"]["distill_unseen_gain_points"] == round(100 * gain, 2)
+    assert saved["deltas"]["distill_unseen_gain_points"] == round(100 * gain, 2)
     assert res["rows"] == saved["rows"]
     out = capsys.readouterr().out
     assert "| lseg_pixel_distill |" in out and (root / "abl" / "table.md").read_text() in out
