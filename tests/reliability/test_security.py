@@ -21,7 +21,7 @@ from ._fixtures import REPO, cli_error, make_teacher_dir, make_tiny_world, teach
 
 UNSAFE_CALLS = {
     "pickle.load", "pickle.loads", "cPickle.load", "dill.load", "dill.loads", "joblib.load", "_pickle.load", "_pickle.loads",
-    "yaml.load", "yaml.load_all", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all", "yaml.full_load_all",
+    *(f"yaml.{name}" for name in ("load", "load_all", "unsafe_load", "full_load", "unsafe_load_all", "full_load_all")),
     "marshal.loads", "marshal.load", "shelve.open", "pickle.Unpickler", "_pickle.Unpickler",
 }
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
