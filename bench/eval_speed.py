@@ -78,7 +78,7 @@ def _semseg_rss(n: int) -> dict:
 
     from distill.eval.segmentation import SemSegEvaluator
 
-    ev = SemSegEvaluator(N_CATS + 1, seen=list(range(16)))
+    ev = SemSegEvaluator(N_CATS + 1, base=list(range(16)))
     g = torch.Generator().manual_seed(0)
     pairs = []  # 8 distinct images, cycled: the loop measures the evaluator, not the generator
     for _ in range(8):

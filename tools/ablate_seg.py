@@ -4,7 +4,7 @@
     python tools/ablate_seg.py seg.train.max_steps=50 --out runs/shapes/seg/ablation_quick
 
 Trains LSeg (base only), LSeg + pixel distillation and CLIPSeg with the step counts of their
-configs, evaluates them and the MaskCLIP teacher on val, prints the mIoU seen / unseen / all and
+configs, evaluates them and the MaskCLIP teacher on val, prints the mIoU base / novel / all and
 hIoU table and writes metrics.json + table.md.
 """
 

@@ -50,9 +50,9 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     teacher = cam_tower(teacher or _load_teacher(cfg), cfg)
     text, bg = _text_features(teacher, cfg, vocab)
     has_crf = crf_available()
-    num_classes, seen, names = semseg_classes(vocab)
+    num_classes, base, names = semseg_classes(vocab)
     steps = ABLATION_STEPS + NO_CAA_STEPS
-    evals = {s: SemSegEvaluator(num_classes, seen, names=names) for s in steps if not s.startswith("crf") or has_crf}
+    evals = {s: SemSegEvaluator(num_classes, base, names=names) for s in steps if not s.startswith("crf") or has_crf}
     ignored = {"conf_ignore": 0, "conf_ignore_no_caa": 0}
     total = 0
     sem_root = Path(cfg.data.semantic_root)
@@ -109,7 +109,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
 
 
 def _rows(steps, evals: dict, ignored: dict, total: int, conf_thresh: float) -> list[dict]:
-    """One row a step: mIoU (all / seen / unseen), pixel accuracy and, for the confidence-ignore
+    """One row a step: mIoU (all / base / novel), pixel accuracy and, for the confidence-ignore
     steps, the ignored fraction; a step without an evaluator (CRF without pydensecrf2) is n/a."""
     rows = []
     for step in steps:
@@ -117,8 +117,8 @@ def _rows(steps, evals: dict, ignored: dict, total: int, conf_thresh: float) -> 
             rows.append({"step": step, "miou": None, "note": "n/a (pydensecrf2 not installed)"})
             continue
         m = evals[step].evaluate()
-        row = {"step": step, "miou": float(m["miou/all"]), "miou_seen": float(m["miou/seen"]),
-               "miou_unseen": float(m["miou/unseen"]), "pixel_acc": float(m["pixel_acc"])}
+        row = {"step": step, "miou": float(m["miou/all"]), "miou_base": float(m["miou/base"]),
+               "miou_novel": float(m["miou/novel"]), "pixel_acc": float(m["pixel_acc"])}
         if step in ignored:
             row["ignored_fraction"] = ignored[step] / max(total, 1)
             row["note"] = f"mIoU over non-ignored pixels; conf < {conf_thresh} -> 255"

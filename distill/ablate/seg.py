@@ -1,5 +1,5 @@
 """The segmentation ablation on the shapes world: the MaskCLIP teacher zero-shot, LSeg on
-base classes only, LSeg + pixel distillation, CLIPSeg; mIoU seen / unseen / all and hIoU on val
+base classes only, LSeg + pixel distillation, CLIPSeg; mIoU base / novel / all and hIoU on val
 with the full vocabulary. ``tools/ablate_seg.py`` is the command line.
 """
 
@@ -16,7 +16,7 @@ from distill.config import Config
 from distill.files import write_json, write_text
 from distill.report.tables import table
 
-COLUMNS = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
+COLUMNS = ("miou/base", "miou/novel", "miou/all", "miou/hiou", "pixel_acc")
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0) -> dic
 def format_table(rows: dict[str, dict]) -> str:
     """Markdown table, values in percent."""
     body = [[name, *(f"{100 * m.get(k, float('nan')):.1f}" for k in COLUMNS)] for name, m in rows.items()]
-    return table(["model", "mIoU seen", "mIoU unseen", "mIoU all", "hIoU", "pixel acc"], body) + "\n"
+    return table(["model", "mIoU base", "mIoU novel", "mIoU all", "hIoU", "pixel acc"], body) + "\n"
 
 
 def ablate_seg(
@@ -79,9 +79,9 @@ def ablate_seg(
         rows[name] = train_seg(cfg, teacher=teacher, out_dir=out / name, progress=progress)
         times[name] = time.perf_counter() - t0
     slim = {n: {k: float(m[k]) for k in COLUMNS if k in m} for n, m in rows.items()}
-    gain = slim["lseg_pixel_distill"]["miou/unseen"] - slim["lseg_base_only"]["miou/unseen"]
+    gain = slim["lseg_pixel_distill"]["miou/novel"] - slim["lseg_base_only"]["miou/novel"]
     deltas = {  # what pixel distillation adds (LSeg section 4's comparison), in mIoU points
-        "distill_unseen_gain_points": round(100 * gain, 2),
+        "distill_novel_gain_points": round(100 * gain, 2),
         "distill_minus_teacher_hiou_points": round(100 * (slim["lseg_pixel_distill"]["miou/hiou"] - slim["maskclip_teacher"]["miou/hiou"]), 2),
     }
     table = format_table(slim)

@@ -43,12 +43,12 @@ def seg(
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="Vocabulary file instead of --gt-json.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for metrics.json and confusion.npy.")] = None,
 ) -> None:
-    """mIoU over seen, unseen and all classes, hIoU and pixel accuracy."""
+    """mIoU over base, novel and all classes, hIoU and pixel accuracy."""
     from distill.eval.detection import format_table
     from distill.eval.segmentation import evaluate_semseg_dirs
 
     if gt_json is None and vocab is None:
-        raise DistillError("eval seg: give --gt-json (or --vocab) for class names and the seen/unseen split")
+        raise DistillError("eval seg: give --gt-json (or --vocab) for class names and the base/novel split")
     metrics = evaluate_semseg_dirs(gt, pred, vocab=vocab, gt_json=gt_json, out_dir=out)
     typer.echo(format_table(metrics))
     if out:

@@ -88,5 +88,5 @@ def seg(
     from distill.segmentation.train import train_seg
 
     metrics = train_seg(load(config, overrides), resume=resume)
-    keys = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
+    keys = ("miou/base", "miou/novel", "miou/all", "miou/hiou", "pixel_acc")
     typer.echo("  ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics))

@@ -486,11 +486,11 @@ def format_table(metrics: dict[str, float]) -> str:
         lines.append("|---" * (len(keys) + 1) + "|")
         for t in types:
             lines.append(f"| {t} | " + " | ".join(_fmt(metrics.get(f"{t}/{k}")) for k in keys) + " |")
-    seg_keys = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
+    seg_keys = ("miou/base", "miou/novel", "miou/all", "miou/hiou", "pixel_acc")
     if any(k in metrics for k in seg_keys):
         if lines:
             lines.append("")
-        lines.append("| mIoU seen | mIoU unseen | mIoU all | hIoU | pixel acc |")
+        lines.append("| mIoU base | mIoU novel | mIoU all | hIoU | pixel acc |")
         lines.append("|---|---|---|---|---|")
         lines.append("| " + " | ".join(_fmt(metrics.get(k)) for k in seg_keys) + " |")
     return "\n".join(lines)

@@ -1,9 +1,9 @@
-"""Semantic segmentation evaluation: a streaming confusion matrix, mIoU over seen / unseen / all
-classes and their harmonic mean (hIoU).
+"""Semantic segmentation evaluation: a streaming confusion matrix, mIoU over base / novel / all
+classes (the zero-shot segmentation literature's seen / unseen) and their harmonic mean (hIoU).
 
-Class index space = the semantic PNG values: 0 = background (a seen class), ``c`` = category id
-``c``; 255 in the ground truth is ignored. hIoU = 2 * S * U / (S + U) with S, U the seen and
-unseen mIoU, as in the zero-shot segmentation literature (ZS3Net, Bucher et al. NeurIPS 2019,
+Class index space = the semantic PNG values: 0 = background (a base class), ``c`` = category id
+``c``; 255 in the ground truth is ignored. hIoU = 2 * S * U / (S + U) with S, U the base and
+novel mIoU, as in the zero-shot segmentation literature (ZS3Net, Bucher et al. NeurIPS 2019,
 section 4; SPNet, Xian et al. CVPR 2019, section 4.1).
 
 Memory does not grow with the number of images: each image adds to a fixed
@@ -11,7 +11,7 @@ Memory does not grow with the number of images: each image adds to a fixed
 class; the last column counts pixels whose prediction is outside ``0..C-1`` (for example 255,
 "no label"): they are misses for the ground-truth class and false positives of no class.
 
-Metric names: ``miou/seen``, ``miou/unseen``, ``miou/all``, ``miou/hiou``, ``pixel_acc``, and
+Metric names: ``miou/base``, ``miou/novel``, ``miou/all``, ``miou/hiou``, ``pixel_acc``, and
 ``iou/<name>`` per class. Values are fractions in [0, 1]; a class absent from both the ground truth
 and the predictions has no IoU and is left out of the means (and of ``iou/...``); a mean over no
 class is ``-1`` (undefined, as COCO reports it).
@@ -44,7 +44,7 @@ class SemSegEvaluator:
 
     Args:
         num_classes: C; labels are 0..C-1.
-        seen: the seen class indices (background 0 included by the caller); the rest are unseen.
+        base: the base class indices (background 0 included by the caller); the rest are novel.
         ignore_index: ground-truth value that is not evaluated.
         names: C class names for ``iou/<name>`` (default: the index).
         gather: sum the matrices over ranks under torch.distributed (False when one rank alone
@@ -52,17 +52,17 @@ class SemSegEvaluator:
             there waits forever for the other ranks).
     """
 
-    def __init__(self, num_classes: int, seen: Sequence[int], ignore_index: int = 255, names: Sequence[str] | None = None, gather: bool = True) -> None:
+    def __init__(self, num_classes: int, base: Sequence[int], ignore_index: int = 255, names: Sequence[str] | None = None, gather: bool = True) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        seen = sorted({int(c) for c in seen})
-        if any(c < 0 or c >= num_classes for c in seen):
-            raise ValueError(f"seen classes {seen} outside 0..{num_classes - 1}")
+        base = sorted({int(c) for c in base})
+        if any(c < 0 or c >= num_classes for c in base):
+            raise ValueError(f"base classes {base} outside 0..{num_classes - 1}")
         if names is not None and len(names) != num_classes:
             raise ValueError(f"{len(names)} names for {num_classes} classes")
         self.num_classes = int(num_classes)
-        self.seen = seen
-        self.unseen = [c for c in range(num_classes) if c not in set(seen)]
+        self.base = base
+        self.novel = [c for c in range(num_classes) if c not in set(base)]
         self.ignore_index = ignore_index
         self.names = list(names) if names is not None else [str(c) for c in range(num_classes)]
         self.gather = gather  # False: this rank saw the whole set (e.g. the engine's rank-0 eval)
@@ -120,7 +120,7 @@ class SemSegEvaluator:
         return iou.numpy()
 
     def evaluate(self) -> dict[str, float]:
-        """``miou/seen``, ``miou/unseen``, ``miou/all``, ``miou/hiou``, ``pixel_acc``, ``iou/<name>``."""
+        """``miou/base``, ``miou/novel``, ``miou/all``, ``miou/hiou``, ``pixel_acc``, ``iou/<name>``."""
         conf = self._total_conf()
         iou = self.ious(conf)
 
@@ -129,16 +129,16 @@ class SemSegEvaluator:
             v = v[~np.isnan(v)]
             return float(v.mean()) if v.size else -1.0
 
-        s, u = mean(self.seen), mean(self.unseen)
+        s, u = mean(self.base), mean(self.novel)
         if s < 0 or u < 0:
-            h = -1.0  # undefined without both seen and unseen classes
+            h = -1.0  # undefined without both base and novel classes
         else:
             h = 2 * s * u / (s + u) if (s + u) > 0 else 0.0
         total = int(conf.sum())
         correct = int(torch.diagonal(conf[:, : self.num_classes]).sum())
         m = {
-            "miou/seen": s,
-            "miou/unseen": u,
+            "miou/base": s,
+            "miou/novel": u,
             "miou/all": mean(list(range(self.num_classes))),
             "miou/hiou": h,
             "pixel_acc": correct / total if total else -1.0,
@@ -156,8 +156,8 @@ class SemSegEvaluator:
 
 
 def semseg_classes(vocab) -> tuple[int, list[int], list[str]]:
-    """From a vocabulary: (num_classes = max id + 1, seen = [0] + base ids, names with
-    "background" at 0; ids without a class are named by their number and count as seen)."""
+    """From a vocabulary: (num_classes = max id + 1, base = [0] + base ids, names with
+    "background" at 0; ids without a class are named by their number and count as base)."""
     C = max(vocab.ids) + 1
     names = [str(i) for i in range(C)]
     names[0] = "background"
@@ -168,8 +168,8 @@ def semseg_classes(vocab) -> tuple[int, list[int], list[str]]:
         names[cid] = n
         if sp == "novel":
             novel.add(cid)
-    seen = [c for c in range(C) if c not in novel]
-    return C, seen, names
+    base = [c for c in range(C) if c not in novel]
+    return C, base, names
 
 
 LEGEND_JSON, LEGEND_PNG = "legend.json", "legend.png"  # what `distill label --format png` writes beside its PNGs
@@ -253,7 +253,7 @@ def evaluate_semseg_dirs(
     value is, and values are read through it by class name (see :func:`_legend_lut`), so the
     ``semantic/`` folder of ``distill label --format png`` evaluates as it is.
 
-    Classes, names and the seen/unseen split come from ``vocab`` (a Vocabulary or a vocabulary
+    Classes, names and the base/novel split come from ``vocab`` (a Vocabulary or a vocabulary
     file) or from ``gt_json`` (a COCO file whose categories carry ``split``). Writes
     ``metrics.json`` and ``confusion.npy`` into ``out_dir`` when given.
     """
@@ -265,7 +265,7 @@ def evaluate_semseg_dirs(
         vocab = load_vocab(Path(gt_json))
     elif not isinstance(vocab, Vocabulary):
         vocab = load_vocab(vocab)
-    C, seen, names = semseg_classes(vocab)
+    C, base, names = semseg_classes(vocab)
     if ignore_index == 255 and len(vocab) > 254:  # 16-bit label PNGs (distill label): 255 is a class, 65535 = ignore
         ignore_index = 65535
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
@@ -284,7 +284,7 @@ def evaluate_semseg_dirs(
         log.warning("%s: no %s: its PNG values are read as the category ids of %s (0 = background); give the "
                     "labeler's %s beside its PNGs if they number the classes otherwise", pred_dir, LEGEND_JSON,
                     vocab.source or "the vocabulary", LEGEND_JSON)
-    ev = SemSegEvaluator(C, seen, ignore_index=ignore_index, names=names)
+    ev = SemSegEvaluator(C, base, ignore_index=ignore_index, names=names)
     for key, g in gts.items():
         p = preds.get(key)
         if p is None:

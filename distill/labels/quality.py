@@ -2,7 +2,7 @@
 mIoU of the pseudo masks, against hidden ground truth (the shapes world's ``unlabeled`` split).
 
 >>> label_quality("runs/shapes/labels/labels.json", "runs/shapes/data/instances_unlabeled.json")
-{'labels/precision_base': ..., 'labels/recall_novel': ..., 'labels/miou_unseen': ..., ...}
+{'labels/precision_base': ..., 'labels/recall_novel': ..., 'labels/miou_novel': ..., ...}
 
 The ground truth is checked by the project's COCO validator (:func:`distill.data.coco.validate_coco`,
 :func:`load_label_gt`): a malformed file is one error naming it and the entry at fault.
@@ -104,11 +104,10 @@ def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLik
                   with_counts: bool = False, gt_name: str | None = None, require_match: bool = True) -> dict:
     """Precision / recall of pseudo boxes at ``iou_thresh`` for base, novel and all classes, and
     (when both sides have masks) mIoU of the pseudo masks via
-    :class:`distill.eval.segmentation.SemSegEvaluator` (background = 0 is a seen class; base
-    classes seen, novel unseen).
+    :class:`distill.eval.segmentation.SemSegEvaluator` (background = 0 is a base class).
 
     Keys: ``labels/precision_{base,novel,all}``, ``labels/recall_{base,novel,all}``,
-    ``labels/f1_{base,novel,all}``, ``labels/miou_{seen,unseen,all,hiou}``, ``labels/pixel_acc``;
+    ``labels/f1_{base,novel,all}``, ``labels/miou_{base,novel,all,hiou}``, ``labels/pixel_acc``;
     values in [0, 1] (-1 = undefined); ``labels/gt_images_matched``, ``labels/gt_images_unmatched``
     (and ``labels/gt_images_size_mismatch`` with masks) count images. ``with_counts`` adds
     ``count/...`` integers.
@@ -245,8 +244,8 @@ def _mask_miou(pred: dict, gt: dict, img_map: dict, pred_to_gt_cat: dict, split:
     from distill.eval.segmentation import SemSegEvaluator
 
     num = max(split) + 1
-    seen = [0] + [c for c, s in split.items() if s == "base"]
-    ev = SemSegEvaluator(num, seen)
+    base = [0] + [c for c, s in split.items() if s == "base"]
+    ev = SemSegEvaluator(num, base)
     pr_by_img: dict[int, list[dict]] = defaultdict(list)
     for a in pred["annotations"]:
         if a["image_id"] in img_map:

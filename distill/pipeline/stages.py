@@ -133,7 +133,7 @@ def st_clipself(cfg: Config):
         return "skipped: teacher.dense_pretrained is not clipself.out"
     clipself(cfg, resume=resuming())  # builds the teacher without its dense tower, on teacher.device
     m = evaluate_teacher(cfg, out_dir=Path(cfg.work_dir) / "teacher" / "dense")
-    return f"MaskCLIP on the dense tower: mIoU seen {_pct(m, 'maskclip/miou_seen'):.1f} / unseen {_pct(m, 'maskclip/miou_unseen'):.1f}"
+    return f"MaskCLIP on the dense tower: mIoU base {_pct(m, 'maskclip/miou_base'):.1f} / novel {_pct(m, 'maskclip/miou_novel'):.1f}"
 
 
 def st_backbone(cfg: Config):
@@ -230,7 +230,7 @@ def st_cam(cfg: Config):
     scfg = _with(_with(cfg, "data", masks=str(Path(cfg.cam.out) / "masks" / "train")), "seg", name="lseg_cam", distill_weight=0.0)
     s = train_seg(scfg, teacher=teacher, resume=resuming(), out_dir=out)
     return (f"CLIP-ES final masks {100 * (m.get('cam/miou_final') or 0):.1f} mIoU on val; "
-            f"LSeg on CAM masks: seen mIoU {_pct(s, 'miou/seen'):.1f}")
+            f"LSeg on CAM masks: base mIoU {_pct(s, 'miou/base'):.1f}")
 
 
 def st_selftrain(cfg: Config):

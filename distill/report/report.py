@@ -36,9 +36,9 @@ def _kv_rows(m: dict) -> list[list[str]]:
 
 
 DET_COLS = [("AP50 novel", "bbox/AP50_novel"), ("AP50 base", "bbox/AP50_base"), ("AP50 all", "bbox/AP50"), ("AP novel", "bbox/AP_novel"), ("AP base", "bbox/AP_base"), ("AP all", "bbox/AP"), ("GT-box top-1 novel", "region/top1_novel"), ("GT-box top-1 base", "region/top1_base")]
-SEG_COLS = [("mIoU seen", "miou/seen"), ("mIoU unseen", "miou/unseen"), ("mIoU all", "miou/all"), ("hIoU", "miou/hiou"), ("pixel acc", "pixel_acc")]
+SEG_COLS = [("mIoU base (seen)", "miou/base"), ("mIoU novel (unseen)", "miou/novel"), ("mIoU all", "miou/all"), ("hIoU", "miou/hiou"), ("pixel acc", "pixel_acc")]
 TEACHER_KEYS = ("zeroshot/top1_1x", "zeroshot/top1_1.5x", "zeroshot/top1_ens", "zeroshot/top1_ens_base", "zeroshot/top1_ens_novel", "zeroshot/top1_dense",
-                "maskclip/miou_seen", "maskclip/miou_unseen", "maskclip/miou_all", "maskclip/miou_hiou")
+                "maskclip/miou_base", "maskclip/miou_novel", "maskclip/miou_all", "maskclip/miou_hiou")
 DET_ORDER = ("vild_text", "vild", "vild_ensemble", "vild_selftrain")  # baseline -> ours, then the rest
 
 
@@ -135,9 +135,9 @@ def _seg_section(work: Path, tm: dict | None) -> list[str]:
 def _cam_section(cam: dict | None) -> list[str]:
     md = ["## CAM refinement (CLIP-ES, val, image-level labels only)", ""]
     if cam and isinstance(cam.get("rows"), list):
-        rows = [[str(m.get("step")), fmt(m.get("miou")), fmt(m.get("miou_seen")), fmt(m.get("miou_unseen")), fmt(m.get("ignored_fraction")), str(m.get("note", ""))] for m in cam["rows"]]
+        rows = [[str(m.get("step")), fmt(m.get("miou")), fmt(m.get("miou_base")), fmt(m.get("miou_novel")), fmt(m.get("ignored_fraction")), str(m.get("note", ""))] for m in cam["rows"]]
         return md + [f"{cam.get('images_with_labels', '?')} {cam.get('split', '')} images.", "",
-                     table(["step", "mIoU", "mIoU seen", "mIoU unseen", "pixels ignored (%)", "note"], rows), ""]
+                     table(["step", "mIoU", "mIoU base (seen)", "mIoU novel (unseen)", "pixels ignored (%)", "note"], rows), ""]
     if cam:
         return md + [table(["metric", "value"], _kv_rows(cam)), ""]
     return md + ["No CAM metrics found.", ""]
@@ -214,10 +214,10 @@ HEADLINE = (
     ("ViLD (text + image distillation)", "det/vild/metrics.json", "box AP50", ("bbox/AP50_base", "bbox/AP50_novel", "bbox/AP50")),
     ("ViLD + teacher ensemble", "det/vild_ensemble/metrics.json", "box AP50", ("bbox/AP50_base", "bbox/AP50_novel", "bbox/AP50")),
     ("ViLD + self-training", "det/vild_selftrain/metrics.json", "box AP50", ("bbox/AP50_base", "bbox/AP50_novel", "bbox/AP50")),
-    ("MaskCLIP on the dense tower, zero-shot", "teacher/dense/metrics.json", "mIoU", ("maskclip/miou_seen", "maskclip/miou_unseen", "maskclip/miou_all")),
-    ("LSeg (base masks)", "seg/lseg/metrics.json", "mIoU", ("miou/seen", "miou/unseen", "miou/all")),
-    ("LSeg + MaskCLIP distillation", "seg/lseg_distill/metrics.json", "mIoU", ("miou/seen", "miou/unseen", "miou/all")),
-    ("LSeg on CLIP-ES masks", "seg/lseg_cam/metrics.json", "mIoU", ("miou/seen", "miou/unseen", "miou/all")),
+    ("MaskCLIP on the dense tower, zero-shot", "teacher/dense/metrics.json", "mIoU", ("maskclip/miou_base", "maskclip/miou_novel", "maskclip/miou_all")),
+    ("LSeg (base masks)", "seg/lseg/metrics.json", "mIoU", ("miou/base", "miou/novel", "miou/all")),
+    ("LSeg + MaskCLIP distillation", "seg/lseg_distill/metrics.json", "mIoU", ("miou/base", "miou/novel", "miou/all")),
+    ("LSeg on CLIP-ES masks", "seg/lseg_cam/metrics.json", "mIoU", ("miou/base", "miou/novel", "miou/all")),
     ("Pseudo-labels (unlabeled split)", "labels/unlabeled/metrics.json", "box recall", ("labels/recall_base", "labels/recall_novel", "labels/recall_all")),
 )
 

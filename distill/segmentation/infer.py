@@ -138,7 +138,7 @@ def evaluate_model(
     text: torch.Tensor,
     class_ids: Sequence[int],
     num_classes: int,
-    seen: Sequence[int],
+    base: Sequence[int],
     names: Sequence[str] | None = None,
     window: int = 0,
     stride: int = 0,
@@ -146,11 +146,11 @@ def evaluate_model(
     max_images: int = 0,
 ) -> dict[str, float]:
     """Stream ``dataset`` ((image (3, H, W), {"masks": (H, W)}) items) through the model and a
-    :class:`~distill.eval.segmentation.SemSegEvaluator`; returns its metrics (mIoU seen / unseen /
+    :class:`~distill.eval.segmentation.SemSegEvaluator`; returns its metrics (mIoU base / novel /
     all, hIoU, pixel accuracy, per-class IoU)."""
     from distill.eval.segmentation import SemSegEvaluator
 
-    ev = SemSegEvaluator(num_classes, seen, names=names, gather=False)  # one process evaluates the whole set
+    ev = SemSegEvaluator(num_classes, base, names=names, gather=False)  # one process evaluates the whole set
     dev = next(model.parameters()).device
     text = text.to(dev)
     n = len(dataset) if not max_images else min(max_images, len(dataset))

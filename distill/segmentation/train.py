@@ -8,7 +8,7 @@ mask folder (e.g. CAM pseudo-masks); images without a mask are skipped.
 
 Outputs, in ``{work_dir}/seg/{seg.name}/``: ``config.yaml``, ``metrics.jsonl``, checkpoints,
 ``model_final.pt`` (student weights only: no vocabulary, no teacher), ``metrics.json`` (val mIoU
-seen / unseen / all, hIoU, pixel accuracy).
+base / novel / all, hIoU, pixel accuracy).
 """
 
 from __future__ import annotations
@@ -217,12 +217,12 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
 
     val_stems = _read_list(s.val_list) if s.val_list else None
     val = SemSegFolder(paths.val_images, paths.val_masks, vocab.ids, val_stems) if paths.val_masks.is_dir() else None
-    C, seen, names = semseg_classes(vocab)
+    C, base, names = semseg_classes(vocab)
 
     def eval_fn(m: torch.nn.Module) -> dict:
         if val is None:
             return {}
-        return evaluate_model(m, val, text, vocab.ids, C, seen, names, s.window, s.window_stride, s.eval_batch_size, s.max_eval_images)
+        return evaluate_model(m, val, text, vocab.ids, C, base, names, s.window, s.window_stride, s.eval_batch_size, s.max_eval_images)
 
     save_config(cfg, out / "config.yaml")
     from distill.teacher.clip import student_meta

@@ -23,8 +23,8 @@ categories of ``data.train_full_json``, with the base/novel split); the split's 
 matched to it by name (then synonym), and those outside it are skipped.
 
 Metric keys: ``zeroshot/top1_1x``, ``zeroshot/top1_1.5x``, ``zeroshot/top1_ens``,
-``zeroshot/top1_dense`` (+ ``_base`` / ``_novel``), ``maskclip/miou_all``, ``maskclip/miou_seen``,
-``maskclip/miou_unseen``, ``maskclip/miou_hiou``, ``maskclip/pixel_acc`` (at
+``zeroshot/top1_dense`` (+ ``_base`` / ``_novel``), ``maskclip/miou_all``, ``maskclip/miou_base``,
+``maskclip/miou_novel``, ``maskclip/miou_hiou``, ``maskclip/pixel_acc`` (at
 ``teacher.dense_image_size``) and the same with ``@<size>`` for every evaluated size.
 """
 
@@ -200,9 +200,9 @@ class MaskClipPixels:
     def __init__(self, teacher, vocab, text: torch.Tensor, bg_text: torch.Tensor | None, size: int):
         from distill.eval.segmentation import SemSegEvaluator, semseg_classes
 
-        C, seen, names = semseg_classes(vocab)
+        C, base, names = semseg_classes(vocab)
         self.teacher, self.size = teacher, size
-        self.ev = SemSegEvaluator(C, seen, names=names)
+        self.ev = SemSegEvaluator(C, base, names=names)
         self.ids = torch.tensor(vocab.ids)
         self.text = text if bg_text is None else torch.cat([text, bg_text])
 
@@ -222,7 +222,7 @@ class MaskClipPixels:
 
     def evaluate(self) -> dict:
         m = self.ev.evaluate()
-        return {k: m[k] for k in ("miou/all", "miou/seen", "miou/unseen", "miou/hiou", "pixel_acc")}
+        return {k: m[k] for k in ("miou/all", "miou/base", "miou/novel", "miou/hiou", "pixel_acc")}
 
 
 def _semantic_paths(index: list, semantic_dir: Path) -> list[Path]:
@@ -316,9 +316,9 @@ def format_table(res: dict) -> str:
             rows.append(f"| {name} | {res[k]:.3f} | {res[k + '_base']:.3f} | {res[k + '_novel']:.3f} |")
     if "maskclip/absent" in res:
         return "\n".join(rows + ["", f"MaskCLIP pixels: not measured ({res['maskclip/absent']})"])
-    rows += ["", "| MaskCLIP pixels @size | mIoU all | seen | unseen | hIoU | pixel acc |", "|---|---|---|---|---|---|"]
+    rows += ["", "| MaskCLIP pixels @size | mIoU all | base | novel | hIoU | pixel acc |", "|---|---|---|---|---|---|"]
     for k in sorted(kk for kk in res if kk.startswith("maskclip/miou_all@")):
         s = k.split("@")[1]
         g = lambda n: res[f"maskclip/{n}@{s}"]  # noqa: E731
-        rows.append(f"| {s} | {g('miou_all'):.3f} | {g('miou_seen'):.3f} | {g('miou_unseen'):.3f} | {g('miou_hiou'):.3f} | {g('pixel_acc'):.3f} |")
+        rows.append(f"| {s} | {g('miou_all'):.3f} | {g('miou_base'):.3f} | {g('miou_novel'):.3f} | {g('miou_hiou'):.3f} | {g('pixel_acc'):.3f} |")
     return "\n".join(rows)

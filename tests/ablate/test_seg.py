@@ -10,7 +10,7 @@ from distill.ablate.seg import ablate_seg, format_table
 
 
 def test_format_table_percent():
-    t = format_table({"a": {"miou/seen": 0.5, "miou/unseen": 0.25, "miou/all": 0.4, "miou/hiou": 1 / 3, "pixel_acc": 0.9}})
+    t = format_table({"a": {"miou/base": 0.5, "miou/novel": 0.25, "miou/all": 0.4, "miou/hiou": 1 / 3, "pixel_acc": 0.9}})
     assert t.splitlines()[2] == "| a | 50.0 | 25.0 | 40.0 | 33.3 | 90.0 |"
 
 
@@ -24,12 +24,12 @@ def test_ablation_tiny_world(tiny_world, tiny_teacher, overrides, capsys):
     saved = json.loads((root / "abl" / "metrics.json").read_text())
     assert list(saved["rows"]) == ["maskclip_teacher", "lseg_base_only", "lseg_pixel_distill", "clipseg"]
     for row in saved["rows"].values():
-        for k in ("miou/seen", "miou/unseen", "miou/all", "miou/hiou"):
+        for k in ("miou/base", "miou/novel", "miou/all", "miou/hiou"):
             assert 0.0 <= row[k] <= 1.0
-        s, u = row["miou/seen"], row["miou/unseen"]
+        s, u = row["miou/base"], row["miou/novel"]
         assert math.isclose(row["miou/hiou"], 0.0 if s + u == 0 else 2 * s * u / (s + u), abs_tol=1e-6)
-    gain = saved["rows"]["lseg_pixel_distill"]["miou/unseen"] - saved["rows"]["lseg_base_only"]["miou/unseen"]
-    assert saved["deltas"]["distill_unseen_gain_points"] == round(100 * gain, 2)
+    gain = saved["rows"]["lseg_pixel_distill"]["miou/novel"] - saved["rows"]["lseg_base_only"]["miou/novel"]
+    assert saved["deltas"]["distill_novel_gain_points"] == round(100 * gain, 2)
     assert res["rows"] == saved["rows"]
     out = capsys.readouterr().out
     assert "| lseg_pixel_distill |" in out and (root / "abl" / "table.md").read_text() in out

@@ -449,7 +449,7 @@ def _ddp_worker(rank, world, port, gt, res, out_dir):
         ev.process(mine, [preds[i] for i in mine])
         det = ev.evaluate()
         rng = np.random.default_rng(rank)
-        seg = SemSegEvaluator(5, seen=[0, 1, 2])
+        seg = SemSegEvaluator(5, base=[0, 1, 2])
         g = rng.integers(0, 5, (4, 9, 9))
         seg.process(np.where(rng.random(g.shape) < 0.5, g, 0), g)
         sm = seg.evaluate()
@@ -478,7 +478,7 @@ def test_evaluators_gather_across_ranks(world, tmp_path):
     assert r1["det"] == {}  # only rank 0 gets detection metrics
     for k in ref:
         assert r0["det"][k] == pytest.approx(ref[k], abs=1e-5), k
-    single = SemSegEvaluator(5, seen=[0, 1, 2])
+    single = SemSegEvaluator(5, base=[0, 1, 2])
     single.conf = torch.tensor(r0["conf"]) + torch.tensor(r1["conf"])
     assert r0["seg"] == r1["seg"] == pytest.approx(single.evaluate())
     assert r0["conf"] != r1["conf"]

@@ -20,7 +20,7 @@ def test_hand_computed_confusion_and_ious():
     pred = np.array([[0, 1, 1, 1],
                      [0, 2, 0, 2],
                      [3, 3, 2, 0]])
-    ev = SemSegEvaluator(4, seen=[0, 1, 2], names=["bg", "a", "b", "c"])
+    ev = SemSegEvaluator(4, base=[0, 1, 2], names=["bg", "a", "b", "c"])
     ev.process(pred, gt)
     # rows = GT, cols = prediction (+ one column for out-of-range predictions); 255 ignored
     expected = np.array([[2, 1, 0, 0, 0],
@@ -35,8 +35,8 @@ def test_hand_computed_confusion_and_ious():
         assert m[f"iou/{k}"] == pytest.approx(v)
     S = (iou["bg"] + iou["a"] + iou["b"]) / 3
     U = iou["c"]
-    assert m["miou/seen"] == pytest.approx(S)
-    assert m["miou/unseen"] == pytest.approx(U)
+    assert m["miou/base"] == pytest.approx(S)
+    assert m["miou/novel"] == pytest.approx(U)
     assert m["miou/all"] == pytest.approx(sum(iou.values()) / 4)
     assert m["miou/hiou"] == pytest.approx(2 * S * U / (S + U))
     assert m["pixel_acc"] == pytest.approx(7 / 10)
@@ -45,7 +45,7 @@ def test_hand_computed_confusion_and_ious():
 def test_ignore_out_of_range_predictions_and_absent_classes():
     gt = torch.tensor([[1, 1, 255, 255], [1, 1, 255, 255]])
     pred = torch.tensor([[1, 255, 3, 0], [1, 1, 2, 2]])  # 255 predicted = a miss for class 1
-    ev = SemSegEvaluator(5, seen=[0, 1, 2])
+    ev = SemSegEvaluator(5, base=[0, 1, 2])
     ev.process(pred, gt)
     assert int(ev.conf.sum()) == 4  # only the 4 non-ignored GT pixels count
     assert int(ev.conf[1, 5]) == 1  # the out-of-range prediction column
@@ -53,13 +53,13 @@ def test_ignore_out_of_range_predictions_and_absent_classes():
     assert m["iou/1"] == pytest.approx(3 / 4)
     # classes 0, 2, 3, 4: absent from the GT and (on non-ignored pixels) from the predictions
     assert "iou/0" not in m and "iou/2" not in m and "iou/4" not in m
-    assert m["miou/seen"] == pytest.approx(3 / 4)
-    assert m["miou/unseen"] == -1.0 and m["miou/hiou"] == -1.0  # no unseen class to average
+    assert m["miou/base"] == pytest.approx(3 / 4)
+    assert m["miou/novel"] == -1.0 and m["miou/hiou"] == -1.0  # no novel class to average
     assert m["pixel_acc"] == pytest.approx(3 / 4)
     # a predicted-only class counts with IoU 0 (absent from GT, present in prediction)
     ev.process(torch.tensor([[4]]), torch.tensor([[1]]))
     m = ev.evaluate()
-    assert m["iou/4"] == 0.0 and m["miou/unseen"] == 0.0 and m["miou/hiou"] == 0.0
+    assert m["iou/4"] == 0.0 and m["miou/novel"] == 0.0 and m["miou/hiou"] == 0.0
     with pytest.raises(ValueError, match="ground-truth value 7"):
         ev.process(torch.tensor([[1]]), torch.tensor([[7]]))
     with pytest.raises(ValueError, match="shape"):
@@ -69,16 +69,16 @@ def test_ignore_out_of_range_predictions_and_absent_classes():
 def test_hiou_formula_and_perfect_prediction():
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 6, (3, 20, 20))
-    ev = SemSegEvaluator(6, seen=[0, 1, 2, 3])
+    ev = SemSegEvaluator(6, base=[0, 1, 2, 3])
     ev.process(gt, gt)
     m = ev.evaluate()
-    for k in ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc"):
+    for k in ("miou/base", "miou/novel", "miou/all", "miou/hiou", "pixel_acc"):
         assert m[k] == 1.0
-    pred = np.where(gt >= 4, 0, gt)  # unseen classes never predicted
+    pred = np.where(gt >= 4, 0, gt)  # novel classes never predicted
     ev.reset()
     ev.process(pred, gt)
     m = ev.evaluate()
-    assert m["miou/unseen"] == 0.0 and m["miou/hiou"] == 0.0 and 0 < m["miou/seen"] < 1
+    assert m["miou/novel"] == 0.0 and m["miou/hiou"] == 0.0 and 0 < m["miou/base"] < 1
 
 
 def _reference_ious(preds, gts, C, ignore=255):
@@ -102,10 +102,10 @@ def test_streaming_equals_one_shot_and_brute_force():
     for g in gts:
         g[rng.random(g.shape) < 0.1] = 255
     preds = [np.where(rng.random(g.shape) < 0.6, np.where(g == 255, 0, g), rng.integers(0, C, g.shape)) for g in gts]
-    stream = SemSegEvaluator(C, seen=[0, 1, 2, 3, 4])
+    stream = SemSegEvaluator(C, base=[0, 1, 2, 3, 4])
     for p, g in zip(preds, gts):
         stream.process(torch.from_numpy(p), torch.from_numpy(g))
-    once = SemSegEvaluator(C, seen=[0, 1, 2, 3, 4])
+    once = SemSegEvaluator(C, base=[0, 1, 2, 3, 4])
     once.process(np.concatenate([p.ravel() for p in preds]), np.concatenate([g.ravel() for g in gts]))
     assert torch.equal(stream.conf, once.conf)
     assert stream.evaluate() == once.evaluate()
@@ -117,7 +117,7 @@ def test_streaming_equals_one_shot_and_brute_force():
     # batched (B, C, H, W) logits give the same as their argmax
     logits = torch.randn(2, C, 9, 9, generator=torch.Generator().manual_seed(0))
     g = torch.randint(0, C, (2, 9, 9), generator=torch.Generator().manual_seed(1))
-    a, b = SemSegEvaluator(C, seen=[0]), SemSegEvaluator(C, seen=[0])
+    a, b = SemSegEvaluator(C, base=[0]), SemSegEvaluator(C, base=[0])
     a.process(logits, g)
     b.process(logits.argmax(1), g)
     assert torch.equal(a.conf, b.conf)
@@ -151,8 +151,8 @@ def test_evaluate_dirs(tmp_path):
     m = evaluate_semseg_dirs(gdir, pdir, gt_json=gt_json, out_dir=out)
     ref = _reference_ious(preds, gts, 4)
     assert m["iou/background"] == pytest.approx(ref[0]) and m["iou/blue star"] == pytest.approx(ref[3])
-    assert m["miou/unseen"] == pytest.approx(ref[3])
-    assert m["miou/seen"] == pytest.approx(np.mean([ref[0], ref[1], ref[2]]))
+    assert m["miou/novel"] == pytest.approx(ref[3])
+    assert m["miou/base"] == pytest.approx(np.mean([ref[0], ref[1], ref[2]]))
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(m)
     conf = np.load(out / "confusion.npy")
     assert conf.shape == (4, 5) and conf.sum() == sum(int((g != 255).sum()) for g in gts)
@@ -201,7 +201,7 @@ def test_cuda_inputs_equal_cpu():
     gt = torch.randint(0, 6, (2, 33, 47), generator=g)
     gt[:, :3] = 255
     pred = torch.randint(-1, 7, (2, 33, 47), generator=g)
-    a, b = SemSegEvaluator(6, seen=[0, 1, 2]), SemSegEvaluator(6, seen=[0, 1, 2])
+    a, b = SemSegEvaluator(6, base=[0, 1, 2]), SemSegEvaluator(6, base=[0, 1, 2])
     a.process(pred, gt)
     b.process(pred.cuda(), gt.cuda())
     assert torch.equal(a.conf, b.conf) and b.conf.device.type == "cpu"

@@ -64,7 +64,7 @@ def test_label_quality_mask_miou_hand_example():
                   {"id": 2, "image_id": 1, "category_id": 2, "bbox": [2, 3, 2, 1], "score": 0.8, "segmentation": R(p2)}], cats)
     m = label_quality(pred, gt)
     # bg: gt 8 px, pred 6 px, both 4 -> 4/10; a: 4/8; b: 2/4
-    assert m["labels/miou_seen"] == pytest.approx((4 / 10 + 4 / 8) / 2)
-    assert m["labels/miou_unseen"] == pytest.approx(2 / 4)
+    assert m["labels/miou_base"] == pytest.approx((4 / 10 + 4 / 8) / 2)
+    assert m["labels/miou_novel"] == pytest.approx(2 / 4)
     assert m["labels/miou_all"] == pytest.approx((4 / 10 + 4 / 8 + 2 / 4) / 3)
     assert m["labels/pixel_acc"] == pytest.approx(10 / 16)

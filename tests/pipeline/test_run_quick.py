@@ -32,10 +32,10 @@ def test_quick_pipeline_runs_every_stage_then_skips(tmp_path):
     row = f"| vild | {100 * det['bbox/AP50_novel']:.1f} | {100 * det['bbox/AP50_base']:.1f} |"
     assert row in report
     seg = json.loads((work / "seg" / "lseg_distill" / "metrics.json").read_text())
-    assert f"| lseg_distill | {100 * seg['miou/seen']:.1f} | {100 * seg['miou/unseen']:.1f} |" in report
+    assert f"| lseg_distill | {100 * seg['miou/base']:.1f} | {100 * seg['miou/novel']:.1f} |" in report
     # CLIP-ES: the CAM masks of the training images train an LSeg student, reported beside the others
     cam_seg = json.loads((work / "seg" / "lseg_cam" / "metrics.json").read_text())
-    assert f"| lseg_cam | {100 * cam_seg['miou/seen']:.1f} | {100 * cam_seg['miou/unseen']:.1f} |" in report
+    assert f"| lseg_cam | {100 * cam_seg['miou/base']:.1f} | {100 * cam_seg['miou/novel']:.1f} |" in report
     n_train = len(list((work / "data" / "images" / "train").glob("*.png")))
     assert len(list((work / "cam" / "masks" / "train").glob("*.png"))) == n_train > 0
     cam = json.loads((work / "cam" / "metrics.json").read_text())

@@ -26,7 +26,7 @@ def test_report_reads_numbers_from_metrics_files(tmp_path):
     (work / "det" / "vild" / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss_vild_text": 1.0 / (s + 1)}) for s in range(5)))
     (work / "det" / "vild" / "predictions_val.json").write_text(json.dumps([{"image_id": 1, "category_id": 2, "bbox": [2, 2, 10, 10], "score": 0.9}]))
     (work / "seg" / "lseg").mkdir(parents=True)
-    (work / "seg" / "lseg" / "metrics.json").write_text(json.dumps({"miou/seen": 0.5, "miou/unseen": 0.25, "miou/hiou": 1 / 3}))
+    (work / "seg" / "lseg" / "metrics.json").write_text(json.dumps({"miou/base": 0.5, "miou/novel": 0.25, "miou/hiou": 1 / 3}))
     out = write_report(cfg)
     text = out.read_text()
     assert "| vild | 43.2 | 90.0 |" in text
@@ -51,11 +51,11 @@ def test_report_lists_maskclip_on_the_dense_tower(tmp_path):
     cfg = load_config(None, [f"work_dir={work}"])
     (work / "teacher" / "dense").mkdir(parents=True)
     (work / "teacher" / "metrics.json").write_text(json.dumps(
-        {"zeroshot/top1_1x": 0.5, "maskclip/miou_seen": 0.007, "maskclip/miou_unseen": 0.002, "maskclip/miou_all": 0.005,
+        {"zeroshot/top1_1x": 0.5, "maskclip/miou_base": 0.007, "maskclip/miou_novel": 0.002, "maskclip/miou_all": 0.005,
          "maskclip/miou_hiou": 0.003, "maskclip/miou_all@128": 0.9}))
-    for name, seen in (("lseg", 0.5), ("lseg_distill", 0.6)):
+    for name, base in (("lseg", 0.5), ("lseg_distill", 0.6)):
         (work / "seg" / name).mkdir(parents=True)
-        (work / "seg" / name / "metrics.json").write_text(json.dumps({"miou/seen": seen, "miou/unseen": 0.25, "miou/hiou": 1 / 3}))
+        (work / "seg" / name / "metrics.json").write_text(json.dumps({"miou/base": base, "miou/novel": 0.25, "miou/hiou": 1 / 3}))
     dense_label = "MaskCLIP on the CLIPSelf dense tower (zero-shot)"
 
     rows, order = _seg_rows(write_report(cfg).read_text())
@@ -66,7 +66,7 @@ def test_report_lists_maskclip_on_the_dense_tower(tmp_path):
     assert dense_label not in rows
 
     (work / "teacher" / "dense" / "metrics.json").write_text(json.dumps(
-        {"maskclip/miou_seen": 0.261, "maskclip/miou_unseen": 0.232, "maskclip/miou_all": 0.25, "maskclip/miou_hiou": 0.2457,
+        {"maskclip/miou_base": 0.261, "maskclip/miou_novel": 0.232, "maskclip/miou_all": 0.25, "maskclip/miou_hiou": 0.2457,
          "maskclip/miou_all@128": 0.99, "zeroshot/top1_dense": 0.5}))
     rows, order = _seg_rows(write_report(cfg).read_text())
     assert order == ["MaskCLIP teacher (zero-shot)", dense_label, "lseg", "lseg_distill"]
@@ -96,7 +96,7 @@ def _finished_run(work):
         "teacher/metrics.json": {"zeroshot/top1_ens": 0.61, "zeroshot/top1_ens_base": 0.7, "zeroshot/top1_ens_novel": 0.4},
         "det/vild_text/metrics.json": {"bbox/AP50_novel": 0.1111, "bbox/AP50_base": 0.52, "bbox/AP50": 0.4},
         "det/vild/metrics.json": {"bbox/AP50_novel": 0.2345, "bbox/AP50_base": 0.5, "bbox/AP50": 0.45},
-        "seg/lseg_distill/metrics.json": {"miou/seen": 0.5, "miou/unseen": 0.25, "miou/all": 0.4, "miou/hiou": 1 / 3},
+        "seg/lseg_distill/metrics.json": {"miou/base": 0.5, "miou/novel": 0.25, "miou/all": 0.4, "miou/hiou": 1 / 3},
         "selftrain/metrics.json": {"selftrain/AP50_novel_before": 0.2345, "selftrain/AP50_novel_after": 0.3, "selftrain/AP50_novel_delta": 0.0655},
     }
     for rel, m in files.items():

@@ -100,5 +100,5 @@ def test_evaluate_model_perfect_predictor():
     masks[0, 0] = 255
     ds = [(torch.rand(3, 8, 8), {"masks": masks[i]}) for i in range(5)]
     res = evaluate_model(Oracle(masks.clone()), ds, torch.randn(3, 4), [1, 2, 3], 4, [0, 1, 2], batch_size=2)
-    assert res["miou/all"] == pytest.approx(1.0) and res["miou/unseen"] == pytest.approx(1.0)
+    assert res["miou/all"] == pytest.approx(1.0) and res["miou/novel"] == pytest.approx(1.0)
     assert res["pixel_acc"] == pytest.approx(1.0)

@@ -13,7 +13,7 @@ from distill.errors import DistillError
 from distill.segmentation.build import build_segmenter, load_segmenter
 from distill.segmentation.train import SemSegFolder, train_seg
 
-KEYS = ("miou/seen", "miou/unseen", "miou/all", "miou/hiou", "pixel_acc")
+KEYS = ("miou/base", "miou/novel", "miou/all", "miou/hiou", "pixel_acc")
 
 
 @pytest.mark.parametrize(
@@ -124,10 +124,10 @@ def test_real_configs_wiring(config, tiny_world, tiny_teacher, overrides):
     cfg = load_config(config, over + [f"{k}={v}" for k, v in paths.items()])
     assert cfg.seg.backbone == "teacher" and cfg.seg.distill_weight > 0
     m = train_seg(cfg, teacher=tiny_teacher, progress=False)
-    for k in ("miou/seen", "pixel_acc"):
+    for k in ("miou/base", "pixel_acc"):
         assert 0.0 <= m[k] <= 1.0
     if "voc" in config:
-        assert m["miou/unseen"] == -1.0  # VOC's unseen classes (16..20) never occur in the fixture  # 20 VOC classes, the last five unseen; the fixture only uses ids 1..4
+        assert m["miou/novel"] == -1.0  # VOC's novel classes (16..20) never occur in the fixture  # 20 VOC classes, the last five novel; the fixture only uses ids 1..4
         from distill.vocab import resolve_vocab
 
         assert resolve_vocab(cfg.data).novel_indices == [15, 16, 17, 18, 19]

@@ -108,16 +108,16 @@ def _reference_metrics(cfg, t) -> dict:
     top1(chunks(mode="dense"), "zeroshot/top1_dense")
     bg = text_embeddings(t, Vocabulary(tuple(load_templates_words(cfg.teacher.background))), cfg.teacher.templates)
     allt = torch.cat([text, bg])
-    C, seen, names = semseg_classes(vocab)
+    C, base, names = semseg_classes(vocab)
     ids = torch.tensor(vocab.ids)
     for size in sorted(set(cfg.teacher.eval_dense_sizes) | {t.dense_image_size}):
-        ev = SemSegEvaluator(C, seen, names=names)
+        ev = SemSegEvaluator(C, base, names=names)
         for im, x, _, _ in samples:
             gt = read_label_png(Path(cfg.data.semantic_root) / "val" / Path(im["file_name"]).with_suffix(".png").name)
             idx = maskclip_scores(t, x[None], allt, size=size, out_size=gt.shape)[0].argmax(0).cpu()
             ev.process(torch.where(idx < len(ids), ids[idx.clamp(max=len(ids) - 1)], torch.zeros_like(idx)), torch.from_numpy(gt))
         m = ev.evaluate()
-        for k in ("miou/all", "miou/seen", "miou/unseen", "miou/hiou", "pixel_acc"):
+        for k in ("miou/all", "miou/base", "miou/novel", "miou/hiou", "pixel_acc"):
             res[f"maskclip/{k.replace('/', '_')}@{size}"] = m[k]
             if size == t.dense_image_size:
                 res[f"maskclip/{k.replace('/', '_')}"] = m[k]
