@@ -19,6 +19,7 @@ import torch
 
 from distill.engine import checkpoint as ckpt_lib
 from distill.engine import distributed as dist_lib
+from distill.errors import DistillError
 
 if TYPE_CHECKING:
     from distill.engine.train import Loop
@@ -147,6 +148,9 @@ class Checkpointer(Hook):
             return None
         state = ckpt_lib.load(path, loop.model, loop.optimizer, loop.scheduler, loop.scaler, restore_rng=(loop.world == 1),
                               map_location=loop.device, data=loop.stream)
+        if int(state["step"]) > loop.tcfg.max_steps:
+            raise DistillError(f"{path}: the checkpoint is at step {int(state['step'])}, beyond max_steps {loop.tcfg.max_steps}; "
+                               "give a max_steps >= the checkpoint's step to continue it (or train without --resume)")
         if loop.main:
             print(f"resuming from {path} at step {int(state['step'])}")
         # not known good until a step's loss on its weights is finite
