@@ -134,8 +134,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DistillError(not_a_checkpoint(path, e) or f"{path}: not a readable checkpoint ({msg})") from None
+        raise DistillError(f"{path}: not a readable checkpoint ({load_failure(path, e)})") from None
     if not isinstance(obj, dict):
         raise DistillError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     if obj.get("format") == MODEL_FORMAT:
@@ -148,19 +147,18 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
 _MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF document"}
 
 
-def not_a_checkpoint(path: str | Path, error: Exception) -> str | None:
-    """One line for a ``torch.load(weights_only=True)`` failure that torch words as "Weights only
-    load failed" (its text suggests the unsafe ``weights_only=False``): the file is no torch
-    archive at all, or pickles objects other than tensors and containers. None for other failures."""
+def load_failure(path: str | Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words; torch's "Weights only load
+    failed" text (which suggests the unsafe ``weights_only=False``) becomes "not a PyTorch
+    checkpoint: <what the file is>" or the global it refused."""
     if "Weights only load failed" not in str(error):
-        return None
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
     with open(path, "rb") as f:
         head = f.read(8)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither a torch zip archive nor a legacy pickle
-        kind = next((v for k, v in _MAGIC.items() if head.startswith(k)), f"starts with bytes {head[:4]!r}")
-        return f"{path}: not a PyTorch checkpoint ({kind})"
+        return "not a PyTorch checkpoint: " + next((v for k, v in _MAGIC.items() if head.startswith(k)), f"starts with bytes {head[:4]!r}")
     refused = next((ln.strip() for ln in str(error).splitlines() if "Unsupported" in ln), "it pickles Python objects")
-    return f"{path}: not a PyTorch checkpoint of tensors only ({refused}); save its state_dict() instead"
+    return f"a PyTorch file holding more than tensors: {refused}; save its state_dict() instead"
 
 
 def state_dict_mismatch(own: dict, state: dict) -> str:

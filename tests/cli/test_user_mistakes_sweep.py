@@ -3,6 +3,8 @@ folder outside the repository: each is ONE ``error: ...`` line, exit code 2, not
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -13,13 +15,22 @@ def _setup(tmp):
     (tmp / "imgs").mkdir()
     Image.new("RGB", (32, 32)).save(tmp / "imgs" / "a.png")
     Image.new("RGB", (8, 8)).save(tmp / "image.pt", format="PNG")  # a PNG renamed .pt
+    (tmp / "preds").mkdir()
+    (tmp / "gt.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "cat"}]}))
 
 
 CASES = {
     "PNG renamed .pt as --model": (["label", "--images", "imgs", "--out", "out", "--vocab", "cat", "--model", "image.pt"],
-                                   ["image.pt: not a PyTorch checkpoint (a PNG image)"]),
+                                   ["image.pt: ", "not a PyTorch checkpoint: a PNG image"]),
     "PNG renamed .pt as teacher.pretrained": (["teacher", "embed-text", TEACHER_CFG, "teacher.device=cpu", "--out", "emb", "--vocab", "cat",
-                                               "teacher.pretrained=image.pt"], ["image.pt: not a PyTorch checkpoint (a PNG image)"]),
+                                               "teacher.pretrained=image.pt"], ["image.pt: ", "not a PyTorch checkpoint: a PNG image"]),
+    "eval det --pred a folder": (["eval", "det", "--gt", "gt.json", "--pred", "preds"], ["preds: is a folder (expected a COCO results json)"]),
+    "eval det --gt a folder": (["eval", "det", "--gt", "preds", "--pred", "gt.json"], ["preds: is a folder (expected a COCO ground-truth json)"]),
+    "eval seg --gt-json with --vocab": (["eval", "seg", "--gt", "imgs", "--pred", "preds", "--gt-json", "gt.json", "--vocab", "cat"],
+                                        ["eval seg: give --gt-json or --vocab, not both"]),
 }
 
 

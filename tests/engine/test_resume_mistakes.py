@@ -56,4 +56,4 @@ def test_a_png_named_pt_is_not_a_pytorch_checkpoint(tmp_path):
     with pytest.raises(DistillError) as e:
         ckpt_lib.read(png)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{png}: not a PyTorch checkpoint (") and "weights_only" not in msg, msg
+    assert "\n" not in msg and msg.startswith(f"{png}: not a readable checkpoint (not a PyTorch checkpoint: a PNG image)") and "weights_only" not in msg, msg
