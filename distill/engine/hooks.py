@@ -41,6 +41,18 @@ class Hook:
         pass
 
 
+class BeforeTrain(Hook):
+    """Calls ``fn()`` on rank 0 once a resumed checkpoint is loaded, before the first step (e.g.
+    writes the run's config.yaml, so a refused --resume leaves the old one)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def before_train(self, loop: Loop) -> None:
+        if loop.main:
+            self.fn()
+
+
 class Schedule(Hook):
     """Records the step's learning rate (``loop.lr``, of the first group), then steps the scheduler."""
 
