@@ -76,6 +76,8 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
 def read_json(path: str | os.PathLike, what: str = "json") -> Any:
     """Read a json file; a missing or corrupt file is a :class:`DistillError` naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise DistillError(f"{path}: is a folder (expected a {what} json)")
     if not path.is_file():
         raise DistillError(f"{path}: file not found (expected a {what} file)")
     try:
@@ -203,6 +205,8 @@ def read_json_items(path: str | os.PathLike, what: str = "json") -> Any:
     :class:`JsonListItems` (its items parsed one at a time while iterating, so the memory does
     not grow with the file); any other value is read whole."""
     path = Path(path)
+    if path.is_dir():
+        raise DistillError(f"{path}: is a folder (expected a {what} json)")
     if not path.is_file():
         raise DistillError(f"{path}: file not found (expected a {what} file)")
     try:

@@ -47,6 +47,8 @@ def seg(
     from distill.eval.detection import format_table
     from distill.eval.segmentation import evaluate_semseg_dirs
 
+    if gt_json is not None and vocab is not None:
+        raise DistillError("eval seg: give --gt-json or --vocab, not both (each names the classes of the label values)")
     if gt_json is None and vocab is None:
         raise DistillError("eval seg: give --gt-json (or --vocab) for class names and the base/novel split")
     metrics = evaluate_semseg_dirs(gt, pred, vocab=vocab, gt_json=gt_json, out_dir=out)

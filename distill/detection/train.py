@@ -240,6 +240,7 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
     (``bbox/AP50_novel`` ...) also written to ``det/<name>/metrics.json``."""
     from distill.detection.build import build_vild_detector
     from distill.engine.checkpoint import load
+    from distill.engine.hooks import BeforeTrain
     from distill.engine.train import make_loader, train
     from distill.data.coco import collate
 
@@ -265,10 +266,10 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
     # evaluation loads a trained checkpoint: the pretrained backbone file is not needed then
     model = build_vild_detector(det, teacher.embed_dim, text_all[train_idx].cpu(), teacher=teacher, region_mode=cfg.regions.mode, load_weights=not eval_only)
     eval_fn = make_eval_fn(cfg, vocab, text_all.cpu(), out)
-    save_config(cfg, out / "config.yaml")
     if eval_only:
         weights = Path(det.checkpoint) if det.checkpoint else out / "model_final.pt"
         load(weights, model)
+        save_config(cfg, out / "config.yaml")
         model.to(next(iter(teacher.model.parameters())).device)
         metrics = eval_fn(model)
     else:
@@ -279,7 +280,8 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
         from distill.teacher.clip import student_meta
 
         meta = student_meta(cfg, teacher, trained_classes=[vocab.names[i] for i in train_idx])
-        metrics = train(model, loader, det.train, out, eval_fn=eval_fn, resume=resume, progress=progress, extra={"config_hash": config_hash(det)}, meta=meta)
+        metrics = train(model, loader, det.train, out, eval_fn=eval_fn, resume=resume, progress=progress, extra={"config_hash": config_hash(det)}, meta=meta,
+                        hooks=[BeforeTrain(lambda: save_config(cfg, out / "config.yaml"))])  # once a --resume checkpoint fits
         metrics["skipped_boxes"] = model.skipped_boxes
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "metrics.json", metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from distill.files import atomic_path, write_text
 FORMAT = "distill-ckpt-1"
 MODEL_FORMAT = "distill-model-1"  # model_final.pt: the weights + what is needed to use them (``meta``)
 POINTER = "last_checkpoint"
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -132,8 +134,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DistillError(f"{path}: not a readable checkpoint ({msg})") from None
+        raise DistillError(f"{path}: not a readable checkpoint ({load_failure(path, e)})") from None
     if not isinstance(obj, dict):
         raise DistillError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     if obj.get("format") == MODEL_FORMAT:
@@ -141,6 +142,23 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     elif obj.get("format") != FORMAT:  # a bare state_dict
         obj = {"format": None, "model": obj, "step": 0}
     return obj
+
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF document"}
+
+
+def load_failure(path: str | Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words; torch's "Weights only load
+    failed" text (which suggests the unsafe ``weights_only=False``) becomes "not a PyTorch
+    checkpoint: <what the file is>" or the global it refused."""
+    if "Weights only load failed" not in str(error):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither a torch zip archive nor a legacy pickle
+        return "not a PyTorch checkpoint: " + next((v for k, v in _MAGIC.items() if head.startswith(k)), f"starts with bytes {head[:4]!r}")
+    refused = next((ln.strip() for ln in str(error).splitlines() if "Unsupported" in ln), "it pickles Python objects")
+    return f"a PyTorch file holding more than tensors: {refused}; save its state_dict() instead"
 
 
 def state_dict_mismatch(own: dict, state: dict) -> str:
@@ -210,9 +228,20 @@ def set_last(folder: str | Path, path: str | Path) -> None:
 
 
 def last_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete checkpoint named by ``last_checkpoint`` in ``folder`` (None if none)."""
+    """The newest complete checkpoint named by ``last_checkpoint`` in ``folder`` (None if none).
+    When the pointer is missing or garbled but ``ckpt_*.pt`` files are there, the newest readable
+    one, with a warning naming the pointer."""
     p = Path(folder) / POINTER
-    if not p.is_file():
-        return None
-    cand = Path(folder) / p.read_text(encoding="utf-8").strip()
-    return cand if cand.is_file() else None
+    if p.is_file():
+        name = p.read_text(encoding="utf-8", errors="replace").strip()
+        cand = Path(folder) / name
+        if name and "/" not in name and cand.is_file():
+            return cand
+    for cand in sorted(Path(folder).glob("ckpt_*.pt"), reverse=True):
+        try:
+            read(cand)
+        except DistillError:
+            continue
+        log.warning(f"{p}: missing or does not name a checkpoint; resuming from the newest readable {cand.name}")
+        return cand
+    return None

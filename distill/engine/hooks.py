@@ -19,6 +19,7 @@ import torch
 
 from distill.engine import checkpoint as ckpt_lib
 from distill.engine import distributed as dist_lib
+from distill.errors import DistillError
 
 if TYPE_CHECKING:
     from distill.engine.train import Loop
@@ -38,6 +39,18 @@ class Hook:
 
     def close(self, loop: Loop) -> None:
         pass
+
+
+class BeforeTrain(Hook):
+    """Calls ``fn()`` on rank 0 once a resumed checkpoint is loaded, before the first step (e.g.
+    writes the run's config.yaml, so a refused --resume leaves the old one)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def before_train(self, loop: Loop) -> None:
+        if loop.main:
+            self.fn()
 
 
 class Schedule(Hook):
@@ -147,6 +160,9 @@ class Checkpointer(Hook):
             return None
         state = ckpt_lib.load(path, loop.model, loop.optimizer, loop.scheduler, loop.scaler, restore_rng=(loop.world == 1),
                               map_location=loop.device, data=loop.stream)
+        if int(state["step"]) > loop.tcfg.max_steps:
+            raise DistillError(f"{path}: the checkpoint is at step {int(state['step'])}, beyond max_steps {loop.tcfg.max_steps}; "
+                               "give a max_steps >= the checkpoint's step to continue it (or train without --resume)")
         if loop.main:
             print(f"resuming from {path} at step {int(state['step'])}")
         # not known good until a step's loss on its weights is finite

@@ -9,6 +9,7 @@ say so instead of inventing a row. The figures are :mod:`distill.report.figures`
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 
 from distill.config import Config
@@ -205,7 +206,6 @@ def write_report(cfg: Config, summary_only: bool = False, timings: dict[str, flo
 
 # ------------------------------------------------------------------------------ published results
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
-PUBLISH_COMMAND = "distill report {work} --readme README.md --results docs/results.md"
 
 # The README's one table: (row, metrics file under the work dir, metric, keys of base, novel, all).
 HEADLINE = (
@@ -247,7 +247,10 @@ def publish(cfg: Config, readme: Path | None = None, results: Path | None = None
     (docs/results.md); with ``readme``, replace its marked block by :func:`headline_table`. Both
     texts are made before anything is written, so a README without the block changes nothing.
     Returns the files written."""
-    command = PUBLISH_COMMAND.format(work=cfg.work_dir)
+    command = shlex.join(["distill", "report", str(cfg.work_dir)] + [a for opt, v in (("--readme", readme), ("--results", results)) if v is not None
+                                                                     for a in (opt, str(v))])  # as it was run
+    if results is not None and Path(results).is_dir():
+        raise DistillError(f"{results}: is a folder (expected the path of a markdown file to write, e.g. docs/results.md)")
     texts: dict[Path, str] = {}
     if readme is not None:
         block = headline_table(Path(cfg.work_dir)) + (

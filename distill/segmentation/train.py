@@ -224,11 +224,12 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
             return {}
         return evaluate_model(m, val, text, vocab.ids, C, base, names, s.window, s.window_stride, s.eval_batch_size, s.max_eval_images)
 
-    save_config(cfg, out / "config.yaml")
+    from distill.engine.hooks import BeforeTrain
     from distill.teacher.clip import student_meta
 
     meta = student_meta(cfg, teacher, trained_classes=[vocab.names[i] for i in base])
-    final = train(model, loader, s.train, out, eval_fn=eval_fn if val is not None else None, resume=resume, device=dev, progress=progress, meta=meta)
+    final = train(model, loader, s.train, out, eval_fn=eval_fn if val is not None else None, resume=resume, device=dev, progress=progress, meta=meta,
+                  hooks=[BeforeTrain(lambda: save_config(cfg, out / "config.yaml"))])  # once a --resume checkpoint fits
     metrics = {k: v for k, v in final.items()}
     write_json(out / "metrics.json", metrics)
     return metrics

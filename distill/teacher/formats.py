@@ -36,7 +36,7 @@ from typing import Sequence
 import open_clip
 import torch
 
-from distill.engine.checkpoint import state_dict_mismatch
+from distill.engine.checkpoint import load_failure, state_dict_mismatch
 from distill.errors import DistillError
 
 # OpenAI's state dicts carry these scalar buffers (clip/model.py build_model deletes them too).
@@ -369,8 +369,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle refused by weights_only, ...
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DistillError(f"{path}: cannot read weights ({msg}); expected a .safetensors or a torch state_dict") from None
+        raise DistillError(f"{path}: cannot read weights ({load_failure(path, e)}); expected a .safetensors or a torch state_dict") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):

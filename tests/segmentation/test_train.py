@@ -235,3 +235,16 @@ def test_clipseg_reads_the_dense_tower_frozen_when_asked(tiny_world, overrides):
     with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense") as e:
         build_segmenter(cfg.seg, plain)
     assert "\n" not in str(e.value)
+
+
+def test_refused_resume_leaves_config_yaml(tiny_world, tiny_teacher, overrides):
+    """--resume with a config whose model does not fit the checkpoint exits with the mismatch and
+    leaves config.yaml describing model_final.pt (it was rewritten before the checkpoint was read)."""
+    root, data = tiny_world
+    train_seg(load_config("configs/shapes/lseg.yaml", overrides(root, data)), teacher=tiny_teacher, progress=False)
+    out = root / "seg" / "lseg"
+    before = (out / "config.yaml").read_bytes()
+    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.features": 32}))
+    with pytest.raises(DistillError, match="does not fit"):
+        train_seg(cfg, teacher=tiny_teacher, resume=True, progress=False)
+    assert (out / "config.yaml").read_bytes() == before

@@ -1,0 +1,59 @@
+"""--resume mistakes found by a new-user sweep: a checkpoint past max_steps (it silently rewrote
+model_final.pt under a config saying fewer steps), a garbled ``last_checkpoint`` pointer (it
+started from scratch and deleted the intact checkpoints), a file that is not a PyTorch
+checkpoint (torch's text suggested weights_only=False)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from distill.engine import checkpoint as ckpt_lib
+from distill.engine.train import make_loader, train
+from distill.errors import DistillError
+
+from engine.test_engine_train import Toy, ToyModel, _cfg, collate
+
+
+def _trained(out):
+    cfg = _cfg(max_steps=5, checkpoint_period=2)
+    train(ToyModel(), make_loader(Toy(), cfg, collate), cfg, out, progress=False)
+    return sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.pt"))
+
+
+def test_resume_past_max_steps_is_refused_and_writes_nothing(tmp_path):
+    assert _trained(tmp_path) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cfg = _cfg(max_steps=3, checkpoint_period=2)
+    with pytest.raises(DistillError) as e:
+        train(ToyModel(), make_loader(Toy(), cfg, collate), cfg, tmp_path, resume=True, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "ckpt_0000005.pt" in msg and "step 5" in msg and "max_steps 3" in msg, msg
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_garbled_pointer_falls_back_to_the_newest_readable_checkpoint(tmp_path, caplog, capsys):
+    _trained(tmp_path)
+    ck = tmp_path / "checkpoints"
+    (ck / "last_checkpoint").write_bytes(b"\x00\xffgarbage\x13")
+    (ck / "ckpt_0000005.pt").write_bytes(b"truncated")  # the newest is unreadable too
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        assert ckpt_lib.last_checkpoint(ck) == ck / "ckpt_0000004.pt"
+    assert any("last_checkpoint" in r.getMessage() and "ckpt_0000004.pt" in r.getMessage() for r in caplog.records), caplog.text
+    cfg = _cfg(max_steps=5, checkpoint_period=2)
+    train(ToyModel(), make_loader(Toy(), cfg, collate), cfg, tmp_path, resume=True, progress=False)
+    out = capsys.readouterr().out
+    assert "ckpt_0000004.pt at step 4" in out and "starting from scratch" not in out, out
+    assert ckpt_lib.read(ck / "ckpt_0000004.pt")["step"] == 4  # kept, not deleted by a run from scratch
+
+
+def test_a_png_named_pt_is_not_a_pytorch_checkpoint(tmp_path):
+    png = tmp_path / "image.pt"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with pytest.raises(DistillError) as e:
+        ckpt_lib.read(png)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{png}: not a readable checkpoint (not a PyTorch checkpoint: a PNG image)") and "weights_only" not in msg, msg
