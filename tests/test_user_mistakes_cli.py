@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXE = shutil.which("distill") or str(Path(sys.executable).parent / "distill")
 TEACHER_CFG = str(REPO / "configs" / "shapes" / "teacher.yaml")
 PIPELINE_CFG = str(REPO / "configs" / "shapes" / "pipeline.yaml")
+CAM_CFG = str(REPO / "configs" / "shapes" / "cam.yaml")
+VILD_CFG = str(REPO / "configs" / "shapes" / "vild.yaml")
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -121,6 +123,11 @@ CASES = {
         EMBED + ["--vocab", "cat", "teacher.pretrained=hfclip"],
         ["hfclip: the folder's architecture differs from teacher.model 'distill-tiny-vit' (", "give teacher.model= (empty) to read it from the folder"],
         ["-quickgelu"]),
+    # negative counts: '-1' used to drop the last image (images[:-1])
+    "teacher evaluate --max-images -1": (["teacher", "evaluate", TEACHER_CFG, "work_dir=w", "--max-images", "-1"],
+                                         ["'--max-images'", "greater than or equal to 0"], []),
+    "cam --max-images -1": (["cam", CAM_CFG, "work_dir=w", "--max-images", "-1"], ["'--max-images'", "greater than or equal to 0"], []),
+    "train det --num-gpus 0": (["train", "det", VILD_CFG, "work_dir=w", "--num-gpus", "0"], ["'--num-gpus'", "greater than or equal to 1"], []),
 }
 
 
@@ -152,3 +159,20 @@ def test_class_thresh_for_a_class_whose_name_holds_a_comma(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((tmp_path / "out" / "labels.json").read_text())["info"]
     assert info["class_thresh"] == {"cat, domestic": 0.5, "dog": 0.2}
+
+
+def test_negative_max_images_refused_for_library_callers(tmp_path):
+    """evaluate_teacher / run_cam / cam_ablation refuse max_images < 0 before reading anything
+    (a negative slice silently dropped the last images)."""
+    from distill.ablate.cam import cam_ablation
+    from distill.cam.run import run_cam
+    from distill.config import load_config
+    from distill.errors import DistillError
+    from distill.teacher.evaluate import evaluate_teacher
+
+    cfg = load_config(CAM_CFG, [f"work_dir={tmp_path / 'w'}"])
+    for call in (lambda: evaluate_teacher(cfg, teacher=object(), max_images=-1),
+                 lambda: run_cam(cfg, "val", max_images=-1), lambda: cam_ablation(cfg, "val", max_images=-1)):
+        with pytest.raises(DistillError, match=r"max_images: expected >= 0 \(0 = all images\), got -1"):
+            call()
+    assert not (tmp_path / "w").exists()

@@ -278,7 +278,9 @@ def _write_npz(path: Path, **arrays) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _check_cfg(c) -> None:
+def _check_cfg(c, max_images: int = 0) -> None:
+    if max_images < 0:
+        raise DistillError(f"max_images: expected >= 0 (0 = all images), got {max_images}")
     if c.tower not in ("teacher", "dense"):
         raise DistillError(f"cam.tower: {c.tower!r} is not one of teacher, dense")
     if c.pool not in ("mean", "model"):
@@ -415,7 +417,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
     from distill.data.images import load_image
     from distill.files import write_json
 
-    _check_cfg(cfg.cam)
+    _check_cfg(cfg.cam, max_images)
     root, labels_path, split = _resolve_inputs(cfg, images, labels)
     vocab = resolve_vocab(cfg.data, cfg.cam.vocab, key="cam.vocab")
     entries = read_image_labels(labels_path, vocab)
