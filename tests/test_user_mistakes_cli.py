@@ -128,6 +128,12 @@ CASES = {
                                          ["'--max-images'", "greater than or equal to 0"], []),
     "cam --max-images -1": (["cam", CAM_CFG, "work_dir=w", "--max-images", "-1"], ["'--max-images'", "greater than or equal to 0"], []),
     "train det --num-gpus 0": (["train", "det", VILD_CFG, "work_dir=w", "--num-gpus", "0"], ["'--num-gpus'", "greater than or equal to 1"], []),
+    # --proposals with a student source was ignored; a class given twice: the last threshold won
+    "--proposals with a ViLD checkpoint": (LABEL + ["--model", "weights.safetensors", "--vocab", "cat", "--proposals", "windows"],
+                                           ["label.proposals: --proposals applies to --source teacher", "'vild'"], []),
+    "same class twice in --class-thresh": (LABEL + TEACHER + ["--vocab", "red star, blue circle", "--class-thresh", "red star=0.0",
+                                                              "--class-thresh", "Red Star=0.99"],
+                                           ["label.class_thresh: class 'red star' is given twice (0.0 and 0.99); keep one"], []),
 }
 
 
