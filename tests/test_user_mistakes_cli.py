@@ -182,3 +182,25 @@ def test_negative_max_images_refused_for_library_callers(tmp_path):
         with pytest.raises(DistillError, match=r"max_images: expected >= 0 \(0 = all images\), got -1"):
             call()
     assert not (tmp_path / "w").exists()
+
+
+def test_segmentation_checkpoint_without_source_seg(tmp_path):
+    """A segmentation student's model_final.pt given without --source seg (the default source is
+    vild) says so in one line, instead of a ViLDDetector key mismatch."""
+    from distill.config import load_config
+    from distill.engine.checkpoint import save_model
+    from distill.segmentation.build import build_segmenter
+    from distill.teacher.clip import build_teacher, student_meta
+
+    teacher_model = make_teacher_dir(tmp_path / "teacher")
+    cfg = load_config(None, teacher_overrides(teacher_model) + ["seg.image_size=32", "seg.features=16"])
+    teacher = build_teacher(cfg.teacher)
+    save_model(tmp_path / "seg" / "model_final.pt", build_segmenter(cfg.seg, teacher), student_meta(cfg, teacher, trained_classes=["cat"]))
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
+    before = _files(tmp_path)
+    r = _run(LABEL + ["--model", "seg/model_final.pt", "--vocab", "cat, dog", "teacher.device=cpu", f"work_dir={tmp_path / 'w'}"], tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0] == "error: label.model: seg/model_final.pt: a segmentation checkpoint: add --source seg", lines[0]
+    assert r.stdout == "" and _files(tmp_path) == before, sorted(_files(tmp_path) - before)
