@@ -134,6 +134,7 @@ CASES = {
     "same class twice in --class-thresh": (LABEL + TEACHER + ["--vocab", "red star, blue circle", "--class-thresh", "red star=0.0",
                                                               "--class-thresh", "Red Star=0.99"],
                                            ["label.class_thresh: class 'red star' is given twice (0.0 and 0.99); keep one"], []),
+    "distill run with a missing config": (["run", "nosuch/pipeline.yaml"], ["nosuch/pipeline.yaml: config file not found"], []),
 }
 
 
@@ -204,3 +205,19 @@ def test_segmentation_checkpoint_without_source_seg(tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0] == "error: label.model: seg/model_final.pt: a segmentation checkpoint: add --source seg", lines[0]
     assert r.stdout == "" and _files(tmp_path) == before, sorted(_files(tmp_path) - before)
+
+
+def test_demo_config_found_from_any_folder(tmp_path, monkeypatch):
+    """`distill demo` reads the repository's configs/shapes/pipeline.yaml beside the package, from
+    any folder; without one (beside the package or under the current folder) a one-line error
+    says to run it from the repository root."""
+    import distill
+    from distill.cli.run import demo_config
+    from distill.errors import DistillError
+
+    monkeypatch.chdir(tmp_path)
+    assert Path(demo_config()) == Path(PIPELINE_CFG).resolve()
+    monkeypatch.setattr(distill, "__file__", str(tmp_path / "site" / "distill" / "__init__.py"))
+    with pytest.raises(DistillError, match=r"^distill demo: configs/shapes/pipeline.yaml not found beside the installed package; run it from the repository root"):
+        demo_config()
+    assert _files(tmp_path) == set()
