@@ -221,3 +221,23 @@ def test_demo_config_found_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(DistillError, match=r"^distill demo: configs/shapes/pipeline.yaml not found beside the installed package; run it from the repository root"):
         demo_config()
     assert _files(tmp_path) == set()
+
+
+def test_cam_tower_teacher_does_not_need_the_dense_tower(tmp_path):
+    """cam.tower=teacher reads the teacher's own tower: a teacher.dense_pretrained that is not
+    there (configs/shapes/cam.yaml names the clipself stage's output) is not demanded; with
+    cam.tower=dense the same setting is a one-line error naming teacher.dense_pretrained."""
+    teacher = teacher_overrides(make_teacher_dir(tmp_path / "teacher"))
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "labels.json").write_text(json.dumps([{"image_id": 1, "file_name": "a.png", "categories": ["red star"]}]))
+    args = ["cam", CAM_CFG, "--images", "imgs", "--labels", "labels.json", *teacher, "cam.vocab=red star, blue circle",
+            "cam.crf=false", "cam.image_size=32", f"work_dir={tmp_path / 'w'}", "teacher.dense_pretrained=missing/teacher_dense.safetensors"]
+    before = _files(tmp_path)
+    r = _run(args + ["cam.tower=dense"], tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: teacher.dense_pretrained"), r.stderr[-3000:]
+    assert _files(tmp_path) == before, sorted(_files(tmp_path) - before)
+    r = _run(args + ["cam.tower=teacher"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "w" / "cam" / "masks" / "imgs" / "a.png").is_file(), sorted(_files(tmp_path) - before)

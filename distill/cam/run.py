@@ -373,7 +373,12 @@ def _load_teacher(cfg):
     device = None
     if world > 1 and torch.cuda.is_available() and not cfg.teacher.device:
         device = f"cuda:{local_rank}"
-    return build_teacher(cfg.teacher, device=device)
+    tcfg = cfg.teacher  # only cam.tower=dense reads the CLIPSelf tower: tower=teacher builds without it
+    if cfg.cam.tower != "dense":
+        import dataclasses
+
+        tcfg = dataclasses.replace(tcfg, dense_pretrained="")
+    return build_teacher(tcfg, device=device)
 
 
 def _write_outputs(cfg, out: Path, rel: Path, vocab, e, im: np.ndarray, r, panel: bool) -> tuple[np.ndarray, bool]:
