@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXE = shutil.which("distill") or str(Path(sys.executable).parent / "distill")
 TEACHER_CFG = str(REPO / "configs" / "shapes" / "teacher.yaml")
 PIPELINE_CFG = str(REPO / "configs" / "shapes" / "pipeline.yaml")
+CAM_CFG = str(REPO / "configs" / "shapes" / "cam.yaml")
+VILD_CFG = str(REPO / "configs" / "shapes" / "vild.yaml")
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -121,6 +123,18 @@ CASES = {
         EMBED + ["--vocab", "cat", "teacher.pretrained=hfclip"],
         ["hfclip: the folder's architecture differs from teacher.model 'distill-tiny-vit' (", "give teacher.model= (empty) to read it from the folder"],
         ["-quickgelu"]),
+    # negative counts: '-1' used to drop the last image (images[:-1])
+    "teacher evaluate --max-images -1": (["teacher", "evaluate", TEACHER_CFG, "work_dir=w", "--max-images", "-1"],
+                                         ["'--max-images'", "greater than or equal to 0"], []),
+    "cam --max-images -1": (["cam", CAM_CFG, "work_dir=w", "--max-images", "-1"], ["'--max-images'", "greater than or equal to 0"], []),
+    "train det --num-gpus 0": (["train", "det", VILD_CFG, "work_dir=w", "--num-gpus", "0"], ["'--num-gpus'", "greater than or equal to 1"], []),
+    # --proposals with a student source was ignored; a class given twice: the last threshold won
+    "--proposals with a ViLD checkpoint": (LABEL + ["--model", "weights.safetensors", "--vocab", "cat", "--proposals", "windows"],
+                                           ["label.proposals: --proposals applies to --source teacher", "'vild'"], []),
+    "same class twice in --class-thresh": (LABEL + TEACHER + ["--vocab", "red star, blue circle", "--class-thresh", "red star=0.0",
+                                                              "--class-thresh", "Red Star=0.99"],
+                                           ["label.class_thresh: class 'red star' is given twice (0.0 and 0.99); keep one"], []),
+    "distill run with a missing config": (["run", "nosuch/pipeline.yaml"], ["nosuch/pipeline.yaml: config file not found"], []),
 }
 
 
@@ -152,3 +166,78 @@ def test_class_thresh_for_a_class_whose_name_holds_a_comma(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((tmp_path / "out" / "labels.json").read_text())["info"]
     assert info["class_thresh"] == {"cat, domestic": 0.5, "dog": 0.2}
+
+
+def test_negative_max_images_refused_for_library_callers(tmp_path):
+    """evaluate_teacher / run_cam / cam_ablation refuse max_images < 0 before reading anything
+    (a negative slice silently dropped the last images)."""
+    from distill.ablate.cam import cam_ablation
+    from distill.cam.run import run_cam
+    from distill.config import load_config
+    from distill.errors import DistillError
+    from distill.teacher.evaluate import evaluate_teacher
+
+    cfg = load_config(CAM_CFG, [f"work_dir={tmp_path / 'w'}"])
+    for call in (lambda: evaluate_teacher(cfg, teacher=object(), max_images=-1),
+                 lambda: run_cam(cfg, "val", max_images=-1), lambda: cam_ablation(cfg, "val", max_images=-1)):
+        with pytest.raises(DistillError, match=r"max_images: expected >= 0 \(0 = all images\), got -1"):
+            call()
+    assert not (tmp_path / "w").exists()
+
+
+def test_segmentation_checkpoint_without_source_seg(tmp_path):
+    """A segmentation student's model_final.pt given without --source seg (the default source is
+    vild) says so in one line, instead of a ViLDDetector key mismatch."""
+    from distill.config import load_config
+    from distill.engine.checkpoint import save_model
+    from distill.segmentation.build import build_segmenter
+    from distill.teacher.clip import build_teacher, student_meta
+
+    teacher_model = make_teacher_dir(tmp_path / "teacher")
+    cfg = load_config(None, teacher_overrides(teacher_model) + ["seg.image_size=32", "seg.features=16"])
+    teacher = build_teacher(cfg.teacher)
+    save_model(tmp_path / "seg" / "model_final.pt", build_segmenter(cfg.seg, teacher), student_meta(cfg, teacher, trained_classes=["cat"]))
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
+    before = _files(tmp_path)
+    r = _run(LABEL + ["--model", "seg/model_final.pt", "--vocab", "cat, dog", "teacher.device=cpu", f"work_dir={tmp_path / 'w'}"], tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0] == "error: label.model: seg/model_final.pt: a segmentation checkpoint: add --source seg", lines[0]
+    assert r.stdout == "" and _files(tmp_path) == before, sorted(_files(tmp_path) - before)
+
+
+def test_demo_config_found_from_any_folder(tmp_path, monkeypatch):
+    """`distill demo` reads the repository's configs/shapes/pipeline.yaml beside the package, from
+    any folder; without one (beside the package or under the current folder) a one-line error
+    says to run it from the repository root."""
+    import distill
+    from distill.cli.run import demo_config
+    from distill.errors import DistillError
+
+    monkeypatch.chdir(tmp_path)
+    assert Path(demo_config()) == Path(PIPELINE_CFG).resolve()
+    monkeypatch.setattr(distill, "__file__", str(tmp_path / "site" / "distill" / "__init__.py"))
+    with pytest.raises(DistillError, match=r"^distill demo: configs/shapes/pipeline.yaml not found beside the installed package; run it from the repository root"):
+        demo_config()
+    assert _files(tmp_path) == set()
+
+
+def test_cam_tower_teacher_does_not_need_the_dense_tower(tmp_path):
+    """cam.tower=teacher reads the teacher's own tower: a teacher.dense_pretrained that is not
+    there (configs/shapes/cam.yaml names the clipself stage's output) is not demanded; with
+    cam.tower=dense the same setting is a one-line error naming teacher.dense_pretrained."""
+    teacher = teacher_overrides(make_teacher_dir(tmp_path / "teacher"))
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "labels.json").write_text(json.dumps([{"image_id": 1, "file_name": "a.png", "categories": ["red star"]}]))
+    args = ["cam", CAM_CFG, "--images", "imgs", "--labels", "labels.json", *teacher, "cam.vocab=red star, blue circle",
+            "cam.crf=false", "cam.image_size=32", f"work_dir={tmp_path / 'w'}", "teacher.dense_pretrained=missing/teacher_dense.safetensors"]
+    before = _files(tmp_path)
+    r = _run(args + ["cam.tower=dense"], tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: teacher.dense_pretrained"), r.stderr[-3000:]
+    assert _files(tmp_path) == before, sorted(_files(tmp_path) - before)
+    r = _run(args + ["cam.tower=teacher"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "w" / "cam" / "masks" / "imgs" / "a.png").is_file(), sorted(_files(tmp_path) - before)

@@ -40,7 +40,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     from distill.eval.segmentation import SemSegEvaluator, semseg_classes
     from distill.files import write_json
 
-    _check_cfg(cfg.cam)
+    _check_cfg(cfg.cam, max_images)
     c = cfg.cam
     root, labels_path, _ = _resolve_inputs(cfg, split, None)
     vocab = resolve_vocab(cfg.data, cfg.cam.vocab, key="cam.vocab")

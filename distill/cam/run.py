@@ -278,7 +278,9 @@ def _write_npz(path: Path, **arrays) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _check_cfg(c) -> None:
+def _check_cfg(c, max_images: int = 0) -> None:
+    if max_images < 0:
+        raise DistillError(f"max_images: expected >= 0 (0 = all images), got {max_images}")
     if c.tower not in ("teacher", "dense"):
         raise DistillError(f"cam.tower: {c.tower!r} is not one of teacher, dense")
     if c.pool not in ("mean", "model"):
@@ -371,7 +373,12 @@ def _load_teacher(cfg):
     device = None
     if world > 1 and torch.cuda.is_available() and not cfg.teacher.device:
         device = f"cuda:{local_rank}"
-    return build_teacher(cfg.teacher, device=device)
+    tcfg = cfg.teacher  # only cam.tower=dense reads the CLIPSelf tower: tower=teacher builds without it
+    if cfg.cam.tower != "dense":
+        import dataclasses
+
+        tcfg = dataclasses.replace(tcfg, dense_pretrained="")
+    return build_teacher(tcfg, device=device)
 
 
 def _write_outputs(cfg, out: Path, rel: Path, vocab, e, im: np.ndarray, r, panel: bool) -> tuple[np.ndarray, bool]:
@@ -415,7 +422,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
     from distill.data.images import load_image
     from distill.files import write_json
 
-    _check_cfg(cfg.cam)
+    _check_cfg(cfg.cam, max_images)
     root, labels_path, split = _resolve_inputs(cfg, images, labels)
     vocab = resolve_vocab(cfg.data, cfg.cam.vocab, key="cam.vocab")
     entries = read_image_labels(labels_path, vocab)

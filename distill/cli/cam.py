@@ -19,7 +19,7 @@ def register(root: typer.Typer) -> None:
         images: Annotated[Optional[str], typer.Option(help="A split name (train, val, ...) under data.image_root, or an image folder.")] = None,
         labels: Annotated[Optional[str], typer.Option(help="Image-level labels json (default: data.image_labels of the split).")] = None,
         ablation: Annotated[bool, typer.Option(help="Score each CLIP-ES step against the split's semantic PNGs.")] = False,
-        max_images: Annotated[int, typer.Option(help="Only the first N images (0 = all).")] = 0,
+        max_images: Annotated[int, typer.Option(min=0, help="Only the first N images (0 = all).")] = 0,
     ) -> None:
         """CLIP-ES: CAM seeds (npz), refined masks (PNG, 255 = ignore) and panels from image-level labels.
 

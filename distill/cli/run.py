@@ -10,6 +10,25 @@ import typer
 from distill.cli.common import ConfigArg, Overrides
 
 
+DEMO_CONFIG = "configs/shapes/pipeline.yaml"
+
+
+def demo_config() -> str:
+    """The demo's pipeline config: the repository's ``configs/shapes/pipeline.yaml`` beside the
+    ``distill`` package (so ``distill demo`` runs from any folder), else the one under the current
+    folder, else a one-line error."""
+    from pathlib import Path
+
+    import distill
+    from distill.errors import DistillError
+
+    for path in (Path(distill.__file__).resolve().parents[1] / DEMO_CONFIG, Path(DEMO_CONFIG)):
+        if path.is_file():
+            return str(path)
+    raise DistillError(f"distill demo: {DEMO_CONFIG} not found beside the installed package; "
+                       "run it from the repository root (or give a config to `distill run CONFIG`)")
+
+
 def register(root: typer.Typer) -> None:
     @root.command("run")
     def run(
@@ -30,7 +49,7 @@ def register(root: typer.Typer) -> None:
         """The embedded default: `distill run configs/shapes/pipeline.yaml`."""
         from distill.pipeline.run import run_pipeline
 
-        run_pipeline("configs/shapes/pipeline.yaml", [], quick=quick)
+        run_pipeline(demo_config(), [], quick=quick)
 
     @root.command("report")
     def report(

@@ -53,7 +53,7 @@ def clipself_cmd(
 def evaluate_cmd(
     config: ConfigArg,
     overrides: Overrides = None,
-    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Evaluate on the first N val images only.")] = None,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=0, help="Evaluate on the first N val images only.")] = None,
     out: Annotated[str, typer.Option("--out", help="Folder for metrics.json (default {work_dir}/teacher).")] = "",
 ) -> None:
     """Zero-shot top-1 of val GT boxes (1x, 1.5x, 1x+1.5x crops, dense) and MaskCLIP pixel mIoU.

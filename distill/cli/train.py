@@ -41,7 +41,7 @@ def det(
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. det.train.max_steps=100"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate det.checkpoint (default det/<name>/model_final.pt)."),
-    num_gpus: int = typer.Option(1, "--num-gpus", help="Processes under torchrun (DDP); 1 = this process."),
+    num_gpus: int = typer.Option(1, "--num-gpus", min=1, help="Processes under torchrun (DDP); 1 = this process."),
 ) -> None:
     """Train the ViLD student on base classes and evaluate it over base + novel classes;
     writes {work_dir}/det/{det.name}/ (model_final.pt, metrics.jsonl, metrics.json)."""

@@ -90,7 +90,10 @@ def parse_class_thresh(items: Sequence[str], vocab: Vocabulary, where: str = "la
             raise DistillError(f"{where}: {part!r}: threshold {val!r} is not a number") from None
         if not 0.0 <= thr <= 1.0:
             raise DistillError(f"{where}: {part!r}: threshold must be in [0, 1]")
-        out[_class_index(name, vocab, where)] = thr
+        i = _class_index(name, vocab, where)
+        if i in out:
+            raise DistillError(f"{where}: class {vocab.names[i]!r} is given twice ({out[i]} and {thr}); keep one")
+        out[i] = thr
     return tuple(sorted(out.items()))
 
 

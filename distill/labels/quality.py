@@ -12,7 +12,8 @@ The ground truth is checked by the project's COCO validator (:func:`distill.data
 Matching: images by ``file_name`` (exact, else one name is a path suffix of the other, so labels
 made on ``images/unlabeled/`` match ground truth named ``unlabeled/000123.png``); classes by name
 (case-insensitive; a predicted category unknown to the ground truth counts as a false positive of
-no split and is reported in ``labels/precision_all`` only). Within an image and class, predictions
+no split and is reported in ``labels/precision_all`` only; a ground-truth class the vocabulary
+does not name is left out, with one warning line). Within an image and class, predictions
 in descending score are matched greedily to the unmatched ground-truth box of highest IoU >= the
 threshold (the PASCAL VOC / COCO rule). Every ground-truth image counts: an image the labeler
 failed on, or that was not labelled, contributes misses; ``labels/gt_images_matched`` and
@@ -124,6 +125,7 @@ def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLik
         gt = gt_json
     else:
         gt, gt_name = load_label_gt(gt_json)
+    gt = _in_vocabulary(gt, pred, gt_name)
     gt_cat = {c["id"]: c for c in gt["categories"]}
     name_to_gt = {norm_name(c["name"]): c["id"] for c in gt["categories"]}
     pred_to_gt_cat = {c["id"]: name_to_gt.get(norm_name(c["name"])) for c in pred["categories"]}
@@ -147,6 +149,21 @@ def label_quality(pred_json: str | os.PathLike | dict, gt_json: str | os.PathLik
     if has_masks:
         m.update(_mask_miou(pred, gt, img_map, pred_to_gt_cat, split, gt_name))
     return m
+
+
+def _in_vocabulary(gt: dict, pred: dict, gt_name: str) -> dict:
+    """``gt`` restricted to the classes the labels' vocabulary names (by name): a class the user
+    never named cannot be found, so its boxes are left out of the metrics (one warning line).
+    Unchanged when the vocabulary covers every class, or none of them (then all are misses)."""
+    names = {norm_name(c["name"]) for c in pred["categories"]}
+    keep = {c["id"] for c in gt["categories"] if norm_name(c["name"]) in names}
+    if len(keep) == len(gt["categories"]) or not keep:
+        return gt
+    left = [a for a in gt["annotations"] if a["category_id"] not in keep]
+    log.warning("%s: %d boxes of %d classes not in the vocabulary (e.g. %r) are left out of the metrics", gt_name, len(left),
+                len(gt["categories"]) - len(keep), next(c["name"] for c in gt["categories"] if c["id"] not in keep))
+    return {**gt, "categories": [c for c in gt["categories"] if c["id"] in keep],
+            "annotations": [a for a in gt["annotations"] if a["category_id"] in keep]}
 
 
 def _box_counts(pred: dict, gt: dict, img_map: dict, pred_to_gt_cat: dict, split: dict, iou_thresh: float):

@@ -149,6 +149,9 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
         raise DistillError(f"label.source: {lcfg.source!r} is not one of {', '.join(SOURCES)}")
     if lcfg.proposals not in PROPOSALS:
         raise DistillError(f"label.proposals: {lcfg.proposals!r} is not one of {', '.join(PROPOSALS)}")
+    if lcfg.source != "teacher" and lcfg.proposals != "auto":
+        raise DistillError(f"label.proposals: --proposals applies to --source teacher (label.source is {lcfg.source!r}: "
+                           "the student gives its own boxes)")
     if lcfg.source == "teacher":
         import dataclasses
 
@@ -233,11 +236,25 @@ def load_vild(cfg, vocab: Vocabulary, device: torch.device | None = None):
     teacher = _student_teacher(mcfg, meta, ckpt, device)
     tpl = mcfg.teacher.templates or None
     text = text_embeddings(teacher, vocab, tpl).float().cpu()
-    model, meta = load_detector(ckpt, mcfg.det, teacher, region_mode=mcfg.regions.mode)
+    try:
+        model, meta = load_detector(ckpt, mcfg.det, teacher, region_mode=mcfg.regions.mode)
+    except DistillError:
+        _refuse_segmenter(ckpt)
+        raise
     model.set_vocabulary(text, torch.tensor(_novel_mask(vocab, mcfg, meta.get("trained_classes"))), list(vocab.names))
     model.to(teacher.device)
     fp = sha256_json({"ckpt": sha256_file(ckpt), "teacher": teacher.fingerprint, "det": str(mcfg.det), "tpl": str(tpl)})[:16]
     return model, teacher, fp
+
+
+def _refuse_segmenter(ckpt: str) -> None:
+    """A one-line error when ``ckpt`` holds a segmentation student (LSeg / CLIPSeg: a decoder, no
+    RoI heads) where a ViLD checkpoint was expected."""
+    from distill.engine.checkpoint import read
+
+    keys = list(read(ckpt)["model"])
+    if any(k.startswith("decoder.") for k in keys) and not any(k.startswith("roi_heads.") for k in keys):
+        raise DistillError(f"label.model: {ckpt}: a segmentation checkpoint: add --source seg") from None
 
 
 def _vild_source(cfg, vocab, device):

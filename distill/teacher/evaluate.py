@@ -54,6 +54,8 @@ def _split_index(cfg, json_path: str, max_images: int | None):
     from distill.data.coco import load_coco
     from distill.vocab import name_key, resolve_vocab
 
+    if max_images is not None and max_images < 0:
+        raise DistillError(f"max_images: expected >= 0 (0 = all images), got {max_images}")
     data = load_coco(json_path)
     vocab = resolve_vocab(cfg.data)
     by_name = {name_key(n): i for i, n in enumerate(vocab.names)}

@@ -150,3 +150,21 @@ def test_gt_size_differing_from_the_image_is_left_out_of_the_masks(world, tmp_pa
         assert m[k] == pytest.approx(ref[k]), k
     full = label_quality(tmp_path / "out" / "labels.json", _gt(), with_counts=True)
     assert m["labels/recall_all"] == full["labels/recall_all"]  # the boxes of image 0 still count
+
+
+def test_gt_classes_outside_the_vocabulary_are_left_out_with_one_warning(world, tmp_path):
+    """The ground truth also holds 'green triangle', a class the vocabulary does not name: its
+    boxes are left out of the metrics (one warning line naming the file and the class) instead of
+    counting as misses; the metrics are those of the ground truth without it."""
+    from distill.labels.quality import label_quality
+
+    gt = _gt()
+    gt["categories"].append({"id": 3, "name": "green triangle", "split": "novel"})
+    gt["annotations"] += [{**a, "id": 10 + a["id"], "category_id": 3} for a in gt["annotations"]]
+    r = _label(world, tmp_path, _write(tmp_path / "gt.json", gt))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = _lines(r.stderr)
+    assert len(lines) == 1 and "gt.json: 2 boxes of 1 classes not in the vocabulary (e.g. 'green triangle') are left out" in lines[0], r.stderr
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    ref = label_quality(tmp_path / "out" / "labels.json", _gt())
+    assert m == pytest.approx(ref), (m, ref)

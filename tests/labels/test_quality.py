@@ -68,3 +68,23 @@ def test_label_quality_mask_miou_hand_example():
     assert m["labels/miou_novel"] == pytest.approx(2 / 4)
     assert m["labels/miou_all"] == pytest.approx((4 / 10 + 4 / 8 + 2 / 4) / 3)
     assert m["labels/pixel_acc"] == pytest.approx(10 / 16)
+
+
+def test_label_quality_scores_only_the_vocabulary_classes(caplog):
+    """A ground-truth class the labels' vocabulary does not name ('green star') is left out of the
+    box counts, with one warning line; the full-vocabulary case is unchanged."""
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "green star", "split": "novel"}]
+    gt = _coco([{"id": 10, "file_name": "a.png", "width": 20, "height": 20}],
+               [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [0, 0, 10, 10]},
+                {"id": 2, "image_id": 10, "category_id": 2, "bbox": [10, 10, 5, 5]},
+                {"id": 3, "image_id": 10, "category_id": 2, "bbox": [12, 0, 5, 5]}], cats)
+    pred = _coco([{"id": 1, "file_name": "a.png", "width": 20, "height": 20}],
+                 [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [0, 0, 10, 10], "score": 0.9}], [{"id": 4, "name": "Red Square"}])
+    m = label_quality(pred, gt, with_counts=True)
+    assert m["count/gt_all"] == 1 and m["count/gt_novel"] == 0 and m["labels/recall_all"] == 1.0, m
+    warned = [r.getMessage() for r in caplog.records if "not in the vocabulary" in r.getMessage()]
+    assert warned == ["ground truth: 2 boxes of 1 classes not in the vocabulary (e.g. 'green star') are left out of the metrics"], warned
+    caplog.clear()
+    full = label_quality({**pred, "categories": pred["categories"] + [{"id": 5, "name": "green star"}]}, gt, with_counts=True)
+    assert full["count/gt_all"] == 3 and full["labels/recall_all"] == pytest.approx(1 / 3)
+    assert not [r for r in caplog.records if "not in the vocabulary" in r.getMessage()]
