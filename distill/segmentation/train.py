@@ -217,12 +217,12 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
 
     val_stems = _read_list(s.val_list) if s.val_list else None
     val = SemSegFolder(paths.val_images, paths.val_masks, vocab.ids, val_stems) if paths.val_masks.is_dir() else None
-    C, base, names = semseg_classes(vocab)
+    C, base_values, names = semseg_classes(vocab)  # in the PNG value space (0 = background)
 
     def eval_fn(m: torch.nn.Module) -> dict:
         if val is None:
             return {}
-        return evaluate_model(m, val, text, vocab.ids, C, base, names, s.window, s.window_stride, s.eval_batch_size, s.max_eval_images)
+        return evaluate_model(m, val, text, vocab.ids, C, base_values, names, s.window, s.window_stride, s.eval_batch_size, s.max_eval_images)
 
     from distill.engine.hooks import BeforeTrain
     from distill.teacher.clip import student_meta

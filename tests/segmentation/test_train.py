@@ -38,6 +38,12 @@ def test_train_eval_reload(config, extra, tiny_world, tiny_teacher, overrides):
     assert len(losses) == 2 and all(np.isfinite(r["loss"]) for r in losses)
     if cfg.seg.distill_weight > 0:
         assert "loss_distill" in losses[0] and losses[0]["loss_distill"] > 0
+    # the checkpoint names the classes it was trained on: the base classes, in vocabulary order
+    from distill.engine.checkpoint import read
+    from distill.vocab import resolve_vocab
+
+    vocab = resolve_vocab(cfg.data)
+    assert read(out / "model_final.pt")["meta"]["trained_classes"] == [vocab.names[i] for i in vocab.base_indices]
     # reload and predict with another vocabulary than the training one
     model = load_segmenter(cfg.seg, tiny_teacher, out / "model_final.pt")
     from distill.segmentation.infer import predict_logits
