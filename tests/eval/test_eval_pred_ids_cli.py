@@ -15,36 +15,16 @@ subprocess, from a folder outside the repository.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-EXE = shutil.which("distill") or str(Path(sys.executable).parent / "distill")
+from cli_run import lines as _lines
+from cli_run import one_line_error as _one_line_error
+from cli_run import run as _run
 BACKENDS = ("auto", "pycocotools")  # the streaming box evaluator and the reference (load_results)
-
-
-def _run(args, cwd):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([EXE, *[str(a) for a in args]], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-
-
-def _lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if ln.strip()]
-
-
-def _one_line_error(r, *wants: str) -> str:
-    lines = _lines(r.stderr)
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    for w in wants:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def _write(path: Path, obj) -> Path:
