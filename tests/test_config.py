@@ -133,7 +133,7 @@ def test_word_list_settings_hold_their_words_from_any_folder(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("override, message", [
-    ("cam.tower=dens", "cam.tower: 'dens' is not one of teacher, dense; did you mean 'dense'?"),
+    ("cam.tower=dense_towr", "cam.tower: 'dense_towr' is not one of teacher, dense_tower; did you mean 'dense_tower'?"),
     ("cam.resize=sqaure", "cam.resize: 'sqaure' is not one of square, patch_multiple; did you mean 'square'?"),
     ("det.image_head=seperate", "det.image_head: 'seperate' is not one of shared, separate; did you mean 'separate'?"),
     ("seg.arch=unet", "seg.arch: 'unet' is not one of lseg, clipseg"),
@@ -146,3 +146,15 @@ def test_enum_like_keys_are_checked_at_load(override, message):
     with pytest.raises(DistillError) as e:
         load_config(None, [override])
     assert str(e.value) == message
+
+
+def test_renamed_keys_name_the_new_one_and_stored_configs_read_them():
+    """A config with an old name (the CLIPSelf tower had seven) is a one-line error naming the new
+    one; a stored config (a checkpoint's, a finished run's config.yaml) is read under the new names."""
+    old = {"teacher": {"dense_pretrained": "t.safetensors"}, "cam": {"tower": "dense"}, "seg": {"backbone": "teacher_dense"}}
+    with pytest.raises(DistillError, match=r"^config key 'teacher.dense_pretrained' was renamed: use 'teacher.dense_tower'$"):
+        config_from_dict(old)
+    with pytest.raises(DistillError, match=r"^cam.tower: 'dense' was renamed: use cam.tower=dense_tower$"):
+        load_config(None, ["cam.tower=dense"])
+    cfg = config_from_dict(old, stored=True)
+    assert (cfg.teacher.dense_tower, cfg.cam.tower, cfg.seg.backbone) == ("t.safetensors", "dense_tower", "dense_tower")

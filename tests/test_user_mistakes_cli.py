@@ -135,6 +135,13 @@ CASES = {
                                                               "--class-thresh", "Red Star=0.99"],
                                            ["label.class_thresh: class 'red star' is given twice (0.0 and 0.99); keep one"], []),
     "distill run with a missing config": (["run", "nosuch/pipeline.yaml"], ["nosuch/pipeline.yaml: config file not found"], []),
+    # keys and choices renamed to one name for the CLIPSelf tower: the old name says the new one
+    "old key teacher.dense_pretrained": (["run", PIPELINE_CFG, "work_dir=w", "--list", "teacher.dense_pretrained=t.safetensors"],
+                                         ["config key 'teacher.dense_pretrained' was renamed: use 'teacher.dense_tower'"], []),
+    "old choice cam.tower=dense": (["cam", CAM_CFG, "work_dir=w", "cam.tower=dense"],
+                                   ["cam.tower: 'dense' was renamed: use cam.tower=dense_tower"], []),
+    "old choice seg.backbone=teacher_dense": (["run", PIPELINE_CFG, "work_dir=w", "--list", "seg.backbone=teacher_dense"],
+                                              ["seg.backbone: 'teacher_dense' was renamed: use seg.backbone=dense_tower"], []),
 }
 
 
@@ -224,19 +231,19 @@ def test_demo_config_found_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_cam_tower_teacher_does_not_need_the_dense_tower(tmp_path):
-    """cam.tower=teacher reads the teacher's own tower: a teacher.dense_pretrained that is not
+    """cam.tower=teacher reads the teacher's own tower: a teacher.dense_tower that is not
     there (configs/shapes/cam.yaml names the clipself stage's output) is not demanded; with
-    cam.tower=dense the same setting is a one-line error naming teacher.dense_pretrained."""
+    cam.tower=dense_tower the same setting is a one-line error naming teacher.dense_tower."""
     teacher = teacher_overrides(make_teacher_dir(tmp_path / "teacher"))
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
     (tmp_path / "labels.json").write_text(json.dumps([{"image_id": 1, "file_name": "a.png", "categories": ["red star"]}]))
     args = ["cam", CAM_CFG, "--images", "imgs", "--labels", "labels.json", *teacher, "cam.vocab=red star, blue circle",
-            "cam.crf=false", "cam.image_size=32", f"work_dir={tmp_path / 'w'}", "teacher.dense_pretrained=missing/teacher_dense.safetensors"]
+            "cam.crf=false", "cam.image_size=32", f"work_dir={tmp_path / 'w'}", "teacher.dense_tower=missing/dense_tower.safetensors"]
     before = _files(tmp_path)
-    r = _run(args + ["cam.tower=dense"], tmp_path)
+    r = _run(args + ["cam.tower=dense_tower"], tmp_path)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: teacher.dense_pretrained"), r.stderr[-3000:]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: teacher.dense_tower"), r.stderr[-3000:]
     assert _files(tmp_path) == before, sorted(_files(tmp_path) - before)
     r = _run(args + ["cam.tower=teacher"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

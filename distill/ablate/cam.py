@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.cam.refine import cams_to_mask, crf_available, upsample_cams
-from distill.cam.run import _batches, _check_cfg, _compute_batch, _gt_path, _image_path, _image_size, _load_teacher, _resolve_inputs, _text_features, cam_tower, logit_scale_of, read_image_labels, read_word_list
+from distill.cam.run import _batches, _check_cfg, _compute_batch, _gt_path, _image_path, _image_size, _load_teacher, _resolve_inputs, _text_features, teacher_for_cam, logit_scale_of, read_image_labels, read_word_list
 from distill.errors import DistillError
 from distill.report.tables import table
 from distill.vocab import resolve_vocab
@@ -47,7 +47,7 @@ def cam_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0) 
     entries = read_image_labels(labels_path, vocab)
     if max_images:
         entries = entries[:max_images]
-    teacher = cam_tower(teacher or _load_teacher(cfg), cfg)
+    teacher = teacher_for_cam(teacher or _load_teacher(cfg), cfg)
     text, bg = _text_features(teacher, cfg, vocab)
     has_crf = crf_available()
     num_classes, base, names = semseg_classes(vocab)

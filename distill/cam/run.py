@@ -281,8 +281,8 @@ def _write_npz(path: Path, **arrays) -> None:
 def _check_cfg(c, max_images: int = 0) -> None:
     if max_images < 0:
         raise DistillError(f"max_images: expected >= 0 (0 = all images), got {max_images}")
-    if c.tower not in ("teacher", "dense"):
-        raise DistillError(f"cam.tower: {c.tower!r} is not one of teacher, dense")
+    if c.tower not in ("teacher", "dense_tower"):
+        raise DistillError(f"cam.tower: {c.tower!r} is not one of teacher, dense_tower")
     if c.pool not in ("mean", "model"):
         raise DistillError(f"cam.pool: {c.pool!r} is not one of mean, model")
     if c.resize not in ("square", "patch_multiple"):
@@ -335,7 +335,7 @@ def logit_scale_of(cfg, teacher) -> float:
     return float(teacher.model.logit_scale.exp())
 
 
-class _DenseModel:
+class _DenseTowerModel:
     """``teacher.model`` with ``visual`` replaced by the dense tower (text and logit scale kept).
     Only ``visual`` is swapped: CLIP-ES reads the tower through it (``_visual``); the model's own
     ``encode_image`` would still run the original tower."""
@@ -349,20 +349,20 @@ class _DenseModel:
         return getattr(self._model, name)
 
 
-def cam_tower(teacher, cfg):
-    """``teacher`` as CLIP-ES reads it: ``cam.tower=dense`` swaps in the CLIPSelf dense tower."""
+def teacher_for_cam(teacher, cfg):
+    """``teacher`` as CLIP-ES reads it: ``cam.tower=dense_tower`` swaps in the CLIPSelf dense tower."""
     import dataclasses
 
     if cfg.cam.tower == "teacher":
         return teacher
-    if cfg.cam.tower != "dense":
-        raise DistillError(f"cam.tower: {cfg.cam.tower!r} is not one of teacher, dense")
-    dv = getattr(teacher, "dense_visual", None)
+    if cfg.cam.tower != "dense_tower":
+        raise DistillError(f"cam.tower: {cfg.cam.tower!r} is not one of teacher, dense_tower")
+    dv = getattr(teacher, "dense_tower", None)
     if dv is None:
-        raise DistillError("cam.tower=dense: the teacher has no dense tower (set teacher.dense_pretrained to the file `distill teacher clipself` writes)")
-    if isinstance(teacher.model, _DenseModel):
+        raise DistillError("cam.tower=dense_tower: the teacher has no dense tower (set teacher.dense_tower to the file `distill teacher clipself` writes)")
+    if isinstance(teacher.model, _DenseTowerModel):
         return teacher
-    return dataclasses.replace(teacher, model=_DenseModel(teacher.model, dv))
+    return dataclasses.replace(teacher, model=_DenseTowerModel(teacher.model, dv))
 
 
 def _load_teacher(cfg):
@@ -373,11 +373,11 @@ def _load_teacher(cfg):
     device = None
     if world > 1 and torch.cuda.is_available() and not cfg.teacher.device:
         device = f"cuda:{local_rank}"
-    tcfg = cfg.teacher  # only cam.tower=dense reads the CLIPSelf tower: tower=teacher builds without it
-    if cfg.cam.tower != "dense":
+    tcfg = cfg.teacher  # only cam.tower=dense_tower reads the CLIPSelf tower: tower=teacher builds without it
+    if cfg.cam.tower != "dense_tower":
         import dataclasses
 
-        tcfg = dataclasses.replace(tcfg, dense_pretrained="")
+        tcfg = dataclasses.replace(tcfg, dense_tower="")
     return build_teacher(tcfg, device=device)
 
 
@@ -435,7 +435,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
 
     if cfg.cam.crf and not crf_available():
         dense_crf(np.zeros((1, 1, 3), np.uint8), np.ones((1, 1, 1), np.float32))  # raises the DistillError
-    teacher = cam_tower(teacher or _load_teacher(cfg), cfg)
+    teacher = teacher_for_cam(teacher or _load_teacher(cfg), cfg)
     rank, world = get_rank(), get_world_size()
     todo = todo[rank::world]
     text, bg = _text_features(teacher, cfg, vocab)

@@ -38,15 +38,15 @@ def clipself_cmd(
 
     A copy of the tower is fine-tuned so that its MaskCLIP map, RoIAligned over random grid cells,
     matches the frozen teacher's embedding of each cell's crop.
-    Writes clipself.out ({work_dir}/teacher/teacher_dense.safetensors); set
-    teacher.dense_pretrained to that file to use it for the dense paths.
+    Writes clipself.out ({work_dir}/teacher/dense_tower.safetensors); set
+    teacher.dense_tower to that file to use it for the dense paths.
     Example: distill teacher clipself configs/shapes/teacher.yaml clipself.steps=300
     """
     from distill.teacher.clipself import clipself
 
     cfg = load(config, overrides)
     path = clipself(cfg, force=force)
-    typer.echo(f"CLIPSelf dense tower: {path} (use it with teacher.dense_pretrained={path})")
+    typer.echo(f"CLIPSelf dense tower: {path} (use it with teacher.dense_tower={path})")
 
 
 @app.command("evaluate")
@@ -58,7 +58,7 @@ def evaluate_cmd(
 ) -> None:
     """Zero-shot top-1 of val GT boxes (1x, 1.5x, 1x+1.5x crops, dense) and MaskCLIP pixel mIoU.
 
-    With teacher.dense_pretrained set, the dense rows (dense RoIAlign, MaskCLIP pixels) use that
+    With teacher.dense_tower set, the dense rows (dense RoIAlign, MaskCLIP pixels) use that
     CLIPSelf tower. Writes {work_dir}/teacher/metrics.json (or --out/metrics.json).
     Example: distill teacher evaluate configs/shapes/teacher.yaml
     """

@@ -185,8 +185,38 @@ def _expand(obj: Any, work_dir: str) -> Any:
     return obj
 
 
-def config_from_dict(values: dict, cls: type = Config) -> Any:
-    cfg = _build(cls, values)
+# Keys and choices renamed to the words of ARCHITECTURE.md (the CLIPSelf tower is the "dense tower"
+# everywhere). A config that uses an old name gets a one-line error naming the new one; a stored
+# config (a checkpoint's, a finished run's config.yaml) is read under the new names.
+RENAMED_KEYS = {"teacher.dense_pretrained": "teacher.dense_tower"}
+RENAMED_VALUES = {("seg.backbone", "teacher_dense"): "dense_tower", ("cam.tower", "dense"): "dense_tower"}
+
+
+def _renamed(values: dict, where: str, stored: bool) -> dict:
+    """``values`` under the new names (``stored``), or a :class:`DistillError` at the first old one."""
+    out = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else str(key)
+        if name in RENAMED_KEYS:
+            new = RENAMED_KEYS[name]
+            if not stored:
+                raise DistillError(f"config key {name!r} was renamed: use {new!r}")
+            name, key = new, new.rsplit(".", 1)[-1]
+        if isinstance(value, dict):
+            value = _renamed(value, name, stored)
+        elif isinstance(value, str) and (name, value) in RENAMED_VALUES:
+            new = RENAMED_VALUES[(name, value)]
+            if not stored:
+                raise DistillError(f"{name}: {value!r} was renamed: use {name}={new}")
+            value = new
+        out[key] = value
+    return out
+
+
+def config_from_dict(values: dict, cls: type = Config, stored: bool = False) -> Any:
+    """The config of ``values`` (nested dicts as YAML gives them); ``stored``: a config written
+    by an earlier distill, whose old key names (:data:`RENAMED_KEYS`) are read as the new ones."""
+    cfg = _build(cls, _renamed(values, "", stored) if cls is Config else values)
     if hasattr(cfg, "work_dir"):
         cfg = _expand(cfg, cfg.work_dir)
     if cls is Config:
@@ -234,13 +264,15 @@ def _read_word_lists(cfg: "Config") -> "Config":
     )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
-    """Load ``path`` (or pure defaults if None), apply ``key.sub=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config,
+                stored: bool = False) -> Any:
+    """Load ``path`` (or pure defaults if None), apply ``key.sub=value`` overrides, validate;
+    ``stored``: see :func:`config_from_dict`."""
     data = _read_yaml(Path(path)) if path else {}
     for text in overrides:
         keys, value = parse_override(text)
         _set_path(data, keys, value)
-    return config_from_dict(data, cls)
+    return config_from_dict(data, cls, stored)
 
 
 def to_dict(cfg: Any) -> dict:

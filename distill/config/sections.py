@@ -76,10 +76,10 @@ class TeacherConfig:
     device: str = ""  # "" = cuda when available else cpu
     background: str = "background_shapes.txt"  # background words (teacher evaluate: MaskCLIP mIoU): a file, one a line, or the words themselves
     eval_dense_sizes: tuple[int, ...] = (64, 128)  # MaskCLIP mIoU measured at each dense input size
-    # CLIPSelf image tower (``distill teacher clipself`` writes {work_dir}/teacher/teacher_dense.safetensors):
+    # CLIPSelf image tower (``distill teacher clipself`` writes {work_dir}/teacher/dense_tower.safetensors):
     # when set, the dense paths (MaskCLIP pixels, dense RoIAlign, seg pixel distillation) use it;
     # crops, the class token and text keep the original teacher. "" = off.
-    dense_pretrained: str = ""
+    dense_tower: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class ClipSelfConfig:
     max_boxes: int = 16  # grid cells distilled per image per step (a random subset of the grid)
     crop_scale: float = 1.0  # teacher crop = cell side x crop_scale around its centre (official default 1)
     image_dirs: tuple[str, ...] = ("train", "unlabeled")  # image folders, relative to data.image_root unless absolute
-    out: str = "{work_dir}/teacher/teacher_dense.safetensors"
+    out: str = "{work_dir}/teacher/dense_tower.safetensors"
     precision: str = "fp32"  # student forward / backward (teacher: teacher.precision); fp32 0.26 s/step, amp_bf16 0.31 here
     seed: int = 0
     log_period: int = 25
@@ -264,7 +264,7 @@ class SegConfig:
 
     name: str = "lseg"
     arch: Literal["lseg", "clipseg"] = "lseg"
-    backbone: Literal["resnet18", "teacher", "teacher_dense"] = "resnet18"  # lseg image encoder: resnet18 | teacher | teacher_dense (the CLIPSelf tower); clipseg: teacher_dense = its frozen ViT is the CLIPSelf tower, else the teacher's own
+    backbone: Literal["resnet18", "teacher", "dense_tower"] = "resnet18"  # lseg image encoder: resnet18 | teacher | dense_tower (the CLIPSelf tower); clipseg: dense_tower = its frozen ViT is the CLIPSelf tower, else the teacher's own
     embed_dim: int = 0  # 0 = the teacher's text embedding size
     distill_weight: float = 0.0  # pixel distillation weight (0 = off)
     distill_loss: Literal["cosine", "l1"] = "cosine"
@@ -353,9 +353,9 @@ class CamConfig:
     # scale, else the longer side scaled to image_size).
     resize: Literal["square", "patch_multiple"] = "square"
     pool: Literal["mean", "model"] = "mean"  # image embedding for the CAM: mean (CLIP-ES repo: mean patch token) | model
-    # image tower the CAMs read: teacher (its own) | dense (the CLIPSelf tower of teacher.dense_pretrained,
+    # image tower the CAMs read: teacher (its own) | dense_tower (the CLIPSelf tower of teacher.dense_tower,
     # whose patch tokens are trained to match crop embeddings, so the mean patch token reads the objects)
-    tower: Literal["teacher", "dense"] = "teacher"
+    tower: Literal["teacher", "dense_tower"] = "teacher"
     bg_power: float = 1.0  # background score = (1 - max class CAM) ** bg_power (CLIP-ES eval scripts)
     vocab: str = ""  # class vocabulary; empty = data.vocab, else the categories of data.train_full_json
     templates: str = ""  # prompt templates file, or one template containing {}; empty = teacher.templates

@@ -345,9 +345,9 @@ def _model_config(cfg, ckpt: str):
         raise DistillError(f"label.model: {p}: checkpoint not found (expected a model_final.pt from distill train)")
     meta = read(p).get("meta") or {}
     if meta.get("config"):
-        mcfg = config_from_dict(yaml.safe_load(meta["config"]))
+        mcfg = config_from_dict(yaml.safe_load(meta["config"]), stored=True)
     elif (p.parent / "config.yaml").is_file():
-        mcfg = load_config(p.parent / "config.yaml")
+        mcfg = load_config(p.parent / "config.yaml", stored=True)
     else:
         raise DistillError(f"label.model: {p}: carries no training config and no config.yaml is beside it "
                            f"(a model_final.pt of an older distill: copy its training run's config.yaml beside it)")
@@ -363,8 +363,8 @@ def _model_config(cfg, ckpt: str):
                            f"give its location with {key}=PATH" + (f" (its fingerprint {fp} is checked)" if fp else ""))
 
     pre = locate(rec.get("pretrained") or tc.pretrained, cfg.teacher.pretrained, "teacher.pretrained", rec.get("fingerprint", ""))
-    dense = locate(rec.get("dense_pretrained", tc.dense_pretrained), cfg.teacher.dense_pretrained, "teacher.dense_pretrained", rec.get("dense_fingerprint", ""))
-    mcfg = dataclasses.replace(mcfg, teacher=dataclasses.replace(tc, pretrained=pre, dense_pretrained=dense, device=cfg.teacher.device or tc.device))
+    dense = locate(rec.get("dense_tower", rec.get("dense_pretrained", tc.dense_tower)), cfg.teacher.dense_tower, "teacher.dense_tower", rec.get("dense_fingerprint", ""))
+    mcfg = dataclasses.replace(mcfg, teacher=dataclasses.replace(tc, pretrained=pre, dense_tower=dense, device=cfg.teacher.device or tc.device))
     return mcfg, meta
 
 

@@ -82,5 +82,5 @@ def report_run(work_dir: str, readme: str | None = None, results: str | None = N
     saved = Path(work_dir) / "config.yaml"
     if not saved.is_file():
         raise DistillError(f"{saved}: not found (expected the work dir of a `distill run`)")
-    cfg = load_config(str(saved))
+    cfg = load_config(str(saved), stored=True)
     return publish(cfg, Path(readme) if readme else None, Path(results) if results else None, timings=stage_timings(cfg))

@@ -29,11 +29,11 @@ def _with(cfg: Config, section: str, **changes) -> Config:
 
 
 def plain_teacher(cfg: Config) -> Config:
-    """The view of ``cfg`` with ``teacher.dense_pretrained`` blank (a :class:`Stage` ``view``): crops,
+    """The view of ``cfg`` with ``teacher.dense_tower`` blank (a :class:`Stage` ``view``): crops,
     region embeddings and text use the teacher's own tower, stages before ``clipself`` must not
     look for the dense tower it writes, and changing that tower's path reruns none of them (seg and
     cam, which read the tower, read the config as is)."""
-    return _with(cfg, "teacher", dense_pretrained="") if cfg.teacher.dense_pretrained else cfg
+    return _with(cfg, "teacher", dense_tower="") if cfg.teacher.dense_tower else cfg
 
 
 def label_cfg(cfg: Config) -> Config:
@@ -124,15 +124,15 @@ def st_text(cfg: Config):
 
 def st_clipself(cfg: Config):
     """The CLIPSelf dense tower (the MaskCLIP teacher of the segmentation students), then MaskCLIP
-    on it into ``teacher/dense/metrics.json``; runs only when ``teacher.dense_pretrained`` is
+    on it into ``teacher/dense_tower/metrics.json``; runs only when ``teacher.dense_tower`` is
     ``clipself.out``."""
     from distill.teacher.clipself import clipself, uses_clipself
     from distill.teacher.evaluate import evaluate_teacher
 
     if not uses_clipself(cfg):
-        return "skipped: teacher.dense_pretrained is not clipself.out"
+        return "skipped: teacher.dense_tower is not clipself.out"
     clipself(cfg, resume=resuming())  # builds the teacher without its dense tower, on teacher.device
-    m = evaluate_teacher(cfg, out_dir=Path(cfg.work_dir) / "teacher" / "dense")
+    m = evaluate_teacher(cfg, out_dir=Path(cfg.work_dir) / "teacher" / "dense_tower")
     return f"MaskCLIP on the dense tower: mIoU base {_pct(m, 'maskclip/miou_base'):.1f} / novel {_pct(m, 'maskclip/miou_novel'):.1f}"
 
 
@@ -222,7 +222,7 @@ def st_cam(cfg: Config):
     from distill.cam.run import run_cam
     from distill.segmentation.train import train_seg
 
-    teacher = _teacher(cfg)  # with its dense tower: cam.tower=dense CAMs and the LSeg student read it
+    teacher = _teacher(cfg)  # with its dense tower: cam.tower=dense_tower CAMs and the LSeg student read it
     m = cam_ablation(cfg, "val", teacher=teacher)
     run_cam(cfg, "val", teacher=teacher)
     run_cam(_with(cfg, "cam", num_panels=0), "train", teacher=teacher)
@@ -422,7 +422,7 @@ def build_pipeline(cfg: Config) -> Pipeline:
                              ("clipself", uses_clipself(cfg), cfg.clipself.out)):
         out = Path(path).resolve()
         if used and work in out.parents:
-            extra = ("teacher/dense/metrics.json",) if name == "clipself" else ()
+            extra = ("teacher/dense_tower/metrics.json",) if name == "clipself" else ()
             change(name, outputs=(str(out.relative_to(work)), *extra))
     return Pipeline(list(by_name.values()))
 

@@ -124,7 +124,7 @@ def _maskclip_row(m: dict) -> dict:
 def _seg_section(work: Path, tm: dict | None) -> list[str]:
     md = ["## Segmentation (val)", ""]
     seg = _collect_tables(work, "seg")
-    tdm = _read(work / "teacher" / "dense" / "metrics.json")  # the clipself stage's MaskCLIP
+    tdm = _read(work / "teacher" / "dense_tower" / "metrics.json")  # the clipself stage's MaskCLIP
     for label, m in (("MaskCLIP on the CLIPSelf dense tower (zero-shot)", tdm), ("MaskCLIP teacher (zero-shot)", tm)):  # prepended: listed plain first
         if m and "maskclip/miou_all" in m:
             seg = {label: _maskclip_row(m)} | seg
@@ -214,7 +214,7 @@ HEADLINE = (
     ("ViLD (text + image distillation)", "det/vild/metrics.json", "box AP50", ("bbox/AP50_base", "bbox/AP50_novel", "bbox/AP50")),
     ("ViLD + teacher ensemble", "det/vild_ensemble/metrics.json", "box AP50", ("bbox/AP50_base", "bbox/AP50_novel", "bbox/AP50")),
     ("ViLD + self-training", "det/vild_selftrain/metrics.json", "box AP50", ("bbox/AP50_base", "bbox/AP50_novel", "bbox/AP50")),
-    ("MaskCLIP on the dense tower, zero-shot", "teacher/dense/metrics.json", "mIoU", ("maskclip/miou_base", "maskclip/miou_novel", "maskclip/miou_all")),
+    ("MaskCLIP on the dense tower, zero-shot", "teacher/dense_tower/metrics.json", "mIoU", ("maskclip/miou_base", "maskclip/miou_novel", "maskclip/miou_all")),
     ("LSeg (base masks)", "seg/lseg/metrics.json", "mIoU", ("miou/base", "miou/novel", "miou/all")),
     ("LSeg + MaskCLIP distillation", "seg/lseg_distill/metrics.json", "mIoU", ("miou/base", "miou/novel", "miou/all")),
     ("LSeg on CLIP-ES masks", "seg/lseg_cam/metrics.json", "mIoU", ("miou/base", "miou/novel", "miou/all")),

@@ -22,16 +22,16 @@ from distill.errors import DistillError
 
 def _encoder(seg: SegConfig, teacher) -> tuple[int, torch.nn.Module]:
     """(embedding size, image tower) a student of ``seg`` is built on: the teacher's own tower, or
-    its dense tower (the CLIPSelf tower) for ``seg.backbone=teacher_dense``."""
+    its dense tower (the CLIPSelf tower) for ``seg.backbone=dense_tower``."""
     dim = seg.embed_dim or teacher.embed_dim
     if dim != teacher.embed_dim:
         raise DistillError(f"seg.embed_dim: {dim} differs from the teacher's text embedding size {teacher.embed_dim} (use 0)")
-    if seg.backbone != "teacher_dense":
+    if seg.backbone != "dense_tower":
         return dim, teacher.model.visual
-    if getattr(teacher, "dense_visual", None) is None:
-        raise DistillError("seg.backbone=teacher_dense: the teacher has no dense tower (set teacher.dense_pretrained "
+    if getattr(teacher, "dense_tower", None) is None:
+        raise DistillError("seg.backbone=dense_tower: the teacher has no dense tower (set teacher.dense_tower "
                            "to the file `distill teacher clipself` writes)")
-    return dim, teacher.dense_visual
+    return dim, teacher.dense_tower
 
 
 def build_lseg_student(seg: SegConfig, teacher) -> torch.nn.Module:

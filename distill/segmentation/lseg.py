@@ -63,10 +63,17 @@ class ResNetEncoder(nn.Module):
 
             if not Path(weights).is_file():
                 raise DistillError(f"seg.pretrained_backbone: {weights}: file not found (expected a resnet18 state dict, e.g. the one `distill train backbone` writes)")
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-            missing, unexpected = net.load_state_dict(sd, strict=False)
-            if [k for k in missing if not k.startswith("fc.")]:
-                raise DistillError(f"seg.pretrained_backbone: {weights}: not a resnet18 state dict (missing {missing[:3]})")
+            from distill.engine.checkpoint import load_failure, state_dict_mismatch
+
+            try:
+                sd = torch.load(weights, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
+                raise DistillError(f"seg.pretrained_backbone: {weights}: {load_failure(weights, e)}") from None
+            own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+            bad = state_dict_mismatch(own, {k: v for k, v in sd.items() if not k.startswith("fc.")}) if isinstance(sd, dict) else "not a state dict"
+            if bad:
+                raise DistillError(f"seg.pretrained_backbone: {weights}: not a resnet18 state dict: {bad}")
+            net.load_state_dict(sd, strict=False)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = (64, 128, 256, 512)
@@ -314,16 +321,16 @@ def build_lseg(
 ) -> LSeg:
     """LSeg with a ``resnet18`` encoder (random init unless ``pretrained_backbone``) or a ViT
     tower of the teacher (``visual``, with the teacher's ``mean``/``std``; deep-copied so the
-    teacher itself stays frozen): ``teacher`` = its image tower, ``teacher_dense`` = its dense
-    tower (the CLIPSelf weights of ``teacher.dense_pretrained``; the caller passes that tower)."""
+    teacher itself stays frozen): ``teacher`` = its image tower, ``dense_tower`` = its dense
+    tower (the CLIPSelf weights of ``teacher.dense_tower``; the caller passes that tower)."""
     if backbone == "resnet18":
         enc: nn.Module = ResNetEncoder(pretrained_backbone)
-    elif backbone in ("teacher", "teacher_dense"):
+    elif backbone in ("teacher", "dense_tower"):
         if visual is None:
             raise DistillError(f"seg.backbone={backbone} needs the teacher's visual tower")
         import copy
 
         enc = ViTEncoder(copy.deepcopy(visual).float(), mean, std, finetune=finetune)
     else:
-        raise DistillError(f"seg.backbone: {backbone!r} is not one of resnet18, teacher, teacher_dense")
+        raise DistillError(f"seg.backbone: {backbone!r} is not one of resnet18, teacher, dense_tower")
     return LSeg(enc, embed_dim, features, distill_weight, distill_loss)

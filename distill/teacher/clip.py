@@ -61,7 +61,7 @@ class Teacher:
         dense_fingerprint: with a dense tower, a hash of ``fingerprint`` + the tower's weights; keys
             what the dense paths compute (dense RoIAlign region caches). See :attr:`dense_key`.
         precision: fp32 | amp_bf16 | amp_fp16 (autocast on the teacher's device type).
-        dense_visual: None, or a frozen image tower (CLIPSelf, ``teacher.dense_pretrained``) that
+        dense_tower: None, or a frozen image tower (CLIPSelf, ``teacher.dense_tower``) that
             the dense paths (MaskCLIP patch / pixel embeddings, dense RoIAlign) run on instead of
             ``model.visual``; crops, the class token and text always use ``model``.
     """
@@ -79,7 +79,7 @@ class Teacher:
     dense_image_size: int = 0
     batch_size: int = 256
     tokenizer: object = field(default=None, repr=False)
-    dense_visual: torch.nn.Module | None = field(default=None, repr=False)
+    dense_tower: torch.nn.Module | None = field(default=None, repr=False)
     dense_fingerprint: str = ""
     _preprocess: object = field(default=None, repr=False)
 
@@ -261,9 +261,9 @@ def attach_dense_tower(teacher: Teacher, path: str) -> Teacher:
     :func:`distill.teacher.dense.load_dense_tower`). ``fingerprint`` stays (crops, the class token
     and text do not change, so their caches stay valid); ``dense_fingerprint`` also covers the
     tower's weights, so no cache of the plain teacher's dense path is reused."""
-    teacher.dense_visual = load_dense_tower(teacher, path)
+    teacher.dense_tower = load_dense_tower(teacher, path)
     h = hashlib.sha256(f"{teacher.fingerprint}|dense|".encode())
-    _hash_state_dict(h, teacher.dense_visual)
+    _hash_state_dict(h, teacher.dense_tower)
     teacher.dense_fingerprint = h.hexdigest()[:24]
     return teacher
 
@@ -279,15 +279,15 @@ def student_meta(cfg, teacher: "Teacher", **more) -> dict:
         return str(Path(v).resolve()) if v and os.path.exists(v) else v
 
     tc = cfg.teacher
-    return {"config": dump_config(cfg), "teacher": {"pretrained": where(tc.pretrained), "dense_pretrained": where(tc.dense_pretrained),
+    return {"config": dump_config(cfg), "teacher": {"pretrained": where(tc.pretrained), "dense_tower": where(tc.dense_tower),
             "fingerprint": teacher.fingerprint, "dense_fingerprint": teacher.dense_fingerprint}, **more}
 
 
 def build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
-    """Build the frozen teacher of ``tcfg``; with ``tcfg.dense_pretrained`` set, its dense paths
+    """Build the frozen teacher of ``tcfg``; with ``tcfg.dense_tower`` set, its dense paths
     run on that CLIPSelf tower (:func:`attach_dense_tower`)."""
     teacher = _build_teacher(tcfg, device)
-    dense = (getattr(tcfg, "dense_pretrained", "") or "").strip()
+    dense = (getattr(tcfg, "dense_tower", "") or "").strip()
     return attach_dense_tower(teacher, dense) if dense else teacher
 
 

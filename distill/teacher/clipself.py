@@ -21,13 +21,13 @@ As in the released code (github.com/wusize/CLIPSelf, ``src/training/clipself.py`
 - ``ln_post`` and ``proj`` stay frozen (the released ``lock`` leaves them out of the unlocked
   groups): the map stays in the joint space the frozen text tower reads.
 
-Output: ``clipself.out`` (default ``{work_dir}/teacher/teacher_dense.safetensors``), a full open_clip
+Output: ``clipself.out`` (default ``{work_dir}/teacher/dense_tower.safetensors``), a full open_clip
 state dict (the original text tower, the distilled image tower) whose metadata records the
-fingerprint of the teacher it came from; ``teacher.dense_pretrained=<that file>`` makes every dense
+fingerprint of the teacher it came from; ``teacher.dense_tower=<that file>`` makes every dense
 consumer use it (:func:`distill.teacher.clip.attach_dense_tower`). A manifest beside it
-(``teacher_dense.manifest.json``) lets a rerun with the same inputs reuse it. The training loop is
+(``dense_tower.manifest.json``) lets a rerun with the same inputs reuse it. The training loop is
 distill/engine/train.py (resume, DDP, AMP, the non-finite guard); its ``metrics.jsonl`` and, while
-it runs, its checkpoints are in ``teacher/teacher_dense_train/``.
+it runs, its checkpoints are in ``teacher/dense_tower_train/``.
 """
 
 from __future__ import annotations
@@ -280,10 +280,10 @@ def manifest_path(out: Path) -> Path:
 
 def uses_clipself(cfg) -> bool:
     """True when the teacher's dense tower is the file ``distill teacher clipself`` writes
-    (``teacher.dense_pretrained`` is ``clipself.out``): the pipeline's clipself stage makes it."""
+    (``teacher.dense_tower`` is ``clipself.out``): the pipeline's clipself stage makes it."""
     from distill.files import is_output_of
 
-    return is_output_of(cfg.teacher.dense_pretrained, cfg.clipself.out)
+    return is_output_of(cfg.teacher.dense_tower, cfg.clipself.out)
 
 
 def clipself(cfg, teacher=None, force: bool = False, resume: bool = False, progress: bool = True) -> Path:
@@ -300,9 +300,9 @@ def clipself(cfg, teacher=None, force: bool = False, resume: bool = False, progr
     cc = cfg.clipself
     _check(cc)
     if teacher is None:
-        teacher = build_teacher(dataclasses.replace(cfg.teacher, dense_pretrained=""))
-    if getattr(teacher, "dense_visual", None) is not None:
-        raise DistillError("clipself: the teacher already has a dense tower; CLIPSelf distils the original teacher (set teacher.dense_pretrained='')")
+        teacher = build_teacher(dataclasses.replace(cfg.teacher, dense_tower=""))
+    if getattr(teacher, "dense_tower", None) is not None:
+        raise DistillError("clipself: the teacher already has a dense tower; CLIPSelf distils the original teacher (set teacher.dense_tower='')")
     out = Path(cc.out)
     images, paths = load_images(image_folders(cfg), teacher.dense_image_size)
     inputs = _inputs(cfg, teacher, paths)

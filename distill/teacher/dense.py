@@ -19,8 +19,8 @@ size (MaskCLIP ``interpolate_mode='bicubic'``). The token embedding and the valu
 distill/teacher/vit.py, shared with the CAMs and the CLIPSeg backbone. Key smoothing and prompt denoising (MaskCLIP
 section 3.2, "Key Smoothing and Prompt Denoising") act on class scores: see :func:`maskclip_scores`.
 
-The dense path runs on the teacher's *dense tower* (:func:`dense_tower`): its image tower, or, when
-``teacher.dense_pretrained`` names one, a CLIPSelf-distilled copy of it
+The dense path runs on the teacher's *dense tower* (:func:`tower_for_dense_paths`): its image tower, or, when
+``teacher.dense_tower`` names one, a CLIPSelf-distilled copy of it
 (distill/teacher/clipself.py) while crops, the class token and text keep the original teacher.
 :func:`dense_feature_map` is the same computation with gradients, for training that tower.
 """
@@ -38,10 +38,10 @@ from distill.teacher.formats import load_state_dict_checked, load_weights_file
 from distill.teacher.vit import embed_tokens, run_blocks, value_path
 
 
-def dense_tower(teacher) -> torch.nn.Module:
-    """The image tower the dense paths run on: ``teacher.dense_visual`` (CLIPSelf weights, see
+def tower_for_dense_paths(teacher) -> torch.nn.Module:
+    """The image tower the dense paths run on: ``teacher.dense_tower`` (CLIPSelf weights, see
     :func:`load_dense_tower`) when set, else ``teacher.model.visual``."""
-    dv = getattr(teacher, "dense_visual", None)
+    dv = getattr(teacher, "dense_tower", None)
     return dv if dv is not None else teacher.model.visual
 
 
@@ -74,7 +74,7 @@ def load_dense_tower(teacher, path: str) -> torch.nn.Module:
     A file written by ``distill teacher clipself`` records the fingerprint of the teacher it was
     distilled from; loading it onto another teacher is a :class:`DistillError` (stale weights)."""
     if not os.path.isfile(path):
-        raise DistillError(f"teacher.dense_pretrained: {path} not found (run `distill teacher clipself CONFIG` to write it, or set teacher.dense_pretrained='')")
+        raise DistillError(f"teacher.dense_tower: {path} not found (run `distill teacher clipself CONFIG` to write it, or set teacher.dense_tower='')")
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -83,15 +83,15 @@ def load_dense_tower(teacher, path: str) -> torch.nn.Module:
         src = meta.get("teacher_fingerprint")
         if src and src != teacher.fingerprint:
             raise DistillError(
-                f"teacher.dense_pretrained: {path} was distilled from teacher {src}, but teacher.pretrained gives "
+                f"teacher.dense_tower: {path} was distilled from teacher {src}, but teacher.pretrained gives "
                 f"teacher {teacher.fingerprint}; rerun `distill teacher clipself CONFIG` for this teacher"
             )
     sd = load_weights_file(path)
     vis = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
     if not vis:
-        raise DistillError(f"teacher.dense_pretrained: {path} has no visual.* weights (expected an open_clip state dict)")
+        raise DistillError(f"teacher.dense_tower: {path} has no visual.* weights (expected an open_clip state dict)")
     tower = copy.deepcopy(teacher.model.visual)
-    load_state_dict_checked(tower, vis, f"teacher.dense_pretrained {path}")
+    load_state_dict_checked(tower, vis, f"teacher.dense_tower {path}")
     tower.eval()
     for p in tower.parameters():
         p.requires_grad_(False)
@@ -112,7 +112,7 @@ def patch_embeddings(teacher, images: torch.Tensor, size: int | None = None, ret
     if images.ndim != 4 or images.shape[1] != 3:
         raise DistillError(f"patch_embeddings: expected images (B, 3, H, W), got shape {tuple(images.shape)}")
     size = size or teacher.dense_image_size
-    visual = dense_tower(teacher)
+    visual = tower_for_dense_paths(teacher)
     feats, keys = [], []
     bs = max(1, teacher.batch_size // 4)
     for i in range(0, images.shape[0], bs):

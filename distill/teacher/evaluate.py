@@ -4,7 +4,7 @@
   embedded as ViLD crops at 1x, at 1.5x and 1x+1.5x summed (``top1_ens``), and with the ``dense``
   RoIAlign mode; reported over all objects and over objects of base / novel categories.
 - The dense rows (``dense`` RoIAlign and MaskCLIP pixels) run on the teacher's dense tower: the
-  CLIPSelf tower of ``teacher.dense_pretrained`` when set (``teacher/dense_pretrained`` names it),
+  CLIPSelf tower of ``teacher.dense_tower`` when set (``teacher/dense_tower`` names it),
   else the image tower itself; crops always use the original tower.
 - MaskCLIP pixel zero-shot segmentation: argmax over the class texts plus background words
   (``teacher.background``; a pixel won by a background word is background), mIoU on the val
@@ -267,7 +267,7 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
     text = text_embeddings(teacher, vocab, templates, cache_dir=cache_dir)
     res: dict = {"teacher/fingerprint": teacher.fingerprint, "teacher/dense_fingerprint": teacher.dense_key,
                  "teacher/dense_image_size": teacher.dense_image_size,
-                 "teacher/dense_pretrained": cfg.teacher.dense_pretrained if getattr(teacher, "dense_visual", None) is not None else ""}
+                 "teacher/dense_tower": cfg.teacher.dense_tower if getattr(teacher, "dense_tower", None) is not None else ""}
     regions = ZeroShotRegions(teacher, vocab, text)
     pixels: dict[int, MaskClipPixels] = {}
     gt_paths: list[Path] = []

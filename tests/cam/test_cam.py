@@ -524,7 +524,7 @@ def test_cli_unknown_class_exits_2(tmp_path, capsys):
 
 
 def _teacher_with_dense_tower():
-    """The ``teacher`` fixture's architecture with ``dense_visual`` set to a perturbed, frozen copy
+    """The ``teacher`` fixture's architecture with ``dense_tower`` set to a perturbed, frozen copy
     of its own image tower (as :func:`distill.teacher.clip.attach_dense_tower` leaves it), and a
     reference teacher whose ``model.visual`` *is* (a copy of) that dense tower."""
     import copy
@@ -538,22 +538,22 @@ def _teacher_with_dense_tower():
         for p in dense.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     dense.eval().requires_grad_(False)
-    t.dense_visual = dense
+    t.dense_tower = dense
     ref_model = copy.deepcopy(t.model)
     ref_model.visual = copy.deepcopy(dense)
-    ref = dataclasses.replace(t, model=ref_model, dense_visual=None)
+    ref = dataclasses.replace(t, model=ref_model, dense_tower=None)
     return t, ref
 
 
 def test_cam_tower_errors(tmp_path, teacher):
     root = _tiny_world(tmp_path)
-    assert teacher.dense_visual is None
-    cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", "cam.tower=dense")
-    with pytest.raises(DistillError, match=r"cam\.tower=dense") as e:
-        cam_run.cam_tower(teacher, cfg)
+    assert teacher.dense_tower is None
+    cfg = _cfg(tmp_path, root, "cam.num_panels=0", "cam.image_size=64", "cam.tower=dense_tower")
+    with pytest.raises(DistillError, match=r"cam\.tower=dense_tower") as e:
+        cam_run.teacher_for_cam(teacher, cfg)
     assert "\n" not in str(e.value)
     for entry in (cam_run.run_cam, cam_ablate.cam_ablation):  # both entry points refuse before computing anything
-        with pytest.raises(DistillError, match=r"cam\.tower=dense"):
+        with pytest.raises(DistillError, match=r"cam\.tower=dense_tower"):
             entry(cfg, "val", teacher=teacher)
     assert not (tmp_path / "run" / "cam" / "masks").exists()
     with pytest.raises(DistillError, match=r"cam\.tower: 'bogus' is not one of teacher, dense"):
@@ -561,26 +561,26 @@ def test_cam_tower_errors(tmp_path, teacher):
     good = _cfg(tmp_path, root, "cam.num_panels=0")  # a Config built in code: refused where it is used
     bad = dataclasses.replace(good, cam=dataclasses.replace(good.cam, tower="bogus"))
     with pytest.raises(DistillError, match=r"cam\.tower: 'bogus'"):
-        cam_run.cam_tower(teacher, bad)
+        cam_run.teacher_for_cam(teacher, bad)
     for entry in (cam_run.run_cam, cam_ablate.cam_ablation):
         with pytest.raises(DistillError, match=r"cam\.tower: 'bogus'"):
             entry(bad, "val", teacher=teacher)
     # the default reads the teacher's own tower: the very same teacher object
-    assert cam_run.cam_tower(teacher, _cfg(tmp_path, root)) is teacher
+    assert cam_run.teacher_for_cam(teacher, _cfg(tmp_path, root)) is teacher
 
 
 def test_cam_tower_dense_swaps_only_the_image_tower(tmp_path):
     t, ref = _teacher_with_dense_tower()
     root = _tiny_world(tmp_path)
-    cfg = _cfg(tmp_path, root, "cam.tower=dense")
-    dt = cam_run.cam_tower(t, cfg)
-    assert dt is not t and dt.model.visual is t.dense_visual and gradcam._visual(dt) is t.dense_visual
-    assert t.model.visual is not t.dense_visual  # the teacher itself is untouched
+    cfg = _cfg(tmp_path, root, "cam.tower=dense_tower")
+    dt = cam_run.teacher_for_cam(t, cfg)
+    assert dt is not t and dt.model.visual is t.dense_tower and gradcam._visual(dt) is t.dense_tower
+    assert t.model.visual is not t.dense_tower  # the teacher itself is untouched
     # text and logit scale: the original model's
     assert dt.model.logit_scale is t.model.logit_scale
     assert dt.model.encode_text.__self__ is t.model
     torch.testing.assert_close(dt.encode_text(["a red star", "noise"]), t.encode_text(["a red star", "noise"]))
-    assert cam_run.cam_tower(dt, cfg) is dt  # applying it twice changes nothing
+    assert cam_run.teacher_for_cam(dt, cfg) is dt  # applying it twice changes nothing
     # CAMs through the dense tower == CAMs of a teacher whose own tower is the dense one, != the teacher's
     torch.manual_seed(5)
     images = torch.rand(2, 3, 64, 64)
@@ -596,7 +596,7 @@ def test_cam_tower_dense_swaps_only_the_image_tower(tmp_path):
 
 
 def test_run_cam_reads_the_tower_cam_tower_names(tmp_path):
-    """run_cam with cam.tower=dense writes the seeds of the dense tower (those of a teacher whose
+    """run_cam with cam.tower=dense_tower writes the seeds of the dense tower (those of a teacher whose
     own tower is that one, logit scale read from the model); cam.tower=teacher those of its own."""
     t, ref = _teacher_with_dense_tower()
     root = _tiny_world(tmp_path, sizes=((40, 56), (64, 64)))
@@ -608,7 +608,7 @@ def test_run_cam_reads_the_tower_cam_tower_names(tmp_path):
         cam_run.run_cam(cfg, "val", teacher=teacher)
         return [np.load(tmp_path / name / "cam" / "seeds" / "val" / f"{i:06d}.npz")["gradcam"].astype(np.float32) for i in (1, 2)]
 
-    dense = seeds("dense", "dense", t)
+    dense = seeds("dense", "dense_tower", t)
     for d, r, o in zip(dense, seeds("ref", "teacher", ref), seeds("own", "teacher", t)):
         np.testing.assert_allclose(d, r, atol=2e-3)  # float16 seeds
         assert np.abs(d - o).max() > 0.05

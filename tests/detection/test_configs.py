@@ -87,7 +87,7 @@ def _run(cfg, teacher, base_only_check: int | None = None) -> dict:
     props, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
     assert len(props) == 4 and all(len(b) <= cfg.proposals.top_k for b, _ in props.values())
     assert 0 <= m_prop[f"recall@{cfg.proposals.top_k}/all"] <= 1
-    metrics = train_detector(cfg, progress=False, teacher=teacher)
+    train_detector(cfg, progress=False, teacher=teacher)
     out = det_dir(cfg)
     assert (out / "model_final.pt").is_file() and (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
     saved = json.loads((out / "metrics.json").read_text())

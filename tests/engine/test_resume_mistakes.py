@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from distill.engine import checkpoint as ckpt_lib
 from distill.engine.train import make_loader, train

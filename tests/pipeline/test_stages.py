@@ -43,7 +43,7 @@ def test_lseg_encoder_from_the_backbone_stage(tmp_path):
     only_seg = load_config(REPO / "configs/shapes/pipeline.yaml", [w, "det.pretrained_backbone="])
     assert backbone_readers(only_seg) == ("seg",)
     assert build_pipeline(only_seg).stages["backbone"].outputs == ("backbone/base_crops.pth",)
-    for other in ("seg.backbone=teacher_dense", "seg.arch=clipseg", "seg.pretrained_backbone=", f"seg.pretrained_backbone={tmp_path / 'imagenet.pth'}"):
+    for other in ("seg.backbone=dense_tower", "seg.arch=clipseg", "seg.pretrained_backbone=", f"seg.pretrained_backbone={tmp_path / 'imagenet.pth'}"):
         c = load_config(REPO / "configs/shapes/pipeline.yaml", [w, other])
         assert backbone_readers(c) == ("det",), other
         assert "backbone" not in build_pipeline(c).stages["seg"].deps, other
@@ -53,16 +53,16 @@ def test_lseg_encoder_from_the_backbone_stage(tmp_path):
 
 
 def test_plain_teacher_blanks_the_dense_tower_only(tmp_path):
-    """Stages before clipself (and those that read crops / text) see teacher.dense_pretrained
+    """Stages before clipself (and those that read crops / text) see teacher.dense_tower
     blank; everything else in the config reaches them unchanged, and a blank config passes as is."""
     from distill.pipeline.stages import STAGES, plain_teacher
 
-    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}", f"teacher.dense_pretrained={tmp_path / 'dense.safetensors'}", "teacher.batch_size=7"])
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}", f"teacher.dense_tower={tmp_path / 'dense.safetensors'}", "teacher.batch_size=7"])
     got = plain_teacher(cfg)
-    assert got.teacher.dense_pretrained == "" and cfg.teacher.dense_pretrained == str(tmp_path / "dense.safetensors")
+    assert got.teacher.dense_tower == "" and cfg.teacher.dense_tower == str(tmp_path / "dense.safetensors")
     assert got.teacher.batch_size == 7 and got.work_dir == cfg.work_dir and got.seg == cfg.seg and got.cam == cfg.cam
-    assert got.teacher == dataclasses.replace(cfg.teacher, dense_pretrained="")
-    blank = load_config(None, [f"work_dir={tmp_path / 'w'}", "teacher.dense_pretrained="])
+    assert got.teacher == dataclasses.replace(cfg.teacher, dense_tower="")
+    blank = load_config(None, [f"work_dir={tmp_path / 'w'}", "teacher.dense_tower="])
     assert plain_teacher(blank) is blank
     # the stages that need the dense tower (clipself makes it; seg and cam read it) see it
     plain = {s.name for s in STAGES if s.view is plain_teacher}
@@ -76,13 +76,13 @@ def test_stage_runs_on_and_is_keyed_on_its_view(tmp_path):
     from distill.pipeline.stages import STAGES, plain_teacher
 
     seen = []
-    pipe = Pipeline([Stage("a", lambda c: seen.append(c.teacher.dense_pretrained), (), ("teacher",), (), view=plain_teacher)])
-    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}", f"teacher.dense_pretrained={tmp_path / 'd1'}"])
+    pipe = Pipeline([Stage("a", lambda c: seen.append(c.teacher.dense_tower), (), ("teacher",), (), view=plain_teacher)])
+    cfg = load_config(None, [f"work_dir={tmp_path / 'w'}", f"teacher.dense_tower={tmp_path / 'd1'}"])
     pipe.run(cfg)
     assert seen == [""]
 
     full = Pipeline(STAGES)
-    moved = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, dense_pretrained=str(tmp_path / "d2")))
+    moved = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, dense_tower=str(tmp_path / "d2")))
     for name in ("teacher", "text", "det_text", "det", "label"):
         assert full.stage_key(cfg, name) == full.stage_key(moved, name), name
     for name in ("clipself", "seg", "cam"):
@@ -93,7 +93,7 @@ def test_stage_runs_on_and_is_keyed_on_its_view(tmp_path):
 
 
 def test_clipself_stage_runs_only_for_its_own_weights(tmp_path):
-    """The clipself stage writes the dense tower only when teacher.dense_pretrained is clipself.out;
+    """The clipself stage writes the dense tower only when teacher.dense_tower is clipself.out;
     then the file and its MaskCLIP metrics are its outputs, and seg / cam depend on it."""
     from distill.pipeline.stages import STAGES, build_pipeline, st_clipself
     from distill.teacher.clipself import uses_clipself
@@ -102,18 +102,18 @@ def test_clipself_stage_runs_only_for_its_own_weights(tmp_path):
     deps = {s.name: s.deps for s in STAGES}
     assert "clipself" in deps["seg"] and "clipself" in deps["cam"] and deps["clipself"] == ("teacher",)
     cfg = load_config(REPO / "configs/shapes/pipeline.yaml", [f"work_dir={w}"])
-    assert uses_clipself(cfg) and cfg.teacher.dense_pretrained == cfg.clipself.out == f"{w}/teacher/teacher_dense.safetensors"
-    assert build_pipeline(cfg).stages["clipself"].outputs == ("teacher/teacher_dense.safetensors", "teacher/dense/metrics.json")
+    assert uses_clipself(cfg) and cfg.teacher.dense_tower == cfg.clipself.out == f"{w}/teacher/dense_tower.safetensors"
+    assert build_pipeline(cfg).stages["clipself"].outputs == ("teacher/dense_tower.safetensors", "teacher/dense_tower/metrics.json")
     # clipself.out elsewhere under the work dir: the outputs follow it
     moved = load_config(REPO / "configs/shapes/pipeline.yaml", [f"work_dir={w}", f"clipself.out={w}/cs/tower.safetensors",
-                                                                f"teacher.dense_pretrained={w}/cs/tower.safetensors"])
-    assert build_pipeline(moved).stages["clipself"].outputs == ("cs/tower.safetensors", "teacher/dense/metrics.json")
+                                                                f"teacher.dense_tower={w}/cs/tower.safetensors"])
+    assert build_pipeline(moved).stages["clipself"].outputs == ("cs/tower.safetensors", "teacher/dense_tower/metrics.json")
     ext = tmp_path / "external.safetensors"
-    for others in (["teacher.dense_pretrained="], [f"teacher.dense_pretrained={ext}"],
-                   [f"clipself.out={ext}", f"teacher.dense_pretrained={ext}"]):  # last: used, but outside the work dir
+    for others in (["teacher.dense_tower="], [f"teacher.dense_tower={ext}"],
+                   [f"clipself.out={ext}", f"teacher.dense_tower={ext}"]):  # last: used, but outside the work dir
         c = load_config(REPO / "configs/shapes/pipeline.yaml", [f"work_dir={w}", *others])
         assert build_pipeline(c).stages["clipself"].outputs == ()
-        if c.teacher.dense_pretrained != c.clipself.out:
+        if c.teacher.dense_tower != c.clipself.out:
             assert not uses_clipself(c)
             assert st_clipself(c).startswith("skipped")
     assert not w.exists() and not ext.exists()  # a skipped stage builds and writes nothing

@@ -49,7 +49,7 @@ def teacher_overrides(teacher_model: str) -> list[str]:
     # no CLIPSelf dense tower (the shapes configs name one the pipeline's clipself stage writes):
     # LSeg and the CAMs read the teacher's own tower
     return [f"teacher.model={teacher_model}", "teacher.pretrained=", "teacher.templates=", "teacher.device=cpu",
-            "teacher.dense_image_size=32", "teacher.batch_size=16", "teacher.dense_pretrained=", "seg.backbone=teacher",
+            "teacher.dense_image_size=32", "teacher.batch_size=16", "teacher.dense_tower=", "seg.backbone=teacher",
             "cam.tower=teacher"]
 
 

@@ -25,8 +25,6 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.cli import main
-
 from ._fixtures import REPO, cli_cmd, cli_error, env, make_teacher_dir, make_tiny_world, seg_overrides, teacher_overrides, world_overrides
 
 KILL_AT = Path(__file__).resolve().parent / "_kill_at.py"

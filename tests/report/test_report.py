@@ -45,11 +45,11 @@ def _seg_rows(text):
 
 
 def test_report_lists_maskclip_on_the_dense_tower(tmp_path):
-    """teacher/dense/metrics.json (the clipself stage's MaskCLIP) adds a zero-shot row after the
+    """teacher/dense_tower/metrics.json (the clipself stage's MaskCLIP) adds a zero-shot row after the
     teacher's own MaskCLIP row and before the students; without the file (or its maskclip keys) no row."""
     work = tmp_path / "w"
     cfg = load_config(None, [f"work_dir={work}"])
-    (work / "teacher" / "dense").mkdir(parents=True)
+    (work / "teacher" / "dense_tower").mkdir(parents=True)
     (work / "teacher" / "metrics.json").write_text(json.dumps(
         {"zeroshot/top1_1x": 0.5, "maskclip/miou_base": 0.007, "maskclip/miou_novel": 0.002, "maskclip/miou_all": 0.005,
          "maskclip/miou_hiou": 0.003, "maskclip/miou_all@128": 0.9}))
@@ -61,11 +61,11 @@ def test_report_lists_maskclip_on_the_dense_tower(tmp_path):
     rows, order = _seg_rows(write_report(cfg).read_text())
     assert dense_label not in rows and order == ["MaskCLIP teacher (zero-shot)", "lseg", "lseg_distill"]
 
-    (work / "teacher" / "dense" / "metrics.json").write_text(json.dumps({"maskclip/absent": "no semantic masks"}))
+    (work / "teacher" / "dense_tower" / "metrics.json").write_text(json.dumps({"maskclip/absent": "no semantic masks"}))
     rows, order = _seg_rows(write_report(cfg).read_text())
     assert dense_label not in rows
 
-    (work / "teacher" / "dense" / "metrics.json").write_text(json.dumps(
+    (work / "teacher" / "dense_tower" / "metrics.json").write_text(json.dumps(
         {"maskclip/miou_base": 0.261, "maskclip/miou_novel": 0.232, "maskclip/miou_all": 0.25, "maskclip/miou_hiou": 0.2457,
          "maskclip/miou_all@128": 0.99, "zeroshot/top1_dense": 0.5}))
     rows, order = _seg_rows(write_report(cfg).read_text())

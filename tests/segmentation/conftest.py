@@ -72,7 +72,7 @@ def tiny_teacher():
 
     t = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
     # the shapes LSeg configs read the dense (CLIPSelf) tower; here a frozen copy of the teacher's own
-    t.dense_visual = copy.deepcopy(t.model.visual).eval().requires_grad_(False)
+    t.dense_tower = copy.deepcopy(t.model.visual).eval().requires_grad_(False)
     return t
 
 

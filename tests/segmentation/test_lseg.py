@@ -115,23 +115,45 @@ def test_bad_input(tiny_teacher):
         build_lseg(d, "vgg")
 
 
-def test_teacher_dense_backbone_is_a_copy_of_the_tower_passed(tiny_teacher):
-    """build_lseg(backbone=teacher_dense) runs on the tower the caller passes (the dense one),
-    deep-copied; without one it names seg.backbone=teacher_dense."""
+def test_dense_tower_backbone_is_a_copy_of_the_tower_passed(tiny_teacher):
+    """build_lseg(backbone=dense_tower) runs on the tower the caller passes (the dense one),
+    deep-copied; without one it names seg.backbone=dense_tower."""
     import copy
 
     t = tiny_teacher
     d = t.embed_dim
-    with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense needs"):
-        build_lseg(d, "teacher_dense", mean=t.mean, std=t.std, features=16)
-    with pytest.raises(DistillError, match="resnet18, teacher, teacher_dense"):
+    with pytest.raises(DistillError, match=r"seg\.backbone=dense_tower needs"):
+        build_lseg(d, "dense_tower", mean=t.mean, std=t.std, features=16)
+    with pytest.raises(DistillError, match="resnet18, teacher, dense_tower"):
         build_lseg(d, "vgg")
     tower = copy.deepcopy(t.model.visual)
     with torch.no_grad():
         for p in tower.parameters():
             p.add_(0.1)
-    m = build_lseg(d, "teacher_dense", visual=tower, mean=t.mean, std=t.std, features=16)
+    m = build_lseg(d, "dense_tower", visual=tower, mean=t.mean, std=t.std, features=16)
     assert m.encoder.visual is not tower
     for (k, a), (_, b) in zip(m.encoder.visual.state_dict().items(), tower.state_dict().items()):
         assert torch.equal(a, b), k
     assert not torch.equal(m.encoder.visual.conv1.weight, t.model.visual.conv1.weight)
+
+
+def test_pretrained_backbone_that_is_not_a_resnet18_is_one_line_error(tmp_path):
+    """seg.pretrained_backbone names an image, a resnet34 or a pickled list: one line naming the key
+    and the file (before: a traceback from torch.load, and a resnet34 loaded its first blocks into
+    the resnet18 without a word); the `distill train backbone` file (resnet18 without fc) loads."""
+    from torchvision.models import resnet18, resnet34
+
+    from distill.segmentation.lseg import ResNetEncoder
+
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    torch.save(resnet34().state_dict(), tmp_path / "r34.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    for name, says in (("a.png", "not a PyTorch checkpoint: a PNG image"), ("r34.pth", "not a resnet18 state dict: 96 unexpected keys"),
+                       ("list.pth", "not a resnet18 state dict: not a state dict")):
+        with pytest.raises(DistillError) as e:
+            ResNetEncoder(str(tmp_path / name))
+        assert str(e.value).startswith(f"seg.pretrained_backbone: {tmp_path / name}: {says}") and "\n" not in str(e.value)
+    net = resnet18()
+    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, tmp_path / "ok.pth")
+    enc = ResNetEncoder(str(tmp_path / "ok.pth"))
+    assert torch.equal(enc.layer4[1].conv2.weight, net.layer4[1].conv2.weight)

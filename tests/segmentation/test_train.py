@@ -148,12 +148,12 @@ def test_cli_train_seg_bad_input(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# seg.backbone=teacher_dense: LSeg's encoder starts from the teacher's CLIPSelf dense tower
+# seg.backbone=dense_tower: LSeg's encoder starts from the teacher's CLIPSelf dense tower
 # ---------------------------------------------------------------------------------------------
 
 
 def _with_dense_tower(scale=0.05):
-    """The ``tiny_teacher`` architecture with ``dense_visual``: a perturbed, frozen copy of its own
+    """The ``tiny_teacher`` architecture with ``dense_tower``: a perturbed, frozen copy of its own
     tower (as ``attach_dense_tower`` leaves it)."""
     import copy
 
@@ -165,7 +165,7 @@ def _with_dense_tower(scale=0.05):
     with torch.no_grad():
         for p in dense.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
-    t.dense_visual = dense.eval().requires_grad_(False)
+    t.dense_tower = dense.eval().requires_grad_(False)
     return t
 
 
@@ -177,40 +177,40 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_teacher_dense_backbone_without_dense_tower_is_one_line_error(tiny_world, overrides):
+def test_dense_tower_backbone_without_dense_tower_is_one_line_error(tiny_world, overrides):
     from distill.teacher.clip import build_random_teacher
 
     root, data = tiny_world
     tiny_teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
-    assert tiny_teacher.dense_visual is None
-    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher_dense"}))
+    assert tiny_teacher.dense_tower is None
+    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "dense_tower"}))
     for call in (lambda: build_segmenter(cfg.seg, tiny_teacher), lambda: train_seg(cfg, teacher=tiny_teacher, progress=False)):
-        with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense") as e:
+        with pytest.raises(DistillError, match=r"seg\.backbone=dense_tower") as e:
             call()
-        assert "teacher.dense_pretrained" in str(e.value) and "\n" not in str(e.value)
+        assert "teacher.dense_tower" in str(e.value) and "\n" not in str(e.value)
     assert not (root / "seg" / "lseg" / "model_final.pt").exists()
 
 
-def test_teacher_dense_backbone_starts_from_a_copy_of_the_dense_tower(tiny_world, overrides):
+def test_dense_tower_backbone_starts_from_a_copy_of_the_dense_tower(tiny_world, overrides):
 
     root, data = tiny_world
     t = _with_dense_tower()
-    dense0, own0 = _snapshot(t.dense_visual), _snapshot(t.model.visual)
+    dense0, own0 = _snapshot(t.dense_tower), _snapshot(t.model.visual)
     assert not _same(dense0, own0)
-    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher_dense", "seg.finetune_backbone": "true"}))
+    cfg = load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "dense_tower", "seg.finetune_backbone": "true"}))
     m = build_segmenter(cfg.seg, t)
     enc = m.encoder.visual
-    assert enc is not t.dense_visual and enc is not t.model.visual
+    assert enc is not t.dense_tower and enc is not t.model.visual
     assert _same({k: v.float() for k, v in enc.state_dict().items()}, dense0)
     assert all(p.requires_grad for p in enc.parameters())  # fine-tuned: the copy, never the teacher's tower
-    assert all(not p.requires_grad for p in t.dense_visual.parameters())
+    assert all(not p.requires_grad for p in t.dense_tower.parameters())
     # seg.backbone=teacher on the same teacher: its own tower, not the dense one
     own = build_segmenter(load_config("configs/shapes/lseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})).seg, t)
     assert _same(own.encoder.visual.state_dict(), own0)
     # training the student leaves both teacher towers as they were, and moves the student's copy
     train_seg(cfg, teacher=t, progress=False)
-    assert _same(_snapshot(t.dense_visual), dense0) and _same(_snapshot(t.model.visual), own0)
-    assert all(not p.requires_grad for p in t.dense_visual.parameters())
+    assert _same(_snapshot(t.dense_tower), dense0) and _same(_snapshot(t.model.visual), own0)
+    assert all(not p.requires_grad for p in t.dense_tower.parameters())
     from distill.engine import checkpoint
 
     sd = checkpoint.read(root / "seg" / "lseg" / "model_final.pt")
@@ -221,24 +221,24 @@ def test_teacher_dense_backbone_starts_from_a_copy_of_the_dense_tower(tiny_world
 
 
 def test_clipseg_reads_the_dense_tower_frozen_when_asked(tiny_world, overrides):
-    """CLIPSeg's frozen ViT is the CLIPSelf tower with seg.backbone=teacher_dense (the shapes
+    """CLIPSeg's frozen ViT is the CLIPSelf tower with seg.backbone=dense_tower (the shapes
     config; the same module, never trained), the teacher's own tower otherwise; without a dense
     tower, a one-line error."""
     from distill.teacher.clip import build_random_teacher
 
     root, data = tiny_world
     t = _with_dense_tower()
-    dense0 = _snapshot(t.dense_visual)
+    dense0 = _snapshot(t.dense_tower)
     own = build_segmenter(load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.backbone": "teacher"})).seg, t)
     assert own.backbone.visual is t.model.visual
     cfg = load_config("configs/shapes/clipseg.yaml", overrides(root, data, **{"seg.name": "clipseg_dense"}))
-    assert cfg.seg.backbone == "teacher_dense"
+    assert cfg.seg.backbone == "dense_tower"
     m = build_segmenter(cfg.seg, t)
-    assert m.backbone.visual is t.dense_visual
+    assert m.backbone.visual is t.dense_tower
     train_seg(cfg, teacher=t, progress=False)
-    assert _same(_snapshot(t.dense_visual), dense0)
+    assert _same(_snapshot(t.dense_tower), dense0)
     plain = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=4, heads=2, dense_image_size=32, seed=0)
-    with pytest.raises(DistillError, match=r"seg\.backbone=teacher_dense") as e:
+    with pytest.raises(DistillError, match=r"seg\.backbone=dense_tower") as e:
         build_segmenter(cfg.seg, plain)
     assert "\n" not in str(e.value)
 

@@ -142,7 +142,7 @@ def test_end_to_end_output_changes_only_the_dense_path(tmp_path):
                              "clipself.warmup=1", "clipself.lr=0.01", "clipself.log_period=1", "clipself.precision=fp32"])
     t = build_random_teacher(seed=0)
     out = clipself(cfg, teacher=t)
-    assert out == tmp_path / "teacher" / "teacher_dense.safetensors" and out.is_file()
+    assert out == tmp_path / "teacher" / "dense_tower.safetensors" and out.is_file()
     man = json.loads(manifest_path(out).read_text())
     assert man["inputs"]["num_images"] == 6 and man["steps"] == 3
     mtime = out.stat().st_mtime_ns
@@ -158,10 +158,10 @@ def test_end_to_end_output_changes_only_the_dense_path(tmp_path):
     x = torch.rand(2, 3, 40, 40)
     assert not torch.allclose(pixel_embeddings(t2, x), pixel_embeddings(t, x), atol=1e-4)
     assert torch.equal(t2.encode_images(x), t.encode_images(x))  # crops / CLS: the original tower
-    assert t2.dense_visual is not t2.model.visual and all(not p.requires_grad for p in t2.dense_visual.parameters())
+    assert t2.dense_tower is not t2.model.visual and all(not p.requires_grad for p in t2.dense_tower.parameters())
     # the saved tower is exactly what the dense path runs
     with torch.no_grad():
-        ref = dense_feature_map(t2.dense_visual, t2.normalize(t2.resize(x, t2.dense_image_size)))
+        ref = dense_feature_map(t2.dense_tower, t2.normalize(t2.resize(x, t2.dense_image_size)))
     assert torch.allclose(patch_embeddings(t2, x), ref, atol=1e-6)
     # a dense file of another teacher is refused
     with pytest.raises(DistillError, match="distilled from teacher"):
@@ -188,7 +188,7 @@ def test_bad_config_is_one_line_error(tmp_path, override, match):
 
 
 def test_missing_dense_file_and_image_folder_are_clear(tmp_path):
-    with pytest.raises(DistillError, match="teacher.dense_pretrained: .* not found"):
+    with pytest.raises(DistillError, match="teacher.dense_tower: .* not found"):
         attach_dense_tower(build_random_teacher(seed=0), str(tmp_path / "nope.safetensors"))
     cfg = load_config(None, [f"work_dir={tmp_path}", f"data.image_root={tmp_path}/none"])
     with pytest.raises(DistillError, match="not found"):
@@ -197,7 +197,7 @@ def test_missing_dense_file_and_image_folder_are_clear(tmp_path):
 
 def test_cli_clipself_and_evaluate_with_dense_tower(tmp_path):
     """`distill teacher clipself` on a tiny world, then `teacher evaluate` with
-    teacher.dense_pretrained: the crop rows are unchanged, the dense rows come from the new tower."""
+    teacher.dense_tower: the crop rows are unchanged, the dense rows come from the new tower."""
     import yaml
 
     from distill.cli import main
@@ -214,13 +214,13 @@ def test_cli_clipself_and_evaluate_with_dense_tower(tmp_path):
     make_world(load_config(cfg_path))
     assert main(["teacher", "pretrain", str(cfg_path)]) == 0
     assert main(["teacher", "clipself", str(cfg_path)]) == 0
-    dense = tmp_path / "teacher" / "teacher_dense.safetensors"
+    dense = tmp_path / "teacher" / "dense_tower.safetensors"
     assert dense.is_file()
     assert main(["teacher", "evaluate", str(cfg_path), "--max-images", "3", "--out", str(tmp_path / "before")]) == 0
-    assert main(["teacher", "evaluate", str(cfg_path), f"teacher.dense_pretrained={dense}", "--max-images", "3", "--out", str(tmp_path / "after")]) == 0
+    assert main(["teacher", "evaluate", str(cfg_path), f"teacher.dense_tower={dense}", "--max-images", "3", "--out", str(tmp_path / "after")]) == 0
     a = json.loads((tmp_path / "before" / "metrics.json").read_text())
     b = json.loads((tmp_path / "after" / "metrics.json").read_text())
-    assert a["zeroshot/top1_1x"] == b["zeroshot/top1_1x"] and a["teacher/dense_pretrained"] == ""
-    assert b["teacher/dense_pretrained"] == str(dense) and a["teacher/dense_fingerprint"] != b["teacher/dense_fingerprint"]
+    assert a["zeroshot/top1_1x"] == b["zeroshot/top1_1x"] and a["teacher/dense_tower"] == ""
+    assert b["teacher/dense_tower"] == str(dense) and a["teacher/dense_fingerprint"] != b["teacher/dense_fingerprint"]
     assert a["teacher/fingerprint"] == b["teacher/fingerprint"]
     assert 0.0 <= b["maskclip/miou_all"] <= 1.0

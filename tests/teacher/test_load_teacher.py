@@ -233,7 +233,7 @@ def test_cli_names_the_checkpoint_problem_in_one_line(tmp_path, openai_files):
     out = tmp_path / "emb"
     r = subprocess.run(
         [exe, "teacher", "embed-text", str(repo / "configs/shapes/teacher.yaml"), "--vocab", "cat, dog", "--out", str(out),
-         "teacher.model=ViT-B-32", f"teacher.pretrained={archive}", "teacher.templates=", "teacher.device=cpu", "teacher.dense_pretrained="],
+         "teacher.model=ViT-B-32", f"teacher.pretrained={archive}", "teacher.templates=", "teacher.device=cpu", "teacher.dense_tower="],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert r.returncode == 2, r.stderr
@@ -242,7 +242,7 @@ def test_cli_names_the_checkpoint_problem_in_one_line(tmp_path, openai_files):
     assert not out.exists()
     r = subprocess.run(
         [exe, "teacher", "embed-text", str(repo / "configs/shapes/teacher.yaml"), "--vocab", "cat, dog", "--out", str(out),
-         "teacher.model=", f"teacher.pretrained={archive}", "teacher.templates=", "teacher.device=cpu", "teacher.dense_pretrained="],
+         "teacher.model=", f"teacher.pretrained={archive}", "teacher.templates=", "teacher.device=cpu", "teacher.dense_tower="],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert r.returncode == 0, r.stderr
