@@ -73,13 +73,19 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Non
     write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "json") -> Any:
-    """Read a json file; a missing or corrupt file is a :class:`DistillError` naming it."""
+def _json_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` when it is a file; else a :class:`DistillError` saying it is a folder or missing."""
     path = Path(path)
     if path.is_dir():
         raise DistillError(f"{path}: is a folder (expected a {what} json)")
     if not path.is_file():
         raise DistillError(f"{path}: file not found (expected a {what} file)")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str = "json") -> Any:
+    """Read a json file; a missing or corrupt file is a :class:`DistillError` naming it."""
+    path = _json_file(path, what)
     try:
         with open(path, "rb") as f:
             return json.loads(f.read())
@@ -204,11 +210,7 @@ def read_json_items(path: str | os.PathLike, what: str = "json") -> Any:
     """Like :func:`read_json`, but a file whose top-level value is a list comes back as a
     :class:`JsonListItems` (its items parsed one at a time while iterating, so the memory does
     not grow with the file); any other value is read whole."""
-    path = Path(path)
-    if path.is_dir():
-        raise DistillError(f"{path}: is a folder (expected a {what} json)")
-    if not path.is_file():
-        raise DistillError(f"{path}: file not found (expected a {what} file)")
+    path = _json_file(path, what)
     try:
         with open(path, encoding="utf-8-sig") as f:
             head = f.read(4096).lstrip(" \t\n\r")
