@@ -47,14 +47,23 @@ def test_wrong_types(override, expect):
         load_config(None, [override])
 
 
-def test_defaults_file_merge_and_single_parent(tmp_path):
+def test_defaults_file_merge_and_list_of_parents(tmp_path):
     write(tmp_path / "base.yaml", "work_dir: runs/b\nworld:\n  seed: 1\n  num_train: 10\n")
     child = write(tmp_path / "child.yaml", "defaults: base.yaml\nworld:\n  seed: 2\n")
     cfg = load_config(child)
     assert (cfg.world.seed, cfg.world.num_train, cfg.work_dir) == (2, 10, "runs/b")
-    bad = write(tmp_path / "bad.yaml", "defaults: [a.yaml, b.yaml]\n")
-    with pytest.raises(DistillError, match="must name one file"):
-        load_config(bad)
+    # several parents: merged in order (a later one wins), the file itself on top
+    write(tmp_path / "other.yaml", "world:\n  num_train: 20\n  num_val: 5\ncam:\n  bg_power: 3.0\n")
+    two = write(tmp_path / "two.yaml", "defaults: [base.yaml, other.yaml]\nworld:\n  num_val: 6\n")
+    cfg = load_config(two)
+    assert (cfg.world.seed, cfg.world.num_train, cfg.world.num_val, cfg.cam.bg_power, cfg.work_dir) == (1, 20, 6, 3.0, "runs/b")
+    for text in ("defaults: []\n", "defaults: {a: b}\n", "defaults: [base.yaml, 3]\n"):
+        bad = write(tmp_path / "bad.yaml", text)
+        with pytest.raises(DistillError, match="'defaults' must name a file or a list of files"):
+            load_config(bad)
+    missing = write(tmp_path / "missing.yaml", "defaults: [base.yaml, gone.yaml]\n")
+    with pytest.raises(DistillError, match="gone.yaml: config file not found"):
+        load_config(missing)
     cyc = write(tmp_path / "cyc.yaml", "defaults: cyc.yaml\n")
     with pytest.raises(DistillError, match="cycle"):
         load_config(cyc)
@@ -158,3 +167,15 @@ def test_renamed_keys_name_the_new_one_and_stored_configs_read_them():
         load_config(None, ["cam.tower=dense"])
     cfg = config_from_dict(old, stored=True)
     assert (cfg.teacher.dense_tower, cfg.cam.tower, cfg.seg.backbone) == ("t.safetensors", "dense_tower", "dense_tower")
+
+
+def test_pipeline_reads_the_stage_configs_as_they_are():
+    """configs/shapes/pipeline.yaml names vild.yaml, lseg.yaml and cam.yaml as its defaults instead of
+    copying their sections: the demo's cam and seg settings are those of `distill cam` /
+    `distill train seg` with those files (seg.distill_weight aside: the seg stage trains both)."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+    pipe = load_config(root / "pipeline.yaml")
+    assert pipe.cam == load_config(root / "cam.yaml").cam
+    assert pipe.seg == dataclasses.replace(load_config(root / "lseg.yaml").seg, distill_weight=1.0)
+    assert pipe.det == load_config(root / "vild.yaml").det
+    assert pipe.teacher == load_config(root / "cam.yaml").teacher == load_config(root / "lseg.yaml").teacher

@@ -138,15 +138,20 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise DistillError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
-    parent = data.pop("defaults", None)
-    if parent is None:
+    parents = data.pop("defaults", None)
+    if parents is None:
         return data
-    if not isinstance(parent, str):
-        raise DistillError(f"{path}: 'defaults' must name one file (a string), got {parent!r}")
-    ppath = (path.parent / parent).resolve()
-    if ppath in chain or ppath == path.resolve():
-        raise DistillError(f"{path}: 'defaults' cycle through {ppath}")
-    return _deep_merge(_read_yaml(ppath, chain + (path.resolve(),)), data)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not (isinstance(parents, list) and parents and all(isinstance(p, str) for p in parents)):
+        raise DistillError(f"{path}: 'defaults' must name a file or a list of files, got {parents!r}")
+    merged: dict = {}
+    for parent in parents:  # in order, each on top of the ones before, this file on top of all
+        ppath = (path.parent / parent).resolve()
+        if ppath in chain or ppath == path.resolve():
+            raise DistillError(f"{path}: 'defaults' cycle through {ppath}")
+        merged = _deep_merge(merged, _read_yaml(ppath, chain + (path.resolve(),)))
+    return _deep_merge(merged, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
