@@ -314,7 +314,7 @@ def test_clip_es_cam_on_real_voc_layout(tmp_path):
     assert len(list((out / "seeds").rglob("*.npz"))) == len(labels)
 
     # the ablation / evaluation on the flat VOC layout: split = the val labels json, GT = SegmentationClass/{stem}.png
-    p = subprocess.run([_distill(), "cam", str(CLIP_ES), "--ablation", "--images", "val", *overrides, f"cam.labels={voc['val_labels']}"],
+    p = subprocess.run([_distill(), "ablate", "cam", str(CLIP_ES), "--images", "val", *overrides, f"cam.labels={voc['val_labels']}"],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())

@@ -1,6 +1,6 @@
 """The segmentation ablation on the shapes world: the MaskCLIP teacher zero-shot, LSeg on
 base classes only, LSeg + pixel distillation, CLIPSeg; mIoU base / novel / all and hIoU on val
-with the full vocabulary. ``tools/ablate_seg.py`` is the command line.
+with the full vocabulary. ``distill ablate seg`` is the command line.
 """
 
 from __future__ import annotations

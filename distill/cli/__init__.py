@@ -23,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+from distill.cli import ablate as _ablate  # noqa: E402
 from distill.cli import cam as _cam  # noqa: E402
 from distill.cli import eval as _eval  # noqa: E402
 from distill.cli import label as _label  # noqa: E402
@@ -35,6 +36,7 @@ app.add_typer(_world.app, name="world", help="Make the procedural shapes world."
 app.add_typer(_teacher.app, name="teacher", help="The CLIP teacher: pretrain, evaluate, embed, clipself (dense tower).")
 app.add_typer(_train.app, name="train", help="Train a student (det | seg).")
 app.add_typer(_eval.app, name="eval", help="Evaluate predictions (det | seg).")
+app.add_typer(_ablate.app, name="ablate", help="Ablation tables (vild | seg | selftrain | cam).")
 _train.register_propose(app)
 _label.register(app)
 _cam.register(app)

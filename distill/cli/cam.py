@@ -1,4 +1,4 @@
-"""`distill cam CONFIG --images SPLIT_OR_DIR --labels image_labels.json [--ablation]`"""
+"""`distill cam CONFIG --images SPLIT_OR_DIR --labels image_labels.json` (the ablation: `distill ablate cam`)"""
 
 from __future__ import annotations
 
@@ -18,22 +18,19 @@ def register(root: typer.Typer) -> None:
         overrides: Overrides = None,
         images: Annotated[Optional[str], typer.Option(help="A split name (train, val, ...) under data.image_root, or an image folder.")] = None,
         labels: Annotated[Optional[str], typer.Option(help="Image-level labels json (default: data.image_labels of the split).")] = None,
-        ablation: Annotated[bool, typer.Option(help="Score each CLIP-ES step against the split's semantic PNGs.")] = False,
+        ablation: Annotated[bool, typer.Option(hidden=True, help="Moved: distill ablate cam.")] = False,
         max_images: Annotated[int, typer.Option(min=0, help="Only the first N images (0 = all).")] = 0,
     ) -> None:
         """CLIP-ES: CAM seeds (npz), refined masks (PNG, 255 = ignore) and panels from image-level labels.
 
         Example: distill cam configs/shapes/cam.yaml --images train
         """
-        from distill.ablate.cam import cam_ablation
         from distill.cam.run import run_cam
+        from distill.errors import DistillError
 
-        cfg = load(config, overrides)
         if ablation:
-            m = cam_ablation(cfg, images or "val", max_images=max_images)
-            typer.echo(m["table"])
-            typer.echo(f"{m['images']} images ({m['wall_s']} s); wrote {cfg.cam.out}/metrics.json")
-            return
+            raise DistillError("--ablation moved: use `distill ablate cam CONFIG --images SPLIT`")
+        cfg = load(config, overrides)
         s = run_cam(cfg, images, labels, max_images=max_images)
         typer.echo(
             f"{s['processed']} images -> {s['masks']} ({s['skipped_no_labels']} skipped without labels, "

@@ -7,26 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from distill.cli.common import ConfigArg, Overrides
+from distill.cli.common import ConfigArg, Overrides, shipped_config
 
 
 DEMO_CONFIG = "configs/shapes/pipeline.yaml"
 
 
 def demo_config() -> str:
-    """The demo's pipeline config: the repository's ``configs/shapes/pipeline.yaml`` beside the
-    ``distill`` package (so ``distill demo`` runs from any folder), else the one under the current
-    folder, else a one-line error."""
-    from pathlib import Path
-
-    import distill
-    from distill.errors import DistillError
-
-    for path in (Path(distill.__file__).resolve().parents[1] / DEMO_CONFIG, Path(DEMO_CONFIG)):
-        if path.is_file():
-            return str(path)
-    raise DistillError(f"distill demo: {DEMO_CONFIG} not found beside the installed package; "
-                       "run it from the repository root (or give a config to `distill run CONFIG`)")
+    """The demo's pipeline config, found from any folder (:func:`shipped_config`)."""
+    return shipped_config(DEMO_CONFIG, "distill demo")
 
 
 def register(root: typer.Typer) -> None:

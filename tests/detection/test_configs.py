@@ -213,7 +213,7 @@ def test_det_init_starts_training_from_given_weights(tmp_path):
 
 
 def test_vild_ablation_tool_writes_every_row_and_the_deltas(tmp_path):
-    """tools/ablate_vild.py's logic on the fixture: every variant trains (2 steps) and evaluates,
+    """`distill ablate vild`'s logic on the fixture: every variant trains (2 steps) and evaluates,
     the table and metrics.json hold each row's AP50 / AP novel, base, all, and the ViLD - ViLD-text
     differences are computed from their rows."""
     from distill.ablate.vild import VARIANTS, deltas, run_ablation
@@ -319,7 +319,7 @@ def test_vild_ablation_reuse_reads_finished_rows_and_retrains_changed_ones(tmp_p
 
 
 def test_vild_ablation_config_is_vild_yaml_at_600_steps():
-    """tools/ablate_vild.py's default config differs from the pipeline detector's only in the
+    """`distill ablate vild`'s default config differs from the pipeline detector's only in the
     training length, so its rows are the default detector trained longer."""
     import dataclasses
 
