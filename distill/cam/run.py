@@ -430,7 +430,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
         entries = entries[:max_images]
     todo = [e for e in entries if e.labels]
     skipped = len(entries) - len(todo)
-    # Rank-sharded under torchrun (ARCHITECTURE: rank-sharded CAM): rank r takes images r, r + W, ...
+    # Rank-sharded under torchrun (docs/architecture.md, Scale): rank r takes images r, r + W, ...
     from distill.engine.distributed import get_rank, get_world_size
 
     if cfg.cam.crf and not crf_available():

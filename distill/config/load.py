@@ -190,9 +190,9 @@ def _expand(obj: Any, work_dir: str) -> Any:
     return obj
 
 
-# Keys and choices renamed to the words of ARCHITECTURE.md (the CLIPSelf tower is the "dense tower"
-# everywhere). A config that uses an old name gets a one-line error naming the new one; a stored
-# config (a checkpoint's, a finished run's config.yaml) is read under the new names.
+# Keys and choices renamed to the words of docs/architecture.md (the CLIPSelf tower is the
+# "dense tower" everywhere). A config that uses an old name gets a one-line error naming the new
+# one; a stored config (a checkpoint's, a finished run's config.yaml) is read under the new names.
 RENAMED_KEYS = {"teacher.dense_pretrained": "teacher.dense_tower"}
 RENAMED_VALUES = {("seg.backbone", "teacher_dense"): "dense_tower", ("cam.tower", "dense"): "dense_tower"}
 

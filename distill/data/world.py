@@ -1,5 +1,5 @@
-"""The procedural shapes world: the embedded open-vocabulary problem (ARCHITECTURE.md, "The embedded
-default").
+"""The procedural shapes world: the embedded open-vocabulary problem (docs/architecture.md, "The
+embedded default: the shapes world").
 
 Categories are colour x shape pairs ("red star"), ids 1..C in vocabulary order (colour-major). The
 novel split is ``world.novel`` when given, otherwise drawn from the seed so that every colour and

@@ -1,4 +1,5 @@
-"""The stages of the default run (ARCHITECTURE.md) and the table that wires them into the runner.
+"""The stages of the default run (docs/architecture.md) and the table that wires them into the
+runner.
 
 Each stage function takes the resolved :class:`~distill.config.Config` and makes one call into the
 package; the runner (:mod:`distill.pipeline.runner`) handles manifests, skipping, resuming and
@@ -366,7 +367,7 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 # (Templates and background words are not among the inputs: the config holds their words, read
-# when it is loaded -- see distill/config.py -- so a stage's key follows the words themselves.)
+# when it is loaded -- see distill/config/load.py -- so a stage's key follows the words themselves.)
 
 
 def check_stage_name(name: str, where: str, pipe: Pipeline | None = None) -> str:
