@@ -1,5 +1,5 @@
 """Self-training: one round of training the detector on base ground truth plus NOVEL pseudo-labels
-of the unlabeled split (issue 7, item 6).
+of the unlabeled split.
 
 1. :func:`pseudo_to_extra` turns ``labels.json`` (made by ``distill label`` on any folder under
    ``data.image_root``) into a training json: ``file_name`` rebased onto ``data.image_root``,

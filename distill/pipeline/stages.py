@@ -416,8 +416,9 @@ def build_pipeline(cfg: Config) -> Pipeline:
     if cfg.pretrain.steps == 0:
         change("teacher", outputs=("teacher/metrics.json",), description="evaluate the external teacher (no pretraining)")
     readers = backbone_readers(cfg)
-    if "seg" in readers and "backbone" in by_name and "seg" in by_name:  # LSeg's encoder starts from it
-        change("seg", deps=(*by_name["seg"].deps, "backbone"))
+    for name in ("seg", "cam"):  # LSeg's encoder starts from it (the cam stage trains LSeg on CAM masks)
+        if "seg" in readers and "backbone" in by_name and name in by_name:
+            change(name, deps=(*by_name[name].deps, "backbone"))
     work = Path(cfg.work_dir).resolve()
     for name, used, path in (("backbone", bool(readers), cfg.det.backbone_pretrain.out),
                              ("clipself", uses_clipself(cfg), cfg.clipself.out)):

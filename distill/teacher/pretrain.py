@@ -1,13 +1,13 @@
 """Pretrain the tiny open_clip teacher (``distill-tiny-vit``) on the shapes world, contrastively, on
 image-text pairs of ALL categories -- the way web-scale CLIP has seen every word.
 
-Recipe (measured by the lab, issue 4): batches of ~95% single-object crops of
+Recipe (why each part: docs/experiments.md): batches of ~95% single-object crops of
 ``instances_train.json`` objects (text = a prompt template with the class name) and ~5% whole
 images (text = one of their captions); crop side = box side x U(0.9, 1.6) around a slightly shifted
 centre, horizontal flip; a multi-positive contrastive loss: every sample is keyed by its class (a
 whole image by its sorted object list), the target of each row is the row of the key-equality
 matrix normalised to sum 1, symmetric soft cross-entropy, logit scale fixed at 50; AdamW,
-linear warm-up then cosine decay over a FIXED number of steps; bf16 autocast (on CPU too). The
+linear warm-up then cosine decay over a FIXED number of steps; ``pretrain.precision``. The
 training loop is distill/engine/train.py (resume, DDP, the non-finite guard); its ``metrics.jsonl``
 and, while it runs, its checkpoints are in ``teacher/teacher_train/``.
 
@@ -444,7 +444,7 @@ def _train(cfg, ckpt: Path, templates: tuple[str, ...], inputs: dict, resume: bo
         load_state_dict_checked(model, load_weights_file(pc.init), pc.init)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(pc.logit_scale))
-    model.logit_scale.requires_grad_(False)  # fixed (issue 4 recipe: learnable scale barely moved)
+    model.logit_scale.requires_grad_(False)  # fixed: a learnable scale barely moved
     model.to(dev)
     tcfg = TrainConfig(max_steps=pc.steps, batch_size=pc.batch_size, lr=pc.lr, weight_decay=pc.weight_decay, optimizer="adamw",
                        warmup=pc.warmup, precision=pc.precision, log_period=pc.log_period, seed=pc.seed, device=str(dev))
