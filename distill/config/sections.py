@@ -13,7 +13,8 @@ from distill.errors import DistillError
 # --------------------------------------------------------------------------------------------
 
 
-Precision = Literal["fp32", "amp_bf16", "amp_fp16"]  # engine/device.py PRECISIONS
+# engine/device.py PRECISIONS; auto = amp_bf16 where the device runs bf16 natively, else fp32
+Precision = Literal["fp32", "amp_bf16", "amp_fp16", "auto"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ class RegionConfig:
     scales: tuple[float, ...] = (1.0, 1.5)
     max_proposals: int = 300
     shard_size: int = 256  # images per cache shard
-    precision: Literal["", "fp32", "amp_bf16", "amp_fp16"] = ""  # "" = teacher.precision
+    precision: Literal["", "fp32", "amp_bf16", "amp_fp16", "auto"] = ""  # "" = teacher.precision
 
 
 @dataclass(frozen=True)

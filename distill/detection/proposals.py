@@ -197,16 +197,18 @@ def embed_proposals(cfg: Config, teacher, proposals: dict[int, tuple[torch.Tenso
     Under torchrun every rank must call it: rank ``r`` of ``W`` embeds the cache shards ``r, r + W,
     ...`` and rank 0 writes the index (:func:`~distill.teacher.regions.embed_regions_sharded`); the
     cache is byte-identical to a one-process run's. ``stats`` receives this rank's counts."""
+    from distill.engine.device import resolve_precision
     from distill.engine.distributed import init_distributed
     from distill.teacher.cache import EmbeddingCache
     from distill.teacher.regions import embed_regions_sharded
 
     init_distributed()  # a no-op unless launched by torchrun
     num = cfg.det.num_image_distill if num is None else num
-    if cfg.regions.precision and cfg.regions.precision != teacher.precision:
+    precision = resolve_precision(cfg.regions.precision, teacher.device) if cfg.regions.precision else teacher.precision
+    if precision != teacher.precision:
         import dataclasses
 
-        teacher = dataclasses.replace(teacher, precision=cfg.regions.precision)
+        teacher = dataclasses.replace(teacher, precision=precision)
     key = region_cache_key(teacher, proposals_hash, num, cfg.regions.mode, cfg.regions.scales)
     root = Path(cfg.work_dir) / "embeddings" / "regions" / sha256_json(key)[:16]
     cache = EmbeddingCache(root, key, dtype=cfg.teacher.cache_dtype, shard_size=max(1, cfg.regions.shard_size))

@@ -8,7 +8,7 @@ import torch
 
 from distill.errors import DistillError
 
-PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "auto")
 
 
 def get_device(name: str = "") -> torch.device:
@@ -24,17 +24,43 @@ def get_device(name: str = "") -> torch.device:
     return dev
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """``fp32`` -> None, ``amp_bf16`` -> bfloat16, ``amp_fp16`` -> float16."""
+def native_bf16(device: torch.device | str) -> bool:
+    """True when ``device`` runs bfloat16 matmuls in hardware: a CUDA GPU with bf16 support, or a CPU
+    whose oneDNN has bf16 kernels (AVX-512 and up; ``torch.ops.mkldnn._is_mkldnn_bf16_supported``).
+    On a CPU without them (AVX2 only) bf16 is emulated: a 2048 x 2048 matmul ran at ~0 GFLOP/s
+    against 136 in fp32, and the teacher's crop embedding 4-5x slower (bench/precision.py)."""
+    dev = torch.device(device) if isinstance(device, str) else device
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``amp_bf16`` where ``device`` runs bf16 natively (:func:`native_bf16`), else
+    ``fp32``; any other value of :data:`PRECISIONS` as it is (checked)."""
     if precision not in PRECISIONS:
         raise DistillError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "amp_bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """``fp32`` -> None, ``amp_bf16`` -> bfloat16, ``amp_fp16`` -> float16; ``auto`` as
+    :func:`resolve_precision` decides on ``device``."""
+    precision = resolve_precision(precision, device)
     return {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}[precision]
 
 
 def autocast(device: torch.device | str, precision: str = "fp32"):
     """An autocast context for ``precision`` on ``device`` (a no-op context for fp32)."""
     dev = torch.device(device) if isinstance(device, str) else device
-    dtype = autocast_dtype(precision)
+    dtype = autocast_dtype(precision, dev)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=dev.type, dtype=dtype, enabled=True)

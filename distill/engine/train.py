@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.config import TrainConfig
 from distill.engine import checkpoint as ckpt_lib
 from distill.engine import distributed as dist_lib
-from distill.engine.device import attention_backend, autocast, get_device
+from distill.engine.device import attention_backend, autocast, get_device, resolve_precision
 from distill.engine.hooks import Checkpointer, Evaluator, Hook, Metrics, Progress, Schedule
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.errors import DistillError
@@ -317,6 +317,7 @@ def _setup(model, train_loader, tcfg: TrainConfig, out_dir: Path, device, precis
     device = torch.device(device)
     if precision is None:
         precision = tcfg.precision if device.type == "cuda" else "fp32"  # fp32 on CPU
+    precision = resolve_precision(precision, device)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     model.to(device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.engine.device import autocast as _autocast
-from distill.engine.device import autocast_dtype, get_device
+from distill.engine.device import get_device, resolve_precision
 from distill.errors import DistillError
 from distill.teacher import formats
 from distill.teacher.dense import load_dense_tower
@@ -110,7 +110,7 @@ class Teacher:
     def __post_init__(self) -> None:
         if not self.dense_image_size:
             self.dense_image_size = self.image_size
-        autocast_dtype(self.precision)  # validate
+        self.precision = resolve_precision(self.precision, self.device)  # checked; auto -> what runs here
 
     # ---------------------------------------------------------------------------------- helpers
     def autocast(self):
@@ -303,10 +303,10 @@ def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
     register_model_configs()
     dev = torch.device(device) if isinstance(device, str) else device
     dev = dev or get_device(getattr(tcfg, "device", ""))
-    autocast_dtype(tcfg.precision)
+    precision = resolve_precision(tcfg.precision, dev)  # the teacher records what runs: auto resolved
     name = tcfg.model.strip()
     pretrained = (tcfg.pretrained or "").strip()
-    kw = dict(device=dev, precision=tcfg.precision, dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
+    kw = dict(device=dev, precision=precision, dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
     if pretrained.startswith("local-dir:"):
         return load_teacher(pretrained[len("local-dir:") :], **kw)
     if name.startswith("local-dir:"):
@@ -333,7 +333,7 @@ def _build_teacher(tcfg, device: torch.device | str | None = None) -> Teacher:
     else:
         model = create_model_quiet(name)
         log.warning("teacher: %s has no pretrained weights (random init)", name)
-    return _wrap(model, name, dev, tcfg.precision, tokenizer=tokenizer, arch=open_clip.get_model_config(name), dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
+    return _wrap(model, name, dev, precision, tokenizer=tokenizer, arch=open_clip.get_model_config(name), dense_image_size=tcfg.dense_image_size, batch_size=tcfg.batch_size)
 
 
 def _missing_pretrained(name: str, pretrained: str) -> DistillError:
@@ -387,7 +387,7 @@ def load_teacher(
     model = (model or "").strip() or None
     dev = torch.device(device) if isinstance(device, str) else device
     dev = dev or get_device("")
-    autocast_dtype(precision)
+    precision = resolve_precision(precision, dev)
     if not path.exists():
         raise DistillError(f"{path}: checkpoint not found (expected an OpenAI .pt, an open_clip .safetensors / .pt, or a Hugging Face / open_clip folder)")
     if path.is_dir() and (path / "open_clip_config.json").is_file():
