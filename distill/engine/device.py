@@ -27,8 +27,8 @@ def get_device(name: str = "") -> torch.device:
 def native_bf16(device: torch.device | str) -> bool:
     """True when ``device`` runs bfloat16 matmuls in hardware: a CUDA GPU with bf16 support, or a CPU
     whose oneDNN has bf16 kernels (AVX-512 and up; ``torch.ops.mkldnn._is_mkldnn_bf16_supported``).
-    On a CPU without them (AVX2 only) bf16 is emulated: a 2048 x 2048 matmul ran at ~0 GFLOP/s
-    against 136 in fp32, and the teacher's crop embedding 4-5x slower (bench/precision.py)."""
+    On a CPU without them (AVX2 only) bf16 is emulated: a 2048 x 2048 matmul ran under 1 GFLOP/s
+    against 136 in fp32, and the teacher's crop embedding 4-8x slower (bench/precision.py)."""
     dev = torch.device(device) if isinstance(device, str) else device
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
