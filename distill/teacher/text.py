@@ -115,9 +115,32 @@ def text_embeddings(
     return emb
 
 
+def split_by_length(lengths: torch.Tensor, min_saving: float = 0.2) -> list[torch.Tensor]:
+    """Row indices in at most two groups, short and long prompts, cut where the token count
+    ``n_short * L_short + n_long * L_long`` is least (each group padded to its own longest);
+    one group unless the cut saves ``min_saving`` of the tokens of padding all to the longest.
+
+    Pretraining batches are ~95% class prompts of ~10 tokens and ~5% captions of ~30: one
+    batch padded to 30 spends two thirds of the text tower on padding."""
+    order = torch.argsort(lengths, stable=True)
+    ls = lengths[order].tolist()
+    n = len(ls)
+    whole = n * ls[-1] if n else 0
+    best, cut = whole, n
+    for k in range(1, n):
+        if ls[k] != ls[k - 1]:
+            cost = k * ls[k - 1] + (n - k) * ls[-1]
+            if cost < best:
+                best, cut = cost, k
+    if cut == n or best > (1 - min_saving) * whole:
+        return [order]
+    return [order[:cut], order[cut:]]
+
+
 def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
     """``model.encode_text(tokens)`` (open_clip ``CLIP``, causal text tower, ``argmax`` pooling)
-    computed on the tokens up to the batch's longest prompt instead of the full context.
+    computed on each prompt's tokens up to its group's longest instead of the full context: the
+    short prompts and the long ones (captions) run as two groups (:func:`split_by_length`).
 
     Exact, not an approximation: with a causal mask no position attends to a later one, layer
     norms are per token and the pooled feature is read at the end-of-text token, so trailing
@@ -126,8 +149,17 @@ def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
     """
     if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None or getattr(model, "cls_emb", None) is not None:
         return model.encode_text(tokens)
-    nonzero = (tokens != 0).any(0).nonzero()
-    L = int(nonzero.max()) + 1 if len(nonzero) else 1
+    lengths = tokens.argmax(dim=-1) + 1  # the end-of-text token has the largest id
+    groups = split_by_length(lengths.cpu())
+    if len(groups) == 1:
+        return _encode_prefix(model, tokens, int(lengths.max()))
+    parts = [_encode_prefix(model, tokens[g.to(tokens.device)], int(lengths[g.to(lengths.device)].max())) for g in groups]
+    order = torch.cat(groups).to(tokens.device)
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+def _encode_prefix(model, tokens: torch.Tensor, L: int) -> torch.Tensor:
+    """The text tower on ``tokens[:, :L]`` (every end-of-text token inside the first ``L``)."""
     t = tokens[:, :L]
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(t).to(cast) + model.positional_embedding[:L].to(cast)

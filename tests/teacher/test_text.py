@@ -89,3 +89,16 @@ def test_trimmed_text_encoding_equals_full_context_with_gradients():
     torch.testing.assert_close(trim, full, rtol=1e-5, atol=1e-6)
     # the same gradient up to float summation order (padding rows add exact zeros in another order)
     assert float((g_trim - g_full).norm() / g_full.norm()) < 1e-5
+
+
+def test_split_by_length_cuts_where_fewest_tokens_are_padded():
+    from distill.teacher.text import split_by_length
+
+    # 6 prompts of 9-10 tokens, 2 captions of 30: 8 x 30 = 240 tokens as one group, 6 x 10 + 2 x 30 = 120 as two
+    lengths = torch.tensor([9, 30, 10, 9, 28, 10, 9, 10])
+    short, long = split_by_length(lengths)
+    assert sorted(short.tolist()) == [0, 2, 3, 5, 6, 7] and sorted(long.tolist()) == [1, 4]
+    # lengths close together: one group (a cut would save under 20% of the tokens)
+    (one,) = split_by_length(torch.tensor([9, 10, 10, 11]))
+    assert sorted(one.tolist()) == [0, 1, 2, 3]
+    assert [g.tolist() for g in split_by_length(torch.tensor([7]))] == [[0]]
