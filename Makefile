@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps lvis==0.5.3
 	touch $(STAMP)
 
-# the run, then its results into README.md's results block and docs/results.md
+# the run, then its results into README.md's results block and docs/results.md, and its stage
+# times into the table `distill run` estimates a run's time from
 demo: $(STAMP)
 	$(BIN)/distill run configs/shapes/pipeline.yaml
-	$(BIN)/distill report runs/shapes --readme README.md --results docs/results.md
+	$(BIN)/distill report runs/shapes --readme README.md --results docs/results.md --stage-times distill/pipeline/stage_times.json
 
 demo-quick: $(STAMP)
 	$(BIN)/distill run configs/shapes/pipeline.yaml --quick

@@ -45,9 +45,10 @@ def register(root: typer.Typer) -> None:
         work_dir: Annotated[str, typer.Argument(help="The work dir of a finished `distill run` (holds config.yaml).")],
         readme: Annotated[Optional[str], typer.Option("--readme", help="Replace this file's results block with the headline table.")] = None,
         results: Annotated[Optional[str], typer.Option("--results", help="Write every table of the report to this file.")] = None,
+        stage_times: Annotated[Optional[str], typer.Option("--stage-times", help="Add the run's stage times to this table (what `distill run` estimates its time from).")] = None,
     ) -> None:
         """Rewrite WORK_DIR/report.md from the run's metrics files; --readme / --results publish it."""
         from distill.pipeline.run import report_run
 
-        for path in report_run(work_dir, readme, results):
+        for path in report_run(work_dir, readme, results, stage_times):
             typer.echo(str(path))
