@@ -31,11 +31,11 @@ import torchvision
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from distill.config import DetConfig
+from distill.detection.roi_pool import ThreadedMultiScaleRoIAlign
 from distill.detection.vild import IMAGE_HEADS, TEACHER_MODES, ViLDImageHead, ViLDPredictor, ViLDRoIHeads
 from distill.errors import DistillError
 
@@ -126,14 +126,14 @@ def _torchvision_model(det: DetConfig, num_classes: int, load_weights: bool = Tr
         kw["rpn_anchor_generator"] = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * n_levels)
     elif not det.backbone.startswith("resnet"):  # torchvision's mobilenet FPN anchors (3 levels)
         kw["rpn_anchor_generator"] = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
-    kw["box_roi_pool"] = MultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=7, sampling_ratio=2)
+    kw["box_roi_pool"] = ThreadedMultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=7, sampling_ratio=2)
     if det.box_head_dim != 1024 or backbone.out_channels != 256:
         kw["box_head"] = TwoMLPHead(backbone.out_channels * 7 * 7, det.box_head_dim)
         kw["box_predictor"] = FastRCNNPredictor(det.box_head_dim, num_classes)
         if det.masks:
             kw["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes)
     if det.masks:
-        kw["mask_roi_pool"] = MultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=14, sampling_ratio=2)
+        kw["mask_roi_pool"] = ThreadedMultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=14, sampling_ratio=2)
     cls = MaskRCNN if det.masks else FasterRCNN
     return cls(backbone, num_classes=None if "box_predictor" in kw else num_classes, **kw)
 
