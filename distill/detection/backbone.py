@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 
 from distill.config import TrainConfig, config_hash
-from distill.engine.device import get_device
+from distill.engine.device import conv_memory_format, get_device
 from distill.engine.distributed import get_rank, is_main
 from distill.engine.hooks import Hook
 from distill.engine.train import DrawnBatches, micro_batch_size, run_dir, train
@@ -166,7 +166,7 @@ def pretrain_backbone(cfg, progress: bool = True, resume: bool = False) -> dict:
     torch.manual_seed(p.seed)
     rng = np.random.default_rng(p.seed + get_rank())  # rank 0: the single-process draws
     dev = get_device(cfg.det.train.device)
-    model = CropClassifier(getattr(torchvision.models, name[: -len("_fpn")])(weights=None, num_classes=len(vocab.base_indices))).to(dev)
+    model = conv_memory_format(CropClassifier(getattr(torchvision.models, name[: -len("_fpn")])(weights=None, num_classes=len(vocab.base_indices))).to(dev), dev)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=1e-4)
     # 10% warm-up; short runs (the quick pipeline's 10 steps) need >= 1.5 steps of it, or
     # OneCycleLR divides by a zero-length phase

@@ -187,7 +187,7 @@ def text_for(teacher, vocab, cfg: Config) -> torch.Tensor:
 def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Train ``cfg.seg`` on base classes, evaluate on val with the full vocabulary, write
     ``metrics.json``; returns the metrics. ``teacher`` defaults to ``build_teacher(cfg.teacher)``."""
-    from distill.engine.device import get_device
+    from distill.engine.device import conv_memory_format, get_device
     from distill.engine.train import make_loader, seed_everything, train
     from distill.eval.segmentation import semseg_classes
     from distill.segmentation.infer import evaluate_model
@@ -206,7 +206,7 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
     train_ids = [vocab.ids[i] for i in base]
 
     seed_everything(s.train.seed)
-    model = build_segmenter(s, teacher)
+    model = conv_memory_format(build_segmenter(s, teacher), dev)
     model.set_vocabulary(text[base], train_ids)
     if getattr(model, "distill_weight", 0.0) > 0:
         model.set_distill_teacher(teacher_pixel_fn(teacher))
