@@ -27,7 +27,9 @@ def machine_gflops(seconds: float = 0.3, n: int = 512) -> float:
     """fp32 GFLOP/s of an ``n`` x ``n`` matmul on torch's current threads, best of the repeats
     that fit in ``seconds`` (the best, not the mean: a busy machine slows some repeats)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up: the first call allocates and picks kernels
+    t_end = time.perf_counter() + 0.1
+    while time.perf_counter() < t_end:  # warm-up: the first calls allocate, pick kernels, wake cores
+        a @ b
     best, t_end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
