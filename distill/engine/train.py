@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from distill.engine.hooks import Checkpointer, Evaluator, Hook, Metrics, Progres
 from distill.engine.optim import build_optimizer, build_scheduler
 from distill.errors import DistillError
 from distill.files import write_json, write_text
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -221,10 +224,13 @@ class Loop:
         return self.rank == 0
 
     def log(self, record: dict) -> None:
-        """Append one line to ``metrics.jsonl`` (rank 0)."""
+        """Append one line to ``metrics.jsonl`` (rank 0), and to the ``distill`` logger at INFO
+        (a pipeline stage's log file; never the console)."""
         if self.main:
+            line = json.dumps(record)
             with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line + "\n")
+            log.info("%s %s", self.out_dir.name, line)
 
 
 def train(

@@ -13,6 +13,7 @@ checkpoints the stage declares, so it can never continue from another config's w
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import difflib
@@ -285,17 +286,45 @@ class Pipeline:
         write_text(started, key + "\n")
         t0 = time.perf_counter()
         token = _RESUMING.set(resume)
-        try:
-            note = s.fn(s.config(cfg))
-        except BaseException:
-            emit(StageResult(name, "failed", time.perf_counter() - t0))
-            raise
-        finally:
-            _RESUMING.reset(token)
-        dt = time.perf_counter() - t0
+        with stage_log(Path(cfg.work_dir) / "logs" / f"{name}.log", append=resume) as log:
+            log.info("stage %s: %s (key %s)", name, "resumed" if resume else "started", key)
+            try:
+                note = s.fn(s.config(cfg))
+            except BaseException as e:
+                log.info("stage %s: failed after %.1f s: %s: %s", name, time.perf_counter() - t0, type(e).__name__, e)
+                emit(StageResult(name, "failed", time.perf_counter() - t0))
+                raise
+            finally:
+                _RESUMING.reset(token)
+            dt = time.perf_counter() - t0
+            log.info("stage %s: done in %.1f s %s", name, dt, note or "")
         self._write_manifest(cfg, name, key, dt)
         started.unlink(missing_ok=True)
         return StageResult(name, "ran", dt, str(note) if note else "")
+
+
+@contextlib.contextmanager
+def stage_log(path: Path, append: bool = False):
+    """The ``distill`` logger's records at INFO and above (a training loop's metrics lines
+    among them, :meth:`distill.engine.train.Loop.log`) also go to ``path`` while the stage runs;
+    the console keeps its warnings only. Yields the logger."""
+    import logging
+
+    log = logging.getLogger("distill")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield log
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
 
 
 def stage_timings(cfg: Config) -> dict[str, float]:

@@ -77,3 +77,44 @@ def test_run_header_says_the_expected_time_and_each_stage_the_time_left(tmp_path
     run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={tmp_path / 'b'}", *args[1:]], until="world")
     err = " ".join(capsys.readouterr().err.split())
     assert "1 of 14 stages to run; expected ~" in err and "run ~" in err and "left)" in err, err
+    # the stage's log file: its start and end, and the records of the distill logger in between
+    text = (tmp_path / "b" / "logs" / "world.log").read_text()
+    assert "stage world: started (key " in text and "stage world: done in " in text, text
+
+
+def test_training_metrics_go_to_the_stage_log_not_the_console(tmp_path, capfd):
+    """A training loop's JSON metric lines: in metrics.jsonl and the stage's log file; the console
+    (the installed command's handler: warnings only) shows none of them."""
+    import logging
+
+    import torch
+
+    from distill.cli import _log_to_stderr
+    from distill.config import TrainConfig
+    from distill.engine.train import DrawnBatches, train
+    from distill.pipeline.runner import stage_log
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return {"loss_sq": (self.w * x).square().sum()}
+
+    log = logging.getLogger("distill")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    try:
+        _log_to_stderr()
+        with stage_log(tmp_path / "logs" / "x.log"):
+            train(Tiny(), DrawnBatches(lambda: (torch.ones(2),), {}), TrainConfig(max_steps=4, log_period=2, batch_size=1), tmp_path / "run", progress=False)
+    finally:
+        for h in list(log.handlers):
+            if h not in handlers:
+                log.removeHandler(h)
+        log.setLevel(level)
+        log.propagate = propagate
+    lines = [ln for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"step"' in ln]
+    assert lines and all(ln in (tmp_path / "logs" / "x.log").read_text() for ln in lines)
+    out = capfd.readouterr()
+    assert '"step"' not in out.err and '"step"' not in out.out
