@@ -17,10 +17,17 @@ def _manifests(work) -> dict:
     return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted((Path(work) / "manifests").glob("*.json"))}
 
 
+# on top of pipeline.quick_overrides: fewer images and steps (every stage still runs and writes
+# everything the assertions read; the test's time is the suite's longest)
+SMALLER = ["world.num_train=24", "world.num_val=12", "world.num_unlabeled=8", "pretrain.steps=30", "clipself.steps=5",
+           "det.backbone_pretrain.steps=5", "proposals.train.max_steps=10", "det.train.max_steps=10", "seg.train.max_steps=5",
+           "selftrain.steps=5", "cam.num_panels=1"]
+
+
 @pytest.mark.slow
 def test_quick_pipeline_runs_every_stage_then_skips(tmp_path):
     work = tmp_path / "quick"
-    res = run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={work}"], quick=True)
+    res = run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={work}", *SMALLER], quick=True)
     assert [r.name for r in res] == [s.name for s in STAGES]
     assert all(r.status == "ran" for r in res), [(r.name, r.status) for r in res]
     for s in STAGES:
@@ -43,6 +50,6 @@ def test_quick_pipeline_runs_every_stage_then_skips(tmp_path):
     assert (work / "figures" / "loss_curves.png").stat().st_size > 1000
     # a rerun skips every stage
     before = _manifests(work)
-    res = run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={work}"], quick=True)
+    res = run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={work}", *SMALLER], quick=True)
     assert all(r.status == "skipped" for r in res)
     assert _manifests(work) == before and before  # no stage reran (its manifest would be a new file)
