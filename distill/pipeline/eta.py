@@ -60,12 +60,26 @@ def config_key(cfg) -> str:
     return sha256_json(unexpand(d))[:16]
 
 
+def read_runs(path: str | Path) -> dict:
+    """The measured runs of a stage-times table (``{}`` when ``path`` does not exist); a file that
+    is not such a table is a :class:`~distill.errors.DistillError` naming it."""
+    from distill.errors import DistillError
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    table = read_json(path, "stage times")
+    runs = table.get("runs") if isinstance(table, dict) else None
+    if not isinstance(runs, dict):
+        raise DistillError(f"{path}: not a stage-times table (expected a JSON object with \"runs\", as `distill report --stage-times` writes)")
+    return runs
+
+
 def record(cfg, timings: dict[str, float], path: str | Path | None = None, gflops: float | None = None) -> Path:
     """Add (or replace) this config's measured stage times in ``path`` (default
     :data:`STAGE_TIMES`), with the machine's speed."""
     path = Path(path or STAGE_TIMES)
-    table = read_json(path, "stage times") if path.is_file() else {}
-    runs = table.get("runs", {}) if isinstance(table, dict) else {}
+    runs = read_runs(path)
     runs[config_key(cfg)] = {
         "work_dir": str(cfg.work_dir),
         "stages": {k: round(float(v), 1) for k, v in timings.items()},
@@ -86,7 +100,7 @@ class Estimate:
     def for_run(cls, cfg, to_run: list[str], path: str | Path | None = None, gflops: float | None = None) -> "Estimate":
         path = Path(path or STAGE_TIMES)
         try:
-            run = (read_json(path, "stage times").get("runs") or {}).get(config_key(cfg)) if path.is_file() else None
+            run = read_runs(path).get(config_key(cfg))
         except Exception:  # an unreadable table means no estimate, never a failed run
             run = None
         if not run or any(s not in run.get("stages", {}) for s in to_run):

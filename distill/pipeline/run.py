@@ -91,8 +91,12 @@ def report_run(work_dir: str, readme: str | None = None, results: str | None = N
     from distill.pipeline.runner import stage_timings
     from distill.report.report import publish
 
-    if stage_times and Path(stage_times).is_dir():
-        raise DistillError(f"--stage-times {stage_times}: is a folder (expected a .json file to add the run's stage times to)")
+    if stage_times:  # checked before anything is written
+        from distill.pipeline.eta import read_runs
+
+        if Path(stage_times).is_dir():
+            raise DistillError(f"--stage-times {stage_times}: is a folder (expected a .json file to add the run's stage times to)")
+        read_runs(stage_times)
     saved = Path(work_dir) / "config.yaml"
     if not saved.is_file():
         raise DistillError(f"{saved}: not found (expected the work dir of a `distill run`)")

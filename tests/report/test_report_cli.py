@@ -24,9 +24,13 @@ def _snapshot(root):
 
 def test_report_refusals_write_nothing(tmp_path):
     _work(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
     before = _snapshot(tmp_path)
     for args, want in ((["--readme", "R.md"], "R.md: no '<!-- results:start -->'"), (["--results", "docs"], "docs: is a folder"),
-                       (["--stage-times", "docs"], "--stage-times docs: is a folder")):
+                       (["--stage-times", "docs"], "--stage-times docs: is a folder"),
+                       (["--results", "docs/r.md", "--stage-times", "bad.json"], "bad.json: not valid json"),
+                       (["--results", "docs/r.md", "--stage-times", "list.json"], "list.json: not a stage-times table")):
         r = _run(["report", "w", *args], tmp_path)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and want in lines[0], (args, r.returncode, r.stderr[-2000:])
