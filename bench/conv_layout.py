@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -57,9 +56,12 @@ def _lseg(dev):
 
 
 def _vild(dev):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from vild_step import _batch
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("bench_vild_step", Path(__file__).resolve().with_name("vild_step.py"))
+    vild_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vild_step)
+    _batch = vild_step._batch
     from distill.config import load_config
     from distill.detection.build import build_vild_detector
 
