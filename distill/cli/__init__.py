@@ -90,7 +90,7 @@ def _log_to_stderr() -> None:
     calling the module-level ``logging.warning`` (open_clip does) installs a root handler that would
     otherwise prefix every later line with ``WARNING:distill.<module>:``."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)  # a stage's INFO records go to its log file only (pipeline.runner.stage_log)
+    handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     log = logging.getLogger("distill")
     log.addHandler(handler)

@@ -41,7 +41,7 @@ from distill.engine.optim import build_optimizer, build_scheduler
 from distill.errors import DistillError
 from distill.files import write_json, write_text
 
-log = logging.getLogger(__name__)
+stage_lines = logging.getLogger("distill.stage")  # pipeline.runner.STAGE_LINES
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -224,13 +224,13 @@ class Loop:
         return self.rank == 0
 
     def log(self, record: dict) -> None:
-        """Append one line to ``metrics.jsonl`` (rank 0), and to the ``distill`` logger at INFO
-        (a pipeline stage's log file; never the console)."""
+        """Append one line to ``metrics.jsonl`` (rank 0), and to a pipeline stage's log file
+        (the ``distill.stage`` logger, :func:`distill.pipeline.runner.stage_log`; never the console)."""
         if self.main:
             line = json.dumps(record)
             with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(line + "\n")
-            log.info("%s %s", self.out_dir.name, line)
+            stage_lines.info("%s %s", self.out_dir.name, line)
 
 
 def train(

@@ -303,27 +303,34 @@ class Pipeline:
         return StageResult(name, "ran", dt, str(note) if note else "")
 
 
+STAGE_LINES = "distill.stage"  # the stage's start / end and the training loops' metric lines: its log file only
+
+
 @contextlib.contextmanager
 def stage_log(path: Path, append: bool = False):
-    """The ``distill`` logger's records at INFO and above (a training loop's metrics lines
-    among them, :meth:`distill.engine.train.Loop.log`) also go to ``path`` while the stage runs;
-    the console keeps its warnings only. Yields the logger."""
+    """While the stage runs, ``path`` gets the ``distill`` logger's records (the warnings the
+    console shows) and the lines of the :data:`STAGE_LINES` logger (the stage's start and end, the
+    training loops' JSON metric lines, :meth:`distill.engine.train.Loop.log`), which go nowhere
+    else. The ``distill`` logger's level and propagation are left as they are. Yields the
+    :data:`STAGE_LINES` logger."""
     import logging
 
-    log = logging.getLogger("distill")
+    log, lines = logging.getLogger("distill"), logging.getLogger(STAGE_LINES)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
-    handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    level = log.level
+    state = (lines.level, lines.propagate)
+    lines.setLevel(logging.INFO)
+    lines.propagate = False
     log.addHandler(handler)
-    if log.getEffectiveLevel() > logging.INFO:
-        log.setLevel(logging.INFO)
+    lines.addHandler(handler)
     try:
-        yield log
+        yield lines
     finally:
         log.removeHandler(handler)
-        log.setLevel(level)
+        lines.removeHandler(handler)
+        lines.setLevel(state[0])
+        lines.propagate = state[1]
         handler.close()
 
 

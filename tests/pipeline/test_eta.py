@@ -77,7 +77,7 @@ def test_run_header_says_the_expected_time_and_each_stage_the_time_left(tmp_path
     run_pipeline("configs/shapes/pipeline.yaml", [f"work_dir={tmp_path / 'b'}", *args[1:]], until="world")
     err = " ".join(capsys.readouterr().err.split())
     assert "1 of 14 stages to run; expected ~" in err and "run ~" in err and "left)" in err, err
-    # the stage's log file: its start and end, and the records of the distill logger in between
+    # the stage's log file: its start and end
     text = (tmp_path / "b" / "logs" / "world.log").read_text()
     assert "stage world: started (key " in text and "stage world: done in " in text, text
 
@@ -118,3 +118,27 @@ def test_training_metrics_go_to_the_stage_log_not_the_console(tmp_path, capfd):
     assert lines and all(ln in (tmp_path / "logs" / "x.log").read_text() for ln in lines)
     out = capfd.readouterr()
     assert '"step"' not in out.err and '"step"' not in out.out
+
+
+def test_stage_log_leaves_the_distill_loggers_level_and_the_root_handlers_alone(tmp_path):
+    """Used from Python with a root handler (a library's logging.basicConfig): a stage neither
+    lowers the distill logger's level nor sends its file-only lines to the root handler."""
+    import io
+    import logging
+
+    from distill.pipeline.runner import stage_log
+
+    buf = io.StringIO()
+    root_handler = logging.StreamHandler(buf)
+    logging.getLogger().addHandler(root_handler)
+    log = logging.getLogger("distill")
+    level = log.getEffectiveLevel()
+    try:
+        with stage_log(tmp_path / "s.log") as lines:
+            lines.info("stage line")
+            logging.getLogger("distill.some.module").info("module info")
+            assert log.getEffectiveLevel() == level
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    assert "stage line" not in buf.getvalue() and "module info" not in buf.getvalue()
+    assert "stage line" in (tmp_path / "s.log").read_text()
