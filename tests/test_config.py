@@ -179,3 +179,13 @@ def test_pipeline_reads_the_stage_configs_as_they_are():
     assert pipe.seg == dataclasses.replace(load_config(root / "lseg.yaml").seg, distill_weight=1.0)
     assert pipe.det == load_config(root / "vild.yaml").det
     assert pipe.teacher == load_config(root / "cam.yaml").teacher == load_config(root / "lseg.yaml").teacher
+
+
+def test_maskclip_refinement_thresholds_are_probabilities():
+    """teacher.key_smoothing / prompt_denoising are the reference's probability thresholds in [0, 1]."""
+    from distill.config.sections import TeacherConfig
+
+    assert TeacherConfig(key_smoothing=1.0, prompt_denoising=0.5).prompt_denoising == 0.5
+    for key in ("key_smoothing", "prompt_denoising"):
+        with pytest.raises(DistillError, match=f"teacher.{key}: expected a probability threshold in \\[0, 1\\]"):
+            TeacherConfig(**{key: 1.5})

@@ -21,7 +21,8 @@ COLUMNS = ("miou/base", "miou/novel", "miou/all", "miou/hiou", "pixel_acc")
 
 @torch.no_grad()
 def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0) -> dict:
-    """MaskCLIP zero-shot (MaskCLIP section 3.2, no refinement) on the students' val masks, with the
+    """MaskCLIP zero-shot (MaskCLIP section 3.2, refined as ``teacher.key_smoothing`` /
+    ``teacher.prompt_denoising`` say) on the students' val masks, with the
     teacher evaluation's own evaluator (:class:`~distill.teacher.evaluate.MaskClipPixels`: argmax
     over the class texts and ``teacher.background``'s words, a background word wins -> 0), at
     ``teacher.dense_image_size``. Returns every metric of the streaming evaluator (per class too)."""
@@ -37,7 +38,8 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0) -> dic
         bg = text_for(teacher, words, cfg).float()
     paths = seg_paths(cfg)
     val = SemSegFolder(paths.val_images, paths.val_masks, vocab.ids)
-    pixels = MaskClipPixels(teacher, vocab, text, bg, teacher.dense_image_size)
+    pixels = MaskClipPixels(teacher, vocab, text, bg, teacher.dense_image_size,
+                            key_smoothing=cfg.teacher.key_smoothing, prompt_denoising=cfg.teacher.prompt_denoising)
     for j in range(len(val) if not max_images else min(max_images, len(val))):
         image, target = val[j]
         pixels.process(image, np.asarray(target["masks"]))

@@ -77,10 +77,23 @@ class TeacherConfig:
     device: str = ""  # "" = cuda when available else cpu
     background: str = "background_shapes.txt"  # background words (teacher evaluate: MaskCLIP mIoU): a file, one a line, or the words themselves
     eval_dense_sizes: tuple[int, ...] = (64, 128)  # MaskCLIP mIoU measured at each dense input size
+    # MaskCLIP section 3.2 refinements of the zero-shot pixel scores (teacher evaluate's maskclip/*
+    # rows), the reference's thresholds (maskclip_plus_head.py refine_clip_output; its "kspd"
+    # configs use 1.0 / 0.5). key_smoothing: positions whose top class probability is below it take
+    # the key-affinity-weighted scores; prompt_denoising: a class whose top probability over the
+    # image is below it is dropped. 0 = off.
+    key_smoothing: float = 0.0
+    prompt_denoising: float = 0.0
     # CLIPSelf image tower (``distill teacher clipself`` writes {work_dir}/teacher/dense_tower.safetensors):
     # when set, the dense paths (MaskCLIP pixels, dense RoIAlign, seg pixel distillation) use it;
     # crops, the class token and text keep the original teacher. "" = off.
     dense_tower: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("key_smoothing", "prompt_denoising"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise DistillError(f"teacher.{key}: expected a probability threshold in [0, 1] (0 = off), got {v}")
 
 
 @dataclass(frozen=True)

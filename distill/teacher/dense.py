@@ -17,7 +17,7 @@ keeps the rest of the last block around the value path::
 Position embeddings are interpolated bicubically when the dense input differs from the pretrain
 size (MaskCLIP ``interpolate_mode='bicubic'``). The token embedding and the value path live in
 distill/teacher/vit.py, shared with the CAMs and the CLIPSeg backbone. Key smoothing and prompt denoising (MaskCLIP
-section 3.2, "Key Smoothing and Prompt Denoising") act on class scores: see :func:`maskclip_scores`.
+section 3.2, "Key Smoothing and Prompt Denoising") act on class scores: see :func:`maskclip_refine`.
 
 The dense path runs on the teacher's *dense tower* (:func:`tower_for_dense_paths`): its image tower, or, when
 ``teacher.dense_tower`` names one, a CLIPSelf-distilled copy of it
@@ -53,12 +53,15 @@ def dense_feature_map(visual, x: torch.Tensor, return_keys: bool = False):
         x: (B, 3, S, S) images already resized and normalised (mean / std).
     Returns:
         (B, D, h, w) float32 with h = w = S // patch, L2-normalised along D; with
-        ``return_keys`` also the last block's keys (B, h*w, C).
+        ``return_keys`` also the last block's keys after its ``out_proj`` (B, h*w, C), as
+        MaskCLIP's key smoothing uses them.
     """
     blocks = list(visual.transformer.resblocks)
     tok, (h, w) = embed_tokens(visual, x)
     tok = run_blocks(visual, tok, blocks[:-1])
     v, k = value_path(blocks[-1], tok)
+    if return_keys:  # the reference takes q, k, v all through out_proj (MaskCLIP mmseg/models/backbones/vit.py)
+        k = blocks[-1].attn.out_proj(k)
     f = visual.ln_post(v[:, 1:])
     if visual.proj is not None:
         f = f @ visual.proj
@@ -142,6 +145,46 @@ def pixel_embeddings(teacher, images: torch.Tensor, size: int | None = None, out
     return F.normalize(up, dim=1)
 
 
+def maskclip_refine(logits: torch.Tensor, keys: torch.Tensor | None = None, key_smoothing: float = 0.0,
+                    prompt_denoising: float = 0.0, temperature: float = 100.0) -> torch.Tensor:
+    """MaskCLIP's key smoothing and prompt denoising (section 3.2), as the reference does them
+    (the copy at github.com/volgachen/MaskCLIP, ``mmseg/models/decode_heads/maskclip_plus_head.py``,
+    ``refine_clip_output``; ``maskclip_head.py`` ``refine_output`` is the same with ``vote_thresh`` /
+    ``cls_thresh``; the ``kspd`` configs use ``ks_thresh=1.0, pd_thresh=0.5``).
+
+    Args:
+        logits: (B, C, h, w) cosine similarities on the patch grid (not modified).
+        keys: (B, h*w, C') the last block's keys after ``out_proj`` (:func:`patch_embeddings` with
+            ``return_keys``); needed when ``key_smoothing > 0``.
+        prompt_denoising: ``pd_thresh``; a class whose top probability ``softmax(temperature * cos)``
+            over all positions is below it gets logit -100 at every position (pushed down before
+            any softmax, so the other classes renormalise). 0 = off.
+        key_smoothing: ``ks_thresh``; the scores become probabilities ``softmax(temperature * .)``
+            and a position whose top probability is below it takes ``W @ probs``, with
+            ``W = k_n @ k_n^T``: confident positions keep their own. 0 = off.
+    Returns:
+        (B, C, h, w): the logits when only denoising is on (the reference keeps logits there),
+        else probabilities (smoothed where not confident).
+    """
+    out = logits
+    if prompt_denoising > 0:
+        conf = torch.softmax(out * temperature, dim=1).flatten(2).amax(-1)  # (B, C)
+        out = out.masked_fill((conf < prompt_denoising)[:, :, None, None], -100.0)
+    if key_smoothing > 0:
+        if keys is None:
+            raise DistillError("maskclip_refine: key_smoothing needs the last block's keys")
+        B, C, h, w = out.shape
+        probs = torch.softmax(out * temperature, dim=1).flatten(2).transpose(1, 2)  # (B, hw, C)
+        # F.normalize(k, p=2) on (B, hw, C') normalises along dim 1, over positions, not channels:
+        # kept as the reference computes it (the weights are not a convex combination; only the
+        # arg-max of the smoothed scores is used downstream).
+        kn = F.normalize(keys.float(), p=2, dim=1)
+        smoothed = kn @ kn.transpose(1, 2) @ probs
+        unsure = probs.amax(-1, keepdim=True) < key_smoothing
+        out = torch.where(unsure, smoothed, probs).transpose(1, 2).reshape(B, C, h, w)
+    return out
+
+
 @torch.no_grad()
 def maskclip_scores(
     teacher,
@@ -149,34 +192,19 @@ def maskclip_scores(
     text: torch.Tensor,
     size: int | None = None,
     out_size: tuple[int, int] | None = None,
-    key_smoothing: bool = False,
+    key_smoothing: float = 0.0,
     prompt_denoising: float = 0.0,
     temperature: float = 100.0,
 ) -> torch.Tensor:
-    """Zero-shot per-pixel class scores (B, C, H', W').
-
-    Plain MaskCLIP returns cosine similarities (patch embedding x text embedding). With either
-    refinement (MaskCLIP section 3.2) scores become probabilities ``softmax(temperature * cos)``:
-    ``prompt_denoising=t`` zeroes classes whose confidence is below ``t`` at every location;
-    ``key_smoothing`` replaces each location's scores by their sum weighted by the cosine
-    similarity of the last block's keys. Upsampling (bilinear) happens last, on scores.
-    """
+    """Zero-shot per-pixel class scores (B, C, H', W'): cosine similarities of the patch embeddings
+    and the text embeddings, refined by :func:`maskclip_refine` when ``key_smoothing`` or
+    ``prompt_denoising`` is set (``temperature``: the reference's fixed 100, CLIP's logit scale).
+    Upsampling (bilinear) happens last, on scores, as the reference's ``assign_label`` does."""
     out_size = tuple(out_size) if out_size else tuple(images.shape[-2:])
     text = F.normalize(text.to(teacher.device).float(), dim=-1)
-    need_keys = key_smoothing
+    need_keys = key_smoothing > 0
     res = patch_embeddings(teacher, images, size=size, return_keys=need_keys)
     feats, keys = res if need_keys else (res, None)
-    B, D, h, w = feats.shape
     scores = torch.einsum("bdhw,cd->bchw", feats, text)
-    if key_smoothing or prompt_denoising > 0:
-        probs = torch.softmax(temperature * scores, dim=1)
-        if prompt_denoising > 0:
-            keep = probs.flatten(2).amax(-1) >= prompt_denoising  # (B, C)
-            probs = probs * keep[:, :, None, None]
-        if key_smoothing:
-            kn = F.normalize(keys, dim=-1)
-            aff = kn @ kn.transpose(1, 2)  # (B, hw, hw)
-            flat = probs.flatten(2).transpose(1, 2)  # (B, hw, C)
-            probs = (aff @ flat).transpose(1, 2).reshape(B, -1, h, w)
-        scores = probs
+    scores = maskclip_refine(scores, keys, key_smoothing, prompt_denoising, temperature)
     return F.interpolate(scores, size=out_size, mode="bilinear", align_corners=False)

@@ -25,7 +25,8 @@ matched to it by name (then synonym), and those outside it are skipped.
 Metric keys: ``zeroshot/top1_1x``, ``zeroshot/top1_1.5x``, ``zeroshot/top1_ens``,
 ``zeroshot/top1_dense`` (+ ``_base`` / ``_novel``), ``maskclip/miou_all``, ``maskclip/miou_base``,
 ``maskclip/miou_novel``, ``maskclip/miou_hiou``, ``maskclip/pixel_acc`` (at
-``teacher.dense_image_size``) and the same with ``@<size>`` for every evaluated size.
+``teacher.dense_image_size``) and the same with ``@<size>`` for every evaluated size; the MaskCLIP
+refinements they were measured with: ``teacher/key_smoothing``, ``teacher/prompt_denoising``.
 """
 
 from __future__ import annotations
@@ -199,11 +200,13 @@ class MaskClipPixels:
         text: (C, D) class text embeddings; bg_text: (B, D) background texts or None.
     """
 
-    def __init__(self, teacher, vocab, text: torch.Tensor, bg_text: torch.Tensor | None, size: int):
+    def __init__(self, teacher, vocab, text: torch.Tensor, bg_text: torch.Tensor | None, size: int,
+                 key_smoothing: float = 0.0, prompt_denoising: float = 0.0):
         from distill.eval.segmentation import SemSegEvaluator, semseg_classes
 
         C, base, names = semseg_classes(vocab)
         self.teacher, self.size = teacher, size
+        self.refine = dict(key_smoothing=key_smoothing, prompt_denoising=prompt_denoising)
         self.ev = SemSegEvaluator(C, base, names=names)
         self.ids = torch.tensor(vocab.ids)
         self.text = text if bg_text is None else torch.cat([text, bg_text])
@@ -216,7 +219,7 @@ class MaskClipPixels:
         """image: (3, H, W) float in [0, 1]; gt: (H', W') category ids, 255 = ignore."""
         from distill.teacher.dense import maskclip_scores
 
-        scores = maskclip_scores(self.teacher, image[None], self.text, size=self.size, out_size=gt.shape)[0]
+        scores = maskclip_scores(self.teacher, image[None], self.text, size=self.size, out_size=gt.shape, **self.refine)[0]
         idx = scores.max(0).indices.cpu()  # = argmax(0) (first maximum), 8x faster on CPU than argmax over dim 0
         ids = self.ids
         pred = torch.where(idx < len(ids), ids[idx.clamp(max=len(ids) - 1)], torch.zeros_like(idx))
@@ -277,7 +280,10 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
             bg_words = load_templates_words(cfg.teacher.background)
             bg_text = text_embeddings(teacher, Vocabulary(tuple(bg_words), source="teacher.background"), templates, cache_dir=cache_dir)
         gt_paths = _semantic_paths(index, Path(cfg.data.semantic_root) / split)
-        pixels = {s: MaskClipPixels(teacher, vocab, text, bg_text, s) for s in sorted(set(cfg.teacher.eval_dense_sizes) | {teacher.dense_image_size})}
+        refine = dict(key_smoothing=cfg.teacher.key_smoothing, prompt_denoising=cfg.teacher.prompt_denoising)
+        pixels = {s: MaskClipPixels(teacher, vocab, text, bg_text, s, **refine)
+                  for s in sorted(set(cfg.teacher.eval_dense_sizes) | {teacher.dense_image_size})}
+        res.update({f"teacher/{k}": v for k, v in refine.items()})
     done = 0
     for batch in iter_split(cfg, index):
         _process_batch(batch, regions, pixels, gt_paths[done : done + len(batch)])

@@ -75,22 +75,60 @@ def test_pixel_embeddings_unit_norm_and_upsampled():
     assert torch.allclose(s, torch.einsum("bdhw,cd->bchw", p, text), atol=1e-5)
 
 
+def _keys_by_hand(t, imgs, size):
+    """The last block's keys as MaskCLIP's ViT computes them with ``return_qkv``: ln_1, the key
+    third of in_proj, then ``out_proj`` (mmseg/models/backbones/vit.py), class token dropped."""
+    from distill.teacher.vit import embed_tokens, run_blocks
+
+    vis = t.model.visual
+    blocks = list(vis.transformer.resblocks)
+    tok, _ = embed_tokens(vis, t.normalize(t.resize(imgs, size)))
+    y = blocks[-1].ln_1(run_blocks(vis, tok, blocks[:-1]))
+    C = y.shape[-1]
+    W, b = blocks[-1].attn.in_proj_weight, blocks[-1].attn.in_proj_bias
+    return blocks[-1].attn.out_proj(F.linear(y, W[C : 2 * C], b[C : 2 * C]))[:, 1:]
+
+
+def test_maskclip_keys_are_taken_after_out_proj():
+    t = build_random_teacher(seed=4)
+    imgs = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        _, k = patch_embeddings(t, imgs, return_keys=True)
+        ref = _keys_by_hand(t, imgs, t.dense_image_size)
+    assert torch.allclose(k, ref, atol=1e-5)
+
+
 def test_key_smoothing_and_prompt_denoising_reference():
+    """refine_clip_output of the MaskCLIP reference (maskclip_plus_head.py), by hand: denoising sets
+    a weak class's logits to -100 before the softmax; smoothing replaces only positions whose top
+    probability is below ks_thresh by W @ probs, W from keys L2-normalised over positions."""
     t = build_random_teacher(seed=4)
     imgs = torch.rand(1, 3, 32, 32)
     text = F.normalize(torch.randn(6, t.embed_dim), dim=-1)
     p, k = patch_embeddings(t, imgs, return_keys=True)
     h, w = p.shape[-2:]
+    temp = 5.0  # low temperature: random text does not saturate the softmax
     cos = torch.einsum("dhw,cd->chw", p[0], text).reshape(6, -1)  # (C, hw)
-    probs = torch.softmax(5 * cos, dim=0)  # low temperature: random text does not saturate
-    thr = float(probs.max(dim=1).values.median()) + 1e-6  # removes about half the classes
-    keep = probs.max(dim=1).values >= thr
-    probs = probs * keep[:, None]
-    kn = k[0] / k[0].norm(dim=-1, keepdim=True)
-    ref = torch.zeros_like(probs)
-    for i in range(h * w):  # brute force: score_i = sum_j cos(k_i, k_j) * score_j
-        for j in range(h * w):
-            ref[:, i] += float(kn[i] @ kn[j]) * probs[:, j]
-    got = maskclip_scores(t, imgs, text, out_size=(h, w), key_smoothing=True, prompt_denoising=thr, temperature=5.0)[0].reshape(6, -1)
-    assert 0 < keep.sum() < 6  # denoising removed some classes, not all
+    conf = torch.softmax(temp * cos, dim=0).max(dim=1).values
+    pd = float(conf.median()) + 1e-6  # removes about half the classes
+    weak = conf < pd
+    logits = cos.clone()
+    logits[weak] = -100.0
+    probs = torch.softmax(temp * logits, dim=0)  # the kept classes renormalise
+    top = probs.max(dim=0).values
+    ks = float(top.median()) + 1e-6  # about half the positions are unsure
+    kn = k[0] / k[0].norm(dim=0, keepdim=True)  # (hw, C') normalised over positions (dim 1 of (B, hw, C'))
+    ref = probs.clone()
+    for i in range(h * w):  # brute force: unsure position i takes sum_j W_ij * probs_j
+        if top[i] < ks:
+            ref[:, i] = sum(float(kn[i] @ kn[j]) * probs[:, j] for j in range(h * w))
+    got = maskclip_scores(t, imgs, text, out_size=(h, w), key_smoothing=ks, prompt_denoising=pd, temperature=temp)[0].reshape(6, -1)
+    assert 0 < weak.sum() < 6 and 0 < (top < ks).sum() < h * w
     assert torch.allclose(got, ref, atol=1e-4)
+    sure = top >= ks
+    assert torch.allclose(got[:, sure], probs[:, sure], atol=1e-6)  # confident positions keep their own (fp32 rounding only)
+    assert torch.allclose(got[:, sure].sum(0), torch.ones(int(sure.sum())), atol=1e-5)
+    assert float(got[weak][:, sure].abs().max()) < 1e-30  # a denoised class has no probability left
+    # denoising alone keeps logits (the reference only softmaxes for smoothing)
+    only_pd = maskclip_scores(t, imgs, text, out_size=(h, w), prompt_denoising=pd, temperature=temp)[0].reshape(6, -1)
+    assert torch.allclose(only_pd, logits, atol=1e-5)
