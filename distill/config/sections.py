@@ -282,6 +282,12 @@ class SegConfig:
     embed_dim: int = 0  # 0 = the teacher's text embedding size
     distill_weight: float = 0.0  # pixel distillation weight (0 = off)
     distill_loss: Literal["cosine", "l1"] = "cosine"
+    # MaskCLIP+ (MaskCLIP 3.3, zero-shot; segmentation/maskclip_plus.py): train over all classes;
+    # pixels whose mask holds an unseen class id are suppressed and pseudo-labelled by MaskCLIP (the
+    # first maskclip_plus_clip_fraction of the steps), then by the student itself. The training masks
+    # must keep the unseen ids (e.g. seg.train_masks={data.semantic_root}/train). Lseg only.
+    maskclip_plus: bool = False
+    maskclip_plus_clip_fraction: float = 0.1  # the reference's start_self_train=2000 of 20k iterations
     clipseg_layers: tuple[int, ...] = (3, 7, 9)  # for a 12-layer ViT; scaled to the teacher's depth
     clipseg_reduce_dim: int = 64
     clipseg_heads: int = 4

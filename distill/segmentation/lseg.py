@@ -229,6 +229,7 @@ class LSeg(nn.Module):
         self.register_buffer("text", torch.zeros(0), persistent=False)
         self.register_buffer("class_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         object.__setattr__(self, "_teacher_pixels", None)  # a callable, not a submodule
+        object.__setattr__(self, "_pseudo_labels", None)
 
     @property
     def patch(self) -> int:
@@ -249,6 +250,12 @@ class LSeg(nn.Module):
         """``fn(images (B, 3, H, W)) -> (B, D, h, w)`` teacher pixel embeddings (MaskCLIP), called
         under ``torch.no_grad`` during training. Kept out of the state dict and of ``.to()``."""
         object.__setattr__(self, "_teacher_pixels", fn)
+
+    def set_pseudo_labeler(self, fn: Callable[..., torch.Tensor] | None) -> None:
+        """``fn(images, masks, target, logits) -> target``: fills the training target's suppressed
+        pixels (MaskCLIP+, :class:`~distill.segmentation.maskclip_plus.MaskClipPlusLabels`), called
+        under ``torch.no_grad`` with the detached logits. Kept out of the state dict."""
+        object.__setattr__(self, "_pseudo_labels", fn)
 
     def pixel_embeddings(self, images: torch.Tensor, full_res: bool = True) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, D, H, W) L2-normalised along D (``full_res=False``: at the
@@ -292,7 +299,11 @@ class LSeg(nn.Module):
             return logits
         masks = _target_masks(targets, images)
         ids = self.class_ids if text is None else torch.arange(1, t.shape[0] + 1, device=images.device)
-        losses = {"loss_ce": seg_ce_loss(logits, remap_masks(masks, ids))}
+        target = remap_masks(masks, ids)
+        if self._pseudo_labels is not None:
+            with torch.no_grad():
+                target = self._pseudo_labels(images, masks, target, logits.detach())
+        losses = {"loss_ce": seg_ce_loss(logits, target)}
         if self.distill_weight > 0:
             tp = None
             if isinstance(targets, dict):

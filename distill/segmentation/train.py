@@ -13,6 +13,7 @@ base / novel / all, hIoU, pixel accuracy).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from distill.errors import DistillError
 from distill.files import write_json
 from distill.segmentation.build import build_segmenter
 from distill.vocab import resolve_vocab
+
+log = logging.getLogger(__name__)
 
 MASK_SUFFIX = ".png"
 
@@ -179,6 +182,25 @@ def text_for(teacher, vocab, cfg: Config) -> torch.Tensor:
     return text_embeddings(teacher, vocab, cfg.teacher.templates, cache_dir=Path(cfg.work_dir) / "embeddings" / "text")
 
 
+def maskclip_plus_labeler(cfg: Config, model, teacher, vocab, text: torch.Tensor):
+    """MaskCLIP+ (segmentation/maskclip_plus.py): the student classifies over the whole vocabulary;
+    the returned hook pseudo-labels the pixels of the unseen classes."""
+    from distill.segmentation.maskclip_plus import MaskClipPlusLabels
+
+    s = cfg.seg
+    if s.arch != "lseg":
+        raise DistillError(f"seg.maskclip_plus: implemented for seg.arch=lseg (the reference's per-pixel classifier), got {s.arch}")
+    if not 0.0 <= s.maskclip_plus_clip_fraction <= 1.0:
+        raise DistillError(f"seg.maskclip_plus_clip_fraction: expected a fraction in [0, 1], got {s.maskclip_plus_clip_fraction}")
+    novel = vocab.novel_indices
+    model.set_vocabulary(text, vocab.ids)
+    labeler = MaskClipPlusLabels(teacher, text[novel], [vocab.ids[i] for i in novel], [1 + i for i in novel],
+                                 clip_steps=round(s.maskclip_plus_clip_fraction * s.train.max_steps),
+                                 key_smoothing=cfg.teacher.key_smoothing, prompt_denoising=cfg.teacher.prompt_denoising)
+    model.set_pseudo_labeler(labeler)
+    return labeler
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +232,9 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
     model.set_vocabulary(text[base], train_ids)
     if getattr(model, "distill_weight", 0.0) > 0:
         model.set_distill_teacher(teacher_pixel_fn(teacher))
+    hooks = []
+    if s.maskclip_plus:
+        hooks.append(maskclip_plus_labeler(cfg, model, teacher, vocab, text))
 
     stems = _read_list(s.train_list) if s.train_list else None
     ds = SemSegFolder(paths.train_images, paths.train_masks, vocab.ids, stems, size=s.image_size, augment=s.augment)
@@ -227,9 +252,13 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
     from distill.engine.hooks import BeforeTrain
     from distill.teacher.clip import student_meta
 
-    meta = student_meta(cfg, teacher, trained_classes=[vocab.names[i] for i in base])
+    trained = list(vocab.names) if s.maskclip_plus else [vocab.names[i] for i in base]  # MaskCLIP+ names the unseen classes too
+    meta = student_meta(cfg, teacher, trained_classes=trained)
     final = train(model, loader, s.train, out, eval_fn=eval_fn if val is not None else None, resume=resume, device=dev, progress=progress, meta=meta,
-                  hooks=[BeforeTrain(lambda: save_config(cfg, out / "config.yaml"))])  # once a --resume checkpoint fits
+                  hooks=[BeforeTrain(lambda: save_config(cfg, out / "config.yaml")), *hooks])  # once a --resume checkpoint fits
+    if hooks and hooks[0].suppressed_pixels == 0:
+        log.warning("seg.maskclip_plus: no training mask held an unseen class id, so nothing was pseudo-labelled "
+                    "(point seg.train_masks at masks that keep the unseen ids, e.g. {data.semantic_root}/train)")
     metrics = {k: v for k, v in final.items()}
     write_json(out / "metrics.json", metrics)
     return metrics
