@@ -8,7 +8,9 @@ Sources (see :func:`load_vocab`):
   synonyms). In a file of several lines a comma is part of the line's class name
   (``building, edifice``; trailing commas are dropped); synonyms are written
   ``name: synonym, synonym``;
-- a ``.json`` list of names, or of ``{"name", "synonyms", "split", "id"}`` objects;
+- a ``.json`` list of names, or of ``{"name", "synonyms", "split", "id", "prompt"}`` objects
+  (``prompt``: optional, the text that stands for the name in the prompt templates, verbatim, e.g.
+  CLIP-ES's "person with clothes,people,human" for VOC's "person": one prompt, not averaged);
 - a COCO or LVIS annotation json (its ``categories``; a per-category ``split`` field is used, and
   LVIS frequency ``r`` means novel);
 - an inline string of names separated by commas and / or newlines: ``"red star, blue circle"``.
@@ -273,13 +275,16 @@ def vocab_from_categories(cats: list, source: str) -> Vocabulary:
     """A vocabulary from COCO / LVIS ``categories`` (``split`` field, or LVIS ``frequency`` r = novel).
 
     Names stay as the file spells them (they identify the class); the prompts use
-    :func:`prompt_text` of the name and of each synonym."""
+    :func:`prompt_text` of the name and of each synonym, or a category's own ``prompt`` text
+    (whitespace normalised, commas kept: it is one prompt) in place of the name."""
     names, syns, split, ids, prompt_names = [], [], [], [], []
     for i, c in enumerate(cats):
         if not isinstance(c, dict) or "name" not in c:
             raise DistillError(f"{source}: categories[{i}] must be an object with 'name' (and 'id')")
         names.append(str(c["name"]))
-        prompt_names.append(prompt_text(str(c["name"])) or str(c["name"]))
+        if "prompt" in c and not (isinstance(c["prompt"], str) and normalize_name(c["prompt"])):
+            raise DistillError(f"{source}: categories[{i}] ({c['name']!r}): 'prompt' must be a non-empty string, got {c['prompt']!r}")
+        prompt_names.append(normalize_name(c["prompt"]) if "prompt" in c else prompt_text(str(c["name"])) or str(c["name"]))
         syn = [prompt_text(s) for s in c.get("synonyms", []) if isinstance(s, str) and prompt_text(s)]
         syns.append(tuple(dict.fromkeys(s for s in syn if s != c["name"])))
         if "split" in c:

@@ -347,3 +347,18 @@ def _novel(tmp_path, text):
     p = tmp_path / "all_novel.txt"
     p.write_text(text)
     return p
+
+
+def test_json_category_prompt_is_one_prompt_in_place_of_the_name(tmp_path):
+    """A category's "prompt" (CLIP-ES's renamed VOC classes) stands for the name in the templates,
+    whole: its commas are not split into synonyms; the name still identifies the class."""
+    cats = [{"id": 15, "name": "person", "prompt": "person  with clothes,people,human"}, {"id": 16, "name": "pottedplant"}]
+    p = tmp_path / "v.json"
+    p.write_text(json.dumps({"info": {"description": "x"}, "categories": cats}))
+    v = load_vocab(p)
+    assert v.names == ("person", "pottedplant") and v.ids == (15, 16)
+    assert v.prompts == (("person with clothes,people,human",), ("pottedplant",))
+    assert v.index("person") == 0 and v.hash != Vocabulary(v.names, v.synonyms, v.split, v.ids).hash
+    p.write_text(json.dumps([{"id": 1, "name": "person", "prompt": " "}]))
+    with pytest.raises(DistillError, match=r"categories\[0\] \('person'\): 'prompt' must be a non-empty string"):
+        load_vocab(p)

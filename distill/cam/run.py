@@ -128,10 +128,10 @@ def read_image_labels(path: str | Path, vocab) -> list[LabelEntry]:
     if not isinstance(data, list):
         raise DistillError(f"{path}: expected a list of {{image_id, file_name, category_ids}} objects")
     id_to_index = {int(i): k for k, i in enumerate(vocab.ids)}
-    name_to_index = {}
-    for k, prompts in enumerate(vocab.prompts):
-        for p in prompts:
-            name_to_index.setdefault(p.strip().lower(), k)
+    name_to_index = {}  # a class's name, then its prompt texts (prompt name, synonyms)
+    for k, words in enumerate([(n,) for n in vocab.names] + list(vocab.prompts)):
+        for p in words:
+            name_to_index.setdefault(p.strip().lower(), k % len(vocab))
     out = []
     for n, e in enumerate(data):
         if not isinstance(e, dict) or "file_name" not in e:

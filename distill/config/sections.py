@@ -298,6 +298,14 @@ class SegConfig:
     pretrained_backbone: str = ""  # lseg resnet18: local state-dict file; empty = random init
     finetune_backbone: bool = True  # lseg backbone=teacher: fine-tune (true) or freeze the tower
     features: int = 64  # DPT decoder width
+    # lseg: the scale of the cosine logits. fixed = lang-seg's constant 1/0.07 (never trained);
+    # learnable = a parameter initialised to 1/0.07 and clamped at 100 (CLIP's)
+    logit_scale: Literal["fixed", "learnable"] = "fixed"
+    # lseg: lang-seg's spatial regularisation of the logits (its --arch_option 0 | 1 | 2): none |
+    # bottleneck (conv + the max over classes) | depthwise (conv); one 3x3 conv shared by all classes
+    head_block: Literal["none", "bottleneck", "depthwise"] = "none"
+    head_block_depth: int = 1  # lseg: applications of the one head block (lang-seg --block_depth), the last without activation
+    head_block_activation: Literal["lrelu", "tanh", "relu"] = "lrelu"  # lseg: between applications (lang-seg --activation)
     image_size: int = 128  # training crop size
     augment: bool = True  # resize / pad / random crop / horizontal flip (albumentations)
     window: int = 0  # sliding-window size at inference (0 = whole image)
@@ -311,6 +319,10 @@ class SegConfig:
     eval_batch_size: int = 8
     max_eval_images: int = 0  # 0 = all
     train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adamw", lr=1e-3))
+
+    def __post_init__(self) -> None:
+        if self.head_block_depth < 1:
+            raise DistillError(f"seg.head_block_depth: expected >= 1 (applications of the head block), got {self.head_block_depth}")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ def build_lseg_student(seg: SegConfig, teacher) -> torch.nn.Module:
     dim, visual = _encoder(seg, teacher)
     return build_lseg(dim, seg.backbone, visual=visual, mean=teacher.mean, std=teacher.std, finetune=seg.finetune_backbone,
                       features=seg.features, pretrained_backbone=seg.pretrained_backbone, distill_weight=seg.distill_weight,
-                      distill_loss=seg.distill_loss)
+                      distill_loss=seg.distill_loss, logit_scale=seg.logit_scale, head_block=seg.head_block,
+                      head_block_depth=seg.head_block_depth, head_block_activation=seg.head_block_activation)
 
 
 def build_clipseg_student(seg: SegConfig, teacher) -> torch.nn.Module:

@@ -2,10 +2,18 @@
 
 An image encoder and a DPT decoder (Ranftl et al., ICCV 2021: reassemble multi-scale features,
 fusion blocks of residual conv units, progressive upsampling) predict an L2-normalised embedding of
-the teacher's text dimension for every pixel. Logits are a learnable scale (initialised to 1/0.07,
-LSeg section 3 / CLIP's temperature) times the cosine with the text embeddings of the current
-vocabulary, which is an input (:meth:`LSeg.set_vocabulary` or the ``text`` argument), never a
-persistent buffer, so a trained student takes any vocabulary at inference.
+the teacher's text dimension for every pixel. Logits are a scale times the cosine with the text
+embeddings of the current vocabulary, which is an input (:meth:`LSeg.set_vocabulary` or the
+``text`` argument), never a persistent buffer, so a trained student takes any vocabulary at
+inference. The scale (``logit_scale``): ``fixed`` = lang-seg's constant 1/0.07 (LSeg section 3,
+CLIP's temperature; isl-org/lang-seg modules/models/lseg_net.py, ``LSeg.__init__``:
+``self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / 0.07)).exp()``, the ``.exp()`` of a
+Parameter is a plain tensor, not registered, so nothing trains it), or ``learnable`` = initialised to
+1/0.07, trained and clamped at 100 as CLIP's.
+
+Optional spatial regularisation of the logits (lang-seg ``--arch_option`` 1 / 2, ``head_block``
+here): one small block shared by every class, applied ``head_block_depth`` times to the logits
+before they are upsampled (:class:`LogitBlock`).
 
 Background: channel 0 of the logits is a *learned* background embedding (a parameter, normalised
 at use), as Detic's zero-shot classifier does, rather than the text embedding of a "background"
@@ -39,6 +47,9 @@ from distill.teacher.vit import block_outputs
 
 LOGIT_SCALE_INIT = 1 / 0.07  # LSeg section 3 (temperature as in CLIP)
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps its learnable scale at 100
+LOGIT_SCALES = ("fixed", "learnable")
+HEAD_BLOCKS = ("none", "bottleneck", "depthwise")  # lang-seg --arch_option 0, 1, 2
+ACTIVATIONS = {"lrelu": nn.LeakyReLU, "tanh": nn.Tanh, "relu": nn.ReLU}  # lang-seg's block activations
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +212,39 @@ class DPTDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# lang-seg's spatial regularisation blocks (modules/models/lseg_net.py)
+# ----------------------------------------------------------------------------------------------
+
+
+class LogitBlock(nn.Module):
+    """One 3x3 conv with a single input and output channel, run on every class channel alike (so it
+    takes any vocabulary), then an activation unless ``act=False``. (B, K, H, W) -> (B, K, H, W).
+
+    isl-org/lang-seg modules/models/lseg_net.py: ``depthwise_conv`` (``x.reshape(-1, 1, H, W)``,
+    ``nn.Conv2d(1, 1, 3, padding=1)``, reshaped back); ``depthwise_block`` (``--arch_option 2``,
+    ``kind="depthwise"``): ``act(conv(x))``; ``bottleneck_block`` (``--arch_option 1``,
+    ``kind="bottleneck"``): ``act(conv(x) + max_k x)``, the max over the class channels of the
+    block's input added back to every channel."""
+
+    def __init__(self, kind: str, activation: str = "lrelu"):
+        super().__init__()
+        if kind not in HEAD_BLOCKS[1:]:
+            raise DistillError(f"seg.head_block: {kind!r} is not one of {', '.join(HEAD_BLOCKS)}")
+        if activation not in ACTIVATIONS:
+            raise DistillError(f"seg.head_block_activation: {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        self.kind = kind
+        self.conv = nn.Conv2d(1, 1, kernel_size=3, padding=1)
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor, act: bool = True) -> torch.Tensor:
+        b, k, h, w = x.shape
+        out = self.conv(x.reshape(b * k, 1, h, w)).view(b, k, h, w)
+        if self.kind == "bottleneck":
+            out = out + x.max(dim=1, keepdim=True)[0]
+        return self.activation(out) if act else out
+
+
+# ----------------------------------------------------------------------------------------------
 # LSeg
 # ----------------------------------------------------------------------------------------------
 
@@ -213,14 +257,33 @@ class LSeg(nn.Module):
         "teacher_pixels": (B, D, h, w)); returns {"loss_ce"} (+ {"loss_distill"} when
         ``distill_weight > 0``), each already weighted;
       - eval mode: (B, 1 + C, H, W) logits, channel 0 background, 1 + i = ``class_ids[i]``.
+
+    ``logit_scale``: ``fixed`` (lang-seg: 1/0.07, a non-persistent buffer, never trained) or
+    ``learnable`` (a parameter initialised to 1/0.07, clamped at 100); either way the attribute
+    holds the log of the scale. ``head_block``: ``none`` or a :class:`LogitBlock` kind, applied
+    ``head_block_depth`` times (:meth:`regularise`).
     """
 
-    def __init__(self, encoder: nn.Module, embed_dim: int, features: int = 64, distill_weight: float = 0.0, distill_loss: str = "cosine"):
+    def __init__(self, encoder: nn.Module, embed_dim: int, features: int = 64, distill_weight: float = 0.0, distill_loss: str = "cosine",
+                 logit_scale: str = "fixed", head_block: str = "none", head_block_depth: int = 1, head_block_activation: str = "lrelu"):
         super().__init__()
         self.encoder = encoder
         self.decoder = DPTDecoder(encoder.channels, features, embed_dim)
         self.embed_dim = embed_dim
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(LOGIT_SCALE_INIT)))
+        if logit_scale not in LOGIT_SCALES:
+            raise DistillError(f"seg.logit_scale: {logit_scale!r} is not one of {', '.join(LOGIT_SCALES)}")
+        log_scale = torch.tensor(math.log(LOGIT_SCALE_INIT))
+        if logit_scale == "learnable":
+            self.logit_scale = nn.Parameter(log_scale)
+        else:  # kept out of the state dict: a fixed scale is the constant, never a value read from a file
+            self.register_buffer("logit_scale", log_scale, persistent=False)
+        if head_block not in HEAD_BLOCKS:
+            raise DistillError(f"seg.head_block: {head_block!r} is not one of {', '.join(HEAD_BLOCKS)}")
+        if head_block != "none" and head_block_depth < 1:
+            raise DistillError(f"seg.head_block_depth: expected >= 1 (applications of the head block), got {head_block_depth}")
+        # no module at all for "none": the same parameters and state dict as without the option
+        self.head_block = LogitBlock(head_block, head_block_activation) if head_block != "none" else None
+        self.head_block_depth = int(head_block_depth)
         self.bg_embed = nn.Parameter(torch.randn(embed_dim) * embed_dim**-0.5)
         self.distill_weight = float(distill_weight)
         if distill_loss not in ("cosine", "l1"):
@@ -285,7 +348,19 @@ class LSeg(nn.Module):
         cls = torch.cat([self.bg_embed[None], text.to(emb.device, emb.dtype)], 0)
         cls = F.normalize(cls, dim=1)
         scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
-        return scale * torch.einsum("bdhw,cd->bchw", emb, cls)
+        return self.regularise(scale * torch.einsum("bdhw,cd->bchw", emb, cls))
+
+    def regularise(self, logits: torch.Tensor) -> torch.Tensor:
+        """lang-seg's spatial regularisation of the logits (B, K, H, W), before the upsampling
+        (isl-org/lang-seg modules/models/lseg_net.py ``LSeg.forward``: for ``arch_option`` 1 / 2,
+        ``block_depth - 1`` applications of the one shared ``head_block`` with the activation, then
+        one without, then ``output_conv``, the x2 upsampling). Identity for ``head_block=none``.
+        (lang-seg's ``block_depth`` 0 also applies the block once; here that is depth 1.)"""
+        if self.head_block is None:
+            return logits
+        for _ in range(self.head_block_depth - 1):
+            logits = self.head_block(logits)
+        return self.head_block(logits, act=False)
 
     def forward(self, images, targets=None, text: torch.Tensor | None = None):
         if isinstance(images, (list, tuple)):
@@ -329,11 +404,16 @@ def build_lseg(
     pretrained_backbone: str = "",
     distill_weight: float = 0.0,
     distill_loss: str = "cosine",
+    logit_scale: str = "fixed",
+    head_block: str = "none",
+    head_block_depth: int = 1,
+    head_block_activation: str = "lrelu",
 ) -> LSeg:
     """LSeg with a ``resnet18`` encoder (random init unless ``pretrained_backbone``) or a ViT
     tower of the teacher (``visual``, with the teacher's ``mean``/``std``; deep-copied so the
     teacher itself stays frozen): ``teacher`` = its image tower, ``dense_tower`` = its dense
-    tower (the CLIPSelf weights of ``teacher.dense_tower``; the caller passes that tower)."""
+    tower (the CLIPSelf weights of ``teacher.dense_tower``; the caller passes that tower).
+    ``logit_scale`` and ``head_block*``: the head's options (:class:`LSeg`)."""
     if backbone == "resnet18":
         enc: nn.Module = ResNetEncoder(pretrained_backbone)
     elif backbone in ("teacher", "dense_tower"):
@@ -344,4 +424,5 @@ def build_lseg(
         enc = ViTEncoder(copy.deepcopy(visual).float(), mean, std, finetune=finetune)
     else:
         raise DistillError(f"seg.backbone: {backbone!r} is not one of resnet18, teacher, dense_tower")
-    return LSeg(enc, embed_dim, features, distill_weight, distill_loss)
+    return LSeg(enc, embed_dim, features, distill_weight, distill_loss, logit_scale=logit_scale, head_block=head_block,
+                head_block_depth=head_block_depth, head_block_activation=head_block_activation)

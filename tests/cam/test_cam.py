@@ -629,3 +629,43 @@ def test_caa_power_below_one_is_a_config_error():
 
     with pytest.raises(DistillError, match="cam.caa_power"):
         cam_run._check_cfg(CamConfig(caa_power=0))
+
+
+# linyq2117/CLIP-ES clip_text.py, new_class_names (VOC order), copied verbatim: what
+# generate_cams_voc12.py embeds, each string whole in 'a clean origami {}.'
+CLIP_ES_VOC_PROMPTS = (
+    'aeroplane', 'bicycle', 'bird avian', 'boat', 'bottle',
+    'bus', 'car', 'cat', 'chair seat', 'cow',
+    'diningtable', 'dog', 'horse', 'motorbike', 'person with clothes,people,human',
+    'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor screen',
+)
+CLIP_ES_VOC_NAMES = (  # clip_text.py class_names
+    'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor',
+)
+
+
+def test_voc_prompts_are_the_repos_strings(teacher, monkeypatch):
+    """configs/voc/clip_es.yaml: one renamed prompt per class, the repo's exact string, one sentence
+    per class with the repo's template; "person" embeds "person with clothes,people,human" alone
+    (not "person" averaged with "people" and "human"); the 25 background words and the template."""
+    cfg = load_config("configs/voc/clip_es.yaml")
+    vocab = cam_run.resolve_vocab(cfg.data, cfg.cam.vocab, key="cam.vocab")
+    assert vocab.names == CLIP_ES_VOC_NAMES and vocab.ids == tuple(range(1, 21))
+    assert vocab.prompts == tuple((p,) for p in CLIP_ES_VOC_PROMPTS)
+    assert vocab.index("person") == 14 and vocab.index("tvmonitor") == 19  # names still identify the classes
+    assert cam_run.read_word_list(cfg.cam.background) == list(cam_run.CLIP_ES_VOC_BACKGROUND)
+    seen: list[str] = []
+    encode = teacher.encode_text
+
+    def spy(texts, *a, **k):
+        seen.extend(texts)
+        return encode(texts, *a, **k)
+
+    monkeypatch.setattr(teacher, "encode_text", spy)
+    text, bg = cam_run._text_features(teacher, cfg, vocab)
+    assert seen[:20] == [f"a clean origami {p}." for p in CLIP_ES_VOC_PROMPTS]  # the classes, one sentence each
+    assert seen[20:] == [f"a clean origami {w}." for w in cam_run.CLIP_ES_VOC_BACKGROUND]
+    person = encode(["a clean origami person with clothes,people,human."])[0]
+    torch.testing.assert_close(text[14], F.normalize(person.float(), dim=0))
+    assert text.shape == (20, 32) and bg.shape == (25, 32)

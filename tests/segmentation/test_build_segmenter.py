@@ -43,3 +43,27 @@ def test_load_segmenter_reads_the_saved_weights(tmp_path, teacher):
     assert not loaded.training
     own, got = model.state_dict(), loaded.state_dict()
     assert own.keys() == got.keys() and all(torch.equal(own[k], got[k]) for k in own)
+
+
+def test_head_options_reach_the_model_and_the_configs_choose_them(teacher):
+    """seg.logit_scale / seg.head_block* reach LSeg; the real configs use lang-seg's fixed scale,
+    the shapes world keeps its learnable one; lang-seg's default head (--arch_option 0) everywhere."""
+    from pathlib import Path
+
+    from distill.config import load_config
+
+    m = build_segmenter(SegConfig(arch="lseg", backbone="teacher"), teacher)
+    assert not m.logit_scale.requires_grad and m.head_block is None  # the defaults: fixed, none
+    m = build_segmenter(SegConfig(arch="lseg", backbone="teacher", logit_scale="learnable", head_block="bottleneck",
+                                  head_block_depth=2, head_block_activation="tanh"), teacher)
+    assert m.logit_scale.requires_grad and m.head_block.kind == "bottleneck" and m.head_block_depth == 2
+    assert isinstance(m.head_block.activation, torch.nn.Tanh)
+    root = Path(__file__).resolve().parents[2]
+    for name, scale in (("shapes/lseg.yaml", "learnable"), ("shapes/lseg_distill.yaml", "learnable"), ("shapes/pipeline.yaml", "learnable"),
+                        ("voc/lseg_voc.yaml", "fixed"), ("coco/lseg_cocostuff.yaml", "fixed")):
+        seg = load_config(root / "configs" / name).seg
+        assert (seg.logit_scale, seg.head_block) == (scale, "none"), name
+    with pytest.raises(DistillError, match=r"^seg\.head_block_depth: expected >= 1"):
+        SegConfig(head_block_depth=0)
+    with pytest.raises(DistillError, match=r"seg\.head_block"):
+        load_config(root / "configs/shapes/lseg.yaml", ["seg.head_block=2"])
