@@ -55,3 +55,32 @@ def seg(
     typer.echo(format_table(metrics))
     if out:
         typer.echo(f"wrote {out}/metrics.json")
+
+
+@app.command("labels")
+def labels(
+    pred: Annotated[str, typer.Option("--pred", help="The labels.json of distill label (made with a low --score-thresh).")],
+    gt: Annotated[str, typer.Option("--gt", help="COCO json with ground truth of the labelled images (not val: e.g. the unlabeled split's hidden ground truth).")],
+    thresholds: Annotated[str, typer.Option("--thresholds", help="Comma-separated score thresholds to try, e.g. 0.3,0.4,0.5.")] = "0.3,0.4,0.5,0.6,0.7,0.8",
+    out: Annotated[Optional[str], typer.Option("--out", help="Folder for sweep.json.")] = None,
+) -> None:
+    """Pseudo-label box precision / recall / F1 at each score threshold (choose label.score_thresh)."""
+    from pathlib import Path
+
+    from distill.files import write_json
+    from distill.labels.quality import threshold_sweep
+    from distill.report.tables import table
+
+    try:
+        ts = [float(x) for x in thresholds.split(",") if x.strip()]
+    except ValueError:
+        raise DistillError(f"--thresholds: expected comma-separated numbers, got {thresholds!r}") from None
+    if not ts or any(not 0.0 <= t <= 1.0 for t in ts):
+        raise DistillError(f"--thresholds: expected scores in [0, 1], got {thresholds!r}")
+    rows = threshold_sweep(pred, gt, ts)
+    keys = [f"labels/{m}_{s}" for s in ("base", "novel") for m in ("precision", "recall", "f1")]
+    typer.echo(table(["score_thresh", *(k.split("/")[1] for k in keys)],
+                     [[f"{r['score_thresh']:g}", *(f"{r[k]:.3f}" for k in keys)] for r in rows]))
+    if out:
+        write_json(Path(out) / "sweep.json", rows)
+        typer.echo(f"wrote {out}/sweep.json")

@@ -49,6 +49,54 @@ def test_label_quality_hand_example():
     assert label_quality(pred, gt, iou_thresh=0.85)["labels/recall_novel"] == 0.0
 
 
+def _hand_case():
+    cats = [{"id": 1, "name": "red square", "split": "base"}, {"id": 2, "name": "blue circle", "split": "novel"}]
+    gt = _coco([{"id": 10, "file_name": "a.png", "width": 20, "height": 20}],
+               [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [0, 0, 10, 10]},
+                {"id": 2, "image_id": 10, "category_id": 2, "bbox": [10, 10, 10, 10]}], cats)
+    pred = _coco([{"id": 1, "file_name": "a.png", "width": 20, "height": 20}],
+                 [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},   # TP base
+                  {"id": 2, "image_id": 1, "category_id": 1, "bbox": [12, 0, 5, 5], "score": 0.55},   # FP base
+                  {"id": 3, "image_id": 1, "category_id": 2, "bbox": [10, 10, 10, 9], "score": 0.45}],  # TP novel
+                 cats)
+    return pred, gt
+
+
+def test_threshold_sweep_hand_example(tmp_path):
+    """Each threshold keeps the labels scoring at least it: 0.4 keeps all three, 0.5 drops the novel
+    TP, 0.6 keeps the base TP alone, 0.95 nothing (precision undefined = -1)."""
+    import json
+
+    from distill.labels.quality import threshold_sweep
+
+    pred, gt = _hand_case()
+    (tmp_path / "p.json").write_text(json.dumps(pred))
+    (tmp_path / "g.json").write_text(json.dumps(gt))
+    rows = threshold_sweep(tmp_path / "p.json", tmp_path / "g.json", [0.6, 0.4, 0.5, 0.95])
+    assert [r["score_thresh"] for r in rows] == [0.4, 0.5, 0.6, 0.95]
+    got = [(r["labels/precision_base"], r["labels/recall_base"], r["labels/precision_novel"], r["labels/recall_novel"]) for r in rows]
+    assert got == [(0.5, 1.0, 1.0, 1.0), (0.5, 1.0, -1.0, 0.0), (1.0, 1.0, -1.0, 0.0), (-1.0, 0.0, -1.0, 0.0)]
+
+
+def test_eval_labels_cli(tmp_path):
+    """`distill eval labels` as a user runs it: the table and sweep.json; a bad threshold list is one
+    line naming the option, exit 2, nothing written."""
+    import json
+
+    from tests.cli_run import run
+
+    pred, gt = _hand_case()
+    (tmp_path / "p.json").write_text(json.dumps(pred))
+    (tmp_path / "g.json").write_text(json.dumps(gt))
+    r = run(["eval", "labels", "--pred", "p.json", "--gt", "g.json", "--thresholds", "0.4,0.6", "--out", "sweep"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "precision_base" in r.stdout and json.loads((tmp_path / "sweep" / "sweep.json").read_text())[1]["labels/precision_base"] == 1.0
+    for bad in ("0.4,x", "1.5"):
+        r = run(["eval", "labels", "--pred", "p.json", "--gt", "g.json", "--thresholds", bad, "--out", "bad"], cwd=tmp_path)
+        assert r.returncode == 2 and "--thresholds: expected" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
 def test_label_quality_mask_miou_hand_example():
     cats = [{"id": 1, "name": "a", "split": "base"}, {"id": 2, "name": "b", "split": "novel"}]
     g1 = np.zeros((4, 4), bool); g1[:2, :2] = True   # class a: 4 px
