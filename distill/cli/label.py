@@ -17,15 +17,15 @@ def _opt(flag: str, help: str):
 def label_command(
     images: Annotated[Optional[str], _opt("--images", "Image folder (recursive) or a list file.")] = None,
     vocab: Annotated[Optional[str], _opt("--vocab", VOCAB_HELP)] = None,
-    model: Annotated[Optional[str], _opt("--model", "A student checkpoint model_final.pt (vild / seg), or 'teacher'.")] = None,
+    model: Annotated[Optional[str], _opt("--model", "A student checkpoint model_final.pt (vild / seg), the base detector (vlplm: a ViLD model_final.pt), or 'teacher'.")] = None,
     out: Annotated[Optional[str], _opt("--out", "Output folder.")] = None,
-    source: Annotated[Optional[str], _opt("--source", "vild | seg | teacher.")] = None,
+    source: Annotated[Optional[str], _opt("--source", "vild | seg | teacher | vlplm (VL-PLM: --model a ViLD checkpoint trained on base classes; its refined boxes, teacher score fused with the RPN's).")] = None,
     proposals: Annotated[Optional[str], _opt("--proposals", "Teacher source boxes: auto (components for the embedded teacher, windows for any other) | windows (photos) | components (flat-coloured objects) | components+windows | rpn (with --model a ViLD checkpoint).")] = None,
     format: Annotated[Optional[str], _opt("--format", "Comma-separated: coco, yolo, png.")] = None,
-    score_thresh: Annotated[Optional[float], _opt("--score-thresh", "Global score threshold.")] = None,
+    score_thresh: Annotated[Optional[float], _opt("--score-thresh", "Global score threshold (default 0.8 for vlplm, else 0.3).")] = None,
     class_thresh: Annotated[Optional[list[str]], _opt("--class-thresh", "Per-class threshold 'red star=0.5' (repeatable; a comma separates entries only after a threshold, so a class name may hold commas).")] = None,
     top_k: Annotated[Optional[int], _opt("--top-k", "Labels kept per image (0 = all).")] = None,
-    nms: Annotated[Optional[float], _opt("--nms", "Class-wise NMS IoU threshold in [0, 1] (0 = off).")] = None,
+    nms: Annotated[Optional[float], _opt("--nms", "Class-wise NMS IoU threshold in [0, 1] (0 = off; default 0.6 for vlplm, else 0.5).")] = None,
     min_area: Annotated[Optional[float], _opt("--min-area", "Minimum area in pixels.")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per forward.")] = None,
     num_workers: Annotated[Optional[int], _opt("--num-workers", "Decoding workers.")] = None,
@@ -40,6 +40,8 @@ def label_command(
     (--model teacher: crops scored against your words; give your CLIP as teacher.pretrained=FILE).
     For photos with the teacher, boxes come from sliding windows (--proposals auto picks them for
     any teacher but the embedded one), or better from a ViLD checkpoint's RPN (--proposals rpn).
+    VL-PLM (--source vlplm --model det/vild_text/model_final.pt): that detector's boxes refined by
+    its RoI head, the teacher's score averaged with the RPN's, threshold 0.8, NMS 0.6.
     A checkpoint carries its training config and teacher identity: copy model_final.pt alone.
 
     Example: distill label --images photos/ --vocab "cat, dog, bicycle" --model teacher

@@ -329,16 +329,24 @@ class SegConfig:
 class LabelConfig:
     """Pseudo-labels (labels/pseudo.py)."""
 
-    source: Literal["vild", "seg", "teacher"] = "vild"  # what scores the images
+    # what scores the images: vild / seg (a student checkpoint's predictions), teacher (crops of
+    # class-agnostic boxes scored by the teacher), vlplm (VL-PLM: boxes of a detector trained on
+    # base classes, refined by its RoI head, teacher scores fused with the RPN objectness)
+    source: Literal["vild", "seg", "teacher", "vlplm"] = "vild"
+    # vild / seg: the student checkpoint (model_final.pt); teacher: "teacher" or, with proposals=rpn,
+    # the ViLD checkpoint whose RPN proposes; vlplm: the base detector, a ViLD checkpoint (the
+    # pipeline's default: {work_dir}/det/vild_text/model_final.pt)
     model: str = ""
     images: str = ""
     vocab: str = ""
     out: str = "{work_dir}/labels"
     format: tuple[str, ...] = ("coco", "png")
-    score_thresh: float = 0.3
+    # score threshold; empty = the source's default: 0.8 for vlplm (VL-PLM's threshold on the
+    # fused score), else 0.3 (labels/filtering.py SOURCE_THRESH)
+    score_thresh: float | None = None
     class_thresh: tuple[str, ...] = ()  # "red star=0.5"
     top_k: int = 100
-    nms: float = 0.5
+    nms: float | None = None  # class-wise NMS IoU (0 = off); empty = the source's: 0.6 for vlplm, else 0.5
     min_area: float = 16.0
     batch_size: int = 8
     num_workers: int = 0
@@ -348,7 +356,11 @@ class LabelConfig:
     # components+windows | rpn (a ViLD checkpoint's RPN, given as --model) | auto (components for
     # the embedded teacher distill-tiny-vit, windows for any other teacher)
     proposals: Literal["auto", "components", "windows", "components+windows", "rpn"] = "auto"
-    max_proposals: int = 100
+    max_proposals: int = 100  # teacher / vlplm sources: boxes scored per image (VL-PLM: the RPN's top 100)
+    # vlplm source: times the detector's RoI head re-regresses each box (VL-PLM tools/gen_PLs.py --roi_num)
+    refine_steps: int = 10
+    # vlplm source: score = rpn_weight * RPN objectness + (1 - rpn_weight) * teacher score (VL-PLM --lamda)
+    rpn_weight: float = 0.5
     # teacher source: images are decoded with their longer side at most max_side px (0 = full size) for
     # candidates and crops; labels are written in full-image pixels (memory bounded by this size)
     max_side: int = 1024

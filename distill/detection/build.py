@@ -239,21 +239,39 @@ class ViLDDetector(GeneralizedRCNN):
             self.train(was)
         return list(emb.split([len(b) for b in boxes]))
 
-    @torch.no_grad()
     def propose(self, images: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         """The RPN's top ``k`` class-agnostic boxes of each image ((3, H, W) float in [0, 1]):
         per image a (<= k, 4) float XYXY tensor in input pixels, best first. Eval mode."""
-        was = self.training
+        return [b for b, _ in self.scored_proposals(images, k)]
+
+    @torch.no_grad()
+    def scored_proposals(self, images: list[torch.Tensor], k: int, refine_steps: int = 0, rpn_nms: float | None = None,
+                         rpn_post_nms: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The RPN's top ``k`` boxes of each image ((3, H, W) float in [0, 1]) with their
+        objectness (the sigmoid of the RPN logit, :meth:`RegionProposalNetwork.filter_proposals`),
+        best first; each box then refined ``refine_steps`` times by the RoI head's class-agnostic
+        regression (:meth:`ViLDRoIHeads.refine_boxes`; the objectness stays the RPN's). ``rpn_nms``
+        / ``rpn_post_nms`` replace the RPN's test-time NMS IoU / post-NMS count for this call.
+        Per image ``(boxes (<= k, 4) float XYXY in input pixels, scores (<= k,))``. Eval mode."""
+        was, rpn = self.training, self.rpn
+        saved = rpn.nms_thresh, dict(rpn._post_nms_top_n)
         self.eval()
         try:
+            rpn.nms_thresh = rpn.nms_thresh if rpn_nms is None else float(rpn_nms)
+            rpn._post_nms_top_n["testing"] = rpn._post_nms_top_n["testing"] if rpn_post_nms is None else int(rpn_post_nms)
             image_list, _ = self.transform(list(images))
-            proposals, _ = self.rpn(image_list, self.backbone(image_list.tensors))
+            features = self.backbone(image_list.tensors)
+            boxes, scores = _rpn_scored(rpn, image_list, features)
+            boxes, scores = [b[:k] for b in boxes], [s[:k] for s in scores]  # each box is refined on its own: top k first
+            for _ in range(int(refine_steps)):
+                boxes = self.roi_heads.refine_boxes(features, boxes, image_list.image_sizes)
         finally:
+            rpn.nms_thresh, rpn._post_nms_top_n = saved
             self.train(was)
         out = []
-        for p, im, (nh, nw) in zip(proposals, images, image_list.image_sizes):
+        for b, s, im, (nh, nw) in zip(boxes, scores, images, image_list.image_sizes):
             h, w = im.shape[-2:]
-            out.append(p[:k] * torch.tensor([w / nw, h / nh, w / nw, h / nh], device=p.device))
+            out.append((b * torch.tensor([w / nw, h / nh, w / nw, h / nh], device=b.device), s))
         return out
 
     def _make_embedder(self, images: list[torch.Tensor], ratios: list[torch.Tensor]):
@@ -274,6 +292,20 @@ def _box_ratios(image_list, original_sizes: list[tuple[int, int]]) -> list[torch
         torch.tensor([n[1] / o[1], n[0] / o[0], n[1] / o[1], n[0] / o[0]], device=image_list.tensors.device)
         for n, o in zip(image_list.image_sizes, original_sizes)
     ]
+
+
+def _rpn_scored(rpn, image_list, features: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """torchvision ``RegionProposalNetwork.forward`` in eval, keeping the objectness
+    probabilities that ``filter_proposals`` returns and ``forward`` drops."""
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    feats = list(features.values())
+    objectness, deltas = rpn.head(feats)
+    anchors = rpn.anchor_generator(image_list, feats)
+    per_level = [o[0].numel() for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+    return rpn.filter_proposals(proposals, objectness, image_list.image_sizes, per_level)
 
 
 def teacher_region_embeddings(teacher, images: list[torch.Tensor], boxes: list[torch.Tensor], mode: str = "crop") -> list[torch.Tensor]:

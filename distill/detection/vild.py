@@ -319,6 +319,16 @@ class ViLDRoIHeads(RoIHeads):
         return [], losses
 
     @torch.no_grad()
+    def refine_boxes(self, features, boxes: list[torch.Tensor], image_shapes) -> list[torch.Tensor]:
+        """One pass of the box head's class-agnostic regression over given ``boxes`` (per image
+        (N_i, 4) XYXY in the transformed image's pixels): RoIAlign at the boxes, box head, deltas
+        decoded onto them; not clipped (VL-PLM tools/utils.py ``refineBoxByRoIHead`` applies
+        detectron2's ``predict_boxes``, which does not clip). Eval only; returns the new boxes."""
+        pooled = self.box_roi_pool(features, boxes, image_shapes)
+        _, deltas = self.box_predictor(self.box_head(pooled))
+        return list(self.box_coder.decode(deltas, boxes)[:, 0].split([len(b) for b in boxes]))
+
+    @torch.no_grad()
     def _forward_infer(self, features, proposals, image_shapes):
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         emb, deltas = self.box_predictor(self.box_head(pooled))

@@ -16,6 +16,22 @@ from distill.labels.candidates import BoxMasks
 from distill.vocab import Vocabulary, name_key
 
 
+# label.score_thresh / label.nms when the config leaves them empty: per source, else DEFAULT.
+# vlplm: VL-PLM's threshold on the fused score and its class-wise NMS (github xiaofeng94/VL-PLM,
+# tools/gen_PLs.py ``--thres`` 0.8 and ``--nms_thres`` 0.6, applied by tools/utils.py
+# ``detection_postprocessing``: scores > thres, then torchvision ``batched_nms`` over the classes;
+# here >= as for every source, the same but at a score of exactly 0.8).
+DEFAULT_THRESH = (0.3, 0.5)
+SOURCE_THRESH = {"vlplm": (0.8, 0.6)}
+
+
+def source_thresholds(source: str, score_thresh: float | None, nms: float | None) -> tuple[float, float]:
+    """(score threshold, NMS IoU) of ``label.score_thresh`` / ``label.nms``, the source's
+    defaults (:data:`SOURCE_THRESH`) where a value is None."""
+    d_score, d_nms = SOURCE_THRESH.get(source, DEFAULT_THRESH)
+    return (d_score if score_thresh is None else float(score_thresh)), (d_nms if nms is None else float(nms))
+
+
 @dataclass(frozen=True)
 class FilterOptions:
     """How raw predictions become labels (recorded in the output's ``info``).

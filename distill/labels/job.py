@@ -31,7 +31,7 @@ from distill.data.images import image_root, relative_names, scan_images
 from distill.errors import DistillError
 from distill.files import safe_join, sha256_json, write_json
 from distill.labels import formats
-from distill.labels.filtering import FilterOptions, parse_class_thresh
+from distill.labels.filtering import FilterOptions, parse_class_thresh, source_thresholds
 from distill.vocab import Vocabulary
 
 FORMATS = ("coco", "yolo", "png")
@@ -266,10 +266,11 @@ def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
             raise DistillError(f"label.{key}: expected a positive integer, got {getattr(lcfg, key)}")
     if lcfg.num_workers < 0:
         raise DistillError(f"label.num_workers: expected >= 0, got {lcfg.num_workers}")
-    if not 0.0 <= lcfg.score_thresh <= 1.0:
-        raise DistillError(f"label.score_thresh: expected a value in [0, 1], got {lcfg.score_thresh}")
-    if not 0.0 <= lcfg.nms <= 1.0:
-        raise DistillError(f"label.nms: expected an IoU threshold in [0, 1] (0 = off), got {lcfg.nms}")
+    score_thresh, nms = source_thresholds(lcfg.source, lcfg.score_thresh, lcfg.nms)
+    if not 0.0 <= score_thresh <= 1.0:
+        raise DistillError(f"label.score_thresh: expected a value in [0, 1], got {score_thresh}")
+    if not 0.0 <= nms <= 1.0:
+        raise DistillError(f"label.nms: expected an IoU threshold in [0, 1] (0 = off), got {nms}")
     for key in ("top_k", "min_area", "max_side"):
         if getattr(lcfg, key) < 0:
             raise DistillError(f"label.{key}: expected >= 0{' (0 = full size)' if key == 'max_side' else ''}, got {getattr(lcfg, key)}")
@@ -291,6 +292,6 @@ def make_job(cfg, vocab: Vocabulary, model_hash: str = "") -> LabelJob:
         raise DistillError(f"label.images: {src} names {inside}, inside label.out {out}: the labeler owns its output folder "
                            "and would read its own outputs; give an --out that holds none of the images")
     names = relative_names(lcfg.images, paths)
-    opts = FilterOptions(lcfg.score_thresh, parse_class_thresh(lcfg.class_thresh, vocab), lcfg.top_k, lcfg.nms, lcfg.min_area)
+    opts = FilterOptions(score_thresh, parse_class_thresh(lcfg.class_thresh, vocab), lcfg.top_k, nms, lcfg.min_area)
     return LabelJob(paths, names, image_root(lcfg.images, paths), vocab, out, opts, fmts, lcfg.batch_size,
                     lcfg.num_workers, lcfg.shard_size, model_hash, lcfg.source, lcfg.model, skipped)

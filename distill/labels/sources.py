@@ -12,7 +12,9 @@ int64 vocabulary indices and optionally ``masks`` (N, H, W) bool (or :class:`Box
   the colour-component and / or sliding-window candidates of :mod:`distill.labels.candidates`.
   ``proposals=auto`` picks components for the embedded teacher and windows for any other;
 - ``vild``: a ViLD student's detections over the new vocabulary (:class:`ViLDSource`);
-- ``seg``: a segmentation student's semantic masks, split into instances (:class:`SegSource`).
+- ``seg``: a segmentation student's semantic masks, split into instances (:class:`SegSource`);
+- ``vlplm``: VL-PLM (Zhao et al. 2022): a base detector's refined boxes, the teacher's crop score
+  fused with the RPN objectness (:class:`distill.labels.vlplm.VLPLMSource`).
 
 A student checkpoint carries its training config and its teacher's identity
 (:func:`distill.teacher.clip.student_meta`), read by :func:`_model_config`; the ViLD student is
@@ -39,7 +41,7 @@ from distill.vocab import Vocabulary, resolve_vocab
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("vild", "seg", "teacher")
+SOURCES = ("vild", "seg", "teacher", "vlplm")
 PROPOSALS = ("auto", "components", "windows", "components+windows", "rpn")
 
 
@@ -67,6 +69,8 @@ class TeacherSource:
         min_area: float = 16.0,
         proposer: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]] | None = None,
         max_side: int = 1024,
+        scales: Sequence[float] = (1.0, 1.5),
+        logit_scale: float | None = None,
     ) -> None:
         from distill.teacher.text import load_templates, text_embeddings
 
@@ -80,7 +84,10 @@ class TeacherSource:
             bg = text_embeddings(teacher, Vocabulary(tuple(background), source="label.background"), templates)
             text = torch.cat([text, bg])
         self.text = text.float().to(teacher.device)
-        self.scale = float(teacher.model.logit_scale.exp().clamp(max=100.0)) if hasattr(teacher.model, "logit_scale") else 100.0
+        if logit_scale is None:  # CLIP's learned scale
+            logit_scale = float(teacher.model.logit_scale.exp().clamp(max=100.0)) if hasattr(teacher.model, "logit_scale") else 100.0
+        self.scale = float(logit_scale)
+        self.scales = tuple(float(x) for x in scales)  # crop scales whose embeddings are summed (region_embeddings)
         self.proposals = proposals
         self.max_proposals = max_proposals
         self.min_area = min_area
@@ -98,7 +105,8 @@ class TeacherSource:
             )
         self.fingerprint = sha256_json(
             {"teacher": teacher.fingerprint, "background": list(background), "templates": list(load_templates(templates)), "proposals": proposals,
-             "max": max_proposals, "proposer": getattr(proposer, "fingerprint", None), "max_side": self.max_side}
+             "max": max_proposals, "proposer": getattr(proposer, "fingerprint", None), "max_side": self.max_side,
+             "scales": list(self.scales), "scale": self.scale}
         )[:16]
 
     def _propose(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -107,23 +115,34 @@ class TeacherSource:
         return self.prepare(img.permute(1, 2, 0).numpy())
 
     @torch.no_grad()
+    def score_boxes(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image (scores (N,), labels (N,) int64) on the CPU of ``boxes`` (N, 4) XYXY pixels of
+        ``images`` ((3, H, W) uint8): the crops at ``scales`` embedded
+        (:func:`~distill.teacher.regions.region_embeddings`), softmax of ``scale * cos`` over the
+        classes (+ background prompts), the best class and its probability."""
+        from distill.teacher.regions import region_embeddings
+
+        floats = [im.to(self.teacher.device, torch.float32) / 255.0 for im in images]
+        boxes = [torch.as_tensor(b, dtype=torch.float32, device=self.teacher.device).reshape(-1, 4) for b in boxes]
+        out = []
+        for e in region_embeddings(self.teacher, floats, boxes, mode="crop", scales=self.scales):
+            if e.shape[0] == 0:
+                out.append((torch.zeros(0), torch.zeros(0, dtype=torch.long)))
+                continue
+            prob = (self.scale * e.float() @ self.text.T).softmax(dim=-1)[:, : self.num_classes]
+            scores, labels = prob.max(dim=1)
+            out.append((scores.cpu(), labels.cpu()))
+        return out
+
+    @torch.no_grad()
     def __call__(self, images: list[torch.Tensor], extras: list | None = None) -> list[dict]:
         """images: list of (3, H, W) uint8; extras: per image ``prepare``'s (boxes, masks) when the
         DataLoader computed them."""
-        from distill.teacher.regions import region_embeddings
-
         props = extras if extras is not None else [self._propose(im) for im in images]
-        floats = [im.to(self.teacher.device, torch.float32) / 255.0 for im in images]
-        boxes = [torch.as_tensor(b, dtype=torch.float32, device=self.teacher.device).reshape(-1, 4) for b, _ in props]
-        embs = region_embeddings(self.teacher, floats, boxes, mode="crop")
+        scored = self.score_boxes(images, [b for b, _ in props])
         out = []
-        for (b, m), e in zip(props, embs):
-            if e.shape[0] == 0:
-                scores, labels = torch.zeros(0), torch.zeros(0, dtype=torch.long)
-            else:
-                prob = (self.scale * e.float() @ self.text.T).softmax(dim=-1)[:, : self.num_classes]
-                scores, labels = prob.max(dim=1)
-            d = {"boxes": torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), "scores": scores.cpu(), "labels": labels.cpu()}
+        for (b, m), (scores, labels) in zip(props, scored):
+            d = {"boxes": torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4), "scores": scores, "labels": labels}
             if isinstance(m, BoxMasks):
                 d["masks"] = m
             elif m is not None:
@@ -143,7 +162,8 @@ def read_background(items: Sequence[str]) -> tuple[str, ...]:
 def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
     """The label source named by ``cfg.label.source`` with its model (``cfg.label.model``):
     ``teacher`` (the model is ``teacher`` or empty: ``cfg.teacher``), ``vild`` or ``seg`` (a
-    checkpoint path). Returns ``(source, model_hash)``."""
+    checkpoint path), ``vlplm`` (the base detector's checkpoint; :mod:`distill.labels.vlplm`).
+    Returns ``(source, model_hash)``."""
     lcfg = cfg.label
     if lcfg.source not in SOURCES:
         raise DistillError(f"label.source: {lcfg.source!r} is not one of {', '.join(SOURCES)}")
@@ -151,7 +171,7 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
         raise DistillError(f"label.proposals: {lcfg.proposals!r} is not one of {', '.join(PROPOSALS)}")
     if lcfg.source != "teacher" and lcfg.proposals != "auto":
         raise DistillError(f"label.proposals: --proposals applies to --source teacher (label.source is {lcfg.source!r}: "
-                           "the student gives its own boxes)")
+                           f"the {'detector' if lcfg.source == 'vlplm' else 'student'} gives its own boxes)")
     if lcfg.source == "teacher":
         import dataclasses
 
@@ -174,6 +194,10 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
             max_side=lcfg.max_side,
         )
         return src, src.fingerprint
+    if lcfg.source == "vlplm":
+        from distill.labels.vlplm import build_vlplm_source
+
+        return build_vlplm_source(cfg, vocab, device)
     if not lcfg.model.strip():
         raise DistillError(f"label.model: required (a student checkpoint model_final.pt, or 'teacher'; label.source is {lcfg.source!r})")
     if lcfg.model.strip() == "teacher":

@@ -39,8 +39,10 @@ def plain_teacher(cfg: Config) -> Config:
 
 def label_cfg(cfg: Config) -> Config:
     """Label the unlabeled split with ``label.source`` (teacher zero-shot by default in the shapes
-    pipeline; ``vild`` uses the trained ViLD student), measured against its hidden ground truth."""
-    model = cfg.label.model or (str(Path(cfg.work_dir) / "det" / "vild" / "model_final.pt") if cfg.label.source == "vild" else "")
+    pipeline; ``vild`` uses the trained ViLD student; ``vlplm`` the ViLD-text student, trained on
+    base ground truth alone, as VL-PLM's base detector), measured against its hidden ground truth."""
+    default = {"vild": "vild", "vlplm": "vild_text"}.get(cfg.label.source)
+    model = cfg.label.model or (str(Path(cfg.work_dir) / "det" / default / "model_final.pt") if default else "")
     return _with(
         cfg,
         "label",
@@ -415,6 +417,8 @@ def build_pipeline(cfg: Config) -> Pipeline:
 
     if cfg.pretrain.steps == 0:
         change("teacher", outputs=("teacher/metrics.json",), description="evaluate the external teacher (no pretraining)")
+    if cfg.label.source == "vlplm" and not cfg.label.model and "det_text" in by_name and "label" in by_name:
+        change("label", deps=(*by_name["label"].deps, "det_text"))  # its base detector: det/vild_text/model_final.pt
     readers = backbone_readers(cfg)
     for name in ("seg", "cam"):  # LSeg's encoder starts from it (the cam stage trains LSeg on CAM masks)
         if "seg" in readers and "backbone" in by_name and name in by_name:
