@@ -45,12 +45,13 @@ def vit_b32(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_template(tmp_path_factory) -> Path:
-    """The first template of the configs' distill/prompts/default.txt alone: its 22 templates x 65
-    classes cost ~2 minutes of the ViT-B/32 text tower on 2 CPU cores."""
+    """The first template of the ViLD configs' distill/prompts/vild.txt alone ("There is {article}
+    {} in the scene."): its 63 templates x 65 classes cost minutes of the ViT-B/32 text tower on
+    2 CPU cores."""
     from distill.teacher.text import load_templates
 
     path = tmp_path_factory.mktemp("prompts") / "one.txt"
-    path.write_text(load_templates(REPO / "distill/prompts/default.txt")[0] + "\n", encoding="utf-8")
+    path.write_text(load_templates(REPO / "distill/prompts/vild.txt")[0] + "\n", encoding="utf-8")
     return path
 
 

@@ -229,7 +229,10 @@ def config_from_dict(values: dict, cls: type = Config, stored: bool = False) -> 
     return cfg
 
 
-TEMPLATES_EXPECTED = "prompt templates, one a line, each with {} for the class name"
+TEMPLATES_EXPECTED = "prompt templates, one a line, each with {} for the class name (and optionally {article} for a / an)"
+# the fields a template may hold: {} = the class name; {article} = "a" / "an" before it (ViLD's
+# prompt set, distill/prompts/vild.txt; filled by distill.teacher.text.fill_template)
+TEMPLATE_FIELDS = ("", "article")
 WORDS_EXPECTED = "background words, one a line"
 
 
@@ -246,7 +249,22 @@ def read_templates_value(value: str, key: str) -> str:
     bad = [t for t in lines if t.count("{}") != 1]
     if bad:
         raise DistillError(f"{key}: template {bad[0]!r} must contain exactly one '{{}}' for the class name")
+    for t in lines:
+        fields = _template_fields(t, key)
+        if any(f not in TEMPLATE_FIELDS for f in fields):
+            other = next(f for f in fields if f not in TEMPLATE_FIELDS)
+            raise DistillError(f"{key}: template {t!r}: unknown field {{{other}}} (expected {{}} for the class name and optionally {{article}})")
     return as_lines_value(lines)
+
+
+def _template_fields(template: str, key: str) -> list[str]:
+    """The replacement-field names of ``template`` ("" for ``{}``), as ``str.format`` reads them."""
+    import string
+
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        raise DistillError(f"{key}: template {template!r}: unbalanced braces (expected {{}} for the class name and optionally {{article}})") from None
 
 
 def _read_word_lists(cfg: "Config") -> "Config":

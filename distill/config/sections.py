@@ -71,7 +71,7 @@ class TeacherConfig:
     pretrained: str = "{work_dir}/teacher/teacher.safetensors"  # tag, local file, or local-dir:...
     precision: Precision = "fp32"  # autocast of the teacher's forward (engine/device.py)
     dense_image_size: int = 128  # input size for dense paths (MaskCLIP pixels, dense RoIAlign, CAM)
-    templates: str = "shapes.txt"  # prompt templates: a file (one a line, {} = class name; a bare name may be one shipped in distill/prompts/) or the templates themselves
+    templates: str = "shapes.txt"  # prompt templates: a file (one a line, {} = class name, {article} = a / an before it; a bare name may be one shipped in distill/prompts/: vild.txt is ViLD's set) or the templates themselves
     cache_dtype: Literal["fp16", "fp32"] = "fp16"  # storage dtype of the embedding cache
     batch_size: int = 256
     device: str = ""  # "" = cuda when available else cpu
@@ -258,7 +258,14 @@ class DetConfig:
     rpn_pre_nms_test: int = 1000
     rpn_post_nms_test: int = 1000
     roi_batch_size: int = 512  # RoIs sampled per image for the box head (25% positive)
-    box_head_dim: int = 1024  # TwoMLPHead representation size (torchvision: 1024)
+    # the box head over the 7x7 pooled RoIs: mlp2 = torchvision's TwoMLPHead (2 fc); 4conv1fc =
+    # torchvision's FastRCNNConvFCHead as its fasterrcnn_resnet50_fpn_v2 builds it (4 conv 3x3 with
+    # BatchNorm + ReLU, 1 fc); 4conv2fc = ViLD's (tensorflow/tpu projects/vild configs/
+    # vild_resnet.yaml frcnn_head: num_convs 4, num_fcs 2, use_batch_norm; modeling/vild_head.py:
+    # BatchNorm + ReLU after every conv and every fc). A checkpoint of one head fits no other
+    box_head: Literal["mlp2", "4conv1fc", "4conv2fc"] = "mlp2"
+    box_head_dim: int = 1024  # width of the box head's fc layers (TwoMLPHead's representation size; ViLD fc_dims: 1024)
+    box_head_conv_dim: int = 256  # 4conv1fc / 4conv2fc: channels of each conv (ViLD num_filters: 256)
     fpn_channels: int = 256  # FPN width (torchvision: 256)
     returned_layers: tuple[int, ...] = (1, 2, 3, 4)  # ResNet stages feeding the FPN (1 = stride 4)
     checkpoint: str = ""  # --eval-only / labeling: weights to load (default: det/<name>/model_final.pt)
@@ -270,6 +277,9 @@ class DetConfig:
             raise DistillError(f"det.augment: lsj needs det.min_size == det.max_size (the canvas side, kept as is by the detector), got {self.min_size} and {self.max_size}")
         if len(self.lsj_scale) != 2 or not 0 < self.lsj_scale[0] <= self.lsj_scale[1]:
             raise DistillError(f"det.lsj_scale: expected [lo, hi] with 0 < lo <= hi, got {list(self.lsj_scale)}")
+        for key in ("box_head_dim", "box_head_conv_dim"):
+            if getattr(self, key) < 1:
+                raise DistillError(f"det.{key}: expected a width >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 import torchvision
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -40,6 +40,7 @@ from distill.detection.vild import IMAGE_HEADS, TEACHER_MODES, ViLDImageHead, Vi
 from distill.errors import DistillError
 
 BACKBONES = ("resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "mobilenet_v3_large_fpn")
+BOX_HEADS = ("mlp2", "4conv1fc", "4conv2fc")
 
 
 # ------------------------------------------------------------------------------------ backbone
@@ -127,8 +128,8 @@ def _torchvision_model(det: DetConfig, num_classes: int, load_weights: bool = Tr
     elif not det.backbone.startswith("resnet"):  # torchvision's mobilenet FPN anchors (3 levels)
         kw["rpn_anchor_generator"] = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
     kw["box_roi_pool"] = ThreadedMultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=7, sampling_ratio=2)
-    if det.box_head_dim != 1024 or backbone.out_channels != 256:
-        kw["box_head"] = TwoMLPHead(backbone.out_channels * 7 * 7, det.box_head_dim)
+    if det.box_head != "mlp2" or det.box_head_dim != 1024 or backbone.out_channels != 256:  # else torchvision's own
+        kw["box_head"] = build_box_head(det, backbone.out_channels)
         kw["box_predictor"] = FastRCNNPredictor(det.box_head_dim, num_classes)
         if det.masks:
             kw["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes)
@@ -136,6 +137,40 @@ def _torchvision_model(det: DetConfig, num_classes: int, load_weights: bool = Tr
         kw["mask_roi_pool"] = ThreadedMultiScaleRoIAlign([str(i) for i in range(max(1, n_levels - 1))], output_size=14, sampling_ratio=2)
     cls = MaskRCNN if det.masks else FasterRCNN
     return cls(backbone, num_classes=None if "box_predictor" in kw else num_classes, **kw)
+
+
+def build_box_head(det: DetConfig, in_channels: int, resolution: int = 7) -> nn.Module:
+    """The box head ``det.box_head`` over pooled RoIs (N, ``in_channels``, ``resolution``,
+    ``resolution``) -> (N, ``det.box_head_dim``); see the key's comment in config/sections.py."""
+    if det.box_head == "mlp2":
+        return TwoMLPHead(in_channels * resolution**2, det.box_head_dim)
+    if det.box_head not in BOX_HEADS:
+        raise DistillError(f"det.box_head: {det.box_head!r} is not one of {', '.join(BOX_HEADS)}")
+    # torchvision's conv + fc head, its conv blocks Conv3x3 -> BatchNorm2d -> ReLU (the norm of
+    # fasterrcnn_resnet50_fpn_v2 and of ViLD's use_batch_norm)
+    n_fc = 1 if det.box_head == "4conv1fc" else 2
+    head = FastRCNNConvFCHead((in_channels, resolution, resolution), [det.box_head_conv_dim] * 4, [det.box_head_dim] * n_fc, norm_layer=nn.BatchNorm2d)
+    if det.box_head == "4conv1fc":
+        return head
+    # ViLD normalises its fc layers too: fc -> BatchNorm -> ReLU (modeling/vild_head.py,
+    # ViLDFastrcnnHead.__call__: `activation=None if use_batch_norm`, then batch_norm_activation)
+    layers: list[nn.Module] = []
+    for m in head:
+        layers.append(m)
+        if isinstance(m, nn.Linear):
+            layers.append(RoIBatchNorm1d(m.out_features))
+    return nn.Sequential(*layers)
+
+
+class RoIBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the RoIs of a batch that also takes a single RoI in training (as the
+    reference's TensorFlow batch norm does: its batch variance is 0, so the output is the bias)
+    where torch refuses one value per channel; the ViLD-ensemble image head can draw one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return super().forward(x.expand(2, -1))[:1]
+        return super().forward(x)
 
 
 # ------------------------------------------------------------------------------------ ViLD
@@ -329,7 +364,7 @@ def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.T
     trained checkpoint is loaded next: labeling and evaluation need only that file)."""
     base = _torchvision_model(det, num_classes=2, load_weights=load_weights)
     rh = base.roi_heads
-    in_ch = rh.box_head.fc7.out_features
+    in_ch = det.box_head_dim  # the box head's output width
     mask_kw = {}
     if det.masks:
         mask_kw = dict(mask_roi_pool=rh.mask_roi_pool, mask_head=rh.mask_head, mask_predictor=MaskRCNNPredictor(256, 256, 1))
@@ -338,7 +373,7 @@ def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.T
     predictor = ViLDPredictor(in_ch, embed_dim)
     image_head = None
     if det.image_head == "separate":  # ViLD 3.4: the same architecture, its own weights
-        image_head = ViLDImageHead(_fresh_copy(rh.box_head), in_ch, embed_dim)
+        image_head = ViLDImageHead(build_box_head(det, base.backbone.out_channels), in_ch, embed_dim)
     heads = ViLDRoIHeads(rh.box_roi_pool, rh.box_head, predictor, nms_thresh=det.nms, batch_size_per_image=det.roi_batch_size,
                          image_head=image_head, **{k: getattr(det, k) for k in _HEAD_SETTINGS}, **mask_kw)
     model = ViLDDetector(base.backbone, base.rpn, heads, base.transform, teacher=teacher, region_mode=region_mode)
@@ -370,17 +405,6 @@ def train_transform(det: DetConfig):
     from distill.data.transforms import detection_train_transform
 
     return detection_train_transform(det.augment, det.max_size, det.lsj_scale)
-
-
-def _fresh_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every layer's parameters re-initialised."""
-    import copy
-
-    new = copy.deepcopy(module)
-    for m in new.modules():
-        if m is not new and hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return new
 
 
 # ------------------------------------------------------------------------------------ plain

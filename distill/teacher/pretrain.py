@@ -42,7 +42,7 @@ from distill.errors import DistillError
 from distill.files import atomic_path, output_is_current, read_json, safe_join, sha256_json, write_json
 from distill.teacher.clip import MODEL_CONFIG_DIR, create_model_quiet, register_model_configs
 from distill.teacher.regions import clip_boxes, crop_and_resize
-from distill.teacher.text import encode_text_trimmed, load_templates
+from distill.teacher.text import encode_text_trimmed, fill_template, load_templates
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class BatchSampler:
         self.templates = templates
         # pre-tokenised texts: class prompts (C x T) and every caption
         C = len(data.names)
-        self.class_tokens = tokenizer([t.format(n) for n in data.names for t in templates]).view(C, len(templates), -1)
+        self.class_tokens = tokenizer([fill_template(t, n) for n in data.names for t in templates]).view(C, len(templates), -1)
         flat = [c for caps in data.captions for c in caps]
         self.cap_tokens = tokenizer(flat) if flat else None
         self.cap_index, k = [], 0
@@ -269,7 +269,7 @@ class BatchSampler:
         self.stuff_tokens = None
         if pcfg.stuff_fraction > 0 and data.stuff_boxes is not None and len(data.stuff_boxes):
             S = len(data.stuff_names)
-            self.stuff_tokens = tokenizer([t.format(n) for n in data.stuff_names for t in templates]).view(S, len(templates), -1)
+            self.stuff_tokens = tokenizer([fill_template(t, n) for n in data.stuff_names for t in templates]).view(S, len(templates), -1)
 
     def dense_batch(self, n: int, size: int):
         """n whole images resized to ``size`` with their GT boxes (scaled) and labels."""

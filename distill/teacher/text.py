@@ -48,6 +48,23 @@ def load_templates(source: str | os.PathLike | Sequence[str] | None, key: str = 
     return tuple(value.splitlines())
 
 
+def article(name: str) -> str:
+    """The ``{article}`` of a template for ``name``: "an" when it starts with a lower-case vowel,
+    else "a" -- ViLD's rule as the reference writes it (``'an' if name[0] in 'aeiou' else 'a'``,
+    tensorflow/tpu models/official/detection/projects/vild/ViLD_demo.ipynb, ``article``)."""
+    return "an" if name[:1] in tuple("aeiou") else "a"
+
+
+def fill_template(template: str, name: str) -> str:
+    """``template`` with ``{}`` = ``name`` and ``{article}`` = :func:`article` of ``name``
+    (the reference's ``template.format(name, article=article(name))``).
+
+    >>> fill_template("There is {article} {} in the scene.", "apple")
+    'There is an apple in the scene.'
+    """
+    return template.format(name, article=article(name))
+
+
 def cache_key(teacher, vocab, templates: Sequence[str]) -> dict:
     """What the embeddings depend on: the teacher, the class prompts (names + synonyms, in
     order) and the templates."""
@@ -68,7 +85,7 @@ def encode_class_prompts(teacher, prompts: Sequence[Sequence[str]], templates: S
     for c, names in enumerate(prompts):
         for name in names:
             for t in templates:
-                sentences.append(t.format(name))
+                sentences.append(fill_template(t, name))
                 owner.append(c)
     feats = teacher.encode_text(sentences)  # (S, D) unit rows
     owner_t = torch.tensor(owner, device=feats.device)

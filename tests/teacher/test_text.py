@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from distill.errors import DistillError
 from distill.teacher import build_random_teacher
-from distill.teacher.text import load_templates, text_embeddings
+from distill.teacher.text import fill_template, load_templates, text_embeddings
 from distill.vocab import load_vocab
 
 
@@ -67,8 +67,53 @@ def test_repo_prompt_files_are_valid():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "distill" / "prompts"
-    for name in ("shapes.txt", "default.txt"):
+    for name in ("shapes.txt", "default.txt", "vild.txt"):
         assert len(load_templates(root / name)) >= 5
+
+
+# ViLD's prompt set as the reference lists it (tensorflow/tpu models/official/detection/projects/
+# vild/ViLD_demo.ipynb, `multiple_templates`): 63 strings; a few of them, by position
+VILD_COUNT = 63
+VILD_SOME = {0: "There is {article} {} in the scene.", 6: "itap of my {}.", 8: "a photo of {article} {}.",
+             24: "a photo of the small {}.", 52: "the plastic {}.", 59: "an embroidered {}.", 62: "a painting of a {}."}
+
+
+def _this_is(text: str) -> str:
+    """The notebook's FLAGS.this_is step of build_text_embedding, verbatim in effect."""
+    return "This is " + text if text.startswith("a") or text.startswith("the") else text
+
+
+def test_vild_prompt_file_is_the_reference_set():
+    got = load_templates("vild.txt")  # a bare name: the file shipped in distill/prompts/
+    assert len(got) == VILD_COUNT == len(set(got))
+    for i, ref in VILD_SOME.items():
+        assert got[i] == _this_is(ref), i
+    # 58 sentences start with "a" / "the" and carry the prefix; the 5 "There is" / "itap of" do not
+    plain = [t for t in got if not t.startswith("This is ")]
+    assert plain == ["There is {article} {} in the scene.", "There is the {} in the scene.", "itap of {article} {}.",
+                     "itap of my {}.", "itap of the {}."]
+
+
+def test_vild_templates_fill_the_class_name_as_the_reference_does(teacher):
+    # the reference: template.format(name, article='an' if name[0] in 'aeiou' else 'a')
+    assert fill_template("This is a photo of {article} {}.", "apple") == "This is a photo of an apple."
+    assert fill_template("There is {article} {} in the scene.", "umbrella") == "There is an umbrella in the scene."
+    assert fill_template("There is {article} {} in the scene.", "hair drier") == "There is a hair drier in the scene."
+    assert fill_template("itap of {article} {}.", "Orange") == "itap of a Orange."  # lower-case vowels only, as there
+    assert fill_template("This is the toy {}.", "elephant") == "This is the toy elephant."
+    # the text embeddings encode exactly those sentences
+    vocab = load_vocab("apple, banana")
+    tpl = ["There is {article} {} in the scene.", "This is a photo of {article} {}."]
+    emb = text_embeddings(teacher, vocab, tpl)
+    ref = F.normalize(teacher.encode_text(["There is an apple in the scene.", "This is a photo of an apple."]).mean(0), dim=0)
+    assert torch.allclose(emb[0], ref, atol=1e-6)
+
+
+def test_template_fields_other_than_article_are_refused():
+    with pytest.raises(DistillError, match=r"teacher.templates: .*unknown field \{name\}"):
+        load_templates(["a photo of {name} {}."])
+    with pytest.raises(DistillError, match="teacher.templates: .*unbalanced braces"):
+        load_templates(["a photo of {} {"])
 
 
 def test_trimmed_text_encoding_equals_full_context_with_gradients():
