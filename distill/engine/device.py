@@ -103,10 +103,10 @@ def torch_threads(n: int):
 
 def conv_memory_format(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """``model`` with its 4-D weights in channels-last layout on CPU (oneDNN's convolutions run
-    faster on it: an LSeg step 1.13-1.19x, a ResNet-18 crop-classifier step 1.07-1.14x on 2 AVX2
-    cores, bench/conv_layout.py), unchanged elsewhere. Inputs need no change: a convolution with
+    faster on it for the LSeg and crop-classifier steps: ``python bench/conv_layout.py`` measures
+    both layouts side by side), unchanged elsewhere. Inputs need no change: a convolution with
     channels-last weights returns channels-last outputs. Not used for torchvision's Faster R-CNN,
-    where it gained nothing (0.93-1.02x)."""
+    where the same benchmark shows no gain."""
     if torch.device(device).type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     return model
