@@ -4,8 +4,15 @@ the commands there write: RUN is the finished pipeline run, OUT the folder of th
 
     python tools/issue29_tables.py RUN OUT
 """
-import json, os, sys
-W, A = sys.argv[1], sys.argv[2]
+import argparse
+import json
+import os
+
+ap = argparse.ArgumentParser(description="Print the issue-29 ablation tables from a run's metrics files.")
+ap.add_argument("run", help="the finished pipeline run (work dir)")
+ap.add_argument("out", help="the folder of the ablation commands' --out outputs")
+args = ap.parse_args()
+W, A = args.run, args.out
 def j(p):
     return json.load(open(p)) if os.path.isfile(p) else None
 def pct(m, k):

@@ -1,13 +1,19 @@
 """Self-training gain of the teacher vs VL-PLM pseudo-labels of the unlabeled split (default-seed run):
 ViLD fine-tuned selftrain.steps on base GT alone (control) / + novel pseudo-labels of the unlabeled split."""
-import dataclasses, json, sys
-from distill.config import load_config
-from distill.pipeline.stages import selftrain_inputs
-from distill.ablate.selftrain import selftrain_ablation
+import argparse
+import dataclasses
+import json
 
-# python tools/selftrain_sources.py RUN OUT: RUN a finished pipeline run, OUT/lab_vlplm/labels.json the
-# VL-PLM labels of its unlabeled split (distill label --source vlplm); writes OUT/selftrain_sources.json
-W, A = sys.argv[1], sys.argv[2]
+ap = argparse.ArgumentParser(description="Self-training: control vs teacher vs VL-PLM pseudo-labels of the unlabeled split.")
+ap.add_argument("run", help="a finished pipeline run (configs/shapes/pipeline.yaml)")
+ap.add_argument("out", help="folder holding lab_vlplm/labels.json (distill label --source vlplm); gets selftrain_sources.json")
+args = ap.parse_args()
+W, A = args.run, args.out
+
+from distill.ablate.selftrain import selftrain_ablation  # noqa: E402
+from distill.config import load_config  # noqa: E402
+from distill.pipeline.stages import selftrain_inputs  # noqa: E402
+
 cfg = load_config("configs/shapes/pipeline.yaml", [f"work_dir={W}"])
 vild, pseudo, _ = selftrain_inputs(cfg, label_train=False)
 out = {}
@@ -17,3 +23,4 @@ for src, pj in (("vlplm", f"{A}/lab_vlplm/labels.json"), ("teacher", str(pseudo)
     out[src] = selftrain_ablation(v, pj, None, variants=variants, keep=cfg.selftrain.keep, score_thresh=cfg.selftrain.score_thresh)
     json.dump(out, open(f"{A}/selftrain_sources.json", "w"), indent=1)
 print(json.dumps(out, indent=1))
+
