@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from distill.errors import DistillError
 from distill.labels.filtering import FilterOptions, filter_predictions, source_thresholds
@@ -194,32 +192,8 @@ EXE = shutil.which("distill") or str(Path(sys.executable).parent / "distill")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A random tiny teacher file, a ViLD checkpoint (0 steps) saved as ``distill train`` saves
-    it, and 2 images."""
-    from safetensors.torch import save_file
-
-    from distill.config import load_config
-    from distill.detection.build import build_vild_detector
-    from distill.engine.checkpoint import save_model
-    from distill.teacher.clip import build_teacher, student_meta
-
-    root = tmp_path_factory.mktemp("vlplm")
-    torch.manual_seed(0)
-    teacher = build_teacher(load_config(None, ["teacher.pretrained=", "teacher.device=cpu"]).teacher)
-    save_file({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, str(root / "t.safetensors"))
-    mcfg = load_config(None, ["teacher.device=cpu", f"teacher.pretrained={root / 't.safetensors'}", f"work_dir={root}",
-                              "data.vocab=red square, blue circle", *DET])
-    teacher = build_teacher(mcfg.teacher)
-    model = build_vild_detector(mcfg.det, teacher.embed_dim, teacher=teacher)
-    save_model(root / "det" / "model_final.pt", model, student_meta(mcfg, teacher, trained_classes=["red square", "blue circle"]))
-    rng = np.random.default_rng(0)
-    (root / "imgs").mkdir()
-    for i in range(2):
-        img = rng.integers(60, 200, (48, 48, 3), dtype=np.uint8)
-        img[8:30, 10:34] = (230, 30, 30)
-        Image.fromarray(img).save(root / "imgs" / f"{i}.png")
-    return root
+def world(vild_checkpoint_world):
+    return vild_checkpoint_world
 
 
 def test_cli_label_source_vlplm_writes_labels(world, tmp_path):
