@@ -11,7 +11,10 @@ the whole vocabulary):
 - ``vild_ensemble``: the ``vild`` model with the section 3.4 ensemble (teacher crops);
 - ``vild_ensemble_heads``: section 3.4's ViLD-ensemble: ViLD-text and ViLD-image trained in
   separate heads, their scores ensembled, no teacher at test time;
-- ``oracle``: ViLD-text trained on base AND novel boxes (upper bound).
+- ``oracle``: ViLD-text trained on base AND novel boxes (upper bound);
+- ``detpro`` / ``detpro_ensemble``: the ``vild`` / ``vild_ensemble`` rows with DetPro's learned
+  prompts instead of the hand-written templates (detection/detpro.py; ``prompts.out``, learned
+  first when missing).
 
 :func:`run_ablation` writes ``det/ablation/metrics.json`` and ``det/ablation/ablation.md``.
 """
@@ -26,8 +29,8 @@ from distill.config import Config, save_config
 from distill.files import write_json, write_text
 from distill.report.tables import table
 
-VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle")
-DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads")  # rows that read the region cache
+VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle", "detpro", "detpro_ensemble")
+DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "detpro", "detpro_ensemble")  # rows that read the region cache
 COLUMNS = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel", "bbox/AP_base", "bbox/AP", "region/top1_novel", "region/top1_base")
 LABELS = {
     "supervised": "Supervised Faster R-CNN (base only)",
@@ -37,6 +40,8 @@ LABELS = {
     "vild_ensemble": "ViLD + teacher crops (ensemble, 3.4)",
     "vild_ensemble_heads": "ViLD-ensemble (separate heads, no teacher, 3.4)",
     "oracle": "Oracle ViLD-text (base + novel boxes)",
+    "detpro": "DetPro (ViLD with learned prompts)",
+    "detpro_ensemble": "DetPro + teacher crops (ensemble)",
 }
 
 
@@ -50,6 +55,10 @@ def _variant_cfg(cfg: Config, v: str) -> Config:
         return with_det(cfg, name=name, use_text=False, use_image=True, inference="text")
     if v in ("vild", "vild_ensemble"):
         return with_det(cfg, name="ablation_vild", use_text=True, use_image=True, inference="text")
+    if v in ("detpro", "detpro_ensemble"):
+        from distill.detection.detpro import with_prompts
+
+        return with_det(with_prompts(cfg), name="ablation_detpro", use_text=True, use_image=True, inference="text")
     if v == "vild_ensemble_heads":
         return with_det(cfg, name=name, use_text=True, use_image=True, image_head="separate", inference="ensemble_heads")
     if v == "oracle":
@@ -150,9 +159,9 @@ def _seed_cfg(cfg: Config, v: str, seed: int) -> Config:
     suffix = "" if seed == cfg.det.train.seed else f"_s{seed}"
     vcfg = _variant_cfg(cfg, v)
     vcfg = with_det(vcfg, name=vcfg.det.name + suffix, train={"seed": seed})
-    if v == "vild_ensemble":
-        weights = Path(vcfg.work_dir) / "det" / vcfg.det.name / "model_final.pt"  # the vild row's model
-        vcfg = with_det(vcfg, name=f"ablation_vild_ensemble{suffix}", inference="ensemble", checkpoint=str(weights))
+    if v in ("vild_ensemble", "detpro_ensemble"):
+        weights = Path(vcfg.work_dir) / "det" / vcfg.det.name / "model_final.pt"  # the vild / detpro row's model
+        vcfg = with_det(vcfg, name=f"ablation_{v}{suffix}", inference="ensemble", checkpoint=str(weights))
     return vcfg
 
 
@@ -194,13 +203,17 @@ def finished_run(vcfg: Config) -> dict | None:
 def _run_variant(cfg: Config, v: str, seed: int, vocab, teacher, progress: bool) -> dict:
     from distill.detection.train import train_detector
 
+    if v.startswith("detpro") and not Path(cfg.prompts.out).is_file():
+        from distill.detection.detpro import train_prompts
+
+        train_prompts(cfg, teacher=teacher, progress=progress)
     vcfg = _seed_cfg(cfg, v, seed)
     if v == "supervised":
         return train_supervised(vcfg, vocab, progress)
-    if v == "vild_ensemble":
-        weights = Path(vcfg.det.checkpoint)  # the vild row's model
+    if v in ("vild_ensemble", "detpro_ensemble"):
+        weights = Path(vcfg.det.checkpoint)  # the vild / detpro row's model
         if not weights.is_file():
-            train_detector(_seed_cfg(cfg, "vild", seed), progress=progress, teacher=teacher)
+            train_detector(_seed_cfg(cfg, v.replace("_ensemble", ""), seed), progress=progress, teacher=teacher)
         return train_detector(vcfg, eval_only=True, progress=progress, teacher=teacher)
     return train_detector(vcfg, progress=progress, teacher=teacher)
 

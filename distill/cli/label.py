@@ -29,6 +29,7 @@ def label_command(
     min_area: Annotated[Optional[float], _opt("--min-area", "Minimum area in pixels.")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per forward.")] = None,
     num_workers: Annotated[Optional[int], _opt("--num-workers", "Decoding workers.")] = None,
+    templates: Annotated[Optional[str], _opt("--templates", "Teacher prompts: a template file, or a learned prompt file of `distill train prompts` (= teacher.templates; a student's own come from its checkpoint).")] = None,
     gt: Annotated[Optional[str], _opt("--gt", "COCO json with hidden ground truth: also write metrics.json.")] = None,
     config: Annotated[Optional[str], _opt("--config", "A YAML config (its label: section gives defaults).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides, e.g. teacher.device=cpu")] = None,
@@ -55,6 +56,8 @@ def label_command(
         "batch_size": batch_size, "num_workers": num_workers, "gt": gt,
     }
     ov = [f"label.{k}={_quote(v)}" for k, v in flags.items() if v is not None]
+    if templates is not None:
+        ov.append(f"teacher.templates={_quote(templates)}")
     if model == "teacher" and source is None:
         ov.append("label.source=teacher")
     if class_thresh:

@@ -77,7 +77,7 @@ def embed_text_cmd(
     config: ConfigArg,
     overrides: Overrides = None,
     vocab: Annotated[str, typer.Option("--vocab", help=VOCAB_HELP)] = "",
-    templates: Annotated[str, typer.Option("--templates", help="Prompt template file (default teacher.templates).")] = "",
+    templates: Annotated[str, typer.Option("--templates", help="Prompt template file, or a learned prompt file of `distill train prompts` (default teacher.templates).")] = "",
     out: Annotated[str, typer.Option("--out", help="Cache folder (default {work_dir}/embeddings/text).")] = "",
 ) -> None:
     """Embed a vocabulary with the teacher's text tower (prompt ensemble x synonyms).

@@ -77,6 +77,28 @@ def backbone(
     typer.echo(f"{m['out']}  train_acc_last100={m['train_acc_last100']:.4f}  boxes={m['boxes']}  classes={m['classes']}  wall_s={m['wall_s']}")
 
 
+@app.command("prompts")
+def prompts(
+    config: str = typer.Argument(..., help="A YAML config file (configs/shapes/vild.yaml ...)."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. prompts.epochs=3"),
+) -> None:
+    """DetPro: learn the prompt context of the text classifier on the cached region embeddings of
+    the training proposals (base classes only; one context per IoU group, ensembled). Needs the
+    proposals and region embeddings (`distill propose`, `distill teacher embed-regions`); writes
+    prompts.out (default {work_dir}/prompts/detpro.safetensors) and its _metrics.json. Use it as
+    templates anywhere: teacher.templates=<that file>."""
+    from distill.cli.common import load
+    from distill.detection.detpro import train_prompts
+
+    m = train_prompts(load(config, overrides))
+    for g in m["prompts/groups"]:
+        typer.echo(f"IoU [{g['group'][0]:.2f}, {g['group'][1]:.2f}): {g['positives']} positives, {g['negatives']} negatives"
+                   + (f" -- skipped: {g['skipped']}" if "skipped" in g else f", loss {g.get('loss_last', float('nan')):.4f}"))
+    keys = [k for k in m if k.startswith("prompts/top1_")]
+    typer.echo("  ".join(f"{k}={m[k]:.4f}" for k in keys))
+    typer.echo(m["prompts/file"])
+
+
 @app.command("seg")
 def seg(
     config: str = typer.Argument(..., help="A YAML config file (configs/shapes/lseg.yaml ...)."),

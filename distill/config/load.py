@@ -243,6 +243,12 @@ def read_templates_value(value: str, key: str) -> str:
 
     if not value:
         return ""
+    if value.strip().endswith(".safetensors") and "\n" not in value.strip():
+        # a learned prompt file (`distill train prompts`, DetPro): kept as its absolute path
+        path = Path(value.strip()).expanduser()
+        if not path.is_file():
+            raise DistillError(f"{key}: {value.strip()}: prompt file not found (expected a file written by `distill train prompts`, or templates)")
+        return str(path.resolve())
     lines = tuple(ln.strip() for ln in value.splitlines() if ln.strip() and not ln.strip().startswith("#")) if "{}" in value else read_lines(value, key, TEMPLATES_EXPECTED)
     if not lines:
         raise DistillError(f"{key}: {value.strip()}: no prompt templates (expected {TEMPLATES_EXPECTED})")

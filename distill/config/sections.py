@@ -71,7 +71,7 @@ class TeacherConfig:
     pretrained: str = "{work_dir}/teacher/teacher.safetensors"  # tag, local file, or local-dir:...
     precision: Precision = "fp32"  # autocast of the teacher's forward (engine/device.py)
     dense_image_size: int = 128  # input size for dense paths (MaskCLIP pixels, dense RoIAlign, CAM)
-    templates: str = "shapes.txt"  # prompt templates: a file (one a line, {} = class name, {article} = a / an before it; a bare name may be one shipped in distill/prompts/: vild.txt is ViLD's set) or the templates themselves
+    templates: str = "shapes.txt"  # prompt templates: a file (one a line, {} = class name, {article} = a / an before it; a bare name may be one shipped in distill/prompts/: vild.txt is ViLD's set) or the templates themselves; or a learned prompt file (*.safetensors of `distill train prompts`)
     cache_dtype: Literal["fp16", "fp32"] = "fp16"  # storage dtype of the embedding cache
     batch_size: int = 256
     device: str = ""  # "" = cuda when available else cpu
@@ -144,6 +144,41 @@ class ClipSelfConfig:
     seed: int = 0
     log_period: int = 25
     threads: int = 0  # torch intra-op threads while training (0 = torch default)
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """DetPro prompt learning (detection/detpro.py; Du et al., CVPR 2022, github.com/dyabel/detpro):
+    a CoOp context learned on the cached region embeddings of the training proposals, base classes
+    only; one context per IoU group of positives (context grading), negatives pushed towards a
+    uniform class distribution (background interpretation). ``distill train prompts CONFIG``
+    writes ``out``; ``teacher.templates=<out>`` then uses it wherever templates are read."""
+
+    enabled: bool = False  # the pipeline's detpro stage: train the prompts, then ViLD with them (det/vild_detpro)
+    ctx_len: int = 8  # context vectors (run.py: ctx_num 8, class token at the end)
+    # IoU edges of the positive groups: group g holds base proposals with edges[g] <= IoU < edges[g+1]
+    # (detpro.sh: [0.5,0.6) ... [0.9,1.1)); one context is learned per group and the groups ensembled
+    iou_edges: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.1)
+    neg_iou: tuple[float, float] = (0.1, 0.5)  # negatives: proposals with IoU in [lo, hi) (run.py data_iou_filter(train_neg, 0.1, bg_thr))
+    neg_fraction: float = 0.1  # of the negatives, this random fraction is used (run.py neg_split 10)
+    epochs: int = 6  # run.py: 6 epochs, SGD lr 2e-3, cosine, batch 512
+    batch_size: int = 512
+    lr: float = 0.002
+    temperature: float = 0.01  # prompt/config.py
+    init_std: float = 0.02  # context init N(0, 0.02) (coop_mini.py)
+    seed: int = 0
+    out: str = "{work_dir}/prompts/detpro.safetensors"
+
+    def __post_init__(self) -> None:
+        e = self.iou_edges
+        if len(e) < 2 or any(b <= a for a, b in zip(e, e[1:])) or e[0] < 0:
+            raise DistillError(f"prompts.iou_edges: expected at least 2 increasing IoU edges >= 0, got {list(e)}")
+        if len(self.neg_iou) != 2 or not 0 <= self.neg_iou[0] < self.neg_iou[1] <= e[0]:
+            raise DistillError(f"prompts.neg_iou: expected [lo, hi) with 0 <= lo < hi <= the first positive edge {e[0]}, got {list(self.neg_iou)}")
+        if self.ctx_len < 1:
+            raise DistillError(f"prompts.ctx_len: expected >= 1, got {self.ctx_len}")
+        if not 0 < self.neg_fraction <= 1:
+            raise DistillError(f"prompts.neg_fraction: expected a fraction in (0, 1], got {self.neg_fraction}")
 
 
 @dataclass(frozen=True)
@@ -448,6 +483,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     clipself: ClipSelfConfig = field(default_factory=ClipSelfConfig)
     regions: RegionConfig = field(default_factory=RegionConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     det: DetConfig = field(default_factory=DetConfig)
     seg: SegConfig = field(default_factory=SegConfig)

@@ -72,7 +72,7 @@ class TeacherSource:
         scales: Sequence[float] = (1.0, 1.5),
         logit_scale: float | None = None,
     ) -> None:
-        from distill.teacher.text import load_templates, text_embeddings
+        from distill.teacher.text import templates_key, text_embeddings
 
         if proposals not in ("components", "windows", "components+windows") and proposer is None:
             raise DistillError(f"label.proposals: {proposals!r} needs a detector (expected components, windows or components+windows)")
@@ -104,7 +104,7 @@ class TeacherSource:
                 **({"sat_min": 2.0} if proposals == "windows" else {}),  # windows only: no colour pixels
             )
         self.fingerprint = sha256_json(
-            {"teacher": teacher.fingerprint, "background": list(background), "templates": list(load_templates(templates)), "proposals": proposals,
+            {"teacher": teacher.fingerprint, "background": list(background), "templates": templates_key(templates), "proposals": proposals,
              "max": max_proposals, "proposer": getattr(proposer, "fingerprint", None), "max_side": self.max_side,
              "scales": list(self.scales), "scale": self.scale}
         )[:16]

@@ -185,6 +185,22 @@ def st_det(cfg: Config):
     return f"ViLD {_det_note(m)}; ensemble {_det_note(e)}"
 
 
+def st_detpro(cfg: Config):
+    """DetPro (in the graph when ``prompts.enabled``): learn the prompts on the cached region embeddings,
+    then ViLD with them (``det/vild_detpro``, text inference and the 3.4 ensemble)."""
+    from distill.detection.detpro import train_prompts, with_prompts
+    from distill.detection.train import det_dir, train_detector, with_det
+
+    p = train_prompts(cfg, teacher=_teacher(cfg), progress=True)
+    pc = with_prompts(cfg)
+    vild = with_det(pc, name="vild_detpro", use_text=True, use_image=True, inference="text")
+    m = train_detector(vild, resume=resuming())
+    ens = with_det(pc, name="vild_detpro_ensemble", inference="ensemble", checkpoint=str(det_dir(vild) / "model_final.pt"))
+    e = train_detector(ens, eval_only=True)
+    top1 = p.get("prompts/top1_learned_novel", float("nan"))
+    return f"learned prompts: GT-crop top-1 novel {100 * top1:.1f}; ViLD {_det_note(m)}; ensemble {_det_note(e)}"
+
+
 def st_seg(cfg: Config):
     """LSeg on base masks, with and without MaskCLIP pixel distillation (the ViLD-image analogue)."""
     from distill.files import write_text
@@ -331,6 +347,14 @@ STAGES: tuple[Stage, ...] = (
         checkpoints=("det/vild",),
     ),
     Stage(
+        "detpro", st_detpro, deps=("text", "regions", "backbone"),
+        sections=("prompts", "det", "data", "teacher", "regions"),
+        description="DetPro prompts + ViLD with them",
+        view=plain_teacher,
+        inputs=_DET_INPUTS,
+        checkpoints=("det/vild_detpro",),
+    ),
+    Stage(
         "seg", st_seg, deps=("teacher", "clipself"),
         sections=("seg", "data", "teacher"),
         outputs=("seg/lseg/metrics.json", "seg/lseg_distill/metrics.json"),
@@ -409,6 +433,10 @@ def build_pipeline(cfg: Config) -> Pipeline:
     from distill.teacher.clipself import uses_clipself
 
     stages = _subset(list(STAGES), cfg.pipeline.stages) if cfg.pipeline.stages else list(STAGES)
+    if not cfg.prompts.enabled:  # DetPro is optional: in the graph only when prompts.enabled
+        if "detpro" in cfg.pipeline.stages:
+            raise DistillError("pipeline.stages: the detpro stage runs only with prompts.enabled=true")
+        stages = [s for s in stages if s.name != "detpro"]
     by_name = {s.name: s for s in stages}
 
     def change(name: str, **kw) -> None:
@@ -417,6 +445,11 @@ def build_pipeline(cfg: Config) -> Pipeline:
 
     if cfg.pretrain.steps == 0:
         change("teacher", outputs=("teacher/metrics.json",), description="evaluate the external teacher (no pretraining)")
+    if cfg.prompts.enabled:
+        out = Path(cfg.prompts.out).resolve()
+        work = Path(cfg.work_dir).resolve()
+        extra = (str(out.relative_to(work)),) if work in out.parents else ()
+        change("detpro", outputs=(*extra, "det/vild_detpro/metrics.json", "det/vild_detpro_ensemble/metrics.json"))
     if cfg.label.source == "vlplm" and not cfg.label.model and "det_text" in by_name and "label" in by_name:
         change("label", deps=(*by_name["label"].deps, "det_text"))  # its base detector: det/vild_text/model_final.pt
     readers = backbone_readers(cfg)

@@ -256,7 +256,7 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
     """Evaluate ``teacher`` (default: :func:`build_teacher` of ``cfg.teacher``) on the val split;
     writes ``{work_dir}/teacher/metrics.json`` (or ``out_dir/metrics.json``) and returns the dict."""
     from distill.teacher.clip import build_teacher
-    from distill.teacher.text import load_templates, text_embeddings
+    from distill.teacher.text import text_embeddings
     from distill.vocab import Vocabulary
 
     t0 = time.time()
@@ -266,7 +266,7 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
     if not index:
         raise DistillError(f"{json_path}: no images to evaluate")
     cache_dir = Path(cfg.work_dir) / "embeddings" / "text"
-    templates = load_templates(cfg.teacher.templates)
+    templates = cfg.teacher.templates  # hand-written, or a learned prompt file (teacher/prompt_learning.py)
     text = text_embeddings(teacher, vocab, templates, cache_dir=cache_dir)
     res: dict = {"teacher/fingerprint": teacher.fingerprint, "teacher/dense_fingerprint": teacher.dense_key,
                  "teacher/dense_image_size": teacher.dense_image_size,

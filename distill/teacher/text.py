@@ -35,7 +35,10 @@ def load_templates(source: str | os.PathLike | Sequence[str] | None, key: str = 
     """Templates from a setting (a file, one a line with ``{}``, or the templates themselves: see
     :func:`distill.config.read_templates_value`), a list of strings, or None / "" (:data:`DEFAULT_TEMPLATES`)."""
     from distill.config import read_templates_value
+    from distill.teacher.prompt_learning import is_prompt_file
 
+    if is_prompt_file(source):
+        raise DistillError(f"{key}: {source} is a learned prompt file; this step needs hand-written templates (one a line with {{}})")
     if source is None or source == "":
         return DEFAULT_TEMPLATES
     if isinstance(source, (str, os.PathLike)):
@@ -46,6 +49,14 @@ def load_templates(source: str | os.PathLike | Sequence[str] | None, key: str = 
             raise DistillError(f"{key}: no prompt templates (expected one template a line with {{}})")
         value = read_templates_value(value, key)
     return tuple(value.splitlines())
+
+
+def templates_key(source) -> list[str]:
+    """What embeddings made with a templates setting depend on: the templates themselves, or a
+    learned prompt file's bytes."""
+    from distill.teacher.prompt_learning import is_prompt_file, prompt_file_key
+
+    return [prompt_file_key(str(source).strip())] if is_prompt_file(source) else list(load_templates(source))
 
 
 def article(name: str) -> str:
@@ -103,7 +114,9 @@ def text_embeddings(
 ) -> torch.Tensor:
     """(C, D) float32 L2-normalised class embeddings in vocabulary order.
 
-    ``templates``: a template file, a list, or None (:data:`DEFAULT_TEMPLATES`).
+    ``templates``: a template file, a list, or None (:data:`DEFAULT_TEMPLATES`); or a learned
+    prompt file (``*.safetensors`` of ``distill train prompts``: DetPro's context, see
+    :mod:`distill.teacher.prompt_learning`), read for any vocabulary, novel classes included.
     ``cache_dir``: when given, the result is stored as ``<vocab-hash>-<key>.safetensors`` keyed
     by (teacher fingerprint, prompts, templates) and reused when the key matches.
     """
@@ -111,8 +124,17 @@ def text_embeddings(
 
     if len(vocab) == 0:
         raise DistillError("vocabulary: empty (expected at least one class)")
-    templates = load_templates(templates)
-    key = cache_key(teacher, vocab, templates)
+    from distill.teacher.prompt_learning import is_prompt_file, learned_text_embeddings, prompt_file_key
+
+    learned = str(templates).strip() if is_prompt_file(templates) else None
+    if learned:
+        from distill.teacher.prompt_learning import load_prompts
+
+        load_prompts(learned, teacher)  # another teacher's file: one line, before any cache is read
+        key = cache_key(teacher, vocab, [prompt_file_key(learned)])
+    else:
+        templates = load_templates(templates)
+        key = cache_key(teacher, vocab, templates)
     path = None
     if cache_dir:
         path = Path(cache_dir) / f"{vocab.hash}-{sha256_json(key)[:12]}.safetensors"
@@ -123,7 +145,7 @@ def text_embeddings(
                 emb = None
             if emb is not None and emb.shape == (len(vocab), teacher.embed_dim):
                 return emb.float().to(teacher.device)
-    emb = encode_class_prompts(teacher, vocab.prompts, templates)
+    emb = learned_text_embeddings(teacher, vocab, learned) if learned else encode_class_prompts(teacher, vocab.prompts, templates)
     if path is not None:
         meta = {k: str(v) for k, v in key.items()}
         meta["names"] = "|".join(vocab.names)

@@ -3,6 +3,8 @@
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from distill.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +69,7 @@ def test_plain_teacher_blanks_the_dense_tower_only(tmp_path):
     assert plain_teacher(blank) is blank
     # the stages that need the dense tower (clipself makes it; seg and cam read it) see it
     plain = {s.name for s in STAGES if s.view is plain_teacher}
-    assert plain == {"teacher", "text", "regions", "det_text", "det", "label", "selftrain"}
+    assert plain == {"teacher", "text", "regions", "det_text", "det", "detpro", "label", "selftrain"}
 
 
 def test_stage_runs_on_and_is_keyed_on_its_view(tmp_path):
@@ -118,3 +120,20 @@ def test_clipself_stage_runs_only_for_its_own_weights(tmp_path):
             assert not uses_clipself(c)
             assert st_clipself(c).startswith("skipped")
     assert not w.exists() and not ext.exists()  # a skipped stage builds and writes nothing
+
+
+def test_detpro_stage_only_when_prompts_enabled():
+    """DetPro is optional: absent from the default graph; with prompts.enabled it follows the
+    region cache and leaves the prompt file and both ViLD-with-prompts metrics."""
+    from distill.config import load_config
+    from distill.errors import DistillError
+    from distill.pipeline.stages import build_pipeline
+
+    off = build_pipeline(load_config("configs/shapes/pipeline.yaml", ["work_dir=w"]))
+    assert "detpro" not in off.order
+    on = build_pipeline(load_config("configs/shapes/pipeline.yaml", ["work_dir=w", "prompts.enabled=true"]))
+    st = on.stages["detpro"]
+    assert set(st.deps) == {"text", "regions", "backbone"}
+    assert st.outputs == ("prompts/detpro.safetensors", "det/vild_detpro/metrics.json", "det/vild_detpro_ensemble/metrics.json")
+    with pytest.raises(DistillError, match="detpro stage runs only with prompts.enabled=true"):
+        build_pipeline(load_config("configs/shapes/pipeline.yaml", ["work_dir=w", "pipeline.stages=[world,detpro]"]))
