@@ -229,10 +229,18 @@ def test_vild_ablation_tool_writes_every_row_and_the_deltas(tmp_path):
     files = make_fixture(tmp_path / "d", cats, [1, 2, 3])
     cfg = load_config(REPO / "configs/shapes/vild.yaml", [
         f"work_dir={tmp_path / 'run'}", f"data.image_root={tmp_path / 'd' / 'images'}", f"data.train_json={files['train']}",
-        f"data.train_full_json={files['train']}", f"data.val_json={files['val']}", *TINY])
+        f"data.train_full_json={files['train']}", f"data.val_json={files['val']}", *TINY,
+        # DetPro's rows: 2-step proposals overlap the boxes little, so the groups start low here
+        "prompts.iou_edges=[0.05,1.1]", "prompts.neg_iou=[0.0,0.05]", "prompts.epochs=1", "prompts.batch_size=8"])
     teacher = build_random_teacher(embed_dim=16, image_size=32, patch=8, width=32, layers=1, text_layers=1)
     torch.manual_seed(0)
     res = run_ablation(cfg, VARIANTS, progress=False, teacher=teacher)
+    # the DetPro rows learned the prompts first and trained ViLD with them as its templates
+    assert Path(cfg.prompts.out).is_file()
+    import yaml
+
+    dp = yaml.safe_load((tmp_path / "run" / "det" / "ablation_detpro" / "config.yaml").read_text())
+    assert dp["teacher"]["templates"] == str(Path(cfg.prompts.out).resolve())
     out = tmp_path / "run" / "det" / "ablation"
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["rows"]) == list(VARIANTS)
