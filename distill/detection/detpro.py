@@ -171,8 +171,8 @@ class PromptLearner(torch.nn.Module):
 
 # ---------------------------------------------------------------------------------------- train
 def train_prompts(cfg: Config, teacher=None, progress: bool = True) -> dict:
-    """``distill train prompts``: learn one context per IoU group, write ``prompts.out`` and
-    ``metrics.json`` beside it (per group: positives, negatives, final loss; zero-shot top-1 of
+    """``distill train prompts``: learn one context per IoU group, write ``prompts.out``, the class
+    embeddings it makes for the vocabulary (``{work_dir}/embeddings/text``) and ``<out>_metrics.json`` beside it (per group: positives, negatives, final loss; zero-shot top-1 of
     the teacher on val ground-truth crops with the hand-written templates and with the learned
     prompts, base and novel). A group without positives is reported and left out."""
     from torch.utils.data import TensorDataset
@@ -224,7 +224,12 @@ def train_prompts(cfg: Config, teacher=None, progress: bool = True) -> dict:
     lp = LearnedPrompts(torch.stack(contexts), teacher.fingerprint, kept, counts, list(base.names))
     save_prompts(out, lp)
     lp = load_prompts(out, teacher, pcfg.ctx_len)
-    metrics = {"prompts/file": str(out), "prompts/ctx_len": pcfg.ctx_len, "prompts/groups": counts,
+    # the class embeddings the prompts make for the run's vocabulary (base and novel), in the text cache
+    from distill.teacher.text import text_embeddings
+
+    text_dir = Path(cfg.work_dir) / "embeddings" / "text"
+    text_embeddings(teacher, vocab, str(out), cache_dir=text_dir)
+    metrics = {"prompts/file": str(out), "prompts/embeddings": str(text_dir), "prompts/ctx_len": pcfg.ctx_len, "prompts/groups": counts,
                "prompts/proposals": int(len(labels)), **zero_shot_crops(cfg, teacher, vocab, lp),
                "prompts/wall_s": round(time.time() - t0, 1)}
     write_json(out.with_name(out.stem + "_metrics.json"), metrics)
