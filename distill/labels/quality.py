@@ -159,6 +159,7 @@ def threshold_sweep(pred_json: str | os.PathLike, gt_json: str | os.PathLike, th
     pred = read_json(pred_json, "COCO predictions")
     _check_pred(pred, str(pred_json))
     gt, gt_name = load_label_gt(gt_json)
+    gt = _in_vocabulary(gt, pred, gt_name)  # once: its warning line is not repeated per threshold
     rows = []
     for t in sorted(float(x) for x in thresholds):
         kept = dict(pred, annotations=[{k: v for k, v in a.items() if k != "segmentation"}

@@ -26,8 +26,7 @@ import torch
 
 from distill.engine.hooks import Hook
 from distill.errors import DistillError
-
-IGNORE = 255
+from distill.segmentation.losses import IGNORE
 
 
 class MaskClipPlusLabels(Hook):

@@ -229,7 +229,8 @@ def train_seg(cfg: Config, resume: bool = False, teacher=None, out_dir: str | os
 
     seed_everything(s.train.seed)
     model = conv_memory_format(build_segmenter(s, teacher), dev)
-    model.set_vocabulary(text[base], train_ids)
+    if not s.maskclip_plus:  # MaskCLIP+ classifies over the whole vocabulary (maskclip_plus_labeler sets it)
+        model.set_vocabulary(text[base], train_ids)
     if getattr(model, "distill_weight", 0.0) > 0:
         model.set_distill_teacher(teacher_pixel_fn(teacher))
     hooks = []

@@ -78,6 +78,31 @@ def test_threshold_sweep_hand_example(tmp_path):
     assert got == [(0.5, 1.0, 1.0, 1.0), (0.5, 1.0, -1.0, 0.0), (1.0, 1.0, -1.0, 0.0), (-1.0, 0.0, -1.0, 0.0)]
 
 
+def test_threshold_sweep_warns_once_about_classes_outside_the_vocabulary(tmp_path):
+    """Ground truth of a class the labels never named is left out with one warning line, not one per threshold."""
+    import json
+    import logging
+
+    from distill.labels.quality import threshold_sweep
+
+    pred, gt = _hand_case()
+    gt["categories"] = [*gt["categories"], {"id": 3, "name": "green star", "split": "novel"}]  # not in pred's (shared) list
+    gt["annotations"].append({"id": 3, "image_id": 10, "category_id": 3, "bbox": [0, 12, 5, 5]})
+    (tmp_path / "p.json").write_text(json.dumps(pred))
+    (tmp_path / "g.json").write_text(json.dumps(gt))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # the CLI's setup may stop distill's loggers propagating to pytest's
+    logger = logging.getLogger("distill.labels.quality")
+    logger.addHandler(handler)
+    try:
+        rows = threshold_sweep(tmp_path / "p.json", tmp_path / "g.json", [0.4, 0.5, 0.6])
+    finally:
+        logger.removeHandler(handler)
+    assert len([r for r in records if "not in the vocabulary" in r.getMessage()]) == 1
+    assert rows[0]["labels/recall_novel"] == 1.0  # the green star is not counted as a miss
+
+
 def test_eval_labels_cli(tmp_path):
     """`distill eval labels` as a user runs it: the table and sweep.json; a bad threshold list is one
     line naming the option, exit 2, nothing written."""
