@@ -1,0 +1,59 @@
+"""The DetPro tables of docs/experiments.md, printed from the metrics files of finished runs: each
+RUN is a work dir where the det and detpro stages ran (`distill run configs/shapes/pipeline.yaml
+prompts.enabled=true ...`): det/vild, det/vild_ensemble, det/vild_detpro, det/vild_detpro_ensemble
+and prompts/detpro_metrics.json. With several runs (world seeds, novel splits) a mean row follows.
+
+    python tools/detpro_table.py RUN [RUN ...]
+"""
+import argparse
+import json
+import math
+import os
+
+ap = argparse.ArgumentParser(description="Print the DetPro vs hand-written prompt tables from finished runs.")
+ap.add_argument("runs", nargs="+", help="work dirs of runs where the det and detpro stages finished")
+args = ap.parse_args()
+
+
+def j(p):
+    return json.load(open(p)) if os.path.isfile(p) else None
+
+
+def v(m, k):
+    return 100 * m[k] if m and m.get(k) is not None and not (isinstance(m[k], float) and math.isnan(m[k])) else None
+
+
+def f(x):
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+ROWS = (("ViLD, hand-written templates (text)", "vild"), ("DetPro: ViLD, learned prompts (text)", "vild_detpro"),
+        ("ViLD + teacher crops (ensemble)", "vild_ensemble"), ("DetPro + teacher crops (ensemble)", "vild_detpro_ensemble"))
+COLS = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP_novel", "bbox/AP_base")
+print("| run | row | AP50 novel | AP50 base | AP novel | AP base |\n|---|---|---|---|---|---|")
+sums: dict = {}
+for run in args.runs:
+    for label, name in ROWS:
+        m = j(f"{run}/det/{name}/metrics.json")
+        vals = [v(m, k) for k in COLS]
+        for k, x in zip(COLS, vals):
+            if x is not None:
+                sums.setdefault((label, k), []).append(x)
+        print(f"| {os.path.basename(os.path.normpath(run))} | {label} | " + " | ".join(f(x) for x in vals) + " |")
+if len(args.runs) > 1:
+    for label, _ in ROWS:
+        print(f"| mean of {len(args.runs)} | {label} | " + " | ".join(f(sum(sums[(label, k)]) / len(sums[(label, k)]) if sums.get((label, k)) else None) for k in COLS) + " |")
+print()
+print("| run | teacher GT-crop top-1, val | base | novel |\n|---|---|---|---|")
+for run in args.runs:
+    m = j(f"{run}/prompts/detpro_metrics.json")
+    for label, key in (("hand-written templates", "templates"), ("learned prompts (base classes only)", "learned")):
+        print(f"| {os.path.basename(os.path.normpath(run))} | {label} | {f(v(m, f'prompts/top1_{key}_base'))} | {f(v(m, f'prompts/top1_{key}_novel'))} |")
+print()
+print("| run | IoU group | positives | negatives | final loss |\n|---|---|---|---|---|")
+for run in args.runs:
+    m = j(f"{run}/prompts/detpro_metrics.json") or {}
+    for g in m.get("prompts/groups", []):
+        loss = g.get("loss_last")
+        print(f"| {os.path.basename(os.path.normpath(run))} | [{g['group'][0]:g}, {g['group'][1]:g}) | {g['positives']} | {g['negatives']} | "
+              + (g.get("skipped") or (f"{loss:.3f}" if loss is not None else "n/a")) + " |")
