@@ -38,8 +38,9 @@ def evaluate_teacher_zero_shot(cfg: Config, teacher, max_images: int = 0) -> dic
         bg = text_for(teacher, words, cfg).float()
     paths = seg_paths(cfg)
     val = SemSegFolder(paths.val_images, paths.val_masks, vocab.ids)
-    pixels = MaskClipPixels(teacher, vocab, text, bg, teacher.dense_image_size,
-                            key_smoothing=cfg.teacher.key_smoothing, prompt_denoising=cfg.teacher.prompt_denoising)
+    from distill.teacher.dense import refinements
+
+    pixels = MaskClipPixels(teacher, vocab, text, bg, teacher.dense_image_size, **refinements(cfg.teacher))
     for j in range(len(val) if not max_images else min(max_images, len(val))):
         image, target = val[j]
         pixels.process(image, np.asarray(target["masks"]))

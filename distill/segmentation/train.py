@@ -186,6 +186,7 @@ def maskclip_plus_labeler(cfg: Config, model, teacher, vocab, text: torch.Tensor
     """MaskCLIP+ (segmentation/maskclip_plus.py): the student classifies over the whole vocabulary;
     the returned hook pseudo-labels the pixels of the unseen classes."""
     from distill.segmentation.maskclip_plus import MaskClipPlusLabels
+    from distill.teacher.dense import refinements
 
     s = cfg.seg
     if s.arch != "lseg":
@@ -196,7 +197,7 @@ def maskclip_plus_labeler(cfg: Config, model, teacher, vocab, text: torch.Tensor
     model.set_vocabulary(text, vocab.ids)
     labeler = MaskClipPlusLabels(teacher, text[novel], [vocab.ids[i] for i in novel], [1 + i for i in novel],
                                  clip_steps=round(s.maskclip_plus_clip_fraction * s.train.max_steps),
-                                 key_smoothing=cfg.teacher.key_smoothing, prompt_denoising=cfg.teacher.prompt_denoising)
+                                 **refinements(cfg.teacher))
     model.set_pseudo_labeler(labeler)
     return labeler
 

@@ -145,6 +145,12 @@ def pixel_embeddings(teacher, images: torch.Tensor, size: int | None = None, out
     return F.normalize(up, dim=1)
 
 
+def refinements(tcfg) -> dict:
+    """The MaskCLIP refinement settings of a teacher config section, as :func:`maskclip_refine`'s
+    keyword arguments (one place for the teacher evaluation, the seg ablation and MaskCLIP+)."""
+    return {"key_smoothing": tcfg.key_smoothing, "prompt_denoising": tcfg.prompt_denoising}
+
+
 def maskclip_refine(logits: torch.Tensor, keys: torch.Tensor | None = None, key_smoothing: float = 0.0,
                     prompt_denoising: float = 0.0, temperature: float = 100.0) -> torch.Tensor:
     """MaskCLIP's key smoothing and prompt denoising (section 3.2), as the reference does them

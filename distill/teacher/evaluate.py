@@ -280,7 +280,9 @@ def evaluate_teacher(cfg, teacher=None, out_dir: str | Path | None = None, max_i
             bg_words = load_templates_words(cfg.teacher.background)
             bg_text = text_embeddings(teacher, Vocabulary(tuple(bg_words), source="teacher.background"), templates, cache_dir=cache_dir)
         gt_paths = _semantic_paths(index, Path(cfg.data.semantic_root) / split)
-        refine = dict(key_smoothing=cfg.teacher.key_smoothing, prompt_denoising=cfg.teacher.prompt_denoising)
+        from distill.teacher.dense import refinements
+
+        refine = refinements(cfg.teacher)
         pixels = {s: MaskClipPixels(teacher, vocab, text, bg_text, s, **refine)
                   for s in sorted(set(cfg.teacher.eval_dense_sizes) | {teacher.dense_image_size})}
         res.update({f"teacher/{k}": v for k, v in refine.items()})
