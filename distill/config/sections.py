@@ -185,7 +185,7 @@ class PromptsConfig:
 class RegionConfig:
     """Teacher region embeddings (teacher/regions.py)."""
 
-    mode: Literal["crop", "dense"] = "crop"  # crop (ViLD 3.2: 1x + 1.5x crops) | dense (RoIAlign on MaskCLIP map)
+    mode: Literal["crop", "dense", "oake"] = "crop"  # crop (ViLD 3.2: 1x + 1.5x crops) | dense (RoIAlign on MaskCLIP map) | oake (OADP 3.2: adaptive square crop read by a masked object token)
     scales: tuple[float, ...] = (1.0, 1.5)
     max_proposals: int = 300
     shard_size: int = 256  # images per cache shard

@@ -27,7 +27,7 @@ from torchvision.ops import roi_align
 
 from distill.errors import DistillError
 
-MODES = ("crop", "dense")
+MODES = ("crop", "dense", "oake")
 _MIN_SIDE = 1e-3  # pixels; narrower boxes count as zero-area
 
 
@@ -100,7 +100,8 @@ def region_embeddings(
     Args:
         images: list of (3, H_i, W_i) float in [0, 1].
         boxes: list of (N_i, 4) float XYXY absolute pixels of image i.
-        mode: ``crop`` (ViLD 3.2) or ``dense`` (RoIAlign on MaskCLIP patch embeddings).
+        mode: ``crop`` (ViLD 3.2), ``dense`` (RoIAlign on MaskCLIP patch embeddings) or ``oake``
+            (OADP 3.2: adaptive square crop, masked object token; distill/teacher/oake.py).
         scales: crop scales whose embeddings are summed (crop mode; ViLD uses 1x and 1.5x).
         batch_size: crops encoded per forward (default ``teacher.batch_size``).
     Returns:
@@ -130,6 +131,8 @@ def region_embeddings(
     if total:
         if mode == "crop":
             _crop_mode(teacher, images, clipped_all, valids, outs, scales, batch_size or teacher.batch_size)
+        elif mode == "oake":
+            _oake_mode(teacher, images, clipped_all, valids, outs, batch_size or teacher.batch_size)
         else:
             _dense_mode(teacher, images, clipped_all, valids, outs)
     info = {
@@ -167,6 +170,28 @@ def _crop_mode(teacher, images, boxes, valids, outs, scales, bs) -> None:
         sel = own[:, 0] == i
         if sel.any():
             outs[i][own[sel, 1].to(dev)] = acc[sel.to(dev)]
+
+
+def _oake_mode(teacher, images, boxes, valids, outs, bs) -> None:
+    """OADP's object-aware extraction (distill/teacher/oake.py): adaptive square crops read by the
+    masked object token, the tower's patch stride halved as the reference runs it."""
+    from distill.teacher.oake import UPSAMPLE, adaptive_squares, crop_squares, grid_size, object_masks, object_token_embeddings
+
+    dev = teacher.device
+    visual = teacher.model.visual
+    g = grid_size(visual, teacher.image_size, UPSAMPLE)
+    for i, (im, b, v) in enumerate(zip(images, boxes, valids)):
+        idx = torch.nonzero(v).flatten()
+        if idx.numel() == 0:
+            continue
+        H, W = int(im.shape[1]), int(im.shape[2])
+        sq = adaptive_squares(b[idx], H, W)
+        bg = object_masks(b[idx], sq, g)
+        for a in range(0, len(idx), bs):
+            crops = crop_squares(im[None].to(dev), torch.zeros(len(sq[a : a + bs]), dtype=torch.long), sq[a : a + bs], teacher.image_size)
+            with torch.no_grad(), teacher.autocast():
+                e = object_token_embeddings(visual, teacher.normalize(crops), bg[a : a + bs].to(dev), UPSAMPLE)
+            outs[i][idx[a : a + bs].to(dev)] = F.normalize(e.float(), dim=-1)
 
 
 def _dense_mode(teacher, images, boxes, valids, outs) -> None:
