@@ -276,6 +276,16 @@ class DetConfig:
     # section 3.3's ViLD (one region embedding trained by both losses)
     image_head: Literal["shared", "separate"] = "shared"
     train_on_all: bool = False  # oracle: train on base and novel boxes
+    # OADP's distillation pyramid (Wang et al. CVPR 2023, 3.3; detection/pyramid.py), each 0 = off;
+    # the paper's weights (configs/dp/models/global_.py, block.py): global 0.5 (MSE, summed, of the
+    # student's mean-pooled last FPN level, projected, vs the teacher's image embedding), block 128
+    # (L1 of the student's block embeddings vs the teacher's embeddings of the image blocks) and
+    # block_relation 8 (MSE of their cosine-relation matrices), each ramped up linearly over
+    # pyramid_warmup steps (WarmupScheduler end=200)
+    global_weight: float = 0.0
+    block_weight: float = 0.0
+    block_relation_weight: float = 0.0
+    pyramid_warmup: int = 200
     ensemble_alpha: float = 2 / 3  # ViLD section 3.4: base weight on the text branch
     ensemble_beta: float = 2 / 3  # novel weight on the image branch
     # text | image | ensemble (teacher crops at test time, 3.4's first ensemble) |
@@ -308,6 +318,9 @@ class DetConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        for key in ("global_weight", "block_weight", "block_relation_weight"):
+            if getattr(self, key) < 0:
+                raise DistillError(f"det.{key}: expected >= 0 (0 = off), got {getattr(self, key)}")
         if self.augment == "lsj" and self.min_size != self.max_size:
             raise DistillError(f"det.augment: lsj needs det.min_size == det.max_size (the canvas side, kept as is by the detector), got {self.min_size} and {self.max_size}")
         if len(self.lsj_scale) != 2 or not 0 < self.lsj_scale[0] <= self.lsj_scale[1]:

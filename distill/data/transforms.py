@@ -90,9 +90,12 @@ class DetectionTrainTransform(_Augment):
         n = len(boxes)
         has_props = "proposals" in target
         props = np.asarray(target["proposals"], np.float32).reshape(-1, 4) if has_props else np.zeros((0, 4), np.float32)
-        # GT boxes and proposals go through as one box list: index < n is a GT box; degenerate or
-        # non-finite input boxes (which albumentations refuses) are dropped
-        allb = np.concatenate([boxes, props])
+        has_blocks = "blocks" in target  # OADP's image blocks (detection/pyramid.py) move like proposals
+        blocks = np.asarray(target["blocks"], np.float32).reshape(-1, 4) if has_blocks else np.zeros((0, 4), np.float32)
+        # GT boxes, proposals and blocks go through as one box list: index < n is a GT box, then the
+        # proposals, then the blocks; degenerate or non-finite input boxes (which albumentations
+        # refuses) are dropped
+        allb = np.concatenate([boxes, props, blocks])
         ok = np.flatnonzero(np.isfinite(allb).all(1) & (allb[:, 2] > allb[:, 0]) & (allb[:, 3] > allb[:, 1]))
         kw = {"image": image, "bboxes": allb[ok], "index": ok.tolist()}
         has_masks = "masks" in target
@@ -111,11 +114,17 @@ class DetectionTrainTransform(_Augment):
             masks, out["labels"] = masks[nonempty], out["labels"][nonempty]
             out["boxes"] = masks_to_boxes(masks)
             out["masks"] = masks
+        m = len(props)
         if has_props:
-            kept = idx[~gt] - n
-            out["proposals"] = out_boxes[~gt]
+            sel = (idx >= n) & (idx < n + m)
+            out["proposals"] = out_boxes[sel]
             if "proposal_embeddings" in target:
-                out["proposal_embeddings"] = np.asarray(target["proposal_embeddings"])[kept]
+                out["proposal_embeddings"] = np.asarray(target["proposal_embeddings"])[idx[sel] - n]
+        if has_blocks:
+            sel = idx >= n + m
+            out["blocks"] = out_boxes[sel]
+            if "block_embeddings" in target:
+                out["block_embeddings"] = np.asarray(target["block_embeddings"])[idx[sel] - n - m]
         return r["image"], out
 
 

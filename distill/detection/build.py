@@ -187,6 +187,7 @@ class ViLDDetector(GeneralizedRCNN):
         self.teacher = teacher
         self.region_mode = region_mode
         self.skipped_boxes = 0
+        self.pyramid: nn.Module | None = None  # OADP's global + block distillation (detection/pyramid.py), training only
 
     @property
     def num_classes(self) -> int:
@@ -199,6 +200,7 @@ class ViLDDetector(GeneralizedRCNN):
     def _convert_targets(self, targets: list[dict]) -> tuple[list[dict], list | None]:
         c = self.num_classes
         out, distill, has_distill = [], [], False
+        pyr: list = []
         for t in targets:
             boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
             labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
@@ -214,11 +216,14 @@ class ViLDDetector(GeneralizedRCNN):
             if "masks" in t:
                 d["masks"] = t["masks"][ok]
             out.append(d)
+            if "blocks" in t and "block_embeddings" in t:
+                pyr.append((torch.as_tensor(t["blocks"], dtype=torch.float32).reshape(-1, 4), t["block_embeddings"], t.get("global_embedding")))
             if "proposals" in t and "proposal_embeddings" in t:
                 has_distill = True
                 distill.append((torch.as_tensor(t["proposals"], dtype=torch.float32).reshape(-1, 4), t["proposal_embeddings"]))
             else:
                 distill.append((boxes.new_zeros(0, 4), boxes.new_zeros(0, self.roi_heads.embed_dim)))
+        self._pyramid_targets = pyr if len(pyr) == len(targets) else None
         return out, (distill if has_distill else None)
 
     def forward(self, images, targets=None):
@@ -238,6 +243,14 @@ class ViLDDetector(GeneralizedRCNN):
         if distill is not None:
             distill = [(b.to(r.device) * r, e) for (b, e), r in zip(distill, ratios)]
         features = self.backbone(image_list.tensors)
+        pyramid_losses = {}
+        if self.training and self.pyramid is not None:
+            pyr = getattr(self, "_pyramid_targets", None)
+            if pyr is None:
+                raise DistillError("OADP pyramid: training targets carry no teacher block embeddings (det.global_weight / block_weight need them)")
+            blocks = [(b.to(r.device) * r) for (b, _, _), r in zip(pyr, ratios)]
+            glob = torch.stack([g for _, _, g in pyr]) if all(g is not None for _, _, g in pyr) else None
+            pyramid_losses = self.pyramid(features, blocks, image_list.image_sizes, glob, [e for _, e, _ in pyr])
         proposals, rpn_losses = self.rpn(image_list, features, tv_targets)
         if not self.training and self.roi_heads.inference in TEACHER_MODES:
             self.roi_heads.image_embedder = self._make_embedder(images, ratios)
@@ -246,7 +259,7 @@ class ViLDDetector(GeneralizedRCNN):
         finally:
             self.roi_heads.image_embedder = None
         if self.training:
-            return {**rpn_losses, **det_losses}
+            return {**rpn_losses, **det_losses, **pyramid_losses}
         detections = self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         for d in detections:
             d["labels"] = d["labels"] - 1
@@ -377,6 +390,10 @@ def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.T
     heads = ViLDRoIHeads(rh.box_roi_pool, rh.box_head, predictor, nms_thresh=det.nms, batch_size_per_image=det.roi_batch_size,
                          image_head=image_head, **{k: getattr(det, k) for k in _HEAD_SETTINGS}, **mask_kw)
     model = ViLDDetector(base.backbone, base.rpn, heads, base.transform, teacher=teacher, region_mode=region_mode)
+    if det.global_weight > 0 or det.block_weight > 0 or det.block_relation_weight > 0:  # OADP's pyramid
+        from distill.detection.pyramid import PyramidHeads
+
+        model.pyramid = PyramidHeads(det, rh.box_roi_pool, embed_dim, base.backbone.out_channels)
     if text_embeddings is not None:
         model.set_vocabulary(text_embeddings, novel)
     return model

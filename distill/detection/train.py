@@ -56,7 +56,7 @@ class DetTrainSet(torch.utils.data.Dataset):
     augmented by ``transforms`` (:mod:`distill.data.transforms`, on numpy; the proposals move
     with the image and keep their embeddings). ``base`` must have no transforms of its own."""
 
-    def __init__(self, base, label_map: dict[int, int], proposals: dict | None = None, cache=None, num: int = 0, transforms=None):
+    def __init__(self, base, label_map: dict[int, int], proposals: dict | None = None, cache=None, num: int = 0, transforms=None, pyramid=None):
         if getattr(base, "transforms", None) is not None:
             raise DistillError("DetTrainSet: give the augmentation to DetTrainSet, not to its CocoDetection (the proposals must move with the image)")
         self.base = base
@@ -68,6 +68,7 @@ class DetTrainSet(torch.utils.data.Dataset):
         self.proposals = proposals
         self.cache = cache
         self.num = num
+        self.pyramid = pyramid  # OADP: {image_id -> (blocks (K, 4), teacher embeddings (K, D))} (teacher/pyramid.py)
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -91,6 +92,10 @@ class DetTrainSet(torch.utils.data.Dataset):
                 raise DistillError(f"region cache: image {iid} has {emb.shape[0]} embeddings for {boxes.shape[0]} proposals (stale cache?)")
             ok = emb.norm(dim=1) > 0  # boxes the teacher skipped (zero rows)
             t["proposals"], t["proposal_embeddings"] = boxes[ok].float().numpy(), emb[ok].numpy()
+        if self.pyramid is not None:
+            blocks, emb = self.pyramid(int(t["image_id"]))
+            t["blocks"], t["block_embeddings"] = blocks.numpy(), emb.float().numpy()
+            t["global_embedding"] = emb[0].float().numpy()  # the centre square = the whole-image target
         if self.transforms is not None:
             iid = t["image_id"]
             img, t = self.transforms(img, t)
@@ -214,6 +219,46 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
     return eval_fn
 
 
+class _PyramidLookup:
+    """``image_id -> (block boxes (K, 4), teacher embeddings (K, D))`` from the pyramid cache;
+    the boxes follow from the image size (teacher/pyramid.py), so only the embeddings are stored."""
+
+    def __init__(self, cache, sizes: dict[int, tuple[int, int]], block: int):
+        self.cache, self.sizes, self.block = cache, sizes, block
+
+    def __call__(self, iid: int):
+        from distill.teacher.pyramid import block_boxes
+
+        w, h = self.sizes[iid]
+        boxes = block_boxes(w, h, self.block)
+        emb = self.cache.get(iid)
+        if emb.shape[0] != boxes.shape[0]:
+            raise DistillError(f"pyramid cache: image {iid} has {emb.shape[0]} block embeddings for {boxes.shape[0]} blocks (stale cache?)")
+        return boxes, emb
+
+
+def pyramid_targets(cfg: Config, teacher, dataset) -> _PyramidLookup:
+    """The teacher's block embeddings of every image of ``dataset`` (teacher/pyramid.py), computed
+    once into a cache keyed like the region cache (``embeddings/pyramid/<key>``)."""
+    from distill.files import sha256_json
+    from distill.teacher.cache import EmbeddingCache
+    from distill.teacher.pyramid import pyramid_cache_key, pyramid_embeddings
+
+    key = pyramid_cache_key(teacher)
+    cache = EmbeddingCache(Path(cfg.work_dir) / "embeddings" / "pyramid" / sha256_json(key)[:16], key, dtype=cfg.teacher.cache_dtype,
+                           shard_size=max(1, cfg.regions.shard_size))
+    ids = [int(x) for x in dataset.image_ids]
+    sizes = {}
+    for i, iid in enumerate(ids):
+        img, _ = dataset.raw(i)
+        sizes[iid] = (int(img.shape[1]), int(img.shape[0]))
+        if iid not in cache:
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+            cache.write([iid], [pyramid_embeddings(teacher, x)[1].cpu()])
+    cache.close()
+    return _PyramidLookup(cache, sizes, teacher.image_size)
+
+
 def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
     """Datasets of ``data.train_json`` (+ ``data.extra``), labels in the training vocabulary,
     augmented by ``det.augment``."""
@@ -231,7 +276,8 @@ def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
         if det.use_image:
             proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
             cache = embed_proposals(cfg, teacher, proposals, phash, base)
-        sets.append(DetTrainSet(base, label_map, proposals, cache, det.num_image_distill, transforms=train_transform(det)))
+        pyramid = pyramid_targets(cfg, teacher, base) if (det.global_weight > 0 or det.block_weight > 0 or det.block_relation_weight > 0) else None
+        sets.append(DetTrainSet(base, label_map, proposals, cache, det.num_image_distill, transforms=train_transform(det), pyramid=pyramid))
     return _concat(sets)
 
 
