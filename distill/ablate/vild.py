@@ -14,7 +14,11 @@ the whole vocabulary):
 - ``oracle``: ViLD-text trained on base AND novel boxes (upper bound);
 - ``detpro`` / ``detpro_ensemble``: the ``vild`` / ``vild_ensemble`` rows with DetPro's learned
   prompts instead of the hand-written templates (detection/detpro.py; ``prompts.out``, learned
-  first when missing).
+  first when missing);
+- ``oadp_oake``, ``oadp_global``, ``oadp_block``, ``oadp``: the ``vild`` row with OADP's parts
+  (Wang et al. CVPR 2023): region embeddings by object-aware extraction (``regions.mode=oake``),
+  + global distillation (``det.global_weight`` 0.5), + block distillation (``det.block_weight``
+  128, ``det.block_relation_weight`` 8), and all three.
 
 :func:`run_ablation` writes ``det/ablation/metrics.json`` and ``det/ablation/ablation.md``.
 """
@@ -29,8 +33,12 @@ from distill.config import Config, save_config
 from distill.files import write_json, write_text
 from distill.report.tables import table
 
-VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle", "detpro", "detpro_ensemble")
-DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "detpro", "detpro_ensemble")  # rows that read the region cache
+VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle", "detpro", "detpro_ensemble",
+            "oadp_oake", "oadp_global", "oadp_block", "oadp")
+DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "detpro", "detpro_ensemble", "oadp_oake", "oadp_global", "oadp_block", "oadp")
+# OADP's weights (configs/dp/models/global_.py, block.py)
+OADP_GLOBAL = {"global_weight": 0.5}
+OADP_BLOCK = {"block_weight": 128.0, "block_relation_weight": 8.0}  # rows that read the region cache
 COLUMNS = ("bbox/AP50_novel", "bbox/AP50_base", "bbox/AP50", "bbox/AP_novel", "bbox/AP_base", "bbox/AP", "region/top1_novel", "region/top1_base")
 LABELS = {
     "supervised": "Supervised Faster R-CNN (base only)",
@@ -42,6 +50,10 @@ LABELS = {
     "oracle": "Oracle ViLD-text (base + novel boxes)",
     "detpro": "DetPro (ViLD with learned prompts)",
     "detpro_ensemble": "DetPro + teacher crops (ensemble)",
+    "oadp_oake": "ViLD + OAKE (object-aware region embeddings)",
+    "oadp_global": "ViLD + global distillation",
+    "oadp_block": "ViLD + block distillation",
+    "oadp": "OADP (OAKE + global + block)",
 }
 
 
@@ -55,6 +67,14 @@ def _variant_cfg(cfg: Config, v: str) -> Config:
         return with_det(cfg, name=name, use_text=False, use_image=True, inference="text")
     if v in ("vild", "vild_ensemble"):
         return with_det(cfg, name="ablation_vild", use_text=True, use_image=True, inference="text")
+    if v.startswith("oadp"):
+        import dataclasses
+
+        c = cfg
+        if v in ("oadp_oake", "oadp"):
+            c = dataclasses.replace(c, regions=dataclasses.replace(c.regions, mode="oake"))
+        extra = {**(OADP_GLOBAL if v in ("oadp_global", "oadp") else {}), **(OADP_BLOCK if v in ("oadp_block", "oadp") else {})}
+        return with_det(c, name=name, use_text=True, use_image=True, inference="text", **extra)
     if v in ("detpro", "detpro_ensemble"):
         from distill.detection.detpro import with_prompts
 

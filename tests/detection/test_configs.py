@@ -241,6 +241,13 @@ def test_vild_ablation_tool_writes_every_row_and_the_deltas(tmp_path):
 
     dp = yaml.safe_load((tmp_path / "run" / "det" / "ablation_detpro" / "config.yaml").read_text())
     assert dp["teacher"]["templates"] == str(Path(cfg.prompts.out).resolve())
+    # OADP's rows: object-aware region embeddings and the pyramid's losses, as the row names say
+    oadp = yaml.safe_load((tmp_path / "run" / "det" / "ablation_oadp" / "config.yaml").read_text())
+    assert oadp["regions"]["mode"] == "oake" and oadp["det"]["global_weight"] == 0.5 and oadp["det"]["block_weight"] == 128
+    losses = json.loads((tmp_path / "run" / "det" / "ablation_oadp" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss_global", "loss_block", "loss_block_relation", "loss_vild_image"} <= set(losses)
+    only_global = json.loads((tmp_path / "run" / "det" / "ablation_oadp_global" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "loss_global" in only_global and "loss_block" not in only_global
     out = tmp_path / "run" / "det" / "ablation"
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["rows"]) == list(VARIANTS)
