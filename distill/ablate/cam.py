@@ -1,5 +1,6 @@
-"""The CLIP-ES ablation behind the pipeline's cam stage: each step of the chain (Grad-CAM, softmax,
-CAA, CRF, confidence ignore) scored as mIoU against the ground-truth masks of a split."""
+"""The CAM ablations: CLIP-ES's chain behind the pipeline's cam stage (Grad-CAM, softmax, CAA, CRF,
+confidence ignore) and CLIMS's losses added one at a time (:func:`clims_ablation`), each scored as
+mIoU against the ground-truth masks of a split."""
 
 from __future__ import annotations
 
@@ -141,3 +142,89 @@ def ablation_table(rows: list[dict]) -> str:
             note = f"{note}; {100 * r['ignored_fraction']:.1f}% pixels ignored"
         out.append([names.get(r["step"], r["step"]), v, note])
     return table(["step", "mIoU", "note"], out)
+
+
+# CLIMS: the baseline CAM, then its four losses added in the paper's order, then + CRF
+# ---------------------------------------------------------------------------------------------
+
+CLIMS_ROWS = ("clims_baseline", "clims_otm", "clims_otm_btm", "clims_otm_btm_cbs", "clims", "clims_crf")
+CLIMS_NAMES = {"clims_baseline": "baseline CAM (image labels only)", "clims_otm": "CLIMS: OTM", "clims_otm_btm": "+ BTM",
+               "clims_otm_btm_cbs": "+ CBS", "clims": "+ REG (CLIMS)", "clims_crf": "CLIMS + CRF"}
+
+
+def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0, progress: bool = True) -> dict:
+    """CLIMS on ``split`` from image-level labels: the baseline CAM it starts from, then CLIMS
+    trained (on the train split) with OTM, + BTM, + CBS, + REG (each row's losses at the paper's
+    weights, the others 0; every row from the same baseline), then + CRF; each scored as mIoU
+    against the split's ground-truth masks with the same mask rule as the CLIP-ES rows
+    (``cam.bg_thresh`` / ``bg_power``). Writes ``{cam.out}/clims_ablation/metrics.json``."""
+    from distill.cam.clims import LOSSES, clims_cams, judge, load_clims, train_clims
+    from distill.data.images import load_image
+    from distill.eval.segmentation import SemSegEvaluator, semseg_classes
+    from distill.files import write_json
+
+    _check_cfg(cfg.cam, max_images)
+    c, cc = cfg.cam, cfg.clims
+    out = Path(c.out) / "clims_ablation"
+    root, labels_path, _ = _resolve_inputs(cfg, split, None)
+    vocab = resolve_vocab(cfg.data, cfg.cam.vocab, key="cam.vocab")
+    entries = [e for e in read_image_labels(labels_path, vocab) if e.labels]
+    if max_images:
+        entries = entries[:max_images]
+    teacher = teacher or judge(cfg)
+    t0 = time.time()
+    base = out / "baseline.pth"
+    nets, trained = {}, {}
+    for k, row in enumerate(("clims_otm", "clims_otm_btm", "clims_otm_btm_cbs", "clims")):
+        on = LOSSES[: k + 1]
+        weights = {x: (getattr(cc, f"{x}_weight") if x in on else 0.0) for x in LOSSES}
+        path = out / f"{row}.pth"
+        if path.is_file():
+            pass
+        elif base.is_file():  # every row starts from the one baseline CAM
+            trained[row] = train_clims(cfg, teacher=teacher, weights=weights, out=str(path), baseline=str(base), progress=progress)
+        else:
+            trained[row] = _first(cfg, teacher, weights, path, base, progress)
+        nets[row] = load_clims(path, cc.backbone, len(vocab))
+    nets["clims_baseline"] = load_clims(base, cc.backbone, len(vocab))
+    has_crf = crf_available()
+    num_classes, base_ids, names = semseg_classes(vocab)
+    evals = {r: SemSegEvaluator(num_classes, base_ids, names=names) for r in CLIMS_ROWS if r != "clims_crf" or has_crf}
+    sem_root = Path(cfg.data.semantic_root)
+    for e in entries:
+        im = load_image(_image_path(root, e.file_name))
+        gt = _read_gt(_gt_path(sem_root, e.file_name, split))
+        ids = [int(vocab.ids[k]) for k in e.labels]
+        for row in ("clims_baseline", "clims_otm", "clims_otm_btm", "clims_otm_btm_cbs", "clims"):
+            cams = upsample_cams(clims_cams(nets[row], im, e.labels, cc.scales).numpy(), im.shape[:2])
+            evals[row].process(cams_to_mask(cams, ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power)[0], gt)
+            if row == "clims" and has_crf:
+                evals["clims_crf"].process(cams_to_mask(cams, ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power, image=im, crf=True)[0], gt)
+    rows = []
+    for r in CLIMS_ROWS:
+        if r not in evals:
+            rows.append({"step": r, "miou": None, "note": "n/a (pydensecrf2 not installed)"})
+            continue
+        m = evals[r].evaluate()
+        rows.append({"step": r, "miou": float(m["miou/all"]), "miou_base": float(m["miou/base"]), "miou_novel": float(m["miou/novel"]),
+                     "pixel_acc": float(m["pixel_acc"])})
+    md = table(["step", "mIoU", "base", "novel"], [[CLIMS_NAMES[r["step"]]] + (["n/a"] * 3 if r["miou"] is None else
+                                                   [f"{100 * r[k]:.1f}" for k in ("miou", "miou_base", "miou_novel")]) for r in rows])
+    metrics = {"split": split, "images": len(entries), "rows": rows, "table": md, "trained": trained,
+               "settings": {"backbone": cc.backbone, "image_size": cc.image_size, "baseline_epochs": cc.baseline_epochs, "epochs": cc.epochs,
+                            "bg_power": c.bg_power, "bg_thresh": c.bg_thresh, "crf": has_crf},
+               "wall_s": round(time.time() - t0, 1)}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _first(cfg, teacher, weights, path: Path, base: Path, progress: bool) -> dict:
+    """The first CLIMS row trains the baseline too (saved where the other rows read it)."""
+    import shutil
+
+    from distill.cam.clims import train_clims
+
+    s = train_clims(cfg, teacher=teacher, weights=weights, out=str(path), progress=progress)
+    made = path.with_name(path.stem + "_baseline.pth")
+    shutil.move(str(made), str(base))
+    return s

@@ -397,12 +397,12 @@ def _write_outputs(cfg, out: Path, rel: Path, vocab, e, im: np.ndarray, r, panel
         seeds["refined"] = r.refined.numpy().astype(np.float16)
     _write_npz(out / "seeds" / rel.with_suffix(".npz"), **seeds)
     _write_png(out / "masks" / rel.with_suffix(".png"), mask)
-    if not panel or refined is None:
+    if not panel or (refined is None and c.method != "clims"):
         return mask, False
     from distill.cam.panels import save_panel
 
     save_panel(out / "panels" / rel.with_suffix(".png"), im, upsample_cams(r.gradcam.numpy(), (H, W)),
-               refined, mask, [vocab.names[k] for k in r.labels], cat_ids,
+               refined if refined is not None else used, mask, [vocab.names[k] for k in r.labels], cat_ids,
                title=f"{e.file_name} (id {e.image_id})",
                seed_mask=cams_to_mask(used, cat_ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power)[0],
                caa_used=c.caa, crf=c.crf, bg_rule=_bg_rule(c))
@@ -435,10 +435,19 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
 
     if cfg.cam.crf and not crf_available():
         dense_crf(np.zeros((1, 1, 3), np.uint8), np.ones((1, 1, 1), np.float32))  # raises the DistillError
-    teacher = teacher_for_cam(teacher or _load_teacher(cfg), cfg)
+    clims = None
+    if cfg.cam.method == "clims":  # CLIMS's CAM network (cam/clims.py) instead of the teacher's Grad-CAM; no CAA
+        import dataclasses
+
+        from distill.cam.clims import clims_network
+
+        clims = clims_network(cfg, vocab, teacher=teacher)
+        cfg = dataclasses.replace(cfg, cam=dataclasses.replace(cfg.cam, caa=False))
+    else:
+        teacher = teacher_for_cam(teacher or _load_teacher(cfg), cfg)
     rank, world = get_rank(), get_world_size()
     todo = todo[rank::world]
-    text, bg = _text_features(teacher, cfg, vocab)
+    text, bg = _text_features(teacher, cfg, vocab) if clims is None else (None, None)
     out = Path(cfg.cam.out)
     t0 = time.time()
     n_done = n_panels = 0
@@ -447,7 +456,12 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
         imgs = [load_image(_image_path(root, e.file_name)) for e in batch]
         # cam.caa=false: masks from the softmax Grad-CAM; CAA then runs only for the panels' images
         caa = cfg.cam.caa or n_panels < cfg.cam.num_panels
-        res = _compute_batch(teacher, cfg, imgs, [e.labels for e in batch], text, bg, caa=caa)
+        if clims is not None:
+            from distill.cam.clims import clims_cams
+
+            res = [ImageCams(list(e.labels), clims_cams(clims, im, e.labels, cfg.clims.scales), None) for e, im in zip(batch, imgs)]
+        else:
+            res = _compute_batch(teacher, cfg, imgs, [e.labels for e in batch], text, bg, caa=caa)
         for e, im, r in zip(batch, imgs, res):
             mask, panel = _write_outputs(cfg, out, _rel_stem(e.file_name, split), vocab, e, im, r,
                                          panel=n_panels < cfg.cam.num_panels)
@@ -458,6 +472,7 @@ def run_cam(cfg, images: str | None = None, labels: str | None = None, *, teache
     wall = time.time() - t0
     summary = {
         "split": split,
+        "method": cfg.cam.method,
         "images": len(entries),
         "processed": n_done,
         "skipped_no_labels": skipped,

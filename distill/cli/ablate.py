@@ -114,6 +114,7 @@ def cam_cmd(
     overrides: Overrides = None,
     images: Annotated[str, typer.Option(help="The split whose semantic PNGs score each step.")] = "val",
     max_images: Annotated[int, typer.Option(min=0, help="Only the first N images (0 = all).")] = 0,
+    clims: Annotated[bool, typer.Option("--clims", help="Also the CLIMS rows: its baseline CAM, + OTM, + BTM, + CBS, + REG, + CRF (trains 4 CAM networks on the train split).")] = False,
 ) -> None:
     """CLIP-ES's chain step by step (Grad-CAM, softmax Grad-CAM, + CAA, + CRF, + confidence
     ignore), each scored as mIoU against the split's ground-truth masks from image-level labels.
@@ -127,3 +128,9 @@ def cam_cmd(
     m = cam_ablation(cfg, images, max_images=max_images)
     typer.echo(m["table"])
     typer.echo(f"{m['images']} images ({m['wall_s']} s); wrote {cfg.cam.out}/metrics.json")
+    if clims:
+        from distill.ablate.cam import clims_ablation
+
+        k = clims_ablation(cfg, images, max_images=max_images)
+        typer.echo(k["table"])
+        typer.echo(f"{k['images']} images ({k['wall_s']} s); wrote {cfg.cam.out}/clims_ablation/metrics.json")

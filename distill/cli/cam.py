@@ -20,8 +20,9 @@ def register(root: typer.Typer) -> None:
         labels: Annotated[Optional[str], typer.Option(help="Image-level labels json (default: data.image_labels of the split).")] = None,
         ablation: Annotated[bool, typer.Option(hidden=True, help="Moved: distill ablate cam.")] = False,
         max_images: Annotated[int, typer.Option(min=0, help="Only the first N images (0 = all).")] = 0,
+        method: Annotated[Optional[str], typer.Option(help="clip_es (default: the teacher's Grad-CAM) | clims (a CAM network judged by the teacher; trained on the train split first when clims.out is missing).")] = None,
     ) -> None:
-        """CLIP-ES: CAM seeds (npz), refined masks (PNG, 255 = ignore) and panels from image-level labels.
+        """CLIP-ES (or CLIMS, --method clims): CAM seeds (npz), refined masks (PNG, 255 = ignore) and panels from image-level labels.
 
         Example: distill cam configs/shapes/cam.yaml --images train
         """
@@ -30,7 +31,7 @@ def register(root: typer.Typer) -> None:
 
         if ablation:
             raise DistillError("--ablation moved: use `distill ablate cam CONFIG --images SPLIT`")
-        cfg = load(config, overrides)
+        cfg = load(config, [*(overrides or []), *([f"cam.method={method}"] if method else [])])
         s = run_cam(cfg, images, labels, max_images=max_images)
         typer.echo(
             f"{s['processed']} images -> {s['masks']} ({s['skipped_no_labels']} skipped without labels, "

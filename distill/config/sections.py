@@ -215,7 +215,7 @@ class TrainConfig:
     momentum: float = 0.9
     optimizer: Literal["sgd", "adamw"] = "sgd"
     warmup: int = 100
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
     grad_accum: int = 1
     precision: Precision = "fp32"  # autocast during training (AMP only on CUDA by default)
     clip_grad: float = 0.0
@@ -430,6 +430,7 @@ class LabelConfig:
 class CamConfig:
     """CLIP-ES CAM refinement (distill/cam/)."""
 
+    method: Literal["clip_es", "clims"] = "clip_es"  # where the CAM seeds come from: CLIP-ES (the teacher's Grad-CAM) | CLIMS (a CAM network, the clims section)
     images: str = ""
     labels: str = ""
     out: str = "{work_dir}/cam"
@@ -463,6 +464,37 @@ class CamConfig:
     templates: str = ""  # prompt templates file, or one template containing {}; empty = teacher.templates
     batch_size: int = 16
     num_panels: int = 8  # PNG panels (image, Grad-CAM, refined CAM, mask) for the first N images
+
+
+@dataclass(frozen=True)
+class ClimsConfig:
+    """CLIMS (Xie et al., CVPR 2022; github.com/CVI-SZU/CLIMS; distill/cam/clims.py): a CAM network
+    trained from image-level labels with the frozen teacher as the judge (``distill cam --method
+    clims``, ``cam.method: clims``). Weights and schedule are the reference's run_sample.py."""
+
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"  # the reference: ResNet-50, output stride 16
+    pretrained: str = "{work_dir}/backbone/base_crops.pth"  # ResNet weights to start from ("" = random); the reference: ImageNet
+    image_size: int = 256  # square training input (the reference: 512 crops)
+    batch_size: int = 16  # cam_batch_size
+    # step 1, the baseline CAM it starts from (IRN train_cam: multi-label soft margin, 5 epochs, lr 0.1,
+    # poly; 10x on the classifier); step 2, CLIMS (15 epochs, lr 2.5e-4, 10x on the classifier)
+    baseline_epochs: float = 5.0
+    baseline_lr: float = 0.1
+    epochs: float = 15.0
+    lr: float = 0.00025
+    weight_decay: float = 0.0001
+    # the four losses, each 0 = off (hyper 10,24,1,0.2): object-text matching, background-text
+    # matching, co-occurring background suppression, area regulariser
+    otm_weight: float = 10.0
+    btm_weight: float = 24.0
+    cbs_weight: float = 1.0
+    reg_weight: float = 0.2
+    cbs_thresh: float = 0.26  # clip_loss.py BackgroundSuppressionLoss(threshold=0.26)
+    template: str = "a photo of {}."  # clip_utils.py prompt_dict
+    background: str = ""  # co-occurring background words (a file or the words); "" = cam.background
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # CAM inference scales, each with its flip (cam_scales)
+    seed: int = 0
+    out: str = "{work_dir}/cam/clims.pth"
 
 
 @dataclass(frozen=True)
@@ -503,4 +535,5 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     selftrain: SelftrainConfig = field(default_factory=SelftrainConfig)
     cam: CamConfig = field(default_factory=CamConfig)
+    clims: ClimsConfig = field(default_factory=ClimsConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -18,7 +18,7 @@ from distill.config import TrainConfig
 from distill.errors import DistillError
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "poly", "constant")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -54,7 +54,7 @@ def clip_adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
 
 class LRFactor:
     """Linear warm-up from 0.001 (as detectron2's WarmupMultiStepLR / WarmupCosineLR) times a
-    cosine decay to 0, a step decay (x0.1 at 2/3 and 8/9 of training) or a constant."""
+    cosine decay to 0, a step decay (x0.1 at 2/3 and 8/9 of training), a poly decay (power 0.9) or a constant."""
 
     def __init__(self, max_steps: int, warmup: int, schedule: str):
         if schedule not in SCHEDULES:
@@ -69,6 +69,8 @@ class LRFactor:
             f = 0.5 * (1.0 + math.cos(math.pi * min(step, self.max_steps) / self.max_steps))
         elif self.schedule == "step":
             f = 0.1 ** sum(step >= m for m in (int(self.max_steps * 2 / 3), int(self.max_steps * 8 / 9)))
+        elif self.schedule == "poly":  # IRN / CLIMS misc/torchutils.py PolyOptimizer: (1 - t / T) ** 0.9
+            f = (1.0 - min(step, self.max_steps) / self.max_steps) ** 0.9
         if step < self.warmup:
             a = step / self.warmup
             f *= 0.001 * (1 - a) + a

@@ -57,6 +57,32 @@ ACTIVATIONS = {"lrelu": nn.LeakyReLU, "tanh": nn.Tanh, "relu": nn.ReLU}  # lang-
 # ----------------------------------------------------------------------------------------------
 
 
+def resnet_with_weights(arch: str, weights: str = "", key: str = "seg.pretrained_backbone", **kw) -> nn.Module:
+    """A torchvision ResNet (``resnet18`` / ``resnet50``) with a local state dict (its ``fc`` is
+    ignored: `distill train backbone` saves none), or random init for ``""`` (no downloads); a
+    missing or mismatched file is a one-line error naming ``key``."""
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None, **kw)
+    if weights:
+        from pathlib import Path
+
+        if not Path(weights).is_file():
+            raise DistillError(f"{key}: {weights}: file not found (expected a {arch} state dict, e.g. the one `distill train backbone` writes)")
+        from distill.engine.checkpoint import load_failure, state_dict_mismatch
+
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
+            raise DistillError(f"{key}: {weights}: {load_failure(weights, e)}") from None
+        own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+        bad = state_dict_mismatch(own, {k: v for k, v in sd.items() if not k.startswith("fc.")}) if isinstance(sd, dict) else "not a state dict"
+        if bad:
+            raise DistillError(f"{key}: {weights}: not a {arch} state dict: {bad}")
+        net.load_state_dict(sd, strict=False)
+    return net
+
+
 class ResNetEncoder(nn.Module):
     """torchvision ResNet-18 stages 1..4 (strides 4, 8, 16, 32). ``weights``: a local state-dict
     file or ``""`` for random init (no downloads)."""
@@ -66,25 +92,7 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, weights: str = ""):
         super().__init__()
-        from torchvision.models import resnet18
-
-        net = resnet18(weights=None)
-        if weights:
-            from pathlib import Path
-
-            if not Path(weights).is_file():
-                raise DistillError(f"seg.pretrained_backbone: {weights}: file not found (expected a resnet18 state dict, e.g. the one `distill train backbone` writes)")
-            from distill.engine.checkpoint import load_failure, state_dict_mismatch
-
-            try:
-                sd = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
-                raise DistillError(f"seg.pretrained_backbone: {weights}: {load_failure(weights, e)}") from None
-            own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-            bad = state_dict_mismatch(own, {k: v for k, v in sd.items() if not k.startswith("fc.")}) if isinstance(sd, dict) else "not a state dict"
-            if bad:
-                raise DistillError(f"seg.pretrained_backbone: {weights}: not a resnet18 state dict: {bad}")
-            net.load_state_dict(sd, strict=False)
+        net = resnet_with_weights("resnet18", weights, "seg.pretrained_backbone")
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = (64, 128, 256, 512)
