@@ -147,7 +147,7 @@ def test_word_list_settings_hold_their_words_from_any_folder(tmp_path, monkeypat
     ("det.image_head=seperate", "det.image_head: 'seperate' is not one of shared, separate; did you mean 'separate'?"),
     ("seg.arch=unet", "seg.arch: 'unet' is not one of lseg, clipseg"),
     ("regions.precision=bf16", "regions.precision: 'bf16' is not one of '', fp32, amp_bf16, amp_fp16, auto; did you mean 'amp_bf16'?"),
-    ("det.train.schedule=linear", "det.train.schedule: 'linear' is not one of cosine, step, constant"),
+    ("det.train.schedule=linear", "det.train.schedule: 'linear' is not one of cosine, step, poly, constant"),
 ])
 def test_enum_like_keys_are_checked_at_load(override, message):
     """A misspelt choice is refused when the config is read, with the valid values (before: e.g.

@@ -20,8 +20,10 @@ def test_lr_factor_warmup_cosine_step():
     assert f(100) == pytest.approx(0.0, abs=1e-12)
     s = LRFactor(90, 0, "step")
     assert [s(0), s(59), s(60), s(80)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    p = LRFactor(10, 0, "poly")  # IRN / CLIMS PolyOptimizer: (1 - t / T) ** 0.9
+    assert [p(0), p(5), p(10)] == pytest.approx([1.0, 0.5**0.9, 0.0])
     with pytest.raises(DistillError, match="train.schedule"):
-        LRFactor(10, 0, "poly")
+        LRFactor(10, 0, "linear")
 
 
 def test_warmup_cosine():
