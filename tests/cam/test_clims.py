@@ -163,3 +163,22 @@ def test_clims_ablation_rows(tmp_path, teacher):
     a = torch.load(out / "clims_otm_btm_cbs.pth", weights_only=True)["model"]["classifier.weight"]
     b = torch.load(out / "clims.pth", weights_only=True)["model"]["classifier.weight"]
     assert not torch.equal(a, b)
+
+
+def test_voc_clims_config_is_the_references(tmp_path, teacher):
+    """configs/voc/clims.yaml: ResNet-50, the reference's schedule and weights, its class texts
+    ('player' for person) and its ten background words, each read as 'a photo of {}.'."""
+    from distill.cam.clims import clims_text
+    from distill.config import load_config
+    from distill.vocab import resolve_vocab
+
+    cfg = load_config(REPO / "configs/voc/clims.yaml", [f"work_dir={tmp_path}"])
+    c = cfg.clims
+    assert (cfg.cam.method, c.backbone, c.image_size, c.baseline_epochs, c.epochs, c.lr, c.baseline_lr) == ("clims", "resnet50", 512, 5, 15, 0.00025, 0.1)
+    assert (c.otm_weight, c.btm_weight, c.cbs_weight, c.reg_weight, c.cbs_thresh) == (10, 24, 1, 0.2, 0.26)
+    vocab = resolve_vocab(cfg.data)
+    assert len(vocab) == 20 and vocab.prompts[vocab.names.index("person")] == ("player",)
+    text, bg = clims_text(teacher, cfg, vocab)
+    assert text.shape == (20, 16) and bg.shape == (10, 16)
+    want = teacher.encode_text(["a photo of player."])[0]
+    assert torch.allclose(text[vocab.names.index("person")], want, atol=1e-5)
