@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -62,8 +61,12 @@ def _regions(device: str, repeats: int, images: int, proposals: int) -> dict:
 
 
 def _steps(device: str, repeats: int) -> dict:
-    sys.path.insert(0, str(HERE))  # bench/vild_step.py's batch
-    from vild_step import _batch
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_vild_step", HERE / "vild_step.py")  # its batch
+    vild_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vild_step)
+    _batch = vild_step._batch
 
     from distill.config import load_config
     from distill.detection.build import build_vild_detector
