@@ -124,14 +124,12 @@ def text_embeddings(
 
     if len(vocab) == 0:
         raise DistillError("vocabulary: empty (expected at least one class)")
-    from distill.teacher.prompt_learning import is_prompt_file, learned_text_embeddings, prompt_file_key
+    from distill.teacher.prompt_learning import is_prompt_file, learned_text_embeddings, load_prompts, prompt_file_key
 
-    learned = str(templates).strip() if is_prompt_file(templates) else None
-    if learned:
-        from distill.teacher.prompt_learning import load_prompts
-
-        load_prompts(learned, teacher)  # another teacher's file: one line, before any cache is read
-        key = cache_key(teacher, vocab, [prompt_file_key(learned)])
+    learned = None
+    if is_prompt_file(templates):
+        learned = load_prompts(str(templates).strip(), teacher)  # another teacher's file: one line, before any cache is read
+        key = cache_key(teacher, vocab, [prompt_file_key(learned.path)])
     else:
         templates = load_templates(templates)
         key = cache_key(teacher, vocab, templates)
@@ -145,7 +143,7 @@ def text_embeddings(
                 emb = None
             if emb is not None and emb.shape == (len(vocab), teacher.embed_dim):
                 return emb.float().to(teacher.device)
-    emb = learned_text_embeddings(teacher, vocab, learned) if learned else encode_class_prompts(teacher, vocab.prompts, templates)
+    emb = learned_text_embeddings(teacher, vocab, learned) if learned is not None else encode_class_prompts(teacher, vocab.prompts, templates)
     if path is not None:
         meta = {k: str(v) for k, v in key.items()}
         meta["names"] = "|".join(vocab.names)
