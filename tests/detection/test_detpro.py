@@ -9,6 +9,7 @@ import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,44 @@ def test_bad_prompt_settings_and_files_are_one_line_exit_2(tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and msg in lines[0], (args, r.stderr)
         assert set(tmp_path.rglob("*")) == before, args  # nothing written
+
+
+def test_prompt_file_through_embed_text_and_label(tmp_path):
+    """A user's path: prompts learned for this teacher embed any vocabulary through
+    `distill teacher embed-text --templates` and label photos through `distill label --templates`."""
+    import sys
+
+    from PIL import Image
+    from reliability._fixtures import env, make_teacher_dir, teacher_overrides
+
+    from distill.config import load_config
+    from distill.teacher.clip import build_teacher
+    from distill.teacher.prompt_learning import LearnedPrompts, learned_text_embeddings, save_prompts
+    from distill.vocab import Vocabulary
+
+    exe = str(Path(sys.executable).with_name("distill"))
+    # without teacher_overrides' `teacher.templates=`: an override after --templates would win over it
+    over = [o for o in teacher_overrides(make_teacher_dir(tmp_path / "teacher")) if not o.startswith("teacher.templates")]
+    cfg = str(REPO / "configs/shapes/teacher.yaml")
+    teacher = build_teacher(load_config(cfg, over).teacher)
+    ctx = torch.randn(2, 4, teacher.model.token_embedding.weight.shape[1], generator=torch.Generator().manual_seed(0)) * 0.02
+    save_prompts(tmp_path / "p.safetensors", LearnedPrompts(ctx, teacher.fingerprint, [[0.5, 0.7], [0.7, 1.1]]))
+    r = subprocess.run([exe, "teacher", "embed-text", cfg, *over, "--vocab", "cat, dog", "--out", "emb", "--templates", "p.safetensors"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    (f,) = list((tmp_path / "emb").glob("*.safetensors"))
+    want = learned_text_embeddings(teacher, Vocabulary(("cat", "dog")), tmp_path / "p.safetensors")
+    assert torch.allclose(load_file(str(f))["embeddings"], want, atol=1e-6)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
+    r = subprocess.run([exe, "label", "--images", "imgs", "--vocab", "cat, dog", "--model", "teacher", "--out", "lab",
+                        "--templates", "p.safetensors", "--proposals", "windows", *over], cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "lab" / "labels.json").is_file()
+    # the label command really reads the file: another teacher's prompts are refused there too
+    save_prompts(tmp_path / "other.safetensors", LearnedPrompts(ctx, "0123456789abcdef"))
+    r = subprocess.run([exe, "label", "--images", "imgs", "--vocab", "cat, dog", "--model", "teacher", "--out", "lab2",
+                        "--templates", "other.safetensors", "--proposals", "windows", *over], cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 2 and "learned on teacher 0123456789ab" in r.stderr and not (tmp_path / "lab2").exists(), r.stderr
