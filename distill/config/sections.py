@@ -166,6 +166,9 @@ class PromptsConfig:
     lr: float = 0.002
     temperature: float = 0.01  # prompt/config.py
     init_std: float = 0.02  # context init N(0, 0.02) (coop_mini.py)
+    # "" = that random init (DetPro's run.py); else words whose token embeddings start the context
+    # (CoOp's ctx_init, e.g. "a photo of a"): the context length is then their token count
+    ctx_init: str = ""
     seed: int = 0
     out: str = "{work_dir}/prompts/detpro.safetensors"
 

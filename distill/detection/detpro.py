@@ -144,14 +144,16 @@ class PromptLearner(torch.nn.Module):
     """One learnable context (n_ctx, width) in front of every base class name; ``forward(feats,
     labels)`` returns DetPro's losses. The teacher stays outside the module's parameters and state."""
 
-    def __init__(self, teacher, prompts, n_ctx: int, weight: torch.Tensor, temperature: float, init_std: float, seed: int) -> None:
+    def __init__(self, teacher, prompts, n_ctx: int, weight: torch.Tensor, temperature: float, init_std: float, seed: int,
+                 init: torch.Tensor | None = None) -> None:
         super().__init__()
         from distill.teacher.prompt_learning import check_text_tower, prompt_tokens
 
         check_text_tower(teacher)
         width = teacher.model.token_embedding.weight.shape[1]
         g = torch.Generator().manual_seed(seed)
-        self.ctx = torch.nn.Parameter(torch.randn(n_ctx, width, generator=g) * init_std)
+        start = init.detach().clone().float() if init is not None else torch.randn(n_ctx, width, generator=g) * init_std
+        self.ctx = torch.nn.Parameter(start)
         self._teacher = (teacher,)  # a tuple: not a submodule (frozen, not checkpointed)
         self.prompts = [list(p) for p in prompts]
         prompt_tokens(teacher, [n for p in prompts for n in p], n_ctx)  # a name too long: one line now
@@ -167,6 +169,18 @@ class PromptLearner(torch.nn.Module):
         emb = self.class_embeddings()
         logits = F.normalize(feats.float(), dim=-1) @ emb.t() / self.temperature
         return detpro_loss(logits, labels, self.weight)
+
+
+def context_init(teacher, words: str) -> torch.Tensor:
+    """(n, width) token embeddings of ``words`` (start-of-text and end-of-text left out): CoOp's
+    ``ctx_init`` (coop_mini.py ``PromptLearner``'s non-random branch, DetPro's ``ctx_init``), the
+    context starting as that hand-written prefix; its length is the words' token count."""
+    tok = teacher.tokenize([words])[0]
+    n = int(tok.argmax()) - 1
+    if n < 1:
+        raise DistillError(f"prompts.ctx_init: {words!r} has no tokens")
+    with torch.no_grad():
+        return teacher.model.token_embedding(tok[1 : 1 + n].to(teacher.device)).float().cpu()
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -195,6 +209,8 @@ def train_prompts(cfg: Config, teacher=None, progress: bool = True) -> dict:
     cache, _ = embed_training_regions(cfg, teacher)  # the regions stage's cache (embeds only what it lacks)
     feats, labels, ious = region_training_set(cfg, cache, proposals, base_ground_truth(cfg.data.train_json, vocab))
     groups, neg = group_split(labels, ious, pcfg, pcfg.seed)
+    init = context_init(teacher, pcfg.ctx_init) if pcfg.ctx_init else None
+    n_ctx = len(init) if init is not None else pcfg.ctx_len
     out = Path(pcfg.out)
     work = run_dir(out)
     contexts, kept, counts = [], [], []
@@ -208,7 +224,7 @@ def train_prompts(cfg: Config, teacher=None, progress: bool = True) -> dict:
         idx = torch.cat([pos, neg])
         y = torch.cat([labels[pos], torch.full((len(neg),), -1, dtype=torch.long)])
         weight = class_weights(labels[pos], len(base), len(neg))
-        model = PromptLearner(teacher, base.prompts, pcfg.ctx_len, weight, pcfg.temperature, pcfg.init_std, pcfg.seed + gi).to(teacher.device)
+        model = PromptLearner(teacher, base.prompts, n_ctx, weight, pcfg.temperature, pcfg.init_std, pcfg.seed + gi, init=init).to(teacher.device)
         bs = min(pcfg.batch_size, len(idx))
         steps = max(1, pcfg.epochs * (len(idx) // bs))
         # run.py: SGD (no momentum, no weight decay), lr 2e-3, cosine over the epochs
@@ -223,13 +239,13 @@ def train_prompts(cfg: Config, teacher=None, progress: bool = True) -> dict:
         raise DistillError(f"prompts.iou_edges: no IoU group has positive proposals ({len(labels)} proposals, {int((labels >= 0).sum())} overlap base ground truth)")
     lp = LearnedPrompts(torch.stack(contexts), teacher.fingerprint, kept, counts, list(base.names))
     save_prompts(out, lp)
-    lp = load_prompts(out, teacher, pcfg.ctx_len)
+    lp = load_prompts(out, teacher, n_ctx)
     # the class embeddings the prompts make for the run's vocabulary (base and novel), in the text cache
     from distill.teacher.text import text_embeddings
 
     text_dir = Path(cfg.work_dir) / "embeddings" / "text"
     text_embeddings(teacher, vocab, str(out), cache_dir=text_dir)
-    metrics = {"prompts/file": str(out), "prompts/embeddings": str(text_dir), "prompts/ctx_len": pcfg.ctx_len, "prompts/groups": counts,
+    metrics = {"prompts/file": str(out), "prompts/embeddings": str(text_dir), "prompts/ctx_len": n_ctx, "prompts/ctx_init": pcfg.ctx_init, "prompts/groups": counts,
                "prompts/proposals": int(len(labels)), **zero_shot_crops(cfg, teacher, vocab, lp),
                "prompts/wall_s": round(time.time() - t0, 1)}
     write_json(out.with_name(out.stem + "_metrics.json"), metrics)

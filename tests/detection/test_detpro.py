@@ -139,6 +139,30 @@ def test_train_prompts_end_to_end(tiny_run):
     assert emb.shape == (2, teacher.embed_dim) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def test_context_initialised_from_words_starts_as_that_template(tiny_run):
+    """prompts.ctx_init (CoOp's ctx_init): with lr 0 the learned prompts stay the words' token
+    embeddings, so the class embeddings are encode_text("a photo of a {name}.")."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from distill.detection.detpro import train_prompts
+    from distill.teacher.prompt_learning import load_prompts
+    from distill.teacher.text import text_embeddings
+    from distill.vocab import Vocabulary
+
+    cfg, teacher = tiny_run
+    c = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, ctx_init="a photo of a", lr=0.0, epochs=1,
+                                                              out=str(Path(cfg.work_dir) / "init.safetensors")))
+    m = train_prompts(c, teacher=teacher, progress=False)
+    assert m["prompts/ctx_len"] == 4
+    lp = load_prompts(c.prompts.out, teacher, ctx_len=4)
+    vocab = Vocabulary(("red star", "blue circle"))
+    got = text_embeddings(teacher, vocab, c.prompts.out)
+    want = F.normalize(teacher.encode_text(["a photo of a red star.", "a photo of a blue circle."]), dim=-1)
+    assert lp.context.shape[0] == 2 and (got - want).abs().max() < 1e-5  # two learned groups, both the template
+
+
 def test_no_group_with_positives_is_one_line(tiny_run):
     import dataclasses
 
