@@ -44,11 +44,27 @@ if len(args.runs) > 1:
     for label, _ in ROWS:
         print(f"| mean of {len(args.runs)} | {label} | " + " | ".join(f(sum(sums[(label, k)]) / len(sums[(label, k)]) if sums.get((label, k)) else None) for k in COLS) + " |")
 print()
-print("| run | teacher GT-crop top-1, val | base | novel |\n|---|---|---|---|")
+print("| run | prompts (file) | steps (group 0) | context init | GT-crop top-1 base, val | novel | group 0 loss_fg / loss_bg, first -> last logged step |")
+print("|---|---|---|---|---|---|---|")
+import glob  # noqa: E402
+
+
+def losses(path):
+    rows = [json.loads(ln) for ln in open(path)] if os.path.isfile(path) else []
+    return f"{rows[0]['loss_fg']:.2f} / {rows[0]['loss_bg']:.2f} -> {rows[-1]['loss_fg']:.2f} / {rows[-1]['loss_bg']:.2f}" if rows else "n/a"
+
+
 for run in args.runs:
-    m = j(f"{run}/prompts/detpro_metrics.json")
-    for label, key in (("hand-written templates", "templates"), ("learned prompts (base classes only)", "learned")):
-        print(f"| {os.path.basename(os.path.normpath(run))} | {label} | {f(v(m, f'prompts/top1_{key}_base'))} | {f(v(m, f'prompts/top1_{key}_novel'))} |")
+    name = os.path.basename(os.path.normpath(run))
+    files = sorted(glob.glob(f"{run}/prompts/*_metrics.json"))
+    first = j(files[0]) if files else None
+    print(f"| {name} | hand-written templates (teacher.templates) | | | {f(v(first, 'prompts/top1_templates_base'))} | {f(v(first, 'prompts/top1_templates_novel'))} | |")
+    for path in files:
+        m = j(path)
+        stem = os.path.basename(m["prompts/file"]).replace(".safetensors", "")
+        steps0 = (m.get("prompts/groups") or [{}])[0].get("steps")
+        print(f"| {name} | {stem}.safetensors | {steps0} | {m.get('prompts/ctx_init') or 'random N(0, 0.02)'} | "
+              f"{f(v(m, 'prompts/top1_learned_base'))} | {f(v(m, 'prompts/top1_learned_novel'))} | {losses(f'{run}/prompts/{stem}_train/group0/metrics.jsonl')} |")
 print()
 print("| run | IoU group | positives | negatives | final loss |\n|---|---|---|---|---|")
 for run in args.runs:
