@@ -200,14 +200,7 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
             evals[row].process(cams_to_mask(cams, ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power)[0], gt)
             if row == "clims" and has_crf:
                 evals["clims_crf"].process(cams_to_mask(cams, ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power, image=im, crf=True)[0], gt)
-    rows = []
-    for r in CLIMS_ROWS:
-        if r not in evals:
-            rows.append({"step": r, "miou": None, "note": "n/a (pydensecrf2 not installed)"})
-            continue
-        m = evals[r].evaluate()
-        rows.append({"step": r, "miou": float(m["miou/all"]), "miou_base": float(m["miou/base"]), "miou_novel": float(m["miou/novel"]),
-                     "pixel_acc": float(m["pixel_acc"])})
+    rows = _rows(CLIMS_ROWS, evals, {}, 0, c.conf_thresh)  # CRF without pydensecrf2: n/a, as CLIP-ES's rows
     md = table(["step", "mIoU", "base", "novel"], [[CLIMS_NAMES[r["step"]]] + (["n/a"] * 3 if r["miou"] is None else
                                                    [f"{100 * r[k]:.1f}" for k in ("miou", "miou_base", "miou_novel")]) for r in rows])
     metrics = {"split": split, "images": len(entries), "rows": rows, "table": md, "trained": trained,
