@@ -18,7 +18,10 @@ the whole vocabulary):
 - ``oadp_oake``, ``oadp_global``, ``oadp_block``, ``oadp``: the ``vild`` row with OADP's parts
   (Wang et al. CVPR 2023): region embeddings by object-aware extraction (``regions.mode=oake``),
   + global distillation (``det.global_weight`` 0.5), + block distillation (``det.block_weight``
-  128, ``det.block_relation_weight`` 8), and all three.
+  128, ``det.block_relation_weight`` 8), and all three;
+- ``one_stage_text`` / ``one_stage``: the one-stage student (``det.arch=fcos``, ZSD-YOLO's method,
+  detection/one_stage.py) with the text loss alone, and with image distillation on the base boxes
+  and ZSD-YOLO's self-labels (:data:`ONE_STAGE_SELF_LABELS`).
 
 :func:`run_ablation` writes ``det/ablation/metrics.json`` and ``det/ablation/ablation.md``.
 """
@@ -34,8 +37,12 @@ from distill.files import write_json, write_text
 from distill.report.tables import table
 
 VARIANTS = ("supervised", "vild_text", "vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "oracle", "detpro", "detpro_ensemble",
-            "oadp_oake", "oadp_global", "oadp_block", "oadp")
-DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "detpro", "detpro_ensemble", "oadp_oake", "oadp_global", "oadp_block", "oadp")
+            "oadp_oake", "oadp_global", "oadp_block", "oadp", "one_stage_text", "one_stage")
+DISTILLED = ("vild_image", "vild", "vild_ensemble", "vild_ensemble_heads", "detpro", "detpro_ensemble", "oadp_oake", "oadp_global", "oadp_block", "oadp",
+             "one_stage")
+# the one_stage row's self-labelling (configs/shapes/one_stage.yaml): proposals per image, min RPN
+# objectness, max IoU with a base box
+ONE_STAGE_SELF_LABELS = {"self_labels": 10, "self_label_score": 0.5, "self_label_iou": 0.3}
 # OADP's weights (configs/dp/models/global_.py, block.py)
 OADP_GLOBAL = {"global_weight": 0.5}
 OADP_BLOCK = {"block_weight": 128.0, "block_relation_weight": 8.0}  # rows that read the region cache
@@ -54,6 +61,8 @@ LABELS = {
     "oadp_global": "ViLD + global distillation",
     "oadp_block": "ViLD + block distillation",
     "oadp": "OADP (OAKE + global + block)",
+    "one_stage_text": "one-stage (text only)",
+    "one_stage": "one-stage + distillation (ZSD-YOLO)",
 }
 
 
@@ -79,6 +88,10 @@ def _variant_cfg(cfg: Config, v: str) -> Config:
         from distill.detection.detpro import with_prompts
 
         return with_det(with_prompts(cfg), name="ablation_detpro", use_text=True, use_image=True, inference="text")
+    if v in ("one_stage_text", "one_stage"):
+        distilled = v == "one_stage"
+        return with_det(cfg, name=name, arch="fcos", inference="text", use_text=True, use_image=distilled, masks=False, image_head="shared",
+                        global_weight=0.0, block_weight=0.0, block_relation_weight=0.0, **(ONE_STAGE_SELF_LABELS if distilled else {"self_labels": 0}))
     if v == "vild_ensemble_heads":
         return with_det(cfg, name=name, use_text=True, use_image=True, image_head="separate", inference="ensemble_heads")
     if v == "oracle":

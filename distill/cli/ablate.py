@@ -41,7 +41,7 @@ def _seeds(text: str) -> tuple[int, ...] | None:
 def vild_cmd(
     config: Annotated[str, typer.Argument(help="A detector config (default: configs/shapes/vild_ablation.yaml, 600 steps a row).")] = "",
     overrides: Overrides = None,
-    variants: Annotated[str, typer.Option(help="Comma-separated rows: supervised, vild_text, vild_image, vild, vild_ensemble, vild_ensemble_heads, oracle, detpro, detpro_ensemble, oadp_oake, oadp_global, oadp_block, oadp.")] = "",
+    variants: Annotated[str, typer.Option(help="Comma-separated rows: supervised, vild_text, vild_image, vild, vild_ensemble, vild_ensemble_heads, oracle, detpro, detpro_ensemble, oadp_oake, oadp_global, oadp_block, oadp, one_stage_text, one_stage.")] = "",
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds (default: det.train.seed); the table is their mean.")] = "",
     reuse: Annotated[bool, typer.Option(help="Read rows already trained in this work dir with the same settings.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = False,

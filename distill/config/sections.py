@@ -249,6 +249,20 @@ class DetConfig:
     """The ViLD student (detection/)."""
 
     name: str = "vild"
+    # faster_rcnn = the ViLD student (two-stage); fcos = the one-stage student in the manner of
+    # ZSD-YOLO on torchvision's FCOS (detection/one_stage.py): embedding per location, objectness
+    # for background, text + image losses on the locations FCOS assigns to a box; scores with its
+    # own embedding only (det.inference: text)
+    arch: Literal["faster_rcnn", "fcos"] = "faster_rcnn"
+    # fcos, ZSD-YOLO's self-labelling: per image at most self_labels proposals of the class-agnostic
+    # RPN (distill propose) with objectness >= self_label_score and IoU < self_label_iou with every
+    # base box become class-less targets (objectness, box and image losses; needs use_image)
+    # fcos: conv layers of each tower before the prediction convs (FCOS: 4, with GroupNorm;
+    # ZSD-YOLO's head, YOLOv5's Detect: none, one 1x1 prediction conv a level)
+    head_convs: int = 4
+    self_labels: int = 0
+    self_label_score: float = 0.5
+    self_label_iou: float = 0.3
     backbone: Literal["resnet18_fpn", "resnet34_fpn", "resnet50_fpn", "resnet101_fpn", "mobilenet_v3_large_fpn"] = "resnet18_fpn"
     pretrained_backbone: str = ""  # local path to backbone weights; empty = random init
     # with pretrained_backbone: true = torchvision's recipe for ImageNet weights (frozen BatchNorm,
@@ -324,6 +338,14 @@ class DetConfig:
         for key in ("global_weight", "block_weight", "block_relation_weight"):
             if getattr(self, key) < 0:
                 raise DistillError(f"det.{key}: expected >= 0 (0 = off), got {getattr(self, key)}")
+        if self.arch == "fcos" and self.inference != "text":
+            raise DistillError(f"det.inference: the one-stage student (det.arch=fcos) scores with its own embedding only; expected text, got {self.inference}")
+        if self.arch == "fcos" and (self.masks or self.image_head != "shared" or self.global_weight or self.block_weight or self.block_relation_weight):
+            raise DistillError("det.arch=fcos: masks, image_head=separate and OADP's pyramid are two-stage (ViLD) options; leave them at their defaults")
+        if self.head_convs < 0:
+            raise DistillError(f"det.head_convs: expected >= 0, got {self.head_convs}")
+        if self.self_labels < 0 or not 0 <= self.self_label_score <= 1 or not 0 < self.self_label_iou <= 1:
+            raise DistillError(f"det.self_labels / self_label_score / self_label_iou: expected >= 0, [0, 1], (0, 1], got {self.self_labels}, {self.self_label_score}, {self.self_label_iou}")
         if self.augment == "lsj" and self.min_size != self.max_size:
             raise DistillError(f"det.augment: lsj needs det.min_size == det.max_size (the canvas side, kept as is by the detector), got {self.min_size} and {self.max_size}")
         if len(self.lsj_scale) != 2 or not 0 < self.lsj_scale[0] <= self.lsj_scale[1]:

@@ -16,7 +16,8 @@ Recipes (``det.augment``; :func:`detection_train_transform` builds one from its 
 
 Detection, ``f(image, target) -> (image, target)``, numpy in and out: ``image (H, W, 3) uint8``;
 ``target = {"boxes": (N, 4) float32 XYXY absolute pixels, "labels": (N,) int64,
-"masks"?: (N, H, W) uint8, "proposals"?: (M, 4) float32 XYXY, "proposal_embeddings"?: (M, D)}``;
+"masks"?: (N, H, W) uint8, "box_embeddings"?: (N, D), "proposals"?: (M, 4) float32 XYXY,
+"proposal_embeddings"?: (M, D)}``;
 other keys pass through. Boxes are clipped to the new image; objects (and proposals) with less
 than 1 px^2 left are dropped with their labels, masks and embeddings; with masks, boxes are the
 masks' tight boxes and objects whose mask left the image are dropped.
@@ -107,11 +108,15 @@ class DetectionTrainTransform(_Augment):
         gt = idx < n
         out = dict(target)
         out["boxes"], out["labels"] = out_boxes[gt], labels[idx[gt]]
+        if "box_embeddings" in target:  # one per GT box (the one-stage student's teacher targets)
+            out["box_embeddings"] = np.asarray(target["box_embeddings"])[idx[gt]]
         h, w = r["image"].shape[:2]
         if has_masks:
             masks = np.asarray(r["masks"], np.uint8)[idx[gt]] if n else np.zeros((0, h, w), np.uint8)
             nonempty = masks.any(axis=(1, 2))
             masks, out["labels"] = masks[nonempty], out["labels"][nonempty]
+            if "box_embeddings" in out:
+                out["box_embeddings"] = out["box_embeddings"][nonempty]
             out["boxes"] = masks_to_boxes(masks)
             out["masks"] = masks
         m = len(props)

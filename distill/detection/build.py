@@ -3,7 +3,9 @@
 - :func:`build_backbone` - a torchvision FPN backbone by name, random init unless a local
   weights file is given;
 - :func:`build_vild_detector` - the ViLD student (:class:`ViLDDetector`);
-- :func:`load_detector` - a trained ViLD student from its ``model_final.pt``;
+- :func:`build_detector` - the student of ``det.arch`` (ViLD, or the one-stage student of
+  :mod:`distill.detection.one_stage`);
+- :func:`load_detector` - a trained student from its ``model_final.pt``;
 - :func:`train_transform` - the training augmentation of a ``det`` section (detector and
   proposal network);
 - :func:`build_plain_detector` - a plain torchvision Faster R-CNN with the same backbone and
@@ -399,6 +401,27 @@ def build_vild_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.T
     return model
 
 
+def build_detector(det: DetConfig, embed_dim: int, text_embeddings: torch.Tensor | None = None, novel=None, teacher=None, region_mode: str = "crop",
+                   load_weights: bool = True):
+    """The open-vocabulary student of ``det.arch``: the ViLD student (:func:`build_vild_detector`)
+    or the one-stage student (:func:`distill.detection.one_stage.build_one_stage_detector`)."""
+    if det.arch == "fcos":
+        from distill.detection.one_stage import build_one_stage_detector
+
+        return build_one_stage_detector(det, embed_dim, text_embeddings, novel, load_weights=load_weights)
+    return build_vild_detector(det, embed_dim, text_embeddings, novel, teacher=teacher, region_mode=region_mode, load_weights=load_weights)
+
+
+def check_arch(state: dict, det: DetConfig, where: str) -> None:
+    """A one-line error when the state dict ``state`` is the other student's than ``det.arch``."""
+    from distill.detection.one_stage import is_one_stage_state
+
+    one_stage = is_one_stage_state(state)
+    if one_stage != (det.arch == "fcos"):
+        found = "a one-stage (det.arch=fcos)" if one_stage else "a ViLD (det.arch=faster_rcnn)"
+        raise DistillError(f"{where}: {found} checkpoint, but det.arch is {det.arch}; set det.arch to the checkpoint's")
+
+
 def load_detector(path: str | Path, det: DetConfig, teacher, region_mode: str = "crop") -> tuple[ViLDDetector, dict]:
     """The trained ViLD student saved at ``path`` (the ``model_final.pt`` of ``distill train det``
     or a training checkpoint, read through :mod:`distill.engine.checkpoint`), built from the
@@ -411,7 +434,8 @@ def load_detector(path: str | Path, det: DetConfig, teacher, region_mode: str = 
     from distill.engine import checkpoint
 
     state = checkpoint.read(path)
-    model = build_vild_detector(det, teacher.embed_dim, None, teacher=teacher, region_mode=region_mode, load_weights=False)
+    check_arch(state["model"], det, str(path))
+    model = build_detector(det, teacher.embed_dim, None, teacher=teacher, region_mode=region_mode, load_weights=False)
     checkpoint.load_model_state(model, state["model"], str(path))
     return model.eval(), state.get("meta") or {}
 

@@ -56,7 +56,8 @@ class DetTrainSet(torch.utils.data.Dataset):
     augmented by ``transforms`` (:mod:`distill.data.transforms`, on numpy; the proposals move
     with the image and keep their embeddings). ``base`` must have no transforms of its own."""
 
-    def __init__(self, base, label_map: dict[int, int], proposals: dict | None = None, cache=None, num: int = 0, transforms=None, pyramid=None):
+    def __init__(self, base, label_map: dict[int, int], proposals: dict | None = None, cache=None, num: int = 0, transforms=None, pyramid=None,
+                 box_cache=None, self_labels: tuple[int, float, float] | None = None):
         if getattr(base, "transforms", None) is not None:
             raise DistillError("DetTrainSet: give the augmentation to DetTrainSet, not to its CocoDetection (the proposals must move with the image)")
         self.base = base
@@ -69,22 +70,50 @@ class DetTrainSet(torch.utils.data.Dataset):
         self.cache = cache
         self.num = num
         self.pyramid = pyramid  # OADP: {image_id -> (blocks (K, 4), teacher embeddings (K, D))} (teacher/pyramid.py)
+        # the one-stage student: the teacher's embeddings of each image's GT boxes (box_cache) and
+        # ZSD-YOLO's self-labels (k, min objectness, max IoU) drawn from the cached proposals
+        self.box_cache = box_cache
+        self.self_labels = self_labels
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def _add_self_labels(self, iid: int, t: dict) -> None:
+        from distill.detection.one_stage import select_self_labels
+
+        boxes, scores = self.proposals.get(iid, (torch.zeros(0, 4), torch.zeros(0)))
+        boxes, scores = boxes[: self.num].float(), scores[: self.num].float()
+        emb = self.cache.get(iid).float()
+        if emb.shape[0] != boxes.shape[0]:
+            raise DistillError(f"region cache: image {iid} has {emb.shape[0]} embeddings for {boxes.shape[0]} proposals (stale cache?)")
+        k, min_score, max_iou = self.self_labels
+        scores = torch.where(emb.norm(dim=1) > 0, scores, torch.full_like(scores, -1.0))  # boxes the teacher skipped
+        idx = select_self_labels(boxes, scores, torch.as_tensor(t["boxes"]).reshape(-1, 4), min_score, max_iou, k).numpy()
+        t["boxes"] = np.concatenate([np.asarray(t["boxes"], np.float32).reshape(-1, 4), boxes[idx].numpy()])
+        t["labels"] = np.concatenate([t["labels"], np.full(len(idx), -1, np.int64)])
+        t["box_embeddings"] = np.concatenate([t["box_embeddings"].reshape(-1, emb.shape[1]), emb[idx].numpy()]).astype(np.float32)
+
     def __getitem__(self, i: int):
         from distill.data.coco import to_tensors
 
         img, t = self.base.raw(i)
+        iid = int(t["image_id"])
+        if self.box_cache is not None:
+            gt_emb = self.box_cache.get(iid).float().numpy()
+            if gt_emb.shape[0] != len(t["boxes"]):
+                raise DistillError(f"box cache: image {iid} has {gt_emb.shape[0]} embeddings for {len(t['boxes'])} boxes (stale cache?)")
         lab = self.lut.numpy()[np.minimum(t["labels"], len(self.lut) - 1)]
         keep = lab >= 0
         self.dropped += int((~keep).sum())
         t["boxes"], t["labels"] = t["boxes"][keep], lab[keep]
         if "masks" in t:
             t["masks"] = t["masks"][keep]
-        if self.cache is not None:
+        if self.box_cache is not None:
+            t["box_embeddings"] = gt_emb[keep]
+            if self.self_labels is not None and self.cache is not None:
+                self._add_self_labels(iid, t)
+        elif self.cache is not None:
             iid = int(t["image_id"])
             boxes = self.proposals.get(iid, (torch.zeros(0, 4), None))[0][: self.num]
             emb = self.cache.get(iid).float()
@@ -196,7 +225,7 @@ def make_eval_fn(cfg: Config, vocab, text_all: torch.Tensor, out_dir: Path, infe
     novel = torch.tensor(vocab.is_novel)
 
     def eval_fn(model) -> dict:
-        heads = getattr(model, "roi_heads", None)
+        heads = getattr(model, "roi_heads", None) or getattr(model, "head", None)  # ViLD's | the one-stage student's
         saved = None
         if heads is not None and hasattr(heads, "text_embeddings"):
             saved = (heads.text_embeddings.clone(), heads.novel_mask.clone(), heads.inference)
@@ -259,6 +288,30 @@ def pyramid_targets(cfg: Config, teacher, dataset) -> _PyramidLookup:
     return _PyramidLookup(cache, sizes, teacher.image_size)
 
 
+def gt_box_embeddings(cfg: Config, teacher, dataset, json_path: str):
+    """The teacher's embeddings (``regions.mode`` crops) of every ground-truth box of ``dataset``
+    (in its annotation order), computed once into a cache keyed like the region cache on the
+    annotation file's digest (``embeddings/boxes/<key>``); returned as that cache."""
+    from distill.detection.proposals import region_cache_key
+    from distill.files import sha256_file, sha256_json
+    from distill.teacher.cache import EmbeddingCache
+    from distill.teacher.regions import embed_regions_sharded
+
+    key = region_cache_key(teacher, "gt:" + sha256_file(json_path), 0, cfg.regions.mode, cfg.regions.scales)
+    root = Path(cfg.work_dir) / "embeddings" / "boxes" / sha256_json(key)[:16]
+    cache = EmbeddingCache(root, key, dtype=cfg.teacher.cache_dtype, shard_size=max(1, cfg.regions.shard_size))
+    position = {int(iid): i for i, iid in enumerate(dataset.image_ids)}
+    if cache.missing(position) or not cache.complete:
+
+        def load(iid: int):
+            img, t = dataset.raw(position[iid])
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+            return x, torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+
+        embed_regions_sharded(teacher, list(position), load, cache, mode=cfg.regions.mode, scales=cfg.regions.scales)
+    return cache
+
+
 def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
     """Datasets of ``data.train_json`` (+ ``data.extra``), labels in the training vocabulary,
     augmented by ``det.augment``."""
@@ -272,20 +325,25 @@ def build_training_set(cfg: Config, vocab, teacher, train_idx: list[int]):
     sets = []
     for j in jsons:
         base = CocoDetection(j, cfg.data.image_root, vocab, masks=det.masks, skip_unknown=True)
-        proposals = cache = None
-        if det.use_image:
+        proposals = cache = box_cache = None
+        one_stage = det.arch == "fcos"
+        if det.use_image and (not one_stage or det.self_labels > 0):
             proposals, phash = load_proposals(proposals_dir(cfg) / "proposals_train.safetensors")
             cache = embed_proposals(cfg, teacher, proposals, phash, base)
+        if one_stage and det.use_image:
+            box_cache = gt_box_embeddings(cfg, teacher, base, j)
         pyramid = pyramid_targets(cfg, teacher, base) if (det.global_weight > 0 or det.block_weight > 0 or det.block_relation_weight > 0) else None
-        sets.append(DetTrainSet(base, label_map, proposals, cache, det.num_image_distill, transforms=train_transform(det), pyramid=pyramid))
+        self_labels = (det.self_labels, det.self_label_score, det.self_label_iou) if one_stage and det.self_labels > 0 else None
+        sets.append(DetTrainSet(base, label_map, proposals, cache, det.num_image_distill, transforms=train_transform(det), pyramid=pyramid,
+                                box_cache=box_cache, self_labels=self_labels))
     return _concat(sets)
 
 
 def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False, progress: bool = True, teacher=None) -> dict:
     """Train (unless ``eval_only``) and evaluate the ViLD student of ``cfg.det``; returns metrics
     (``bbox/AP50_novel`` ...) also written to ``det/<name>/metrics.json``."""
-    from distill.detection.build import build_vild_detector
-    from distill.engine.checkpoint import load
+    from distill.detection.build import build_detector, check_arch
+    from distill.engine.checkpoint import load, read
     from distill.engine.hooks import BeforeTrain
     from distill.engine.train import make_loader, train
     from distill.data.coco import collate
@@ -310,10 +368,11 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
     # data.extra (pseudo-labels, labels/selftrain.py) may carry novel classes: train on every class then.
     train_idx = list(range(len(vocab))) if det.train_on_all or cfg.data.extra else vocab.base_indices
     # evaluation loads a trained checkpoint: the pretrained backbone file is not needed then
-    model = build_vild_detector(det, teacher.embed_dim, text_all[train_idx].cpu(), teacher=teacher, region_mode=cfg.regions.mode, load_weights=not eval_only)
+    model = build_detector(det, teacher.embed_dim, text_all[train_idx].cpu(), teacher=teacher, region_mode=cfg.regions.mode, load_weights=not eval_only)
     eval_fn = make_eval_fn(cfg, vocab, text_all.cpu(), out)
     if eval_only:
         weights = Path(det.checkpoint) if det.checkpoint else out / "model_final.pt"
+        check_arch(read(weights)["model"], det, str(weights))
         load(weights, model)
         save_config(cfg, out / "config.yaml")
         model.to(next(iter(teacher.model.parameters())).device)

@@ -45,6 +45,26 @@ TEACHER_MODES = ("image", "ensemble")  # inference modes that crop the teacher a
 IMAGE_HEADS = ("shared", "separate")
 
 
+def check_vocabulary(text_emb: torch.Tensor, novel, names: list[str] | None, embed_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(text (C, D) L2-normalised float, novel (C,) bool)`` of a vocabulary given to a student;
+    a wrong shape, an empty vocabulary or a NaN / inf / zero embedding is a one-line error."""
+    if text_emb.ndim != 2 or text_emb.shape[1] != embed_dim:
+        raise DistillError(f"vocabulary: text embeddings of shape {tuple(text_emb.shape)}, expected (C, {embed_dim})")
+    if text_emb.shape[0] == 0:
+        raise DistillError("vocabulary: empty (expected at least one class)")
+    bad = (~torch.isfinite(text_emb)).any(dim=1) | (text_emb.norm(dim=1) == 0)
+    if bad.any():
+        idx = torch.where(bad)[0].tolist()
+        which = [names[i] for i in idx] if names else idx
+        raise DistillError(f"vocabulary: the teacher embeds classes {which} to NaN / inf / zero vectors; fix or drop them")
+    if novel is None:
+        novel = torch.zeros(text_emb.shape[0], dtype=torch.bool)
+    novel = torch.as_tensor(novel, dtype=torch.bool)
+    if novel.shape != (text_emb.shape[0],):
+        raise DistillError(f"vocabulary: novel mask of shape {tuple(novel.shape)} for {text_emb.shape[0]} classes")
+    return F.normalize(text_emb.detach().float(), dim=1), novel
+
+
 # --------------------------------------------------------------------------------- the head
 class ViLDPredictor(nn.Module):
     """Region features (N, F) -> (region embeddings (N, D) L2-normalised, box deltas (N, 4)).
@@ -217,23 +237,9 @@ class ViLDRoIHeads(RoIHeads):
     def set_vocabulary(self, text_emb: torch.Tensor, novel: torch.Tensor | list[bool] | None = None, names: list[str] | None = None) -> None:
         """Use ``text_emb`` (C, D) (L2-normalised here) as the classifier; ``novel`` (C,) bool
         marks the classes that the ensemble weights towards the image branch."""
-        if text_emb.ndim != 2 or text_emb.shape[1] != self.embed_dim:
-            raise DistillError(f"vocabulary: text embeddings of shape {tuple(text_emb.shape)}, expected (C, {self.embed_dim})")
-        if text_emb.shape[0] == 0:
-            raise DistillError("vocabulary: empty (expected at least one class)")
-        bad = (~torch.isfinite(text_emb)).any(dim=1) | (text_emb.norm(dim=1) == 0)
-        if bad.any():
-            idx = torch.where(bad)[0].tolist()
-            which = [names[i] for i in idx] if names else idx
-            raise DistillError(f"vocabulary: the teacher embeds classes {which} to NaN / inf / zero vectors; fix or drop them")
+        text, novel = check_vocabulary(text_emb, novel, names, self.embed_dim)
         dev = self.box_predictor.projection.weight.device
-        self.text_embeddings = F.normalize(text_emb.detach().float(), dim=1).to(dev)
-        if novel is None:
-            novel = torch.zeros(text_emb.shape[0], dtype=torch.bool)
-        novel = torch.as_tensor(novel, dtype=torch.bool)
-        if novel.shape != (text_emb.shape[0],):
-            raise DistillError(f"vocabulary: novel mask of shape {tuple(novel.shape)} for {text_emb.shape[0]} classes")
-        self.novel_mask = novel.to(dev)
+        self.text_embeddings, self.novel_mask = text.to(dev), novel.to(dev)
 
     # ------------------------------------------------------------------------------ scores
     def text_scores(self, emb: torch.Tensor) -> torch.Tensor:

@@ -209,7 +209,8 @@ def build_source(cfg, vocab: Vocabulary, device: torch.device | None = None):
 
 
 class ViLDSource:
-    """Labels from a ViLD student (distill/detection): its per-image detections over the new
+    """Labels from a detection student (distill/detection: ViLD, or the one-stage student of
+    ``det.arch=fcos``, whichever the checkpoint holds): its per-image detections over the new
     vocabulary (``set_vocabulary``: the text embeddings are inputs, never baked into the
     checkpoint); Mask R-CNN mask probabilities (when built with masks) thresholded at 0.5."""
 
@@ -290,6 +291,8 @@ def _rpn_proposer(cfg, vocab, device):
     """Class-agnostic boxes from the RPN of the ViLD checkpoint ``cfg.label.model`` (top
     ``label.max_proposals`` per image, in input pixels; no masks)."""
     model, teacher, fp = load_vild(cfg, vocab, device)
+    if not hasattr(model, "propose"):
+        raise DistillError(f"label.proposals: rpn needs a ViLD checkpoint (a region proposal network); {cfg.label.model} is a one-stage student (det.arch=fcos): use --source vild with it")
     k = cfg.label.max_proposals
 
     def propose(img: torch.Tensor):

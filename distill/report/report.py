@@ -40,7 +40,7 @@ DET_COLS = [("AP50 novel", "bbox/AP50_novel"), ("AP50 base", "bbox/AP50_base"), 
 SEG_COLS = [("mIoU base (seen)", "miou/base"), ("mIoU novel (unseen)", "miou/novel"), ("mIoU all", "miou/all"), ("hIoU", "miou/hiou"), ("pixel acc", "pixel_acc")]
 TEACHER_KEYS = ("zeroshot/top1_1x", "zeroshot/top1_1.5x", "zeroshot/top1_ens", "zeroshot/top1_ens_base", "zeroshot/top1_ens_novel", "zeroshot/top1_dense",
                 "maskclip/miou_base", "maskclip/miou_novel", "maskclip/miou_all", "maskclip/miou_hiou")
-DET_ORDER = ("vild_text", "vild", "vild_ensemble", "vild_selftrain")  # baseline -> ours, then the rest
+DET_ORDER = ("vild_text", "vild", "vild_ensemble", "vild_selftrain", "one_stage_text", "one_stage")  # baseline -> ours, then the rest
 
 
 def _model_table(rows: dict[str, dict], cols: list[tuple[str, str]]) -> str:
