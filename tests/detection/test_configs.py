@@ -248,6 +248,12 @@ def test_vild_ablation_tool_writes_every_row_and_the_deltas(tmp_path):
     assert {"loss_global", "loss_block", "loss_block_relation", "loss_vild_image"} <= set(losses)
     only_global = json.loads((tmp_path / "run" / "det" / "ablation_oadp_global" / "metrics.jsonl").read_text().splitlines()[0])
     assert "loss_global" in only_global and "loss_block" not in only_global
+    # the one-stage rows: the FCOS student, text only and with image distillation + self-labels
+    one = yaml.safe_load((tmp_path / "run" / "det" / "ablation_one_stage" / "config.yaml").read_text())
+    assert one["det"]["arch"] == "fcos" and one["det"]["self_labels"] == 10 and one["det"]["use_image"] is True
+    text_only = json.loads((tmp_path / "run" / "det" / "ablation_one_stage_text" / "metrics.jsonl").read_text().splitlines()[0])
+    distilled = json.loads((tmp_path / "run" / "det" / "ablation_one_stage" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "loss_text" in text_only and "loss_image" not in text_only and {"loss_text", "loss_image", "loss_objectness"} <= set(distilled)
     out = tmp_path / "run" / "det" / "ablation"
     saved = json.loads((out / "metrics.json").read_text())
     assert list(saved["rows"]) == list(VARIANTS)

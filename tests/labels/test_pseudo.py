@@ -227,13 +227,14 @@ def test_cli_label_inline_vocab(tmp_path):
     assert main(["label", "--images", str(tmp_path / "nothing"), "--vocab", "a", "--model", "teacher", "--out", str(out)]) == 2
 
 
-def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path):
-    """A tiny random ViLD checkpoint + its config.yaml: `label --source vild` gives the model's own
-    detections over the NEW vocabulary, filtered."""
+@pytest.mark.parametrize("arch", ["faster_rcnn", "fcos"])
+def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path, arch):
+    """A tiny random ViLD (or one-stage, det.arch=fcos) checkpoint + its config.yaml: `label
+    --source vild` gives the model's own detections over the NEW vocabulary, filtered."""
     from safetensors.torch import save_file
 
     from distill.config import save_config
-    from distill.detection.build import build_vild_detector
+    from distill.detection.build import build_detector
     from distill.engine.checkpoint import save
     from distill.labels.sources import load_vild
     from distill.teacher.clip import build_teacher
@@ -245,9 +246,10 @@ def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path):
     save_file({k: v.contiguous() for k, v in teacher.model.state_dict().items()}, str(tmp_path / "t.safetensors"))
     mcfg = load_config(None, ["teacher.templates=", "teacher.device=cpu", f"teacher.pretrained={tmp_path / 't.safetensors'}",
                               f"work_dir={tmp_path}", "det.min_size=48", "det.max_size=48", "det.detections_per_img=20",
-                              "data.vocab=red square, blue circle"])
+                              "data.vocab=red square, blue circle", f"det.arch={arch}",
+                              *(["det.inference=text", "det.score_thresh=0.0"] if arch == "fcos" else [])])
     trained = load_vocab("red square, blue circle")
-    model = build_vild_detector(mcfg.det, teacher.embed_dim, text_embeddings(teacher, trained), teacher=teacher)
+    model = build_detector(mcfg.det, teacher.embed_dim, text_embeddings(teacher, trained), teacher=teacher)
     (tmp_path / "det").mkdir()
     save(tmp_path / "det" / "model_final.pt", model)
     save_config(mcfg, tmp_path / "det" / "config.yaml")
@@ -258,7 +260,8 @@ def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path):
     # Direct: the same checkpoint on the new vocabulary (green cross is novel: not a training class).
     vocab = load_vocab(VOCAB)
     m, _, fp = load_vild(cfg, vocab)
-    assert m.roi_heads.novel_mask.tolist() == [False, False, True]
+    heads = m.head if arch == "fcos" else m.roi_heads
+    assert heads.novel_mask.tolist() == [False, False, True]
     x = torch.from_numpy(np.asarray(Image.open(root / "cam0/0000.png").convert("RGB")).copy()).permute(2, 0, 1).float() / 255
     d = m([x])[0]
     mine = [a for a in coco["annotations"] if a["image_id"] == 1]
