@@ -342,6 +342,8 @@ class DetConfig:
             raise DistillError(f"det.inference: the one-stage student (det.arch=fcos) scores with its own embedding only; expected text, got {self.inference}")
         if self.arch == "fcos" and (self.masks or self.image_head != "shared" or self.global_weight or self.block_weight or self.block_relation_weight):
             raise DistillError("det.arch=fcos: masks, image_head=separate and OADP's pyramid are two-stage (ViLD) options; leave them at their defaults")
+        if self.arch == "fcos" and self.self_labels > 0 and not self.use_image:
+            raise DistillError("det.self_labels: self-labels are distilled from the teacher's embeddings of them: they need det.use_image=true (or det.self_labels=0)")
         if self.head_convs < 0:
             raise DistillError(f"det.head_convs: expected >= 0, got {self.head_convs}")
         if self.self_labels < 0 or not 0 <= self.self_label_score <= 1 or not 0 < self.self_label_iou <= 1:

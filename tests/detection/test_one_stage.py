@@ -187,6 +187,7 @@ def test_bad_settings_and_the_other_architecture_are_one_line(tmp_path):
     one_stage = str(REPO / "configs/shapes/one_stage.yaml")
     cases = [
         (["train", "det", one_stage, *over, "det.inference=ensemble"], "det.inference: the one-stage student (det.arch=fcos) scores with its own embedding only"),
+        (["train", "det", one_stage, *over, "det.use_image=false"], "det.self_labels: self-labels are distilled from the teacher's embeddings"),
         (["train", "det", one_stage, *over, "--eval-only", f"det.checkpoint={tmp_path / 'vild.pt'}"],
          "vild.pt: a ViLD (det.arch=faster_rcnn) checkpoint, but det.arch is fcos"),
     ]
