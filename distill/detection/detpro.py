@@ -156,14 +156,15 @@ class PromptLearner(torch.nn.Module):
         self.ctx = torch.nn.Parameter(start)
         self._teacher = (teacher,)  # a tuple: not a submodule (frozen, not checkpointed)
         self.prompts = [list(p) for p in prompts]
-        prompt_tokens(teacher, [n for p in prompts for n in p], n_ctx)  # a name too long: one line now
+        # tokenised once (a name too long: one line now), not at every step
+        self.register_buffer("tokens", prompt_tokens(teacher, [n for p in prompts for n in p], n_ctx), persistent=False)
         self.register_buffer("weight", weight.float(), persistent=False)
         self.temperature = float(temperature)
 
     def class_embeddings(self) -> torch.Tensor:
         from distill.teacher.prompt_learning import class_embeddings
 
-        return class_embeddings(self._teacher[0], self.prompts, self.ctx)
+        return class_embeddings(self._teacher[0], self.prompts, self.ctx, tokens=self.tokens)
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         emb = self.class_embeddings()

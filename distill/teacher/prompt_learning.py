@@ -149,16 +149,20 @@ def check_text_tower(teacher) -> None:
         raise DistillError(f"learned prompts: teacher {teacher.name} has no open_clip causal text tower pooled at end-of-text (needed to insert a context)")
 
 
-def class_embeddings(teacher, prompts: Sequence[Sequence[str]], context: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def class_embeddings(teacher, prompts: Sequence[Sequence[str]], context: torch.Tensor, batch_size: int = 256,
+                     tokens: torch.Tensor | None = None) -> torch.Tensor:
     """(C, D) unit rows for one context (n_ctx, width): per class the mean of its names' unit
     embeddings, normalised (the synonyms averaged as :func:`distill.teacher.text.encode_class_prompts`).
-    Differentiable in ``context``."""
+    Differentiable in ``context``. ``tokens``: :func:`prompt_tokens` of the names in order, when
+    the caller made them already (prompt training calls this every step)."""
     names, owner = [], []
     for c, syns in enumerate(prompts):
         for n in syns:
             names.append(n)
             owner.append(c)
-    tokens = prompt_tokens(teacher, names, context.shape[0])
+    if tokens is None:
+        tokens = prompt_tokens(teacher, names, context.shape[0])
+    tokens = tokens.to(teacher.device)
     parts = [F.normalize(encode_with_context(teacher.model, tokens[i : i + batch_size], context.to(teacher.device)).float(), dim=-1)
              for i in range(0, len(names), batch_size)]
     feats = torch.cat(parts)
