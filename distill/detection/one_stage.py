@@ -203,6 +203,43 @@ class OneStageDetector(FCOS):
             targets = [self._convert(t) for t in targets]
         return super().forward(list(images), targets)
 
+    @torch.no_grad()
+    def region_embeddings(self, images: list[torch.Tensor], boxes: list[torch.Tensor], branch: str = "text") -> list[torch.Tensor]:
+        """The student's L2-normalised (N_i, D) embeddings of given ``boxes`` (XYXY, input pixels):
+        the embedding at each box's centre on the level FCOS assigns the box to there (the level
+        whose range [4 x size, 8 x size) holds half the box's longer side; torchvision
+        ``FCOS.compute_loss``), i.e. the location the text and image losses train for that box.
+        ``branch`` is accepted for the ViLD student's signature (one embedding here). Eval mode."""
+        was = self.training
+        self.eval()
+        try:
+            image_list, _ = self.transform(list(images))
+            feats = list(self.backbone(image_list.tensors).values())
+            _, emb = self.head.classification_head(feats)
+            sizes = [int(s[0]) for s in self.anchor_generator.sizes]
+            shapes = [f.shape[-2:] for f in feats]
+            starts = torch.tensor([0] + [h * w for h, w in shapes]).cumsum(0)
+            out = []
+            for i, (b, im) in enumerate(zip(boxes, images)):
+                (nh, nw), (h, w) = image_list.image_sizes[i], im.shape[-2:]
+                b = b.to(emb.device).float() * torch.tensor([nw / w, nh / h, nw / w, nh / h], device=emb.device)
+                half = (b[:, 2:] - b[:, :2]).max(1).values / 2
+                level = torch.zeros(len(b), dtype=torch.long, device=emb.device)
+                for k in range(1, len(sizes)):
+                    level[half >= 4 * sizes[k]] = k
+                cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+                rows = []
+                for j in range(len(b)):
+                    k = int(level[j])
+                    stride = image_list.tensors.shape[-1] / shapes[k][1]
+                    x = min(int(cx[j] / stride), shapes[k][1] - 1)
+                    y = min(int(cy[j] / stride), shapes[k][0] - 1)
+                    rows.append(emb[i, int(starts[k]) + y * shapes[k][1] + x])
+                out.append(F.normalize(torch.stack(rows), dim=-1) if rows else emb.new_zeros(0, emb.shape[-1]))
+        finally:
+            self.train(was)
+        return out
+
     def _convert(self, t: dict) -> dict:
         boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
         labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)

@@ -141,6 +141,7 @@ def test_one_stage_trains_end_to_end(tmp_path):
     for k in ("loss_objectness", "loss_box_giou", "loss_centerness", "loss_text", "loss_image"):
         assert k in last and np.isfinite(last[k]) and last[k] > 0, (k, last)
     assert 0.0 <= m["bbox/AP50"] <= 1.0 and "bbox/AP50_novel" in m
+    assert 0.0 <= m["region/top1_base"] <= 1.0  # the student's zero-shot top-1 on GT boxes, as ViLD's
     # the teacher embedded every base box once, in annotation order
     from distill.detection.proposals import region_cache_key
 
@@ -195,3 +196,21 @@ def test_bad_settings_and_the_other_architecture_are_one_line(tmp_path):
         r = subprocess.run([exe, *args], cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and msg in lines[0], (args, r.stdout, r.stderr)
+
+
+def test_region_embeddings_read_the_location_fcos_assigns_the_box():
+    """At a box's centre, FCOS's level is the one whose [4 x size, 8 x size) range holds half the
+    box's longer side (sizes = strides 16, 32, 64 here): a 40 px box reads the stride-16 level, a
+    300 px box the stride-32 level, at the cell under the centre."""
+    torch.manual_seed(0)
+    model = build_one_stage_detector(DetConfig(**{**SMALL, "min_size": 512, "max_size": 512}), 16, torch.randn(2, 16)).eval()
+    image = torch.rand(3, 512, 512)
+    boxes = torch.tensor([[100.0, 100, 140, 140], [50, 60, 350, 360]])
+    got = model.region_embeddings([image], [boxes])[0]
+    with torch.no_grad():
+        feats = list(model.backbone(model.transform([image])[0].tensors).values())
+        _, emb = model.head.classification_head(feats)
+    n0 = feats[0].shape[-2] * feats[0].shape[-1]
+    want0 = emb[0, (120 // 16) * feats[0].shape[-1] + 120 // 16]  # centre (120, 120) on the stride-16 level
+    want1 = emb[0, n0 + (210 // 32) * feats[1].shape[-1] + 200 // 32]  # centre (200, 210) on the stride-32 level
+    assert torch.allclose(got, F.normalize(torch.stack([want0, want1]), dim=1), atol=1e-6)
