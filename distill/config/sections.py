@@ -257,9 +257,10 @@ class DetConfig:
     # fcos, ZSD-YOLO's self-labelling: per image at most self_labels proposals of the class-agnostic
     # RPN (distill propose) with objectness >= self_label_score and IoU < self_label_iou with every
     # base box become class-less targets (objectness, box and image losses; needs use_image)
-    # fcos: conv layers of each tower before the prediction convs (FCOS: 4, with GroupNorm;
-    # ZSD-YOLO's head, YOLOv5's Detect: none, one 1x1 prediction conv a level)
-    head_convs: int = 4
+    # fcos: conv layers of each tower before the prediction convs: 0 = ZSD-YOLO's head (YOLOv5's
+    # Detect: the prediction convs read the neck's levels directly; what makes a one-stage student
+    # fast, bench/one_stage.py) | 4 = FCOS's towers (GroupNorm, as torchvision builds FCOS)
+    head_convs: int = 0
     self_labels: int = 0
     self_label_score: float = 0.5
     self_label_iou: float = 0.3

@@ -4,6 +4,8 @@ github.com/Johnathan-Xie/ZSD-YOLO), built on torchvision's FCOS (``det.arch: fco
 Why FCOS and not RetinaNet: FCOS predicts one box per location, so each location carries one
 embedding (RetinaNet's 9 anchors a location would need 9); and ZSD-YOLO's background handling
 (below) needs an objectness per prediction, which FCOS's class-agnostic focal loss gives directly.
+The head is ZSD-YOLO's by default (``det.head_convs`` 0: the prediction convs read the FPN levels
+directly, as YOLOv5's ``Detect`` reads the neck's); ``det.head_convs`` 4 builds FCOS's towers.
 
 What ZSD-YOLO does, and what is kept (``models/yolo.py`` ``ZSDDetect``, ``SoftmaxSim``;
 ``utils/loss.py`` ``ComputeZSDLoss``, ``ZSDCrossEntropy``):
@@ -82,7 +84,7 @@ class OneStageHead(FCOSHead):
     probability)``, so torchvision's ``FCOS.postprocess_detections`` ranks by
     ``sqrt(objectness x probability x centre-ness)`` and keeps its thresholds, top-k and NMS."""
 
-    def __init__(self, in_channels: int, embed_dim: int, num_convs: int = 4, text_weight: float = 1.0, image_weight: float = 0.5,
+    def __init__(self, in_channels: int, embed_dim: int, num_convs: int = 0, text_weight: float = 1.0, image_weight: float = 0.5,
                  use_text: bool = True, use_image: bool = True):
         nn.Module.__init__(self)  # FCOSHead's parts, with their norm set below
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
