@@ -4,16 +4,20 @@ ViLD student, side by side in one run (issue 32).
 Rows, all with the same backbone, input size and vocabulary: ViLD (``det.inference=text``: its own
 embedding, no teacher crops); the one-stage student as its config builds it (``det.head_convs`` 0:
 ZSD-YOLO's head, the prediction convs on the FPN levels); the one-stage student with FCOS's 4-conv
-towers (``det.head_convs=4``); and the backbone + FPN alone, the floor no head choice goes under (ViLD's time over
-it is the most any head change can save). Random weights (speed only; ``det.score_thresh`` 0.05
-for all), ``--classes`` random text embeddings of the teacher's size, ``--images`` images; one
-untimed warm-up each, then the rows interleaved ``--repeats`` times, medians.
+towers (``det.head_convs=4``); and the backbone + FPN alone, the floor no head choice goes under
+(ViLD's time over it is the most any head change can save). Each config's own ``det.score_thresh``.
+One untimed warm-up each, then the rows interleaved ``--repeats`` times, medians.
 
-    python bench/one_stage.py [--config shapes|ovcoco] [--device cpu] [--repeats 5] [--images 8]
+    python bench/one_stage.py [--run RUN --weights vild=NAME,one_stage=NAME,one_stage_fcos_towers=NAME]
+    python bench/one_stage.py --config ovcoco [--size 640] [--images 2] [--repeats 3]
 
-``shapes``: configs/shapes/{vild,one_stage}.yaml (ResNet-18 FPN, 128 px images read at 256);
-``ovcoco``: configs/coco/vild_r50_ovcoco.yaml (ResNet-50 FPN, ViLD's 4conv2fc head, 1000
-proposals) at ``--size`` (default 640; the config's 1024 takes minutes a batch on a CPU).
+``shapes``: configs/shapes/{vild,one_stage}.yaml (ResNet-18 FPN, 128 px images read at 256), the
+vocabulary of the shapes world (36 classes). With ``--run``: the trained students
+``RUN/det/<NAME>/model_final.pt`` (names as ``--weights``), the run's text embeddings and its first
+``--images`` val images, so post-processing sees trained score distributions; without, random
+weights and random images (speed of the layers only). ``ovcoco``: configs/coco/vild_r50_ovcoco.yaml
+(ResNet-50 FPN, ViLD's 4conv2fc head, 1000 proposals) at ``--size`` (default 640; the config's 1024
+takes minutes a batch on a CPU), random weights, 65 random classes.
 Prints images/s per row and the speed ratios to ViLD (the issue's goal: >= 1.5).
 """
 
@@ -31,19 +35,50 @@ CONFIGS = {"shapes": ("configs/shapes/vild.yaml", "configs/shapes/one_stage.yaml
            "ovcoco": ("configs/coco/vild_r50_ovcoco.yaml", "configs/coco/vild_r50_ovcoco.yaml", 512, 65, 640)}
 
 
-def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: int = 8, size: int = 0) -> dict:
+def _trained(run: str, weights: str, models: dict, n_images: int, dev):
+    """Load ``RUN/det/<name>/model_final.pt`` into the rows ``weights`` names; the run's text
+    embeddings of its vocabulary; its first ``n_images`` val images."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from distill.config import load_config
+    from distill.engine.checkpoint import load
+    from distill.teacher.text import text_embeddings
+    from distill.teacher import build_teacher
+    from distill.vocab import resolve_vocab
+
+    cfg = load_config(Path(run) / "config.yaml", ["teacher.dense_tower="])
+    text = text_embeddings(build_teacher(cfg.teacher), resolve_vocab(cfg.data, need_base=True), cfg.teacher.templates,
+                           cache_dir=Path(run) / "embeddings" / "text").float()
+    for pair in weights.split(","):
+        row, _, name = pair.partition("=")
+        load(Path(run) / "det" / name / "model_final.pt", models[row])
+        models[row].set_vocabulary(text)
+    val = json.loads(Path(cfg.data.val_json).read_text())["images"][:n_images]
+    ims = [np.asarray(Image.open(Path(cfg.data.image_root) / im["file_name"]).convert("RGB")) for im in val]
+    return [torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255).to(dev) for a in ims], int(text.shape[0])
+
+
+def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: int = 8, size: int = 0, run: str = "", weights: str = "") -> dict:
     from distill.config import load_config
     from distill.detection.build import build_detector
 
     vild_path, os_path, d, classes, default_size = CONFIGS[config]
     size = size or default_size
     dev = torch.device(device)
-    over = ["det.pretrained_backbone=", "det.score_thresh=0.05", "det.augment=none", "det.inference=text"]
+    over = ["det.pretrained_backbone=", "det.augment=none", "det.inference=text"]
     if config == "ovcoco":  # the real config read at --size
         over += [f"det.min_size={size}", f"det.max_size={size}"]
     one = [*over, "det.arch=fcos", "det.name=one_stage", "det.box_head=mlp2"]
     cfgs = {"vild": load_config(vild_path, over), "one_stage": load_config(os_path, one),
             "one_stage_fcos_towers": load_config(os_path, [*one, "det.head_convs=4"])}
+    if run:
+        from distill.teacher import build_teacher
+
+        d = build_teacher(load_config(f"{run}/config.yaml", ["teacher.dense_tower="]).teacher).embed_dim
     g = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(classes, d, generator=g), dim=1)
     models = {}
@@ -52,6 +87,8 @@ def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: 
         models[name] = build_detector(cfg.det, d, text).to(dev).eval()
     image_side = 128 if config == "shapes" else size
     batch = [torch.rand(3, image_side, image_side, generator=g).to(dev) for _ in range(images)]
+    if run:
+        batch, classes = _trained(run, weights, models, images, dev)
     vild = models["vild"]
 
     def backbone(x):  # the transform + backbone + FPN of the ViLD student (the same layers as the one-stage's)
@@ -60,7 +97,7 @@ def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: 
     calls = {**{k: m for k, m in models.items()}, "backbone": backbone}
 
     @torch.no_grad()
-    def run(name: str) -> float:
+    def call(name: str) -> float:
         t = time.perf_counter()
         calls[name](batch)
         if dev.type == "cuda":
@@ -68,14 +105,14 @@ def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: 
         return time.perf_counter() - t
 
     for name in calls:
-        run(name)
+        call(name)
     times = {k: [] for k in calls}
     for _ in range(repeats):
         for name in calls:
-            times[name].append(run(name))
+            times[name].append(call(name))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"config": config, "device": device, "images": images, "classes": classes, "input_size": cfgs["vild"].det.min_size,
-            **{f"{k}_images_per_s": round(images / v, 2) for k, v in med.items()},
+            "trained": bool(run), **{f"{k}_images_per_s": round(images / v, 2) for k, v in med.items()},
             **{f"{k}_over_vild_speed": round(med["vild"] / med[k], 3) for k in ("one_stage", "one_stage_fcos_towers", "backbone")}}
 
 
@@ -86,8 +123,10 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--size", type=int, default=0, help="ovcoco: the input side (default 640)")
+    ap.add_argument("--run", default="", help="shapes: a work dir whose trained students to time (with --weights)")
+    ap.add_argument("--weights", default="vild=vild,one_stage=ablation_one_stage", help="row=det name, comma-separated (rows: vild, one_stage, one_stage_fcos_towers)")
     a = ap.parse_args()
-    r = main(a.config, a.device, a.repeats, a.images, a.size)
+    r = main(a.config, a.device, a.repeats, a.images, a.size, a.run, a.weights)
     print(f"inference at {r['input_size']} px, {r['classes']} classes, images/s: ViLD {r['vild_images_per_s']:.2f}, "
           f"one-stage {r['one_stage_images_per_s']:.2f}, one-stage with FCOS's towers {r['one_stage_fcos_towers_images_per_s']:.2f}, "
           f"backbone alone {r['backbone_images_per_s']:.2f}")

@@ -261,6 +261,9 @@ class DetConfig:
     # Detect: the prediction convs read the neck's levels directly; what makes a one-stage student
     # fast, bench/one_stage.py) | 4 = FCOS's towers (GroupNorm, as torchvision builds FCOS)
     head_convs: int = 0
+    # fcos, inference: locations whose objectness is below this are dropped before class scoring
+    # and NMS (ZSD-YOLO's test.py --obj-conf-thresh; 0.1 in its README's COCO commands)
+    objectness_thresh: float = 0.1
     self_labels: int = 0
     self_label_score: float = 0.5
     self_label_iou: float = 0.3
@@ -345,6 +348,8 @@ class DetConfig:
             raise DistillError("det.arch=fcos: masks, image_head=separate and OADP's pyramid are two-stage (ViLD) options; leave them at their defaults")
         if self.arch == "fcos" and self.self_labels > 0 and not self.use_image:
             raise DistillError("det.self_labels: self-labels are distilled from the teacher's embeddings of them: they need det.use_image=true (or det.self_labels=0)")
+        if not 0 <= self.objectness_thresh < 1:
+            raise DistillError(f"det.objectness_thresh: expected in [0, 1), got {self.objectness_thresh}")
         if self.head_convs < 0:
             raise DistillError(f"det.head_convs: expected >= 0, got {self.head_convs}")
         if self.self_labels < 0 or not 0 <= self.self_label_score <= 1 or not 0 < self.self_label_iou <= 1:

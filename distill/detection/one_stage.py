@@ -85,7 +85,7 @@ class OneStageHead(FCOSHead):
     ``sqrt(objectness x probability x centre-ness)`` and keeps its thresholds, top-k and NMS."""
 
     def __init__(self, in_channels: int, embed_dim: int, num_convs: int = 0, text_weight: float = 1.0, image_weight: float = 0.5,
-                 use_text: bool = True, use_image: bool = True):
+                 use_text: bool = True, use_image: bool = True, objectness_thresh: float = 0.0):
         nn.Module.__init__(self)  # FCOSHead's parts, with their norm set below
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         # GroupNorm of 8 channels a group: torchvision's GroupNorm(32) at FCOS's 256 channels, and
@@ -103,6 +103,7 @@ class OneStageHead(FCOSHead):
         self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
         self.register_buffer("novel_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
         self.inference = "text"  # the only scoring a one-stage student has (no RoIs to crop)
+        self.objectness_thresh = float(objectness_thresh)
 
     @property
     def num_classes(self) -> int:
@@ -119,7 +120,10 @@ class OneStageHead(FCOSHead):
         reg, ctr = self.regression_head(x)
         if self.training:
             return {"cls_logits": obj, "embeddings": emb, "bbox_regression": reg, "bbox_ctrness": ctr}
-        return {"cls_logits": detection_logits(obj, self.class_logits(emb)), "bbox_regression": reg, "bbox_ctrness": ctr}
+        logits = detection_logits(obj, self.class_logits(emb))
+        if self.objectness_thresh > 0:  # ZSD-YOLO's --obj-conf-thresh: such locations never reach NMS
+            logits = logits.masked_fill(torch.sigmoid(obj) < self.objectness_thresh, -1e4)
+        return {"cls_logits": logits, "bbox_regression": reg, "bbox_ctrness": ctr}
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, torch.Tensor]:
         # objectness (focal), GIoU and centre-ness exactly as torchvision's FCOS with one class
@@ -277,7 +281,7 @@ def build_one_stage_detector(det, embed_dim: int, text_embeddings: torch.Tensor 
     sizes = level_sizes(det, len(det.returned_layers) + 1)
     anchors = AnchorGenerator(tuple((s,) for s in sizes), ((1.0,),) * len(sizes))
     head = OneStageHead(backbone.out_channels, embed_dim, num_convs=det.head_convs, text_weight=det.text_weight, image_weight=det.image_weight,
-                        use_text=det.use_text, use_image=det.use_image)
+                        use_text=det.use_text, use_image=det.use_image, objectness_thresh=det.objectness_thresh)
     model = OneStageDetector(backbone, head, anchors, min_size=det.min_size, max_size=det.max_size, score_thresh=det.score_thresh,
                              nms_thresh=det.nms, detections_per_img=det.detections_per_img)
     if text_embeddings is not None:

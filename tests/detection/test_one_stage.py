@@ -21,7 +21,8 @@ from distill.detection.one_stage import LOGIT_SCALE_INIT, OneStageHead, build_on
 from distill.errors import DistillError
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = dict(arch="fcos", inference="text", backbone="resnet18_fpn", fpn_channels=32, returned_layers=(3, 4), min_size=64, max_size=64)
+SMALL = dict(arch="fcos", inference="text", backbone="resnet18_fpn", fpn_channels=32, returned_layers=(3, 4), min_size=64, max_size=64,
+             objectness_thresh=0.0)  # random weights: every objectness is ~0.01 (the prior)
 
 
 def test_score_is_objectness_times_class_probability():
@@ -214,3 +215,17 @@ def test_region_embeddings_read_the_location_fcos_assigns_the_box():
     want0 = emb[0, (120 // 16) * feats[0].shape[-1] + 120 // 16]  # centre (120, 120) on the stride-16 level
     want1 = emb[0, n0 + (210 // 32) * feats[1].shape[-1] + 200 // 32]  # centre (200, 210) on the stride-32 level
     assert torch.allclose(got, F.normalize(torch.stack([want0, want1]), dim=1), atol=1e-6)
+
+
+def test_locations_below_the_objectness_threshold_never_reach_nms():
+    """ZSD-YOLO's --obj-conf-thresh: a location whose objectness is below det.objectness_thresh
+    gets no detection, whatever its class probability."""
+    head = OneStageHead(16, embed_dim=4, objectness_thresh=0.1).eval()
+    head.text_embeddings = F.normalize(torch.randn(3, 4), dim=1)
+    with torch.no_grad():
+        head.classification_head.cls_logits.weight.zero_()
+        head.classification_head.cls_logits.bias.fill_(0.0)  # objectness 0.5 everywhere
+        kept = torch.sigmoid(head([torch.randn(1, 16, 4, 4)])["cls_logits"])
+        head.classification_head.cls_logits.bias.fill_(-5.0)  # ~0.007 < 0.1
+        dropped = torch.sigmoid(head([torch.randn(1, 16, 4, 4)])["cls_logits"])
+    assert torch.allclose(kept.sum(-1), torch.full_like(kept.sum(-1), 0.5), atol=1e-4) and (dropped == 0).all()  # sum over classes = objectness

@@ -247,7 +247,7 @@ def test_vild_source_from_checkpoint_matches_direct_inference(tmp_path, arch):
     mcfg = load_config(None, ["teacher.templates=", "teacher.device=cpu", f"teacher.pretrained={tmp_path / 't.safetensors'}",
                               f"work_dir={tmp_path}", "det.min_size=48", "det.max_size=48", "det.detections_per_img=20",
                               "data.vocab=red square, blue circle", f"det.arch={arch}",
-                              *(["det.inference=text", "det.score_thresh=0.0"] if arch == "fcos" else [])])
+                              *(["det.inference=text", "det.score_thresh=0.0", "det.objectness_thresh=0.0"] if arch == "fcos" else [])])
     trained = load_vocab("red square, blue circle")
     model = build_detector(mcfg.det, teacher.embed_dim, text_embeddings(teacher, trained), teacher=teacher)
     (tmp_path / "det").mkdir()
