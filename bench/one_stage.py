@@ -37,7 +37,7 @@ CONFIGS = {"shapes": ("configs/shapes/vild.yaml", "configs/shapes/one_stage.yaml
            "ovcoco": ("configs/coco/vild_r50_ovcoco.yaml", "configs/coco/vild_r50_ovcoco.yaml", 512, 65, 640)}
 
 
-def _trained(run: str, weights: str, models: dict, n_images: int, dev):
+def _trained(run: str, cfg, teacher, weights: str, models: dict, n_images: int, dev):
     """Load ``RUN/det/<name>/model_final.pt`` into the rows ``weights`` names; the run's text
     embeddings of its vocabulary; its first ``n_images`` val images."""
     import json
@@ -46,14 +46,11 @@ def _trained(run: str, weights: str, models: dict, n_images: int, dev):
     import numpy as np
     from PIL import Image
 
-    from distill.config import load_config
     from distill.engine.checkpoint import load
     from distill.teacher.text import text_embeddings
-    from distill.teacher import build_teacher
     from distill.vocab import resolve_vocab
 
-    cfg = load_config(Path(run) / "config.yaml", ["teacher.dense_tower="])
-    text = text_embeddings(build_teacher(cfg.teacher), resolve_vocab(cfg.data, need_base=True), cfg.teacher.templates,
+    text = text_embeddings(teacher, resolve_vocab(cfg.data, need_base=True), cfg.teacher.templates,
                            cache_dir=Path(run) / "embeddings" / "text").float()
     for pair in weights.split(","):
         row, _, name = pair.partition("=")
@@ -82,10 +79,12 @@ def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: 
     one = [*over, "det.arch=fcos", "det.name=one_stage", "det.box_head=mlp2", *one_extra]
     cfgs = {"vild": load_config(vild_path, over), "one_stage": load_config(os_path, one),
             "one_stage_fcos_towers": load_config(os_path, [*one, "det.head_convs=4"])}
-    if run:
+    if run:  # the run's teacher: its embedding size, then its text embeddings (_trained)
         from distill.teacher import build_teacher
 
-        d = build_teacher(load_config(f"{run}/config.yaml", ["teacher.dense_tower="]).teacher).embed_dim
+        run_cfg = load_config(f"{run}/config.yaml", ["teacher.dense_tower="])
+        teacher = build_teacher(run_cfg.teacher)
+        d = teacher.embed_dim
     g = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(classes, d, generator=g), dim=1)
     models = {}
@@ -95,7 +94,7 @@ def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: 
     image_side = 128 if config == "shapes" else size
     batch = [torch.rand(3, image_side, image_side, generator=g).to(dev) for _ in range(images)]
     if run:
-        batch, classes = _trained(run, weights, models, images, dev)
+        batch, classes = _trained(run, run_cfg, teacher, weights, models, images, dev)
     vild = models["vild"]
 
     def backbone(x):  # the transform + backbone + FPN of the ViLD student (the same layers as the one-stage's)

@@ -302,5 +302,4 @@ def select_self_labels(proposals: torch.Tensor, scores: torch.Tensor, gt_boxes: 
 
 def is_one_stage_state(keys) -> bool:
     """Whether a state dict's keys are a one-stage student's (FCOS head, no RoI heads)."""
-    keys = list(keys)
     return any(k.startswith("head.classification_head.embed.") for k in keys)

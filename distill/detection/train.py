@@ -79,14 +79,19 @@ class DetTrainSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def _add_self_labels(self, iid: int, t: dict) -> None:
-        from distill.detection.one_stage import select_self_labels
-
+    def _cached_proposals(self, iid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top ``num`` proposals of an image, their objectness and the teacher's embeddings."""
         boxes, scores = self.proposals.get(iid, (torch.zeros(0, 4), torch.zeros(0)))
-        boxes, scores = boxes[: self.num].float(), scores[: self.num].float()
+        boxes, scores = boxes[: self.num], scores[: self.num]
         emb = self.cache.get(iid).float()
         if emb.shape[0] != boxes.shape[0]:
             raise DistillError(f"region cache: image {iid} has {emb.shape[0]} embeddings for {boxes.shape[0]} proposals (stale cache?)")
+        return boxes.float(), scores.float(), emb
+
+    def _add_self_labels(self, iid: int, t: dict) -> None:
+        from distill.detection.one_stage import select_self_labels
+
+        boxes, scores, emb = self._cached_proposals(iid)
         k, min_score, max_iou = self.self_labels
         scores = torch.where(emb.norm(dim=1) > 0, scores, torch.full_like(scores, -1.0))  # boxes the teacher skipped
         idx = select_self_labels(boxes, scores, torch.as_tensor(t["boxes"]).reshape(-1, 4), min_score, max_iou, k).numpy()
@@ -114,13 +119,9 @@ class DetTrainSet(torch.utils.data.Dataset):
             if self.self_labels is not None and self.cache is not None:
                 self._add_self_labels(iid, t)
         elif self.cache is not None:
-            iid = int(t["image_id"])
-            boxes = self.proposals.get(iid, (torch.zeros(0, 4), None))[0][: self.num]
-            emb = self.cache.get(iid).float()
-            if emb.shape[0] != boxes.shape[0]:
-                raise DistillError(f"region cache: image {iid} has {emb.shape[0]} embeddings for {boxes.shape[0]} proposals (stale cache?)")
+            boxes, _, emb = self._cached_proposals(iid)
             ok = emb.norm(dim=1) > 0  # boxes the teacher skipped (zero rows)
-            t["proposals"], t["proposal_embeddings"] = boxes[ok].float().numpy(), emb[ok].numpy()
+            t["proposals"], t["proposal_embeddings"] = boxes[ok].numpy(), emb[ok].numpy()
         if self.pyramid is not None:
             blocks, emb = self.pyramid(int(t["image_id"]))
             t["blocks"], t["block_embeddings"] = blocks.numpy(), emb.float().numpy()
@@ -130,6 +131,11 @@ class DetTrainSet(torch.utils.data.Dataset):
             img, t = self.transforms(img, t)
             t["image_id"] = iid
         return to_tensors(img, t)
+
+
+def _image_tensor(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1] (what the teacher's region embedders read)."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
 
 
 def _concat(datasets):
@@ -282,8 +288,7 @@ def pyramid_targets(cfg: Config, teacher, dataset) -> _PyramidLookup:
         img, _ = dataset.raw(i)
         sizes[iid] = (int(img.shape[1]), int(img.shape[0]))
         if iid not in cache:
-            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-            cache.write([iid], [pyramid_embeddings(teacher, x)[1].cpu()])
+            cache.write([iid], [pyramid_embeddings(teacher, _image_tensor(img))[1].cpu()])
     cache.close()
     return _PyramidLookup(cache, sizes, teacher.image_size)
 
@@ -305,8 +310,7 @@ def gt_box_embeddings(cfg: Config, teacher, dataset, json_path: str):
 
         def load(iid: int):
             img, t = dataset.raw(position[iid])
-            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-            return x, torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+            return _image_tensor(img), torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
 
         embed_regions_sharded(teacher, list(position), load, cache, mode=cfg.regions.mode, scales=cfg.regions.scales)
     return cache
@@ -343,7 +347,7 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
     """Train (unless ``eval_only``) and evaluate the ViLD student of ``cfg.det``; returns metrics
     (``bbox/AP50_novel`` ...) also written to ``det/<name>/metrics.json``."""
     from distill.detection.build import build_detector, check_arch
-    from distill.engine.checkpoint import load, read
+    from distill.engine.checkpoint import load, load_model_state, read
     from distill.engine.hooks import BeforeTrain
     from distill.engine.train import make_loader, train
     from distill.data.coco import collate
@@ -372,8 +376,9 @@ def train_detector(cfg: Config, *, resume: bool = False, eval_only: bool = False
     eval_fn = make_eval_fn(cfg, vocab, text_all.cpu(), out)
     if eval_only:
         weights = Path(det.checkpoint) if det.checkpoint else out / "model_final.pt"
-        check_arch(read(weights)["model"], det, str(weights))
-        load(weights, model)
+        state = read(weights)["model"]
+        check_arch(state, det, str(weights))
+        load_model_state(model, state, str(weights))
         save_config(cfg, out / "config.yaml")
         model.to(next(iter(teacher.model.parameters())).device)
         metrics = eval_fn(model)
