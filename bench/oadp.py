@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from _timing import interleaved_medians
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,20 +41,9 @@ def _regions(device: str, repeats: int, images: int, proposals: int) -> dict:
     xy = [torch.rand(proposals, 2, generator=g) * 100 for _ in range(images)]
     boxes = [torch.cat([p, (p + 8 + 40 * torch.rand(proposals, 2, generator=g)).clamp(max=128)], 1) for p in xy]
 
-    def run(mode: str) -> float:
-        t = time.perf_counter()
-        region_embeddings(teacher, ims, boxes, mode=mode)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    for mode in ("crop", "oake"):
+    for mode in ("crop", "oake"):  # a small warm-up of each path before interleaved_medians's own
         region_embeddings(teacher, ims[:1], [boxes[0][:16]], mode=mode)
-    times = {"crop": [], "oake": []}
-    for _ in range(repeats):
-        for mode in times:
-            times[mode].append(run(mode))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({mode: (lambda m=mode: region_embeddings(teacher, ims, boxes, mode=m)) for mode in ("crop", "oake")}, repeats, device)
     n = images * proposals
     return {"regions_boxes": n, "crop_boxes_per_s": round(n / med["crop"], 1), "oake_boxes_per_s": round(n / med["oake"], 1),
             "oake_over_crop_time": round(med["oake"] / med["crop"], 3)}
@@ -96,24 +85,14 @@ def _steps(device: str, repeats: int) -> dict:
     models = {"vild": (vild, targets), "oadp": (oadp, pyr_targets)}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, (m, _) in models.items()}
 
-    def step(name: str) -> float:
+    def step(name: str) -> None:
         model, tg = models[name]
-        t = time.perf_counter()
         losses = model(images, tg)
         sum(losses.values()).backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
 
-    for name in models:
-        step(name)
-    times = {k: [] for k in models}
-    for _ in range(repeats):
-        for name in models:
-            times[name].append(step(name))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({name: (lambda n=name: step(n)) for name in models}, repeats, dev)
     return {"blocks_per_image": len(blocks), "vild_step_s": round(med["vild"], 4), "pyramid_step_s": round(med["oadp"], 4),
             "pyramid_over_vild_step": round(med["oadp"] / med["vild"], 3)}
 

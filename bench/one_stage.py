@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from _timing import interleaved_medians
 
 CONFIGS = {"shapes": ("configs/shapes/vild.yaml", "configs/shapes/one_stage.yaml", 64, 36, 128),
            "ovcoco": ("configs/coco/vild_r50_ovcoco.yaml", "configs/coco/vild_r50_ovcoco.yaml", 512, 65, 640)}
@@ -101,22 +101,8 @@ def main(config: str = "shapes", device: str = "cpu", repeats: int = 5, images: 
         return vild.backbone(vild.transform(x)[0].tensors)
 
     calls = {**{k: m for k, m in models.items()}, "backbone": backbone}
-
-    @torch.no_grad()
-    def call(name: str) -> float:
-        t = time.perf_counter()
-        calls[name](batch)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    for name in calls:
-        call(name)
-    times = {k: [] for k in calls}
-    for _ in range(repeats):
-        for name in calls:
-            times[name].append(call(name))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    with torch.no_grad():
+        med = interleaved_medians({k: (lambda f=f: f(batch)) for k, f in calls.items()}, repeats, dev)
     return {"config": config, "device": device, "images": images, "classes": classes, "input_size": cfgs["vild"].det.min_size,
             "trained": bool(run), **{f"{k}_images_per_s": round(images / v, 2) for k, v in med.items()},
             **{f"{k}_over_vild_speed": round(med["vild"] / med[k], 3) for k in ("one_stage", "one_stage_fcos_towers", "backbone")}}

@@ -13,20 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _timing import interleaved_medians
 
 
 def main(device: str = "cpu", repeats: int = 3) -> dict:
@@ -37,20 +27,20 @@ def main(device: str = "cpu", repeats: int = 3) -> dict:
     torch.manual_seed(0)
     n = 1024
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
-    gflops = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        x, y = a.to(dtype), b.to(dtype)
-        gflops[name] = 2 * n**3 / _median_seconds(lambda: x @ y, repeats) / 1e9
+    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    med = interleaved_medians({k: (lambda x=x, y=y: x @ y) for k, (x, y) in pairs.items()}, repeats, dev)
+    gflops = {k: 2 * n**3 / v / 1e9 for k, v in med.items()}
     register_model_configs()
     visual = create_model_quiet("distill-tiny-vit").visual.to(dev).eval()
     crops = torch.rand(128, 3, 64, 64, device=dev)
-    per_s = {}
+
+    def embed(p: str) -> None:
+        with autocast(dev, p):
+            visual(crops)
+
     with torch.no_grad():
-        for name, prec in (("fp32", "fp32"), ("bf16", "amp_bf16")):
-            def embed(p=prec):
-                with autocast(dev, p):
-                    visual(crops)
-            per_s[name] = len(crops) / _median_seconds(embed, repeats)
+        med = interleaved_medians({"fp32": lambda: embed("fp32"), "bf16": lambda: embed("amp_bf16")}, repeats, dev)
+    per_s = {k: len(crops) / v for k, v in med.items()}
     out = {
         "matmul_gflops_fp32": round(gflops["fp32"], 1), "matmul_gflops_bf16": round(gflops["bf16"], 1),
         "crops_per_s_fp32": round(per_s["fp32"], 1), "crops_per_s_bf16": round(per_s["bf16"], 1),

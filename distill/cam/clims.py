@@ -266,13 +266,10 @@ def _save(path: Path, net: CamNet, ccfg, vocab, weights: dict | None = None) -> 
 
 def load_clims(path: str | Path, backbone: str, num_classes: int) -> CamNet:
     """A trained CAM network (one line when the file is missing or of another backbone / vocabulary)."""
+    from distill.engine.checkpoint import load_file
+
     p = Path(path)
-    if not p.is_file():
-        raise DistillError(f"clims.out: {p}: CAM network not found (train it: `distill cam CONFIG --method clims --images train`)")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise DistillError(f"clims.out: {p}: not a readable CLIMS checkpoint ({type(e).__name__})") from None
+    state = load_file(p, "clims.out", "a CAM network: train it with `distill cam CONFIG --method clims --images train`")
     if not isinstance(state, dict) or "model" not in state:
         raise DistillError(f"clims.out: {p}: not a CLIMS checkpoint (no 'model')")
     if state.get("backbone") != backbone or len(state.get("classes", [])) != num_classes:

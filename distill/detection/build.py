@@ -88,15 +88,13 @@ def num_levels(det: DetConfig) -> int:
 
 
 def _load_backbone_weights(body: nn.Module, path: str) -> None:
-    p = Path(path)
-    if not p.is_file():
-        raise DistillError(f"det.pretrained_backbone: {path}: file not found (expected a local torchvision state_dict; `distill train backbone CONFIG` writes one)")
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise DistillError(f"det.pretrained_backbone: {path}: not a readable state_dict ({type(e).__name__})") from None
+    from distill.engine.checkpoint import load_file
+
+    sd = load_file(path, "det.pretrained_backbone", "a local torchvision state_dict; `distill train backbone CONFIG` writes one")
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
+    if not isinstance(sd, dict):
+        raise DistillError(f"det.pretrained_backbone: {path}: not a state_dict ({type(sd).__name__})")
     own = body.state_dict()
     if not any(k in own for k in sd) and any(k.startswith("features.") for k in sd):  # mobilenet
         sd = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
@@ -176,6 +174,23 @@ class RoIBatchNorm1d(nn.BatchNorm1d):
 
 
 # ------------------------------------------------------------------------------------ ViLD
+def valid_boxes(t: dict, num_classes: int | None, min_label: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(boxes (N, 4) float, labels (N,) int64, ok (N,) bool)`` of one image's target ``t``;
+    ``ok`` marks finite boxes of positive width and height (the detectors skip the others and
+    count them). Labels are vocabulary indices in [min_label, num_classes) (``num_classes=None``:
+    not checked); anything else is a one-line error naming the image."""
+    boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
+    if labels.numel() != boxes.shape[0]:
+        raise DistillError(f"image {t.get('image_id', '?')}: {boxes.shape[0]} boxes but {labels.numel()} labels")
+    if num_classes is not None and labels.numel():
+        bad = labels[(labels < min_label) | (labels >= num_classes)]
+        if bad.numel():
+            raise DistillError(f"image {t.get('image_id', '?')}: category index {bad[0].item()} outside the training vocabulary of {num_classes} classes")
+    ok = torch.isfinite(boxes).all(1) & (boxes[:, 2:] > boxes[:, :2]).all(1)
+    return boxes, labels, ok
+
+
 class ViLDDetector(GeneralizedRCNN):
     """torchvision's GeneralizedRCNN with :class:`ViLDRoIHeads`; labels are vocabulary indices.
 
@@ -204,15 +219,7 @@ class ViLDDetector(GeneralizedRCNN):
         out, distill, has_distill = [], [], False
         pyr: list = []
         for t in targets:
-            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
-            labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
-            if labels.numel() != boxes.shape[0]:
-                raise DistillError(f"image {t.get('image_id', '?')}: {boxes.shape[0]} boxes but {labels.numel()} labels")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
-                bad = labels[(labels < 0) | (labels >= c)][0].item()
-                raise DistillError(f"image {t.get('image_id', '?')}: category index {bad} outside the training vocabulary of {c} classes")
-            wh = boxes[:, 2:] - boxes[:, :2]
-            ok = torch.isfinite(boxes).all(1) & (wh > 0).all(1)
+            boxes, labels, ok = valid_boxes(t, c)
             self.skipped_boxes += int((~ok).sum())
             d = {"boxes": boxes[ok], "labels": labels[ok] + 1}  # torchvision: 0 = background
             if "masks" in t:
@@ -472,12 +479,7 @@ class PlainDetector(nn.Module):
             return out
         tv = []
         for t in targets:
-            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
-            labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes) and not self.class_agnostic:
-                raise DistillError(f"image {t.get('image_id', '?')}: category index outside the vocabulary of {self.num_classes} classes")
-            wh = boxes[:, 2:] - boxes[:, :2]
-            ok = torch.isfinite(boxes).all(1) & (wh > 0).all(1)
+            boxes, labels, ok = valid_boxes(t, None if self.class_agnostic else self.num_classes)
             self.skipped_boxes += int((~ok).sum())
             lab = torch.ones_like(labels[ok]) if self.class_agnostic else labels[ok] + 1
             tv.append({"boxes": boxes[ok], "labels": lab})

@@ -51,6 +51,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops import box_iou
 
+from distill.detection.build import build_backbone, valid_boxes
 from distill.errors import DistillError
 
 ARCHS = ("faster_rcnn", "fcos")
@@ -247,15 +248,7 @@ class OneStageDetector(FCOS):
         return out
 
     def _convert(self, t: dict) -> dict:
-        boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
-        if labels.numel() != boxes.shape[0]:
-            raise DistillError(f"image {t.get('image_id', '?')}: {boxes.shape[0]} boxes but {labels.numel()} labels")
-        c = self.num_classes
-        if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= c):
-            bad = labels[(labels < -1) | (labels >= c)][0].item()
-            raise DistillError(f"image {t.get('image_id', '?')}: category index {bad} outside the training vocabulary of {c} classes")
-        ok = torch.isfinite(boxes).all(1) & (boxes[:, 2:] > boxes[:, :2]).all(1)
+        boxes, labels, ok = valid_boxes(t, self.num_classes, min_label=-1)  # -1: a self-label (no class)
         self.skipped_boxes += int((~ok).sum())
         out = {"boxes": boxes[ok], "labels": labels[ok]}
         if "box_embeddings" in t:
@@ -273,7 +266,6 @@ def level_sizes(det, num_levels: int) -> tuple[int, ...]:
 
 def build_one_stage_detector(det, embed_dim: int, text_embeddings: torch.Tensor | None = None, novel=None, load_weights: bool = True) -> OneStageDetector:
     """The one-stage student of ``det`` (``det.arch == "fcos"``; a ResNet FPN backbone)."""
-    from distill.detection.build import build_backbone
 
     if not det.backbone.startswith("resnet"):
         raise DistillError(f"det.arch=fcos: needs a ResNet FPN backbone (det.backbone), got {det.backbone}")

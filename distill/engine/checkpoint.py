@@ -126,6 +126,18 @@ def save(
     return path
 
 
+def load_file(path: str | Path, key: str, expected: str, map_location: str | torch.device = "cpu"):
+    """``torch.load(weights_only=True)`` of a file the user named in config ``key``; a missing or
+    unreadable file is one line naming the key, the path and what was ``expected``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{key}: {path}: file not found (expected {expected})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise DistillError(f"{key}: {path}: not a readable file ({load_failure(path, e)}); expected {expected}") from None
+
+
 def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint file (``weights_only=True``); a plain state_dict is accepted too."""
     path = Path(path)

@@ -65,16 +65,9 @@ def resnet_with_weights(arch: str, weights: str = "", key: str = "seg.pretrained
 
     net = getattr(torchvision.models, arch)(weights=None, **kw)
     if weights:
-        from pathlib import Path
+        from distill.engine.checkpoint import load_file, state_dict_mismatch
 
-        if not Path(weights).is_file():
-            raise DistillError(f"{key}: {weights}: file not found (expected a {arch} state dict, e.g. the one `distill train backbone` writes)")
-        from distill.engine.checkpoint import load_failure, state_dict_mismatch
-
-        try:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
-            raise DistillError(f"{key}: {weights}: {load_failure(weights, e)}") from None
+        sd = load_file(weights, key, f"a {arch} state dict, e.g. the one `distill train backbone` writes")
         own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
         bad = state_dict_mismatch(own, {k: v for k, v in sd.items() if not k.startswith("fc.")}) if isinstance(sd, dict) else "not a state dict"
         if bad:

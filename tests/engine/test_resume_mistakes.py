@@ -9,6 +9,8 @@ import logging
 
 import pytest
 
+from distill.cam.clims import load_clims
+from distill.detection.build import _load_backbone_weights
 from distill.engine import checkpoint as ckpt_lib
 from distill.engine.train import make_loader, train
 from distill.errors import DistillError
@@ -56,3 +58,20 @@ def test_a_png_named_pt_is_not_a_pytorch_checkpoint(tmp_path):
         ckpt_lib.read(png)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{png}: not a readable checkpoint (not a PyTorch checkpoint: a PNG image)") and "weights_only" not in msg, msg
+
+
+@pytest.mark.parametrize("key,load", [
+    ("det.pretrained_backbone", lambda p: _load_backbone_weights(None, p)),
+    ("clims.out", lambda p: load_clims(p, "resnet18", 3)),
+])
+def test_user_named_weights_files_missing_or_unreadable_are_one_line(tmp_path, key, load):
+    """The files a config names (a backbone, a CLIMS network) go through one loader
+    (checkpoint.load_file): a missing file or a PNG is one line naming the key, the path and
+    what was expected, before any model is touched."""
+    png = tmp_path / "a.pt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    for path, says in ((tmp_path / "gone.pt", "file not found (expected "), (png, "not a readable file (not a PyTorch checkpoint: a PNG image); expected ")):
+        with pytest.raises(DistillError) as e:
+            load(str(path))
+        msg = str(e.value)
+        assert msg.startswith(f"{key}: {path}: {says}") and "\n" not in msg, msg

@@ -148,7 +148,7 @@ def test_pretrained_backbone_that_is_not_a_resnet18_is_one_line_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
     torch.save(resnet34().state_dict(), tmp_path / "r34.pth")
     torch.save([1, 2], tmp_path / "list.pth")
-    for name, says in (("a.png", "not a PyTorch checkpoint: a PNG image"), ("r34.pth", "not a resnet18 state dict: 96 unexpected keys"),
+    for name, says in (("a.png", "not a readable file (not a PyTorch checkpoint: a PNG image)"), ("r34.pth", "not a resnet18 state dict: 96 unexpected keys"),
                        ("list.pth", "not a resnet18 state dict: not a state dict")):
         with pytest.raises(DistillError) as e:
             ResNetEncoder(str(tmp_path / name))
