@@ -1,7 +1,7 @@
 """The DetPro tables of docs/experiments.md, printed from the metrics files of finished runs: each
 RUN is a work dir where the det and detpro stages ran (`distill run configs/shapes/pipeline.yaml
 prompts.enabled=true ...`): det/vild, det/vild_ensemble, det/vild_detpro, det/vild_detpro_ensemble
-and prompts/detpro_metrics.json. With several runs (world seeds, novel splits) a mean row follows.
+and prompts/<file>_metrics.json (one per prompt file). With several runs (world seeds, novel splits) a mean row follows.
 
     python tools/detpro_table.py RUN [RUN ...]
 """
@@ -66,10 +66,11 @@ for run in args.runs:
         print(f"| {name} | {stem}.safetensors | {steps0} | {m.get('prompts/ctx_init') or 'random N(0, 0.02)'} | "
               f"{f(v(m, 'prompts/top1_learned_base'))} | {f(v(m, 'prompts/top1_learned_novel'))} | {losses(f'{run}/prompts/{stem}_train/group0/metrics.jsonl')} |")
 print()
-print("| run | IoU group | positives | negatives | final loss |\n|---|---|---|---|---|")
+print("| run | prompts (file) | IoU group | positives | negatives | final loss |\n|---|---|---|---|---|---|")
 for run in args.runs:
-    m = j(f"{run}/prompts/detpro_metrics.json") or {}
-    for g in m.get("prompts/groups", []):
-        loss = g.get("loss_last")
-        print(f"| {os.path.basename(os.path.normpath(run))} | [{g['group'][0]:g}, {g['group'][1]:g}) | {g['positives']} | {g['negatives']} | "
-              + (g.get("skipped") or (f"{loss:.3f}" if loss is not None else "n/a")) + " |")
+    for path in sorted(glob.glob(f"{run}/prompts/*_metrics.json")):
+        m = j(path) or {}
+        for g in m.get("prompts/groups", []):
+            loss = g.get("loss_last")
+            print(f"| {os.path.basename(os.path.normpath(run))} | {os.path.basename(m['prompts/file'])} | [{g['group'][0]:g}, {g['group'][1]:g}) | {g['positives']} | {g['negatives']} | "
+                  + (g.get("skipped") or (f"{loss:.3f}" if loss is not None else "n/a")) + " |")
