@@ -4,6 +4,7 @@ mIoU against the ground-truth masks of a split."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from distill.cam.run import _batches, _check_cfg, _compute_batch, _gt_path, _ima
 from distill.errors import DistillError
 from distill.report.tables import table
 from distill.vocab import resolve_vocab
+
+log = logging.getLogger(__name__)
 
 
 # Ablation: Grad-CAM -> softmax Grad-CAM -> + CAA -> + CRF -> + confidence ignore
@@ -158,7 +161,7 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
     weights, the others 0; every row from the same baseline), then + CRF; each scored as mIoU
     against the split's ground-truth masks with the same mask rule as the CLIP-ES rows
     (``cam.bg_thresh`` / ``bg_power``). Writes ``{cam.out}/clims_ablation/metrics.json``."""
-    from distill.cam.clims import LOSSES, clims_cams, judge, load_clims, train_clims
+    from distill.cam.clims import LOSSES, clims_cams, clims_settings, judge, load_clims, train_clims
     from distill.data.images import load_image
     from distill.eval.segmentation import SemSegEvaluator, semseg_classes
     from distill.files import write_json
@@ -175,16 +178,20 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
     t0 = time.time()
     base = out / "baseline.pth"
     nets, trained = {}, {}
+    # a cached network is reused only when it was trained as this config says (and, for a CLIMS row,
+    # from a baseline reused too); otherwise it is trained again
+    reuse = have_base = _cached(base, clims_settings(cfg))
     for k, row in enumerate(("clims_otm", "clims_otm_btm", "clims_otm_btm_cbs", "clims")):
         on = LOSSES[: k + 1]
         weights = {x: (getattr(cc, f"{x}_weight") if x in on else 0.0) for x in LOSSES}
         path = out / f"{row}.pth"
-        if path.is_file():
+        if reuse and _cached(path, clims_settings(cfg, "train", weights)):
             pass
-        elif base.is_file():  # every row starts from the one baseline CAM
+        elif have_base:  # every row starts from the one baseline CAM
             trained[row] = train_clims(cfg, teacher=teacher, weights=weights, out=str(path), baseline=str(base), progress=progress)
         else:
             trained[row] = _first(cfg, teacher, weights, path, base, progress)
+            have_base = True
         nets[row] = load_clims(path, cc.backbone, len(vocab))
     nets["clims_baseline"] = load_clims(base, cc.backbone, len(vocab))
     has_crf = crf_available()
@@ -204,7 +211,7 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
     md = table(["step", "mIoU", "base", "novel"], [[CLIMS_NAMES[r["step"]]] + (["n/a"] * 3 if r["miou"] is None else
                                                    [f"{100 * r[k]:.1f}" for k in ("miou", "miou_base", "miou_novel")]) for r in rows])
     metrics = {"split": split, "images": len(entries), "rows": rows, "table": md, "trained": trained,
-               "settings": {"backbone": cc.backbone, "image_size": cc.image_size, "baseline_epochs": cc.baseline_epochs, "epochs": cc.epochs,
+               "settings": {"backbone": cc.backbone, "image_size": cc.image_size, "baseline_epochs": cc.baseline_epochs, "epochs": cc.epochs, "cbs_thresh": cc.cbs_thresh,
                             "bg_power": c.bg_power, "bg_thresh": c.bg_thresh, "crf": has_crf},
                "wall_s": round(time.time() - t0, 1)}
     write_json(out / "metrics.json", metrics)
@@ -217,7 +224,22 @@ def _first(cfg, teacher, weights, path: Path, base: Path, progress: bool) -> dic
 
     from distill.cam.clims import train_clims
 
-    s = train_clims(cfg, teacher=teacher, weights=weights, out=str(path), progress=progress)
     made = path.with_name(path.stem + "_baseline.pth")
+    made.unlink(missing_ok=True)  # train_clims would read a stale one
+    s = train_clims(cfg, teacher=teacher, weights=weights, out=str(path), progress=progress)
     shutil.move(str(made), str(base))
     return s
+
+
+def _cached(path: Path, want: dict) -> bool:
+    """Whether ``path`` holds a network trained with the settings ``want`` (logged when not)."""
+    from distill.cam.clims import saved_settings
+
+    if not path.is_file():
+        return False
+    got = saved_settings(path)
+    if got != want:
+        diff = sorted(k for k in set(want) | set(got or {}) if (got or {}).get(k) != want.get(k))
+        log.warning("%s: trained with other settings (%s): training it again", path, ", ".join(diff) if got else "none saved")
+        return False
+    return True

@@ -225,12 +225,12 @@ def train_clims(cfg, teacher=None, split: str = "train", weights: dict[str, floa
         summary["baseline"] = f"read {base_path}"
     else:
         m = _train_phase(BaselineCamLoss(net), net, ds, ccfg, ccfg.baseline_lr, ccfg.baseline_epochs, run_dir(base_path), progress)
-        _save(base_path, net, ccfg, vocab)
+        _save(base_path, net, vocab, clims_settings(cfg, split))
         summary["baseline"] = {"steps": m.get("step"), "loss_cls": m.get("loss_cls")}
     w = dict(weights) if weights is not None else {k: getattr(ccfg, f"{k}_weight") for k in LOSSES}
     text, bg = clims_text(teacher, cfg, vocab)
     m = _train_phase(ClimsLoss(net, teacher, text, bg, w, ccfg.cbs_thresh), net, ds, ccfg, ccfg.lr, ccfg.epochs, run_dir(out_path), progress)
-    _save(out_path, net, ccfg, vocab, weights=w)
+    _save(out_path, net, vocab, clims_settings(cfg, split, w))
     summary.update({"clims": {k: v for k, v in m.items() if k.startswith("loss") or k == "step"}, "weights": w, "out": str(out_path),
                     "wall_s": round(time.time() - t0, 1)})
     return summary
@@ -256,10 +256,34 @@ def clims_network(cfg, vocab, teacher=None, progress: bool = True) -> CamNet:
     return load_clims(cfg.clims.out, cfg.clims.backbone, len(vocab)).to(get_device(cfg.teacher.device))
 
 
-def _save(path: Path, net: CamNet, ccfg, vocab, weights: dict | None = None) -> None:
+def clims_settings(cfg, split: str = "train", weights: dict[str, float] | None = None) -> dict:
+    """What a saved network was trained with: the baseline CAM's schedule, and for a CLIMS network
+    (``weights`` given) its losses, schedule, texts and, where CBS is on, its threshold. Saved with
+    the network; the ablation reuses a cached network only when they match."""
+    c = cfg.clims
+    s = {"split": split, "backbone": c.backbone, "pretrained": c.pretrained, "image_size": c.image_size, "batch_size": c.batch_size,
+         "seed": c.seed, "weight_decay": c.weight_decay, "baseline_epochs": c.baseline_epochs, "baseline_lr": c.baseline_lr}
+    if weights is not None:
+        s.update(weights={k: float(weights.get(k, 0.0)) for k in LOSSES}, epochs=c.epochs, lr=c.lr, template=c.template,
+                 background=c.background or cfg.cam.background)
+        if weights.get("cbs", 0) > 0:
+            s["cbs_thresh"] = c.cbs_thresh
+    return s
+
+
+def saved_settings(path: str | Path) -> dict | None:
+    """The :func:`clims_settings` a network file was saved with (None for a file without them)."""
+    from distill.engine.checkpoint import load_file
+
+    state = load_file(Path(path), "clims.out", "a CAM network")
+    return state.get("settings") if isinstance(state, dict) else None
+
+
+def _save(path: Path, net: CamNet, vocab, settings: dict) -> None:
     from distill.files import atomic_path
 
-    state = {"model": net.state_dict(), "backbone": ccfg.backbone, "classes": list(vocab.names), "weights": weights or {}}
+    state = {"model": net.state_dict(), "backbone": settings["backbone"], "classes": list(vocab.names),
+             "weights": settings.get("weights", {}), "settings": settings}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -164,6 +164,35 @@ def test_clims_ablation_rows(tmp_path, teacher):
     b = torch.load(out / "clims.pth", weights_only=True)["model"]["classifier.weight"]
     assert not torch.equal(a, b)
 
+    # the cached networks are reused only as trained: the same config trains nothing; another CBS
+    # threshold retrains the two rows with CBS on; a new baseline retrains every row
+    import dataclasses
+
+    def rerun(c):
+        calls.clear()
+        C.train_clims = train_on_val
+        try:
+            clims_ablation(c, "val", teacher=teacher, progress=False)
+        finally:
+            C.train_clims = orig
+        return [sorted(k for k, v in w.items() if v > 0) for w in calls]
+
+    def as_train(c):  # the fixture trained on val; the ablation asks for networks of the train split
+        for f in out.glob("*.pth"):
+            state = torch.load(f, weights_only=True)
+            state["settings"]["split"] = "train"
+            torch.save(state, f)
+        return c
+
+    assert rerun(as_train(cfg)) == []
+    thresh = dataclasses.replace(cfg, clims=dataclasses.replace(cfg.clims, cbs_thresh=0.5))
+    assert rerun(as_train(thresh)) == [["btm", "cbs", "otm"], ["btm", "cbs", "otm", "reg"]]
+    assert torch.load(out / "clims.pth", weights_only=True)["settings"]["cbs_thresh"] == 0.5
+    # a new baseline (here: the old one gone) retrains every row, even one whose own settings match
+    (out / "baseline.pth").unlink()
+    assert len(rerun(as_train(thresh))) == 4
+    assert rerun(as_train(thresh)) == []
+
 
 def test_voc_clims_config_is_the_references(tmp_path, teacher):
     """configs/voc/clims.yaml: ResNet-50, the reference's schedule and weights, its class texts
