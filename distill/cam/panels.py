@@ -32,7 +32,7 @@ def save_panel(
     path: str | Path,
     image: np.ndarray,
     gradcam: np.ndarray,
-    refined: np.ndarray,
+    refined: np.ndarray | None,
     mask: np.ndarray,
     class_names: Sequence[str],
     category_ids: Sequence[int],
@@ -41,9 +41,11 @@ def save_panel(
     caa_used: bool = True,
     crf: bool = False,
     bg_rule: str = "1 - max CAM",
+    cam_label: str = "softmax Grad-CAM",
 ) -> None:
     """Write one panel. image (H, W, 3) uint8; gradcam, refined (K, H, W) in [0, 1] (shown as the
-    max over the present classes, overlaid on the image); mask (H, W) uint8; seed_mask: the argmax
+    max over the present classes, overlaid on the image; ``refined`` None: no CAA column, as for
+    CLIMS's CAMs); cam_label names the first CAM column; mask (H, W) uint8; seed_mask: the argmax
     before the confidence ignore (an extra panel when given)."""
     import matplotlib
 
@@ -56,19 +58,22 @@ def save_panel(
     import textwrap
 
     names = "\n".join(textwrap.wrap(", ".join(class_names), 40))
-    n = 5 if seed_mask is not None else 4
+    columns = [(gradcam, cam_label)]
+    if refined is not None:
+        columns.append((refined, "refined (CAA)" if caa_used else "CAA (not used: cam.caa=false)"))
+    n = 2 + len(columns) + (seed_mask is not None)
     fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.4))
     axes[0].imshow(image)
     axes[0].set_title(f"{title or 'image'}\n{names}", fontsize=8)
-    caa_label = "refined (CAA)" if caa_used else "CAA (not used: cam.caa=false)"
-    for ax, cams, label in ((axes[1], gradcam, "softmax Grad-CAM"), (axes[2], refined, caa_label)):
+    for ax, (cams, label) in zip(axes[1:], columns):
         ax.imshow(image)
         heat = cams.max(0) if len(cams) else np.zeros(image.shape[:2], np.float32)
         ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
         ax.set_title(f"{label}\nmax over {len(cams)} class(es)", fontsize=8)
     if seed_mask is not None:
-        axes[3].imshow(colorize_mask(seed_mask, category_ids))
-        axes[3].set_title(f"argmax of the {'refined' if caa_used else 'softmax Grad-CAM'} maps\n(bg = {bg_rule})", fontsize=8)
+        used = "refined" if caa_used and refined is not None else cam_label
+        axes[-2].imshow(colorize_mask(seed_mask, category_ids))
+        axes[-2].set_title(f"argmax of the {used} maps\n(bg = {bg_rule})", fontsize=8)
     ign = float((mask == 255).mean())
     axes[-1].imshow(colorize_mask(mask, category_ids))
     axes[-1].set_title(f"final mask{' (CRF)' if crf else ''}\nwhite = ignore, {100 * ign:.0f}%", fontsize=8)

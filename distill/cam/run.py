@@ -402,10 +402,11 @@ def _write_outputs(cfg, out: Path, rel: Path, vocab, e, im: np.ndarray, r, panel
     from distill.cam.panels import save_panel
 
     save_panel(out / "panels" / rel.with_suffix(".png"), im, upsample_cams(r.gradcam.numpy(), (H, W)),
-               refined if refined is not None else used, mask, [vocab.names[k] for k in r.labels], cat_ids,
+               refined, mask, [vocab.names[k] for k in r.labels], cat_ids,
                title=f"{e.file_name} (id {e.image_id})",
                seed_mask=cams_to_mask(used, cat_ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power)[0],
-               caa_used=c.caa, crf=c.crf, bg_rule=_bg_rule(c))
+               caa_used=c.caa, crf=c.crf, bg_rule=_bg_rule(c),
+               cam_label="CLIMS CAM" if c.method == "clims" else "softmax Grad-CAM")
     return mask, True
 
 
