@@ -147,18 +147,21 @@ def ablation_table(rows: list[dict]) -> str:
     return table(["step", "mIoU", "note"], out)
 
 
-# CLIMS: the baseline CAM, then its four losses added in the paper's order, then + CRF
+# CLIMS: the baseline CAM, then its four losses added in the paper's order, then + CRF (and the baseline + CRF)
 # ---------------------------------------------------------------------------------------------
 
-CLIMS_ROWS = ("clims_baseline", "clims_otm", "clims_otm_btm", "clims_otm_btm_cbs", "clims", "clims_crf")
+CLIMS_ROWS = ("clims_baseline", "clims_otm", "clims_otm_btm", "clims_otm_btm_cbs", "clims", "clims_crf", "clims_baseline_crf")
 CLIMS_NAMES = {"clims_baseline": "baseline CAM (image labels only)", "clims_otm": "CLIMS: OTM", "clims_otm_btm": "+ BTM",
-               "clims_otm_btm_cbs": "+ CBS", "clims": "+ REG (CLIMS)", "clims_crf": "CLIMS + CRF"}
+               "clims_otm_btm_cbs": "+ CBS", "clims": "+ REG (CLIMS)", "clims_crf": "CLIMS + CRF",
+               "clims_baseline_crf": "baseline CAM + CRF (no CLIMS loss)"}
+_CRF_OF = {"clims": "clims_crf", "clims_baseline": "clims_baseline_crf"}  # the rows whose masks also go through the CRF
 
 
 def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0, progress: bool = True) -> dict:
     """CLIMS on ``split`` from image-level labels: the baseline CAM it starts from, then CLIMS
     trained (on the train split) with OTM, + BTM, + CBS, + REG (each row's losses at the paper's
-    weights, the others 0; every row from the same baseline), then + CRF; each scored as mIoU
+    weights, the others 0; every row from the same baseline), then + CRF, and the baseline + CRF (what
+    the CRF alone does to a CAM no CLIMS loss trained); each scored as mIoU
     against the split's ground-truth masks with the same mask rule as the CLIP-ES rows
     (``cam.bg_thresh`` / ``bg_power``). Writes ``{cam.out}/clims_ablation/metrics.json``."""
     from distill.cam.clims import LOSSES, clims_cams, clims_settings, judge, load_clims, train_clims
@@ -196,7 +199,7 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
     nets["clims_baseline"] = load_clims(base, cc.backbone, len(vocab))
     has_crf = crf_available()
     num_classes, base_ids, names = semseg_classes(vocab)
-    evals = {r: SemSegEvaluator(num_classes, base_ids, names=names) for r in CLIMS_ROWS if r != "clims_crf" or has_crf}
+    evals = {r: SemSegEvaluator(num_classes, base_ids, names=names) for r in CLIMS_ROWS if r not in _CRF_OF.values() or has_crf}
     sem_root = Path(cfg.data.semantic_root)
     for e in entries:
         im = load_image(_image_path(root, e.file_name))
@@ -205,8 +208,8 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
         for row in ("clims_baseline", "clims_otm", "clims_otm_btm", "clims_otm_btm_cbs", "clims"):
             cams = upsample_cams(clims_cams(nets[row], im, e.labels, cc.scales).numpy(), im.shape[:2])
             evals[row].process(cams_to_mask(cams, ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power)[0], gt)
-            if row == "clims" and has_crf:
-                evals["clims_crf"].process(cams_to_mask(cams, ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power, image=im, crf=True)[0], gt)
+            if row in _CRF_OF and has_crf:
+                evals[_CRF_OF[row]].process(cams_to_mask(cams, ids, bg_thresh=c.bg_thresh, bg_power=c.bg_power, image=im, crf=True)[0], gt)
     rows = _rows(CLIMS_ROWS, evals, {}, 0, c.conf_thresh)  # CRF without pydensecrf2: n/a, as CLIP-ES's rows
     md = table(["step", "mIoU", "base", "novel"], [[CLIMS_NAMES[r["step"]]] + (["n/a"] * 3 if r["miou"] is None else
                                                    [f"{100 * r[k]:.1f}" for k in ("miou", "miou_base", "miou_novel")]) for r in rows])

@@ -114,7 +114,7 @@ def cam_cmd(
     overrides: Overrides = None,
     images: Annotated[str, typer.Option(help="The split whose semantic PNGs score each step.")] = "val",
     max_images: Annotated[int, typer.Option(min=0, help="Only the first N images (0 = all).")] = 0,
-    clims: Annotated[bool, typer.Option("--clims", help="Also the CLIMS rows: its baseline CAM, + OTM, + BTM, + CBS, + REG, + CRF (trains 4 CAM networks on the train split).")] = False,
+    clims: Annotated[bool, typer.Option("--clims", help="Also the CLIMS rows: its baseline CAM, + OTM, + BTM, + CBS, + REG, + CRF, and the baseline + CRF (trains 4 CAM networks on the train split).")] = False,
 ) -> None:
     """CLIP-ES's chain step by step (Grad-CAM, softmax Grad-CAM, + CAA, + CRF, + confidence
     ignore), each scored as mIoU against the split's ground-truth masks from image-level labels.
