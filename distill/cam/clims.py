@@ -167,7 +167,8 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------ train
-def _train_phase(model: nn.Module, net: CamNet, ds, ccfg, lr: float, epochs: float, out_dir: Path, progress: bool) -> dict:
+def _train_phase(model: nn.Module, net: CamNet, ds, ccfg, lr: float, epochs: float, out_dir: Path, progress: bool,
+                 num_workers: int = 0) -> dict:
     from distill.config import TrainConfig
     from distill.engine.optim import build_scheduler
     from distill.engine.train import make_loader, train
@@ -179,7 +180,7 @@ def _train_phase(model: nn.Module, net: CamNet, ds, ccfg, lr: float, epochs: flo
     tcfg = TrainConfig(max_steps=steps, batch_size=bs, lr=lr, weight_decay=ccfg.weight_decay, momentum=0.0, optimizer="sgd",
                        warmup=0, schedule="poly", checkpoint_period=10**9, log_period=max(1, steps // 20), seed=ccfg.seed)
     opt = torch.optim.SGD(net.param_groups(lr, ccfg.weight_decay), lr=lr, momentum=0.0)
-    loader = make_loader(ds, tcfg)
+    loader = make_loader(ds, tcfg, num_workers=num_workers)
     return train(model, loader, tcfg, out_dir, optimizer=opt, scheduler=build_scheduler(opt, tcfg), progress=progress, final_checkpoint=False)
 
 
@@ -218,18 +219,22 @@ def train_clims(cfg, teacher=None, split: str = "train", weights: dict[str, floa
     base_path = Path(baseline) if baseline else out_path.with_name(out_path.stem + "_baseline.pth")
     ds = LabelledImages(root, entries, len(vocab), ccfg.image_size)
     torch.manual_seed(ccfg.seed)
-    net = CamNet(ccfg.backbone, len(vocab), ccfg.pretrained)
+    # a finished baseline replaces every weight: the ResNet it started from is not read again
+    # a finished baseline replaces every weight: the ResNet it started from is not read again
+    net = CamNet(ccfg.backbone, len(vocab), "" if base_path.is_file() else ccfg.pretrained)
     summary: dict = {"images": len(entries), "classes": len(vocab)}
     if base_path.is_file():
         net.load_state_dict(load_clims(base_path, ccfg.backbone, len(vocab)).state_dict())
         summary["baseline"] = f"read {base_path}"
     else:
-        m = _train_phase(BaselineCamLoss(net), net, ds, ccfg, ccfg.baseline_lr, ccfg.baseline_epochs, run_dir(base_path), progress)
+        m = _train_phase(BaselineCamLoss(net), net, ds, ccfg, ccfg.baseline_lr, ccfg.baseline_epochs, run_dir(base_path), progress,
+                         cfg.data.num_workers)
         _save(base_path, net, vocab, clims_settings(cfg, split))
         summary["baseline"] = {"steps": m.get("step"), "loss_cls": m.get("loss_cls")}
     w = dict(weights) if weights is not None else {k: getattr(ccfg, f"{k}_weight") for k in LOSSES}
     text, bg = clims_text(teacher, cfg, vocab)
-    m = _train_phase(ClimsLoss(net, teacher, text, bg, w, ccfg.cbs_thresh), net, ds, ccfg, ccfg.lr, ccfg.epochs, run_dir(out_path), progress)
+    m = _train_phase(ClimsLoss(net, teacher, text, bg, w, ccfg.cbs_thresh), net, ds, ccfg, ccfg.lr, ccfg.epochs, run_dir(out_path), progress,
+                     cfg.data.num_workers)
     _save(out_path, net, vocab, clims_settings(cfg, split, w))
     summary.update({"clims": {k: v for k, v in m.items() if k.startswith("loss") or k == "step"}, "weights": w, "out": str(out_path),
                     "wall_s": round(time.time() - t0, 1)})

@@ -193,6 +193,12 @@ def test_clims_ablation_rows(tmp_path, teacher):
     assert len(rerun(as_train(thresh))) == 4
     assert rerun(as_train(thresh)) == []
 
+    # a CLIMS row from a finished baseline never reads the ResNet the baseline started from (a
+    # missing file here), and reads its training images in DataLoader workers (data.num_workers)
+    gone = dataclasses.replace(thresh, clims=dataclasses.replace(thresh.clims, pretrained=str(tmp_path / "missing.pth")),
+                               data=dataclasses.replace(thresh.data, num_workers=1))
+    s = orig(gone, split="val", teacher=teacher, weights={"otm": 10.0}, out=str(tmp_path / "row.pth"), baseline=str(out / "baseline.pth"), progress=False)
+    assert s["baseline"] == f"read {out / 'baseline.pth'}" and (tmp_path / "row.pth").is_file()
 
 def test_voc_clims_config_is_the_references(tmp_path, teacher):
     """configs/voc/clims.yaml: ResNet-50, the reference's schedule and weights, its class texts
