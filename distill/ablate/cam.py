@@ -177,7 +177,10 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
     entries = [e for e in read_image_labels(labels_path, vocab) if e.labels]
     if max_images:
         entries = entries[:max_images]
+    from distill.engine.device import get_device
+
     teacher = teacher or judge(cfg)
+    dev = get_device(cfg.teacher.device)  # where the networks make their CAMs, as `distill cam --method clims`
     t0 = time.time()
     base = out / "baseline.pth"
     nets, trained = {}, {}
@@ -195,8 +198,8 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
         else:
             trained[row] = _first(cfg, teacher, weights, path, base, progress)
             have_base = True
-        nets[row] = load_clims(path, cc.backbone, len(vocab))
-    nets["clims_baseline"] = load_clims(base, cc.backbone, len(vocab))
+        nets[row] = load_clims(path, cc.backbone, len(vocab)).to(dev)
+    nets["clims_baseline"] = load_clims(base, cc.backbone, len(vocab)).to(dev)
     has_crf = crf_available()
     num_classes, base_ids, names = semseg_classes(vocab)
     evals = {r: SemSegEvaluator(num_classes, base_ids, names=names) for r in CLIMS_ROWS if r not in _CRF_OF.values() or has_crf}
