@@ -32,10 +32,15 @@ DataLoader seeds per worker, so runs repeat and workers do not repeat each other
 
 from __future__ import annotations
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
+import os
+
+# albumentations asks PyPI for a newer release on import (a 2 s timeout, a warning offline) unless told not to
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 AUGMENTS = ("none", "flip", "flip_zoom", "lsj")  # det.augment
 LSJ_SCALE = (0.1, 2.0)  # ViLD's aug_scale_min, aug_scale_max (see the module docstring)

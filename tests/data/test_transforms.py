@@ -218,3 +218,18 @@ def test_degenerate_input_boxes_are_dropped_and_lsj_pickles():
     assert out["labels"].tolist() == [4, 7] and np.allclose(out["boxes"], t["boxes"][:2])
     g = pickle.loads(pickle.dumps(detection_lsj_transforms(160, (0.5, 0.5), flip_p=0.0, seed=0)))
     assert np.array_equal(g(img, t)[0][:64, :80], img)
+
+
+def test_importing_the_transforms_asks_no_server_for_albumentations_updates():
+    """albumentations checks PyPI for a newer release on import unless NO_ALBUMENTATIONS_UPDATE is
+    set (2 s a process offline, and a warning): distill sets it, so no URL is opened."""
+    import subprocess
+    import sys
+
+    code = ("import os, urllib.request as u\n"
+            "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
+            "def opened(self, url, *a, **k): raise SystemExit(f'opened {getattr(url, \"full_url\", url)}')\n"
+            "u.OpenerDirector.open = opened\n"
+            "import distill.data.transforms\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
