@@ -166,6 +166,7 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
     (``cam.bg_thresh`` / ``bg_power``). Writes ``{cam.out}/clims_ablation/metrics.json``."""
     from distill.cam.clims import LOSSES, clims_cams, clims_settings, judge, load_clims, train_clims
     from distill.data.images import load_image
+    from distill.engine.device import get_device
     from distill.eval.segmentation import SemSegEvaluator, semseg_classes
     from distill.files import write_json
 
@@ -177,8 +178,6 @@ def clims_ablation(cfg, split: str = "val", *, teacher=None, max_images: int = 0
     entries = [e for e in read_image_labels(labels_path, vocab) if e.labels]
     if max_images:
         entries = entries[:max_images]
-    from distill.engine.device import get_device
-
     teacher = teacher or judge(cfg)
     dev = get_device(cfg.teacher.device)  # where the networks make their CAMs, as `distill cam --method clims`
     t0 = time.time()

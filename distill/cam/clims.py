@@ -220,7 +220,6 @@ def train_clims(cfg, teacher=None, split: str = "train", weights: dict[str, floa
     ds = LabelledImages(root, entries, len(vocab), ccfg.image_size)
     torch.manual_seed(ccfg.seed)
     # a finished baseline replaces every weight: the ResNet it started from is not read again
-    # a finished baseline replaces every weight: the ResNet it started from is not read again
     net = CamNet(ccfg.backbone, len(vocab), "" if base_path.is_file() else ccfg.pretrained)
     summary: dict = {"images": len(entries), "classes": len(vocab)}
     if base_path.is_file():

@@ -200,6 +200,7 @@ def test_clims_ablation_rows(tmp_path, teacher):
     s = orig(gone, split="val", teacher=teacher, weights={"otm": 10.0}, out=str(tmp_path / "row.pth"), baseline=str(out / "baseline.pth"), progress=False)
     assert s["baseline"] == f"read {out / 'baseline.pth'}" and (tmp_path / "row.pth").is_file()
 
+
 def test_voc_clims_config_is_the_references(tmp_path, teacher):
     """configs/voc/clims.yaml: ResNet-50, the reference's schedule and weights, its class texts
     ('player' for person) and its ten background words, each read as 'a photo of {}.'."""
